@@ -1,0 +1,1 @@
+"""mirror: a pull-through caching mirror for container images."""
