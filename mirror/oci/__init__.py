@@ -1,0 +1,1 @@
+"""The registry protocol's vocabulary: names, digests, errors, media types. Pure: no I/O."""
