@@ -1,0 +1,201 @@
+"""Content-addressed blob files: the only place bytes are written to the data dir.
+
+Layout of the data dir::
+
+    <data-dir>/
+      blobs/
+        sha256/
+          ab/
+            ab12...ef          one file per digest: layers, configs and manifests alike, bytes exactly as
+                               received; visible only once complete, verified and fsynced
+        sha512/...
+      tmp/
+        fetch-<random>         upstream fetches and pushes in progress; start-up removes whatever is here
+      index/                   diskcache: tags, manifest media types, sizes, last served (see index.py)
+      uploads/                 push upload sessions
+
+A writer hashes every byte as it passes, writes to a temp file under ``tmp/`` (same filesystem as ``blobs/``),
+and on ``commit`` checks size and digest, fsyncs, and ``os.replace``s the file into place. Nothing is visible at
+the final path before that, so a crash leaves only a temp file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from mirror.oci.reference import Digest
+
+log = logging.getLogger(__name__)
+
+
+class DigestMismatch(Exception):
+    """The bytes written do not hash to the digest the writer was opened for."""
+
+    def __init__(self, expected: Digest, actual: Digest):
+        super().__init__(f"content hashes to {actual}, expected {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
+class SizeMismatch(Exception):
+    def __init__(self, expected: int, actual: int):
+        super().__init__(f"content is {actual} bytes, expected {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
+class DiskFull(Exception):
+    """The data dir's filesystem ran out of space (or quota) while writing."""
+
+
+class BlobWriter:
+    """One temp file being filled, hashed on the fly. Use ``commit`` to publish it, ``abort`` to drop it.
+
+    File work runs in a thread (``asyncio.to_thread``); ``written`` counts bytes that are in the file, so a
+    concurrent reader of ``temp_path`` may read up to that offset.
+    """
+
+    def __init__(self, store: BlobStore, algorithm: str = "sha256"):
+        self._store = store
+        self.temp_path = store.tmp_dir / f"fetch-{secrets.token_hex(12)}"
+        self._file = open(self.temp_path, "xb")  # noqa: SIM115 - closed in commit/abort
+        self._hasher = hashlib.new(algorithm)
+        self._algorithm = algorithm
+        self.written = 0
+        self._closed = False
+
+    def _write_sync(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._file.write(data)
+            self._file.flush()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(str(exc)) from exc
+            raise
+        self._hasher.update(data)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        await asyncio.to_thread(self._write_sync, data)
+        self.written += len(data)
+
+    def _commit_sync(self, expected: Digest | None, expected_size: int | None) -> Digest:
+        actual = Digest(self._algorithm, self._hasher.hexdigest())
+        if expected_size is not None and expected_size != self.written:
+            raise SizeMismatch(expected_size, self.written)
+        if expected is not None and expected != actual:
+            raise DigestMismatch(expected, actual)
+        try:
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(str(exc)) from exc
+            raise
+        self._file.close()
+        self._closed = True
+        final = self._store.path(actual)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.temp_path, final)
+        return actual
+
+    async def commit(self, expected: Digest | None = None, expected_size: int | None = None) -> Digest:
+        """Verify and publish. On any failure the temp file is removed and the error raised."""
+        try:
+            return await asyncio.to_thread(self._commit_sync, expected, expected_size)
+        except BaseException:
+            await self.abort()
+            raise
+
+    def _abort_sync(self) -> None:
+        if not self._closed:
+            self._file.close()
+            self._closed = True
+        with contextlib.suppress(FileNotFoundError):
+            self.temp_path.unlink()
+
+    async def abort(self) -> None:
+        await asyncio.to_thread(self._abort_sync)
+
+
+class BlobStore:
+    """Content-addressed files under ``<data-dir>/blobs``. See the module docstring for the layout."""
+
+    def __init__(self, data_dir: Path):
+        self.root = data_dir / "blobs"
+        self.tmp_dir = data_dir / "tmp"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: Digest) -> Path:
+        # Digest.parse admits only [a-f0-9] of a fixed length, so this cannot leave ``root``.
+        return self.root / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def size_sync(self, digest: Digest) -> int | None:
+        try:
+            return os.stat(self.path(digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    async def size(self, digest: Digest) -> int | None:
+        return await asyncio.to_thread(self.size_sync, digest)
+
+    async def read(self, digest: Digest) -> bytes | None:
+        """Whole content of a small blob (manifests only; layers are streamed with sendfile)."""
+
+        def _read() -> bytes | None:
+            try:
+                return self.path(digest).read_bytes()
+            except FileNotFoundError:
+                return None
+
+        return await asyncio.to_thread(_read)
+
+    def writer(self, algorithm: str = "sha256") -> BlobWriter:
+        return BlobWriter(self, algorithm)
+
+    async def put(self, data: bytes, expected: Digest | None = None) -> Digest:
+        """Store a small blob held in memory (a manifest), verified like any other."""
+        writer = await asyncio.to_thread(self.writer, expected.algorithm if expected else "sha256")
+        await writer.write(data)
+        return await writer.commit(expected, len(data))
+
+    async def delete(self, digest: Digest) -> bool:
+        def _delete() -> bool:
+            try:
+                self.path(digest).unlink()
+                return True
+            except FileNotFoundError:
+                return False
+
+        return await asyncio.to_thread(_delete)
+
+    def iter_digests(self) -> Iterator[tuple[Digest, int]]:
+        """Every stored blob with its size (a directory walk: for start-up, gc and verify, not the hot path)."""
+        for algorithm_dir in self.root.iterdir():
+            if not algorithm_dir.is_dir():
+                continue
+            for prefix_dir in algorithm_dir.iterdir():
+                for entry in os.scandir(prefix_dir):
+                    try:
+                        digest = Digest.parse(f"{algorithm_dir.name}:{entry.name}")
+                    except Exception:
+                        continue
+                    yield digest, entry.stat().st_size
+
+    def clean_tmp(self) -> int:
+        """Remove temp files of interrupted fetches and uploads; called at start-up, before serving."""
+        removed = 0
+        for entry in self.tmp_dir.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed += 1
+        if removed:
+            log.info("removed %d temp files of interrupted fetches or uploads", removed)
+        return removed

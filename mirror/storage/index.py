@@ -1,0 +1,89 @@
+"""The on-disk index (diskcache, SQLite underneath): what is known about stored content besides its bytes.
+
+Keys (tuples, so each kind has its own namespace):
+
+    ("manifest", "<digest>")                    -> ManifestRecord: media type and size of a stored manifest
+    ("tag", "<registry>", "<repo>", "<tag>")    -> TagRecord: digest, media type, when last confirmed upstream
+    ("tags", "<registry>", "<repo>")            -> sorted tuple of cached tag names (the tags/list fallback)
+
+Blob bytes live in ``BlobStore``; the index never holds them. diskcache is synchronous, so every method here
+runs in a thread; callers on the hot path put a small memory cache in front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import diskcache
+
+from mirror.oci.reference import Digest, Repo
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRecord:
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    digest: Digest
+    media_type: str
+    size: int
+    checked_at: float  # wall-clock time the upstream last confirmed this mapping
+
+
+class Index:
+    def __init__(self, data_dir: Path):
+        # A modest SQLite page cache; writes are small and rare compared to reads.
+        self._cache = diskcache.Cache(str(data_dir / "index"), size_limit=2**40, eviction_policy="none")
+
+    def close(self) -> None:
+        self._cache.close()
+
+    # manifests -------------------------------------------------------------------------------------------
+    def get_manifest_sync(self, digest: Digest) -> ManifestRecord | None:
+        value = self._cache.get(("manifest", str(digest)))
+        return value if isinstance(value, ManifestRecord) else None
+
+    async def get_manifest(self, digest: Digest) -> ManifestRecord | None:
+        return await asyncio.to_thread(self.get_manifest_sync, digest)
+
+    async def put_manifest(self, digest: Digest, record: ManifestRecord) -> None:
+        await asyncio.to_thread(self._cache.set, ("manifest", str(digest)), record)
+
+    async def delete_manifest(self, digest: Digest) -> None:
+        await asyncio.to_thread(self._cache.delete, ("manifest", str(digest)))
+
+    # tags ------------------------------------------------------------------------------------------------
+    async def get_tag(self, repo: Repo, tag: str) -> TagRecord | None:
+        value = await asyncio.to_thread(self._cache.get, ("tag", repo.registry, repo.path, tag))
+        return value if isinstance(value, TagRecord) else None
+
+    def _put_tag_sync(self, repo: Repo, tag: str, record: TagRecord) -> None:
+        with self._cache.transact():
+            self._cache.set(("tag", repo.registry, repo.path, tag), record)
+            key = ("tags", repo.registry, repo.path)
+            tags = self._cache.get(key, default=())
+            if tag not in tags:
+                self._cache.set(key, tuple(sorted((*tags, tag))))
+
+    async def put_tag(self, repo: Repo, tag: str, record: TagRecord) -> None:
+        await asyncio.to_thread(self._put_tag_sync, repo, tag, record)
+
+    def _delete_tag_sync(self, repo: Repo, tag: str) -> None:
+        with self._cache.transact():
+            self._cache.delete(("tag", repo.registry, repo.path, tag))
+            key = ("tags", repo.registry, repo.path)
+            tags = self._cache.get(key, default=())
+            if tag in tags:
+                self._cache.set(key, tuple(t for t in tags if t != tag))
+
+    async def delete_tag(self, repo: Repo, tag: str) -> None:
+        await asyncio.to_thread(self._delete_tag_sync, repo, tag)
+
+    async def list_tags(self, repo: Repo) -> tuple[str, ...]:
+        value = await asyncio.to_thread(self._cache.get, ("tags", repo.registry, repo.path), ())
+        return tuple(value) if isinstance(value, tuple) else ()

@@ -1,0 +1,246 @@
+"""The upstream client: one ``aiohttp.ClientSession`` per upstream, with timeouts, User-Agent and auth.
+
+Everything the mirror asks another registry goes through ``UpstreamClient``: manifests (HEAD and GET), blobs
+(streamed, never buffered), and tag lists. Redirects are followed by hand so that the ``Authorization`` header is
+only ever sent to the upstream's own host (Docker Hub answers blob GETs with a 307 to a CDN).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin
+
+import aiohttp
+from yarl import URL
+
+from mirror.metrics import Metrics
+from mirror.oci.manifest import MAX_MANIFEST_BYTES, sniff_media_type
+from mirror.oci.reference import Digest
+from mirror.upstream.auth import Challenge, Credentials, TokenSource, parse_challenge
+from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
+
+log = logging.getLogger(__name__)
+MAX_REDIRECTS = 5
+READ_BUFFER = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestHead:
+    digest: Digest
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    registry: str  # the name clients use, e.g. "docker.io"; the metrics label
+    url: str  # where to reach it, e.g. "https://registry-1.docker.io"
+    credentials: Credentials | None = None
+    timeout: float = 10.0  # connect, and wait for response headers
+    read_timeout: float = 60.0  # longest silence while streaming a body
+    user_agent: str = "mirror"
+
+
+def _registry_errors(body: Any) -> list[dict[str, Any]]:
+    if isinstance(body, dict) and isinstance(body.get("errors"), list):
+        return [e for e in body["errors"] if isinstance(e, dict)]
+    return []
+
+
+class UpstreamClient:
+    def __init__(self, settings: UpstreamSettings, metrics: Metrics):
+        self.settings = settings
+        self.registry = settings.registry
+        self._base = URL(settings.url.rstrip("/"))
+        self._metrics = metrics
+        self._session = aiohttp.ClientSession(
+            headers={"User-Agent": settings.user_agent},
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=settings.timeout, sock_connect=settings.timeout, sock_read=settings.read_timeout
+            ),
+            read_bufsize=READ_BUFFER,
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+        )
+        self._tokens = TokenSource(self._session, settings.credentials, settings.timeout)
+        self._challenge: Challenge | None = None  # learned from the first 401
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    # ---------------------------------------------------------------------------------------------------------
+    async def _auth_header(self, scope: str) -> dict[str, str]:
+        challenge = self._challenge
+        if challenge is None:
+            return {}
+        if challenge.scheme == "basic":
+            creds = self.settings.credentials
+            return {"Authorization": creds.basic().encode()} if creds else {}
+        return {"Authorization": f"Bearer {await self._tokens.token(challenge, scope)}"}
+
+    def _same_origin(self, url: URL) -> bool:
+        return (url.scheme, url.host, url.port) == (self._base.scheme, self._base.host, self._base.port)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        kind: str,
+        scope: str,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send one request, doing the auth handshake and following redirects; the caller releases the response.
+
+        Raises UpstreamUnreachable when nothing answers and UpstreamError for any non-2xx final answer.
+        """
+        started = time.monotonic()
+        try:
+            resp = await self._send_inner(method, path, scope, headers or {}, params)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._record(kind, "unreachable", started)
+            raise UpstreamUnreachable(f"{self.registry}: {exc!r}") from exc
+        except UpstreamUnreachable:
+            self._record(kind, "unreachable", started)
+            raise
+        self._note_ratelimit(resp.headers)
+        if resp.status >= 400:
+            body: Any = None
+            if method != "HEAD":
+                try:
+                    body = await resp.json(content_type=None)
+                except (ValueError, aiohttp.ClientError, TimeoutError):
+                    body = None
+            resp.release()
+            outcome = {401: "unauthorized", 403: "denied", 404: "not_found", 429: "rate_limited"}.get(
+                resp.status, "error"
+            )
+            self._record(kind, outcome, started)
+            raise UpstreamError(resp.status, _registry_errors(body), resp.headers.get("Retry-After"), str(resp.url))
+        self._record(kind, "ok", started)
+        return resp
+
+    async def _send_inner(
+        self, method: str, path: str, scope: str, headers: Mapping[str, str], params: Mapping[str, str] | None
+    ) -> aiohttp.ClientResponse:
+        url = self._base.with_path(self._base.path.rstrip("/") + path, encoded=False)
+        if params:
+            url = url.with_query(params)
+        retried_auth = False
+        for _ in range(MAX_REDIRECTS + 1):
+            send_headers = dict(headers)
+            if self._same_origin(url):
+                send_headers.update(await self._auth_header(scope))
+            resp = await self._session.request(method, url, headers=send_headers, allow_redirects=False)
+            if resp.status == 401 and self._same_origin(url) and not retried_auth:
+                challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
+                if challenge is not None and (challenge.scheme == "bearer" or self.settings.credentials):
+                    resp.release()
+                    if self._challenge is not None and self._challenge.scheme == "bearer":
+                        await self._tokens.forget(self._challenge, scope)
+                    self._challenge = challenge
+                    retried_auth = True
+                    continue
+            if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                location = URL(urljoin(str(url), resp.headers["Location"]), encoded=True)
+                resp.release()
+                url = location
+                if resp.status == 303:
+                    method = "GET"
+                continue
+            return resp
+        raise UpstreamUnreachable(f"{self.registry}: too many redirects")
+
+    def _record(self, kind: str, outcome: str, started: float) -> None:
+        self._metrics.upstream_requests.labels(self.registry, kind, outcome).inc()
+        self._metrics.upstream_duration.labels(self.registry, kind).observe(time.monotonic() - started)
+
+    def _note_ratelimit(self, headers: Mapping[str, str]) -> None:
+        # Docker Hub sends e.g. "ratelimit-remaining: 76;w=21600".
+        for header, gauge in (
+            ("ratelimit-limit", self._metrics.ratelimit_limit),
+            ("ratelimit-remaining", self._metrics.ratelimit_remaining),
+        ):
+            value = headers.get(header)
+            if value:
+                with suppress(ValueError):
+                    gauge.labels(self.registry).set(float(value.split(";", 1)[0]))
+
+    # ---------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _scope(repo_path: str) -> str:
+        return f"repository:{repo_path}:pull"
+
+    def _manifest_head(self, resp: aiohttp.ClientResponse, data: bytes | None) -> ManifestHead:
+        media_type = resp.headers.get("Content-Type", "").split(";", 1)[0].strip()
+        if data is not None and (not media_type or media_type in ("application/json", "text/plain")):
+            media_type = sniff_media_type(data) or media_type
+        header_digest = resp.headers.get("Docker-Content-Digest")
+        if data is not None:
+            algorithm = header_digest.split(":", 1)[0] if header_digest else "sha256"
+            digest = Digest.of(data, algorithm if algorithm in ("sha256", "sha512") else "sha256")
+            size = len(data)
+        elif header_digest:
+            digest = Digest.parse(header_digest)
+            size = int(resp.headers.get("Content-Length", "-1"))
+        else:
+            raise UpstreamInvalid("HEAD answer without Docker-Content-Digest")
+        return ManifestHead(digest, media_type, size)
+
+    async def head_manifest(self, repo_path: str, ref: str, accept: str) -> ManifestHead:
+        """Resolve a tag (or check a digest) without downloading: HEADs do not count against Docker Hub's limit."""
+        resp = await self._send(
+            "HEAD", f"/v2/{repo_path}/manifests/{ref}", "manifest_head", self._scope(repo_path), {"Accept": accept}
+        )
+        try:
+            return self._manifest_head(resp, None)
+        finally:
+            resp.release()
+
+    async def get_manifest(self, repo_path: str, ref: str, accept: str) -> tuple[ManifestHead, bytes]:
+        resp = await self._send(
+            "GET", f"/v2/{repo_path}/manifests/{ref}", "manifest", self._scope(repo_path), {"Accept": accept}
+        )
+        try:
+            data = await resp.content.read(MAX_MANIFEST_BYTES + 1)
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise UpstreamInvalid(f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
+            self._metrics.upstream_bytes_fetched.labels(self.registry).inc(len(data))
+            head = self._manifest_head(resp, data)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnreachable(f"{self.registry}: {exc!r}") from exc
+        finally:
+            resp.release()
+        header_digest = resp.headers.get("Docker-Content-Digest")
+        if header_digest and header_digest != str(head.digest):
+            raise UpstreamInvalid(f"manifest hashes to {head.digest}, upstream said {header_digest}")
+        if ":" in ref and ref != str(head.digest):
+            raise UpstreamInvalid(f"manifest hashes to {head.digest}, asked for {ref}")
+        return head, data
+
+    @asynccontextmanager
+    async def blob(self, repo_path: str, digest: Digest) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Open a blob download; the caller streams ``resp.content``. The response is released on exit."""
+        resp = await self._send("GET", f"/v2/{repo_path}/blobs/{digest}", "blob", self._scope(repo_path))
+        try:
+            yield resp
+        finally:
+            resp.release()
+
+    async def list_tags(self, repo_path: str, params: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
+        """One page of ``tags/list`` and the upstream's ``Link`` header, if any."""
+        resp = await self._send("GET", f"/v2/{repo_path}/tags/list", "tags", self._scope(repo_path), params=params)
+        try:
+            body = await resp.json(content_type=None)
+        except (ValueError, aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnreachable(f"{self.registry}: bad tags/list answer: {exc!r}") from exc
+        finally:
+            resp.release()
+        if not isinstance(body, dict):
+            raise UpstreamUnreachable(f"{self.registry}: tags/list answer is not an object")
+        return body, resp.headers.get("Link")
