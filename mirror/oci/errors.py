@@ -13,10 +13,18 @@ class RegistryError(Exception):
     """Base class: every subclass fixes an OCI error code and the HTTP status it is sent with."""
 
     code: ClassVar[str] = "UNKNOWN"
-    status: ClassVar[int] = 500
+    status: int = 500
     default_message: ClassVar[str] = "unknown error"
 
-    def __init__(self, message: str | None = None, detail: Any = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str | None = None,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+        status: int | None = None,
+    ):
+        if status is not None:
+            self.status = status
         self.message = message or self.default_message
         self.detail = detail
         self.headers = headers or {}

@@ -61,7 +61,7 @@ class TokenSource:
         self._session = session
         self._credentials = credentials
         self._timeout = timeout
-        self._tokens = SimpleMemoryCache()
+        self._tokens = SimpleMemoryCache(timeout=None)
 
     async def token(self, challenge: Challenge, scope: str) -> str:
         realm = challenge.params["realm"]

@@ -58,20 +58,37 @@ class UpstreamClient:
         self.registry = settings.registry
         self._base = URL(settings.url.rstrip("/"))
         self._metrics = metrics
-        self._session = aiohttp.ClientSession(
-            headers={"User-Agent": settings.user_agent},
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=settings.timeout, sock_connect=settings.timeout, sock_read=settings.read_timeout
-            ),
-            read_bufsize=READ_BUFFER,
-            auto_decompress=False,
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
-        self._tokens = TokenSource(self._session, settings.credentials, settings.timeout)
+        # Created on first use: an aiohttp session must be made inside the running event loop.
+        self._session_obj: aiohttp.ClientSession | None = None
+        self._tokens_obj: TokenSource | None = None
         self._challenge: Challenge | None = None  # learned from the first 401
 
+    @property
+    def _session(self) -> aiohttp.ClientSession:
+        if self._session_obj is None:
+            self._session_obj = aiohttp.ClientSession(
+                headers={"User-Agent": self.settings.user_agent},
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=self.settings.timeout,
+                    sock_connect=self.settings.timeout,
+                    sock_read=self.settings.read_timeout,
+                ),
+                read_bufsize=READ_BUFFER,
+                auto_decompress=False,
+                connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+            )
+        return self._session_obj
+
+    @property
+    def _tokens(self) -> TokenSource:
+        if self._tokens_obj is None:
+            self._tokens_obj = TokenSource(self._session, self.settings.credentials, self.settings.timeout)
+        return self._tokens_obj
+
     async def close(self) -> None:
-        await self._session.close()
+        if self._session_obj is not None:
+            await self._session_obj.close()
 
     # ---------------------------------------------------------------------------------------------------------
     async def _auth_header(self, scope: str) -> dict[str, str]:
@@ -231,6 +248,14 @@ class UpstreamClient:
             yield resp
         finally:
             resp.release()
+
+    async def head_blob(self, repo_path: str, digest: Digest) -> int:
+        """The size of a blob the upstream holds (its Content-Length), without downloading it."""
+        resp = await self._send("HEAD", f"/v2/{repo_path}/blobs/{digest}", "blob_head", self._scope(repo_path))
+        resp.release()
+        if resp.content_length is None:
+            raise UpstreamInvalid("blob HEAD answer without Content-Length")
+        return resp.content_length
 
     async def list_tags(self, repo_path: str, params: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
         """One page of ``tags/list`` and the upstream's ``Link`` header, if any."""

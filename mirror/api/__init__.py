@@ -1,0 +1,1 @@
+"""The HTTP side: aiohttp.web lives here (and in app.py) only."""

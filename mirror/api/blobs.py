@@ -1,0 +1,131 @@
+"""``GET``/``HEAD /v2/<name>/blobs/<digest>``: hits by sendfile, misses streamed from the fetch's temp file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import IO, Any
+
+from aiohttp import hdrs, web
+
+from mirror.api.keys import METRICS, PULL, RESOLVE
+from mirror.api.ranges import parse_range
+from mirror.inflight import Fetch
+from mirror.oci.reference import Digest, Repo
+from mirror.pullthrough import StoredBlob
+
+log = logging.getLogger(__name__)
+BLOB_TYPE = "application/octet-stream"
+
+
+class BlobFileResponse(web.FileResponse):
+    """aiohttp's FileResponse (stat/open in a thread, sendfile, Range) with the digest as ETag, as registries
+    send it, instead of aiohttp's mtime-based one."""
+
+    def __init__(self, path: Any, digest: Digest, **kwargs: Any):
+        super().__init__(path, **kwargs)
+        self._digest_etag = str(digest)
+
+    @property
+    def etag(self) -> Any:
+        return super().etag
+
+    @etag.setter
+    def etag(self, value: Any) -> None:
+        web.FileResponse.etag.fset(self, self._digest_etag)  # type: ignore[attr-defined]
+
+
+def blob_headers(digest: Digest) -> dict[str, str]:
+    return {
+        "Content-Type": BLOB_TYPE,
+        "Docker-Content-Digest": str(digest),
+        "Accept-Ranges": "bytes",
+    }
+
+
+def parse_target(request: web.Request) -> tuple[Repo, Digest]:
+    repo = request.app[RESOLVE](request.match_info["name"], request.query.get("ns"))
+    return repo, Digest.parse(request.match_info["digest"])
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    repo, digest = parse_target(request)
+    pull = request.app[PULL]
+    if request.method == "HEAD":
+        source: StoredBlob | Fetch | int = await pull.blob_head(repo, digest)
+    else:
+        source = await pull.blob(repo, digest)
+    if isinstance(source, int):  # HEAD of a blob we do not hold: the size the upstream announced
+        resp = web.StreamResponse(headers=blob_headers(digest))
+        resp.content_length = source
+        resp.etag = str(digest)
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
+    if isinstance(source, Fetch) and source.size is None:
+        # No Content-Length from the upstream: wait for the end and serve the file (rare; registries send it).
+        await source.wait_beyond(1 << 62)
+        if source.final_path is None:
+            raise ConnectionResetError("upstream fetch failed")
+        source = StoredBlob(source.final_path, source.written)
+    if isinstance(source, StoredBlob):
+        rng = parse_range(request.headers.get(hdrs.RANGE), source.size)
+        count = source.size if rng is None else rng[1] - rng[0]
+        if request.method == "GET":
+            request.app[METRICS].blob_bytes_served.labels(repo.registry, "cache").inc(count)
+        return BlobFileResponse(source.path, digest, headers=blob_headers(digest), chunk_size=1 << 20)
+    return await stream_fetch(request, repo, digest, source)
+
+
+async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: Fetch) -> web.StreamResponse:
+    """Send a blob that is still arriving: read the temp file up to what the fetch has verified-so-far, wait for
+    more, repeat. If the fetch fails, the connection is cut, so the client sees a short body, never a wrong one."""
+    assert fetch.size is not None
+    rng = parse_range(request.headers.get(hdrs.RANGE), fetch.size)
+    start, end = rng if rng is not None else (0, fetch.size)
+    resp = web.StreamResponse(status=206 if rng else 200, headers=blob_headers(digest))
+    resp.content_length = end - start
+    resp.etag = str(digest)
+    if rng is not None:
+        resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{fetch.size}"
+    await resp.prepare(request)
+    if request.method == "HEAD" or end == start:
+        await resp.write_eof()
+        return resp
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    offset = start
+    loop = asyncio.get_running_loop()
+    try:
+        fileobj = await asyncio.to_thread(_open_fetch_file, fetch)
+    except FileNotFoundError:  # the fetch failed and removed its temp file before we opened it
+        transport.abort()
+        return resp
+    try:
+        while offset < end:
+            await fetch.wait_beyond(offset)
+            if fetch.error is not None:
+                log.warning("cutting client off: fetch of %s failed: %s", digest, fetch.error)
+                transport.abort()
+                return resp
+            available = min(fetch.readable(), end)
+            if available > offset:
+                await loop.sendfile(transport, fileobj, offset, available - offset)
+                request.app[METRICS].blob_bytes_served.labels(repo.registry, "upstream").inc(available - offset)
+                offset = available
+    finally:
+        await asyncio.to_thread(fileobj.close)
+    await resp.write_eof()
+    return resp
+
+
+def _open_fetch_file(fetch: Fetch) -> IO[bytes]:
+    """Open the growing temp file, or the final file if the fetch was committed (renamed) meanwhile."""
+    assert fetch.temp_path is not None
+    try:
+        return open(fetch.temp_path, "rb")  # noqa: SIM115 - closed by the caller
+    except FileNotFoundError:
+        if fetch.final_path is None:
+            raise
+        return open(fetch.final_path, "rb")  # noqa: SIM115

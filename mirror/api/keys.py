@@ -1,0 +1,18 @@
+"""Typed application state (``web.AppKey``): the objects handlers reach through ``request.app``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from mirror.metrics import Metrics
+from mirror.oci.reference import Repo
+from mirror.pullthrough import PullThrough
+
+# name in the path, ?ns= -> the repository it means (routing lives in oci.reference.route).
+Resolver = Callable[[str, str | None], Repo]
+
+METRICS = web.AppKey("metrics", Metrics)
+PULL = web.AppKey("pull", PullThrough)
+RESOLVE: web.AppKey[Resolver] = web.AppKey("resolve")

@@ -1,0 +1,70 @@
+"""The one place that renders registry errors and records request metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from mirror.api.keys import METRICS
+from mirror.oci import errors
+
+log = logging.getLogger(__name__)
+API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+
+
+def error_response(exc: errors.RegistryError) -> web.Response:
+    headers = {"Content-Type": "application/json", **exc.headers}
+    return web.Response(status=exc.status, text=json.dumps(exc.body()), headers=headers)
+
+
+def _from_http(exc: web.HTTPException) -> errors.RegistryError:
+    if exc.status == 404:
+        return errors.NotFound()
+    if exc.status == 405:
+        return errors.Unsupported("method not allowed on this endpoint")
+    if exc.status == 413:
+        return errors.SizeInvalid("request body too large")
+    return errors.RegistryError(exc.reason or "error", status=exc.status)
+
+
+@web.middleware
+async def registry_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Handlers raise RegistryError (or aiohttp's own 404/405); clients always get registry JSON."""
+    try:
+        return await handler(request)
+    except errors.RegistryError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http(exc))
+    except (ConnectionError, TimeoutError) as exc:
+        log.debug("client connection lost: %s", exc)
+        raise
+    except Exception:
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        return error_response(errors.RegistryError("internal error; see the mirror's log"))
+
+
+@web.middleware
+async def request_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        route = request.match_info.route.name or "other"
+        metrics = request.app[METRICS]
+        metrics.http_requests.labels(route, request.method, str(status)).inc()
+        metrics.http_duration.labels(route, request.method).observe(time.monotonic() - started)
+
+
+async def add_api_version(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every answer, streamed ones included, names the API version."""
+    response.headers[API_VERSION[0]] = API_VERSION[1]

@@ -1,0 +1,154 @@
+"""The mirror's configuration: one frozen value, built from defaults < TOML file < MIRROR_* environment < flags.
+
+Only ``app`` and ``cli`` read it; everything else takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_LISTEN = "0.0.0.0:5000"
+DEFAULT_DATA_DIR = "./mirror-data"
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+# Five minutes: long enough that a CI burst pulling the same tag asks the upstream once, short enough that a
+# re-pushed tag is seen soon. 0 revalidates on every request (one HEAD, which Docker Hub does not count).
+DEFAULT_TAG_TTL = 300.0
+
+
+class ConfigError(Exception):
+    """A setting is missing, malformed or contradictory; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    registry: str = "docker.io"  # the name clients use for it
+    url: str = DOCKER_HUB_URL
+    default: bool = False
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None
+    tag_ttl: float = DEFAULT_TAG_TTL
+    max_stale: float = 0.0  # seconds a tag may be served stale when the upstream is down; 0 = no limit
+    timeout: float = 10.0  # seconds to wait for the upstream before answering stale (or failing)
+
+    def secret(self) -> str | None:
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read password file for {self.registry}: {exc}") from exc
+        return self.password
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: str = DEFAULT_LISTEN
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    upstreams: tuple[UpstreamConfig, ...] = (UpstreamConfig(default=True),)
+    log_level: str = "info"
+    log_format: str = "text"
+    uvloop: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)  # sections other modules own (push, cache, ...)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--listen must be HOST:PORT, got {self.listen!r}")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+    @property
+    def default_upstream(self) -> UpstreamConfig:
+        return next(u for u in self.upstreams if u.default)
+
+
+# Flat settings: flag / environment / top-level TOML key -> how to apply it.
+UPSTREAM_KEYS = {
+    "upstream": "url",
+    "upstream_username": "username",
+    "upstream_password": "password",
+    "upstream_password_file": "password_file",
+    "tag_ttl": "tag_ttl",
+    "max_stale": "max_stale",
+    "upstream_timeout": "timeout",
+}
+TOP_KEYS = {"listen", "data_dir", "log_level", "log_format", "uvloop"}
+FLOAT_KEYS = {"tag_ttl", "max_stale", "upstream_timeout"}
+
+
+def env_settings(environ: Mapping[str, str], known: set[str]) -> dict[str, str]:
+    """``MIRROR_TAG_TTL=60`` -> ``{"tag_ttl": "60"}`` for every known key."""
+    return {k: environ[f"MIRROR_{k.upper()}"] for k in known if f"MIRROR_{k.upper()}" in environ}
+
+
+def read_toml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def _upstream_from_table(table: Mapping[str, Any]) -> UpstreamConfig:
+    names = {f.name for f in fields(UpstreamConfig)}
+    unknown = set(table) - names
+    if unknown:
+        raise ConfigError(f"unknown keys in [[upstreams]]: {', '.join(sorted(unknown))}")
+    if "registry" not in table or "url" not in table:
+        raise ConfigError("every [[upstreams]] entry needs registry and url")
+    values = dict(table)
+    for key in ("tag_ttl", "max_stale", "timeout"):
+        if key in values:
+            values[key] = float(values[key])
+    return UpstreamConfig(**values)
+
+
+def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | None, extra: Mapping[str, Any]) -> Config:
+    """Assemble a Config from already-merged flat settings and optional ``[[upstreams]]`` tables."""
+    try:
+        upstreams = [_upstream_from_table(t) for t in upstream_tables] if upstream_tables else [UpstreamConfig()]
+        if not any(u.default for u in upstreams):
+            upstreams[0] = replace(upstreams[0], default=True)
+        if sum(u.default for u in upstreams) > 1:
+            raise ConfigError("only one upstream may have default = true")
+        overrides: dict[str, Any] = {
+            UPSTREAM_KEYS[k]: (float(v) if k in FLOAT_KEYS else v) for k, v in flat.items() if k in UPSTREAM_KEYS
+        }
+        upstreams = [replace(u, **overrides) if u.default else u for u in upstreams]
+        registries = [u.registry for u in upstreams]
+        if len(set(registries)) != len(registries):
+            raise ConfigError("two [[upstreams]] entries name the same registry")
+        top = {k: v for k, v in flat.items() if k in TOP_KEYS}
+        if "data_dir" in top:
+            top["data_dir"] = Path(top["data_dir"])
+        if "uvloop" in top:
+            top["uvloop"] = str(top["uvloop"]).lower() in ("1", "true", "yes", "on")
+        config = Config(upstreams=tuple(upstreams), extra=dict(extra), **top)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid setting: {exc}") from exc
+    if config.log_format not in ("text", "json"):
+        raise ConfigError("--log-format must be text or json")
+    config.host_port  # noqa: B018 - validates --listen
+    return config
+
+
+def load(cli_values: Mapping[str, Any], config_path: str | None, environ: Mapping[str, str] = os.environ) -> Config:
+    known = TOP_KEYS | set(UPSTREAM_KEYS)
+    document = read_toml(config_path or environ.get("MIRROR_CONFIG"))
+    upstream_tables = document.pop("upstreams", None)
+    file_flat = {k.replace("-", "_"): v for k, v in document.items() if not isinstance(v, dict)}
+    unknown = set(file_flat) - known
+    if unknown:
+        raise ConfigError(f"unknown settings in config file: {', '.join(sorted(unknown))}")
+    extra = {k: v for k, v in document.items() if isinstance(v, dict)}
+    merged = {**file_flat, **env_settings(environ, known), **{k: v for k, v in cli_values.items() if v is not None}}
+    return build(merged, upstream_tables, extra)

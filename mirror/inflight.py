@@ -1,0 +1,155 @@
+"""Single-flight: one upstream fetch per digest, however many clients ask at the same time.
+
+The first request for a missing blob starts a ``Fetch``: a background task, owned here and not by any client,
+that streams the upstream body into a temp file. Every client -- the first one included -- reads that growing
+file up to ``written`` and waits for more, so the first bytes reach clients as soon as they land and a client that
+disconnects never cuts the fetch short for the others. The last bytes are released only after the digest is
+verified (see ``Fetch.readable``), so no client ever receives a complete body whose digest is wrong.
+
+Small objects (manifests, tag revalidations) use ``Coalescer``: concurrent callers share one awaited result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from mirror.oci.reference import Digest
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Fetch:
+    """The state of one blob being fetched, shared by its task and every client reading it."""
+
+    def __init__(self, digest: Digest):
+        self.digest = digest
+        self.size: int | None = None  # from the upstream's Content-Length, once it answered
+        self.temp_path: Path | None = None
+        self.final_path: Path | None = None  # set once verified and renamed into the store
+        self.written = 0
+        self.error: BaseException | None = None
+        self._started = asyncio.Event()
+        self._progress = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.final_path is not None or self.error is not None
+
+    def readable(self) -> int:
+        """Bytes a client may be sent now. One byte is held back until the digest is verified: a client cannot
+        receive a complete body before the mirror knows it is right."""
+        if self.final_path is not None:
+            return self.written
+        return max(0, self.written - 1)
+
+    # --- called by the fetching task -------------------------------------------------------------------------
+    def begin(self, size: int | None, temp_path: Path) -> None:
+        self.size = size
+        self.temp_path = temp_path
+        self._started.set()
+
+    def advance(self, written: int) -> None:
+        self.written = written
+        self._notify()
+
+    def finish(self, final_path: Path) -> None:
+        self.final_path = final_path
+        self._started.set()
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._started.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    # --- called by clients ----------------------------------------------------------------------------------
+    async def wait_started(self) -> None:
+        """Wait until the upstream answered; raise the fetch's error if it failed before sending a byte."""
+        await self._started.wait()
+        if self.error is not None and self.written == 0:
+            raise self.error
+
+    async def wait_beyond(self, offset: int) -> None:
+        """Wait until more than ``offset`` bytes are readable, or the fetch ended."""
+        while self.readable() <= offset and not self.done:
+            await self._progress.wait()
+
+
+class InFlight:
+    """The table of blob fetches under way. Owned by the app (no module state)."""
+
+    def __init__(self) -> None:
+        self._fetches: dict[Digest, Fetch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._fetches)
+
+    def get(self, digest: Digest) -> Fetch | None:
+        return self._fetches.get(digest)
+
+    def join(self, digest: Digest, run: Callable[[Fetch], Awaitable[None]]) -> tuple[Fetch, bool]:
+        """The fetch under way for ``digest``, or a new one started with ``run``. True when this call started it."""
+        fetch = self._fetches.get(digest)
+        if fetch is not None:
+            return fetch, False
+        fetch = Fetch(digest)
+        self._fetches[digest] = fetch
+        task = asyncio.create_task(self._run(fetch, run), name=f"fetch {digest}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fetch, True
+
+    async def _run(self, fetch: Fetch, run: Callable[[Fetch], Awaitable[None]]) -> None:
+        try:
+            await run(fetch)
+        except BaseException as exc:  # the fetch's clients receive it; the task itself ends quietly
+            if not fetch.done:
+                fetch.fail(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self._fetches.pop(fetch.digest, None)
+            if not fetch.done:
+                fetch.fail(RuntimeError("fetch ended without a result"))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class Coalescer(Generic[T]):
+    """Concurrent calls with the same key share one execution and its result (or exception).
+
+    The call runs as its own task, so a caller that goes away (client disconnect) does not cancel it for the
+    others.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[Hashable, asyncio.Task[T]] = {}
+
+    async def run(self, key: Hashable, call: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """The result and whether this caller joined a call already under way."""
+        task = self._pending.get(key)
+        joined = task is not None
+        if task is None:
+
+            async def _call() -> T:
+                try:
+                    return await call()
+                finally:
+                    self._pending.pop(key, None)
+
+            task = asyncio.ensure_future(_call())
+            self._pending[key] = task
+        return await asyncio.shield(task), joined

@@ -1,0 +1,402 @@
+"""The pull-through service: manifests, tags and blobs from the store, or from the upstream on a miss.
+
+Contract with the HTTP layer: it asks for a blob, a manifest or a tag list of a ``Repo`` and gets either stored
+content or a ``Fetch`` to stream; it never learns whether an upstream was asked (the ``stale`` flag aside).
+
+Cache semantics:
+- Content by digest (blobs, manifests) is immutable: stored once, never revalidated.
+- A tag maps to a digest for ``tag_ttl`` seconds; after that one upstream ``HEAD`` revalidates it (HEADs do not
+  count against Docker Hub's pull limit) and only a changed digest costs a manifest ``GET``.
+- Stale-if-error: when the upstream is unreachable, slow past ``timeout``, or answers 5xx/429, the last known
+  digest of a tag is served (``stale=True``) if it is younger than ``max_stale`` (0: no limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiocache import SimpleMemoryCache
+
+from mirror.inflight import Coalescer, Fetch, InFlight
+from mirror.metrics import Metrics
+from mirror.oci import errors
+from mirror.oci.mediatypes import DEFAULT_ACCEPT, MANIFEST_TYPES, accepts, upstream_accept
+from mirror.oci.reference import Digest, Repo, Tag
+from mirror.storage.blobs import BlobStore, DiskFull
+from mirror.storage.index import Index, ManifestRecord, TagRecord
+from mirror.upstream.client import ManifestHead, UpstreamClient
+from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
+
+log = logging.getLogger(__name__)
+WRITE_BATCH = 1 << 20  # bytes gathered from the upstream before one write to the temp file
+MEMORY_TTL = 30.0  # seconds a tag record stays in memory before the index is read again
+MANIFEST_MEMORY_ITEMS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class TagPolicy:
+    tag_ttl: float = 300.0
+    max_stale: float = 0.0  # 0: serve stale tags however old
+    timeout: float = 10.0  # longest a client waits on the upstream before a stale answer
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestAnswer:
+    digest: Digest
+    media_type: str
+    data: bytes
+    stale: bool = False
+
+
+def upstream_failure(exc: BaseException) -> errors.RegistryError:
+    """The registry error a client sees when the upstream could not answer (404s are mapped by the caller)."""
+    if isinstance(exc, UpstreamError):
+        if exc.status == 429:
+            headers = {"Retry-After": exc.retry_after} if exc.retry_after else {}
+            return errors.TooManyRequests("the upstream registry is rate limiting the mirror", headers=headers)
+        if exc.status in (401, 403):
+            return errors.Denied(
+                f"the upstream refused access ({exc.status}): the repository does not exist or the mirror's "
+                "credentials for it are missing or wrong",
+                detail={"upstream_status": exc.status, "upstream_errors": exc.errors},
+            )
+        if exc.status >= 500:
+            return errors.UpstreamUnavailable(
+                f"the upstream answered {exc.status}", detail={"upstream_status": exc.status}
+            )
+        return errors.UpstreamBadGateway(
+            str(exc), detail={"upstream_status": exc.status, "upstream_errors": exc.errors}
+        )
+    if isinstance(exc, UpstreamInvalid):
+        return errors.UpstreamBadGateway(f"the upstream sent invalid content: {exc}")
+    if isinstance(exc, DiskFull):
+        return errors.InsufficientStorage("the mirror's disk is full; the content was not cached")
+    if isinstance(exc, UpstreamUnreachable | TimeoutError | aiohttp.ClientError | OSError):
+        return errors.UpstreamUnavailable(f"the upstream registry could not be reached: {exc}")
+    return errors.RegistryError(f"fetch failed: {exc!r}")
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Failures after which a stale answer is better than an error."""
+    if isinstance(exc, UpstreamError):
+        return exc.unavailable
+    return isinstance(exc, UpstreamUnreachable | TimeoutError)
+
+
+class PullThrough:
+    def __init__(
+        self,
+        store: BlobStore,
+        index: Index,
+        upstreams: Mapping[str, UpstreamClient],
+        policies: Mapping[str, TagPolicy],
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ):
+        self._store = store
+        self._index = index
+        self._upstreams = upstreams
+        self._policies = policies
+        self._metrics = metrics
+        self._clock = clock
+        self.inflight = InFlight()
+        self._tags: SimpleMemoryCache = SimpleMemoryCache(timeout=None)
+        self._manifests: dict[Digest, tuple[str, bytes]] = {}  # hot manifests; insertion order = age
+        self._coalesce_tag: Coalescer[tuple[TagRecord, ManifestAnswer | None]] = Coalescer()
+        self._coalesce_manifest: Coalescer[ManifestAnswer] = Coalescer()
+
+    async def close(self) -> None:
+        await self.inflight.close()
+
+    def _client(self, repo: Repo) -> UpstreamClient:
+        client = self._upstreams.get(repo.registry)
+        if client is None:
+            raise errors.NameUnknown(f"registry {repo.registry!r} is not configured as an upstream")
+        return client
+
+    def _count(self, repo: Repo, kind: str, result: str) -> None:
+        self._metrics.cache_requests.labels(repo.registry, kind, result).inc()
+
+    # --- blobs: THE miss path --------------------------------------------------------------------------------
+    async def blob(self, repo: Repo, digest: Digest) -> StoredBlob | Fetch:
+        """A stored blob (hit), or the fetch a client streams from (miss; joined if one is under way)."""
+        size = await self._store.size(digest)
+        if size is not None:
+            self._count(repo, "blob", "hit")
+            return StoredBlob(self._store.path(digest), size)
+        client = self._client(repo)
+        fetch, started = self.inflight.join(digest, lambda f: self._fetch_blob(client, repo, f))
+        self._count(repo, "blob", "miss")
+        if not started:
+            self._metrics.coalesced_waiters.labels(repo.registry).inc()
+        try:
+            await fetch.wait_started()
+        except errors.RegistryError:
+            raise
+        except UpstreamError as exc:
+            if exc.status == 404:
+                raise errors.BlobUnknown(f"blob {digest} is not in {repo}", detail={"digest": str(digest)}) from None
+            raise upstream_failure(exc) from None
+        except Exception as exc:
+            raise upstream_failure(exc) from None
+        if fetch.final_path is not None and fetch.written == 0 and fetch.size is None:
+            # Finished before we looked (committed by someone else meanwhile): serve it as a hit.
+            return StoredBlob(fetch.final_path, self._store.size_sync(digest) or 0)
+        return fetch
+
+    async def blob_head(self, repo: Repo, digest: Digest) -> StoredBlob | Fetch | int:
+        """What a HEAD needs: the stored blob, the fetch under way, or the size the upstream announces. A HEAD
+        never starts a download."""
+        size = await self._store.size(digest)
+        if size is not None:
+            return StoredBlob(self._store.path(digest), size)
+        fetch = self.inflight.get(digest)
+        if fetch is not None and fetch.size is not None:
+            return fetch
+        try:
+            async with asyncio.timeout(self._policy(repo).timeout):
+                return await self._client(repo).head_blob(repo.path, digest)
+        except UpstreamError as exc:
+            if exc.status == 404:
+                raise errors.BlobUnknown(f"blob {digest} is not in {repo}", detail={"digest": str(digest)}) from None
+            raise upstream_failure(exc) from None
+        except (UpstreamUnreachable, UpstreamInvalid, TimeoutError) as exc:
+            raise upstream_failure(exc) from None
+
+    async def _fetch_blob(self, client: UpstreamClient, repo: Repo, fetch: Fetch) -> None:
+        """Runs as the fetch's own task: upstream -> temp file (hashed on the fly) -> verify -> rename."""
+        digest = fetch.digest
+        if await self._store.size(digest) is not None:  # committed between the caller's check and join()
+            fetch.finish(self._store.path(digest))
+            return
+        self._metrics.inflight_fetches.inc()
+        writer = await asyncio.to_thread(self._store.writer, digest.algorithm)
+        try:
+            async with client.blob(repo.path, digest) as resp:
+                fetch.begin(resp.content_length, writer.temp_path)
+                async for chunk in _batched(resp.content):
+                    await writer.write(chunk)
+                    fetch.advance(writer.written)
+                    self._metrics.upstream_bytes_fetched.labels(repo.registry).inc(len(chunk))
+            try:
+                await writer.commit(digest, fetch.size)
+            except Exception as exc:
+                raise UpstreamInvalid(f"blob {digest} from {repo}: {exc}") from exc
+            fetch.finish(self._store.path(digest))
+            log.info("cached blob %s (%d bytes) from %s", digest, fetch.written, repo)
+        except BaseException as exc:
+            await writer.abort()
+            fetch.fail(exc)
+            log.warning("fetch of blob %s from %s failed: %s", digest, repo, exc)
+            raise
+        finally:
+            self._metrics.inflight_fetches.dec()
+
+    # --- manifests -------------------------------------------------------------------------------------------
+    async def manifest(self, repo: Repo, ref: Tag | Digest, accepted: frozenset[str]) -> ManifestAnswer:
+        if isinstance(ref, Digest):
+            return await self._manifest_by_digest(repo, ref)
+        record, answer, stale = await self._resolve_tag(repo, ref, accepted, want_body=True)
+        if answer is None:
+            answer = await self._manifest_by_digest(repo, record.digest)
+        return ManifestAnswer(answer.digest, answer.media_type, answer.data, stale)
+
+    async def manifest_head(self, repo: Repo, ref: Tag | Digest, accepted: frozenset[str]) -> tuple[ManifestHead, bool]:
+        """Digest, media type and size of a manifest, without fetching its body upstream when it is not stored."""
+        if isinstance(ref, Digest):
+            answer = await self._manifest_by_digest(repo, ref)
+            return ManifestHead(answer.digest, answer.media_type, len(answer.data)), False
+        record, _, stale = await self._resolve_tag(repo, ref, accepted, want_body=False)
+        return ManifestHead(record.digest, record.media_type, record.size), stale
+
+    async def _stored_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+        hot = self._manifests.get(digest)
+        if hot is not None:
+            return hot
+        record = await self._index.get_manifest(digest)
+        if record is None:
+            return None
+        data = await self._store.read(digest)
+        if data is None:
+            return None
+        self._remember(digest, record.media_type, data)
+        return record.media_type, data
+
+    def _remember(self, digest: Digest, media_type: str, data: bytes) -> None:
+        self._manifests[digest] = (media_type, data)
+        if len(self._manifests) > MANIFEST_MEMORY_ITEMS:
+            del self._manifests[next(iter(self._manifests))]
+
+    async def _manifest_by_digest(self, repo: Repo, digest: Digest) -> ManifestAnswer:
+        stored = await self._stored_manifest(digest)
+        if stored is not None:
+            self._count(repo, "manifest", "hit")
+            return ManifestAnswer(digest, stored[0], stored[1])
+        self._count(repo, "manifest", "miss")
+        answer, _ = await self._coalesce_manifest.run(
+            (repo.registry, digest), lambda: self._fetch_manifest(repo, str(digest), frozenset())
+        )
+        return answer
+
+    async def _fetch_manifest(self, repo: Repo, ref: str, accepted: frozenset[str]) -> ManifestAnswer:
+        """GET a manifest upstream, verify it, store it by digest. Raises registry errors."""
+        client = self._client(repo)
+        # By digest the content is fixed whatever we accept, so accept every type we know.
+        accept = (
+            upstream_accept(accepted)
+            if ":" not in ref
+            else ", ".join((*DEFAULT_ACCEPT, *sorted(MANIFEST_TYPES - set(DEFAULT_ACCEPT))))
+        )
+        try:
+            async with asyncio.timeout(self._policy(repo).timeout):
+                head, data = await client.get_manifest(repo.path, ref, accept)
+        except UpstreamError as exc:
+            if exc.status == 404:
+                raise errors.ManifestUnknown(
+                    f"manifest {ref} is not in {repo}", detail={"name": repo.path, "reference": ref}
+                ) from None
+            raise upstream_failure(exc) from None
+        except (UpstreamUnreachable, UpstreamInvalid, TimeoutError) as exc:
+            raise upstream_failure(exc) from None
+        try:
+            await self._store.put(data, head.digest)
+        except DiskFull as exc:
+            raise upstream_failure(exc) from None
+        await self._index.put_manifest(head.digest, ManifestRecord(head.media_type, len(data)))
+        self._remember(head.digest, head.media_type, data)
+        return ManifestAnswer(head.digest, head.media_type, data)
+
+    def _policy(self, repo: Repo) -> TagPolicy:
+        return self._policies.get(repo.registry) or TagPolicy()
+
+    # --- tags ------------------------------------------------------------------------------------------------
+    async def _tag_record(self, repo: Repo, tag: Tag) -> TagRecord | None:
+        key = (repo.registry, repo.path, tag.name)
+        record = await self._tags.get(key)
+        if isinstance(record, TagRecord):
+            return record
+        record = await self._index.get_tag(repo, tag.name)
+        if record is not None:
+            await self._tags.set(key, record, ttl=MEMORY_TTL)
+        return record
+
+    async def _save_tag(self, repo: Repo, tag: Tag, record: TagRecord) -> None:
+        await self._index.put_tag(repo, tag.name, record)
+        await self._tags.set((repo.registry, repo.path, tag.name), record, ttl=MEMORY_TTL)
+
+    async def _resolve_tag(
+        self, repo: Repo, tag: Tag, accepted: frozenset[str], want_body: bool
+    ) -> tuple[TagRecord, ManifestAnswer | None, bool]:
+        """Tag -> digest: from the store within the TTL, else revalidated upstream, else stale if allowed."""
+        policy = self._policy(repo)
+        record = await self._tag_record(repo, tag)
+        usable = record is not None and accepts(accepted, record.media_type)
+        now = self._clock()
+        if record is not None and usable and now - record.checked_at < policy.tag_ttl:
+            self._count(repo, "tag", "hit")
+            return record, None, False
+        try:
+            (fresh, answer), _ = await self._coalesce_tag.run(
+                (repo.registry, repo.path, tag.name, accepted, want_body and record is None),
+                lambda: self._revalidate(repo, tag, accepted, record if usable else None, want_body),
+            )
+        except errors.RegistryError as exc:
+            cause = exc.__cause__ or exc.__context__
+            stale_ok = (
+                record is not None and usable and (policy.max_stale <= 0 or now - record.checked_at < policy.max_stale)
+            )
+            if stale_ok and record is not None and isinstance(exc, errors.UpstreamUnavailable | errors.TooManyRequests):
+                reason = "rate_limited" if isinstance(exc, errors.TooManyRequests) else "unavailable"
+                self._count(repo, "tag", "stale")
+                self._metrics.stale_served.labels(repo.registry, reason).inc()
+                log.warning("serving stale %s:%s -> %s (%s)", repo, tag, record.digest, cause or exc.message)
+                return record, None, True
+            raise
+        return fresh, answer, False
+
+    async def _revalidate(
+        self, repo: Repo, tag: Tag, accepted: frozenset[str], known: TagRecord | None, want_body: bool
+    ) -> tuple[TagRecord, ManifestAnswer | None]:
+        """Ask the upstream what the tag points to now: HEAD when we hold a candidate, GET when a body is needed
+        anyway (a cold GET by tag costs one request instead of two)."""
+        client = self._client(repo)
+        answer: ManifestAnswer | None = None
+        if want_body and known is None:
+            answer = await self._fetch_manifest(repo, tag.name, accepted)
+            head = ManifestHead(answer.digest, answer.media_type, len(answer.data))
+            self._count(repo, "tag", "miss")
+        else:
+            try:
+                async with asyncio.timeout(self._policy(repo).timeout):
+                    head = await client.head_manifest(repo.path, tag.name, upstream_accept(accepted))
+            except UpstreamError as exc:
+                if exc.status == 404:
+                    await self._index.delete_tag(repo, tag.name)
+                    await self._tags.delete((repo.registry, repo.path, tag.name))
+                    raise errors.ManifestUnknown(
+                        f"manifest {tag} is not in {repo}", detail={"name": repo.path, "reference": tag.name}
+                    ) from None
+                raise upstream_failure(exc) from None
+            except UpstreamInvalid:  # no digest in the HEAD answer: fall back to a GET
+                answer = await self._fetch_manifest(repo, tag.name, accepted)
+                head = ManifestHead(answer.digest, answer.media_type, len(answer.data))
+            except (UpstreamUnreachable, TimeoutError) as exc:
+                raise upstream_failure(exc) from None
+            unchanged = known is not None and known.digest == head.digest
+            self._count(repo, "tag", "revalidated" if unchanged else "miss")
+        record = TagRecord(head.digest, head.media_type, head.size, self._clock())
+        await self._save_tag(repo, tag, record)
+        return record, answer
+
+    async def list_tags(self, repo: Repo, n: int | None, last: str | None) -> tuple[list[str], str | None]:
+        """One page of tag names and the upstream's Link header; cached tags when the upstream cannot answer."""
+        params = {k: v for k, v in (("n", str(n) if n is not None else None), ("last", last)) if v is not None}
+        try:
+            async with asyncio.timeout(self._policy(repo).timeout):
+                body, link = await self._client(repo).list_tags(repo.path, params)
+            tags = body.get("tags") or []
+            return [t for t in tags if isinstance(t, str)], link
+        except UpstreamError as exc:
+            if exc.status == 404:
+                raise errors.NameUnknown(f"repository {repo} is not known upstream") from None
+            if not _retryable(exc):
+                raise upstream_failure(exc) from None
+            failure: BaseException = exc
+        except (UpstreamUnreachable, TimeoutError) as exc:
+            failure = exc
+        cached = list(await self._index.list_tags(repo))
+        if not cached:
+            raise upstream_failure(failure)
+        self._metrics.stale_served.labels(repo.registry, "tags_list").inc()
+        page = [t for t in cached if last is None or t > last]
+        return (page[:n] if n is not None else page), None
+
+
+async def _batched(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """Yield the body in pieces of up to WRITE_BATCH bytes without waiting for a full batch: whatever is buffered
+    goes out as soon as nothing more is immediately available, so slow upstreams still stream promptly."""
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        parts = [chunk]
+        size = len(chunk)
+        while size < WRITE_BATCH:
+            more = content.read_nowait(WRITE_BATCH - size)
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        yield chunk if len(parts) == 1 else b"".join(parts)
