@@ -35,8 +35,9 @@ class Credentials:
     username: str
     password: str
 
-    def basic(self) -> aiohttp.BasicAuth:
-        return aiohttp.BasicAuth(self.username, self.password)
+    def basic(self) -> str:
+        """The ``Authorization`` header value for Basic auth."""
+        return aiohttp.encode_basic_auth(self.username, self.password)
 
 
 def parse_challenge(header: str) -> Challenge | None:
@@ -77,7 +78,7 @@ class TokenSource:
             async with self._session.get(
                 realm,
                 params=query,
-                auth=self._credentials.basic() if self._credentials else None,
+                headers={"Authorization": self._credentials.basic()} if self._credentials else None,
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
             ) as resp:
                 if resp.status != 200:

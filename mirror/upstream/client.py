@@ -46,6 +46,13 @@ class UpstreamSettings:
     user_agent: str = "mirror"
 
 
+def describe(exc: BaseException) -> str:
+    """A short, readable reason for a failed upstream call (timeouts have an empty ``str``)."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
 def _registry_errors(body: Any) -> list[dict[str, Any]]:
     if isinstance(body, dict) and isinstance(body.get("errors"), list):
         return [e for e in body["errors"] if isinstance(e, dict)]
@@ -97,7 +104,7 @@ class UpstreamClient:
             return {}
         if challenge.scheme == "basic":
             creds = self.settings.credentials
-            return {"Authorization": creds.basic().encode()} if creds else {}
+            return {"Authorization": creds.basic()} if creds else {}
         return {"Authorization": f"Bearer {await self._tokens.token(challenge, scope)}"}
 
     def _same_origin(self, url: URL) -> bool:
@@ -121,7 +128,7 @@ class UpstreamClient:
             resp = await self._send_inner(method, path, scope, headers or {}, params)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self._record(kind, "unreachable", started)
-            raise UpstreamUnreachable(f"{self.registry}: {exc!r}") from exc
+            raise UpstreamUnreachable(f"{self.registry}: {describe(exc)}") from exc
         except UpstreamUnreachable:
             self._record(kind, "unreachable", started)
             raise
@@ -230,7 +237,7 @@ class UpstreamClient:
             self._metrics.upstream_bytes_fetched.labels(self.registry).inc(len(data))
             head = self._manifest_head(resp, data)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnreachable(f"{self.registry}: {exc!r}") from exc
+            raise UpstreamUnreachable(f"{self.registry}: {describe(exc)}") from exc
         finally:
             resp.release()
         header_digest = resp.headers.get("Docker-Content-Digest")
@@ -263,7 +270,7 @@ class UpstreamClient:
         try:
             body = await resp.json(content_type=None)
         except (ValueError, aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnreachable(f"{self.registry}: bad tags/list answer: {exc!r}") from exc
+            raise UpstreamUnreachable(f"{self.registry}: bad tags/list answer: {describe(exc)}") from exc
         finally:
             resp.release()
         if not isinstance(body, dict):

@@ -1,0 +1,118 @@
+"""Malformed requests get registry errors with the right status and OCI code, never a 500, and never reach the
+upstream or a path outside the data directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.fakes.registry import FakeRegistry
+
+HEX = "b" * 64
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status", "code"),
+    [
+        pytest.param(
+            "GET", "/v2/Alpine/manifests/latest", {}, 400, "NAME_INVALID", id="upper-case name -> 400 NAME_INVALID"
+        ),
+        pytest.param("GET", "/v2/a..b/manifests/latest", {}, 400, "NAME_INVALID", id="double dot -> 400 NAME_INVALID"),
+        pytest.param(
+            "GET",
+            "/v2/%2e%2e/%2e%2e/etc/manifests/x",
+            {},
+            404,
+            "NOT_FOUND",
+            id="encoded traversal normalised away -> 404 NOT_FOUND",
+        ),
+        pytest.param(
+            "GET", "/v2/alpine/manifests/-bad", {}, 400, "MANIFEST_INVALID", id="bad tag -> 400 MANIFEST_INVALID"
+        ),
+        pytest.param(
+            "GET",
+            "/v2/alpine/manifests/sha256:xyz",
+            {},
+            400,
+            "DIGEST_INVALID",
+            id="bad manifest digest -> 400 DIGEST_INVALID",
+        ),
+        pytest.param(
+            "GET",
+            "/v2/alpine/blobs/sha256:abc",
+            {},
+            400,
+            "DIGEST_INVALID",
+            id="short blob digest -> 400 DIGEST_INVALID",
+        ),
+        pytest.param(
+            "GET",
+            f"/v2/alpine/blobs/md5:{HEX}",
+            {},
+            400,
+            "DIGEST_INVALID",
+            id="unknown algorithm -> 400 DIGEST_INVALID",
+        ),
+        pytest.param("HEAD", "/v2/alpine/blobs/sha256:..%2f..%2fx", {}, 400, None, id="HEAD traversal digest -> 400"),
+        pytest.param(
+            "GET", "/v2/alpine/tags/list?n=abc", {}, 400, "PAGINATION_NUMBER_INVALID", id="non-numeric n -> 400"
+        ),
+        pytest.param("GET", "/v2/alpine/tags/list?n=-1", {}, 400, "PAGINATION_NUMBER_INVALID", id="negative n -> 400"),
+        pytest.param(
+            "GET",
+            "/v2/alpine/manifests/latest?ns=quay.io",
+            {},
+            404,
+            "NAME_UNKNOWN",
+            id="unconfigured ns -> 404 NAME_UNKNOWN",
+        ),
+        pytest.param(
+            "GET",
+            "/v2/evil.example/x/manifests/latest",
+            {},
+            404,
+            "NAME_UNKNOWN",
+            id="unconfigured host prefix -> 404 NAME_UNKNOWN",
+        ),
+        pytest.param(
+            "GET", "/v2/alpine/manifests/latest?ns=%20", {}, 400, "NAME_INVALID", id="garbage ns -> 400 NAME_INVALID"
+        ),
+        pytest.param("GET", "/v2/alpine/nonsense/x", {}, 404, "NOT_FOUND", id="unknown endpoint -> 404 NOT_FOUND"),
+        pytest.param("DELETE", "/v2/", {}, 405, "UNSUPPORTED", id="wrong method -> 405 UNSUPPORTED"),
+    ],
+)
+async def test_bad_requests(
+    mirror_and_fake: tuple[TestClient, FakeRegistry],
+    tmp_path: Path,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    status: int,
+    code: str | None,
+) -> None:
+    mirror, fake = mirror_and_fake
+    resp = await mirror.request(method, path, headers=headers)
+    assert resp.status == status
+    if method != "HEAD":
+        body = await resp.json()
+        assert body["errors"][0]["code"] == code
+        assert body["errors"][0]["message"]
+    assert fake.requests == [], "bad input must be refused before the upstream is asked"
+    assert not any(p.name in ("passwd", "etc") for p in tmp_path.rglob("*"))
+
+
+async def test_bad_range_on_cached_blob_is_416(mirror_and_fake: tuple[TestClient, FakeRegistry]) -> None:
+    mirror, fake = mirror_and_fake
+    digest = fake.add_blob(b"0123456789")
+    assert (await mirror.get(f"/v2/alpine/blobs/{digest}")).status == 200
+    for header in ("bytes=10-", "bytes=5-2", "bytes=0-1,3-4", "pages=1-2"):
+        resp = await mirror.get(f"/v2/alpine/blobs/{digest}", headers={"Range": header})
+        assert resp.status == 416, header
+        assert resp.headers["Content-Range"] == "bytes */10"
+        assert (await resp.json())["errors"][0]["code"] == "RANGE_INVALID"
+    resp = await mirror.get(f"/v2/alpine/blobs/{digest}", headers={"Range": "bytes=3-5"})
+    assert resp.status == 206
+    assert resp.headers["Content-Range"] == "bytes 3-5/10"
+    assert await resp.read() == b"345"

@@ -1,0 +1,46 @@
+"""Fixtures for in-process tests: the mirror app on a real aiohttp test server, with a fake upstream."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from mirror.app import create_app
+from mirror.config import Config, UpstreamConfig
+from tests.fakes.registry import FakeRegistry
+
+MirrorFactory = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+async def fake_upstream(aiohttp_server: Any) -> tuple[FakeRegistry, TestServer]:
+    fake = FakeRegistry()
+    server = await aiohttp_server(fake.app())
+    return fake, server
+
+
+@pytest.fixture
+def make_mirror(aiohttp_client: Any, tmp_path: Path) -> MirrorFactory:
+    """``await make_mirror(url, tag_ttl=..., ...)``: a client for a mirror whose default upstream is ``url``."""
+
+    async def make(url: str, data_dir: Path | None = None, **upstream: Any) -> TestClient:
+        config = Config(
+            data_dir=data_dir or tmp_path / "data",
+            upstreams=(UpstreamConfig(registry="docker.io", url=url, default=True, **upstream),),
+        )
+        return await aiohttp_client(create_app(config))
+
+    return make
+
+
+@pytest.fixture
+async def mirror_and_fake(
+    fake_upstream: tuple[FakeRegistry, TestServer], make_mirror: MirrorFactory
+) -> tuple[TestClient, FakeRegistry]:
+    fake, server = fake_upstream
+    client = await make_mirror(str(server.make_url("")), timeout=2.0)
+    return client, fake
