@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from mirror.api.access_log import AccessLogger
 from mirror.api.keys import METRICS, PULL, RESOLVE
 from mirror.api.middleware import add_api_version, registry_errors, request_metrics
 from mirror.api.routes import add_routes
@@ -92,3 +93,15 @@ def create_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+def run(config: Config) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM), then close every upstream session and the index."""
+    host, port = config.host_port
+    web.run_app(
+        create_app(config),
+        host=host,
+        port=port,
+        access_log_class=AccessLogger,
+        print=lambda _: log.info("listening on http://%s:%d", host, port),
+    )

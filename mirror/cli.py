@@ -7,18 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from aiohttp import web
-
-from mirror import log
-from mirror.app import create_app
+from mirror import app, log
 from mirror.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_TAG_TTL, Config, ConfigError, load
-
-logger = logging.getLogger("mirror")
 
 
 def common_options(parser: argparse.ArgumentParser) -> None:
@@ -75,14 +69,7 @@ def serve(config: Config) -> None:
         except ImportError as exc:
             raise ConfigError("--uvloop needs the uvloop package: pip install 'mirror[fast]'") from exc
         uvloop.install()
-    host, port = config.host_port
-    web.run_app(
-        create_app(config),
-        host=host,
-        port=port,
-        access_log_class=log.AccessLogger,
-        print=lambda _: logger.info("listening on http://%s:%d", host, port),
-    )
+    app.run(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,9 +8,6 @@ import sys
 import time
 from typing import Any
 
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
-
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -37,28 +34,3 @@ def setup(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One line per request; the fields are also attached to the record, so JSON logs carry them as keys."""
-
-    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        fields = {
-            "remote": request.remote,
-            "method": request.method,
-            "path": request.path_qs,
-            "status": response.status,
-            "bytes": response.body_length,
-            "duration_ms": round(time * 1000, 2),
-            "user_agent": request.headers.get("User-Agent", ""),
-        }
-        self.logger.info(
-            '%s "%s %s" %s %s %.1fms',
-            fields["remote"],
-            fields["method"],
-            fields["path"],
-            fields["status"],
-            fields["bytes"],
-            fields["duration_ms"],
-            extra=fields,
-        )

@@ -28,8 +28,9 @@ from mirror.metrics import Metrics
 from mirror.oci import errors
 from mirror.oci.mediatypes import DEFAULT_ACCEPT, MANIFEST_TYPES, accepts, upstream_accept
 from mirror.oci.reference import Digest, Repo, Tag
-from mirror.storage.blobs import BlobStore, DiskFull
-from mirror.storage.index import Index, ManifestRecord, TagRecord
+from mirror.storage.base import BlobStorage, MetadataIndex
+from mirror.storage.blobs import DiskFull
+from mirror.storage.index import ManifestRecord, TagRecord
 from mirror.upstream.client import ManifestHead, UpstreamClient
 from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
 
@@ -98,8 +99,8 @@ def _retryable(exc: BaseException) -> bool:
 class PullThrough:
     def __init__(
         self,
-        store: BlobStore,
-        index: Index,
+        store: BlobStorage,
+        index: MetadataIndex,
         upstreams: Mapping[str, UpstreamClient],
         policies: Mapping[str, TagPolicy],
         metrics: Metrics,
