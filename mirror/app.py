@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
-from mirror.api.keys import METRICS, PULL, RESOLVE
+from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE
 from mirror.api.middleware import add_api_version, registry_errors, request_metrics
 from mirror.api.routes import add_routes
-from mirror.config import Config
+from mirror.auth import Access, AccessSettings, Htpasswd, HtpasswdError
+from mirror.config import Config, ConfigError
 from mirror.metrics import Metrics
+from mirror.notify import Endpoint, Notifier
+from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
 from mirror.oci.reference import Repo, canonical_registry, route
 from mirror.pullthrough import PullThrough, TagPolicy
+from mirror.push import LocalRegistry, PushRule
+from mirror.push_uploads import Uploads
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index
+from mirror.storage.uploads import UploadSessions
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
 
@@ -59,6 +68,58 @@ def build_upstreams(config: Config, metrics: Metrics) -> tuple[dict[str, Upstrea
     return clients, policies
 
 
+def build_local(config: Config, store: BlobStore, index: Index, metrics: Metrics, registries: Registries) -> LocalRegistry:
+    if LOCAL_REGISTRY in registries:
+        raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
+    sessions = UploadSessions(config.data_dir, store)
+    metrics.upload_sessions.set_function(sessions.count_sync)
+
+    def upstream_repo(name: str) -> Repo:
+        return route(name, None, registries)
+
+    return LocalRegistry(store, index, Uploads(store, sessions, metrics), PushRule(config.push_prefixes), upstream_repo)
+
+
+def build_access(config: Config, metrics: Metrics) -> Access:
+    try:
+        htpasswd = Htpasswd(config.htpasswd) if config.htpasswd else None
+    except HtpasswdError as exc:
+        raise ConfigError(str(exc)) from exc
+    settings = AccessSettings(config.anonymous_pull, config.anonymous_push, config.read_only)
+    return Access(settings, htpasswd, metrics)
+
+
+def build_notifier(config: Config, metrics: Metrics) -> Notifier:
+    n = config.notifications
+    endpoints = [Endpoint(url, n.headers, n.timeout, n.attempts, n.backoff) for url in n.urls]
+    return Notifier(endpoints, metrics, source_addr=config.listen, user_agent=USER_AGENT)
+
+
+def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Start-up: read the local repositories, remove abandoned upload sessions, start the notifier; then sweep
+    sessions periodically. Shutdown: stop both; open sessions stay on disk and resume after a restart."""
+    max_age = config.upload_max_age
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(min(max(max_age / 2, 1.0), 3600.0))
+            await local.uploads.sessions.sweep(max_age)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await asyncio.to_thread(local.load)
+        await local.uploads.sessions.sweep(max_age)
+        await app[NOTIFY].start()
+        sweeper = asyncio.create_task(sweep_forever(), name="upload sweeper")
+        yield
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await app[NOTIFY].close()
+        local.uploads.sessions.close()
+
+    return lifecycle
+
+
 def create_app(config: Config) -> web.Application:
     metrics = Metrics()
     config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -68,13 +129,20 @@ def create_app(config: Config) -> web.Application:
     registries = Registries(list(clients), canonical_registry(config.default_upstream.registry))
     pull = PullThrough(store, index, clients, policies, metrics)
 
-    def resolve(name: str, ns: str | None) -> Repo:
-        return route(name, ns, registries)
+    local = build_local(config, store, index, metrics, registries)
 
-    app = web.Application(middlewares=[request_metrics, registry_errors])
+    def resolve(name: str, ns: str | None) -> Repo:
+        # Local (pushed) repositories first: they are authoritative for their names (README "Pushing images").
+        return local.local(name, ns) or route(name, ns, registries)
+
+    app = web.Application(middlewares=[request_metrics, registry_errors, check_access])
     app[METRICS] = metrics
     app[PULL] = pull
     app[RESOLVE] = resolve
+    app[LOCAL] = local
+    app[ACCESS] = build_access(config, metrics)
+    app[NOTIFY] = build_notifier(config, metrics)
+    app.cleanup_ctx.append(push_lifecycle(config, local))
     add_routes(app.router)
     app.on_response_prepare.append(add_api_version)
 
@@ -95,13 +163,28 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """``--tls-cert``/``--tls-key``: HTTPS, so that Docker talks to the mirror without ``insecure-registries``."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load --tls-cert {config.tls_cert} / --tls-key {config.tls_key}: {exc}") from exc
+    return context
+
+
 def run(config: Config) -> None:
     """Serve until interrupted (SIGINT/SIGTERM), then close every upstream session and the index."""
     host, port = config.host_port
+    context = tls_context(config)
+    scheme = "https" if context else "http"
     web.run_app(
         create_app(config),
         host=host,
         port=port,
+        ssl_context=context,
         access_log_class=AccessLogger,
-        print=lambda _: log.info("listening on http://%s:%d", host, port),
+        print=lambda _: log.info("listening on %s://%s:%d", scheme, host, port),
     )

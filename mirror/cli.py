@@ -46,6 +46,40 @@ def serve_options(parser: argparse.ArgumentParser) -> None:
         help="seconds to wait for the upstream before answering from the cache or failing (default 10)",
     )
     parser.add_argument("--uvloop", action="store_const", const="true", help="run on uvloop (pip install mirror[fast])")
+    push_options(parser)
+
+
+def push_options(parser: argparse.ArgumentParser) -> None:
+    """Local pushes, access control, TLS and webhooks (README "Pushing images")."""
+    group = parser.add_argument_group("pushes, access and TLS")
+    group.add_argument("--htpasswd", metavar="FILE", help="bcrypt htpasswd file (htpasswd -B): Basic auth on")
+    group.add_argument(
+        "--no-anonymous-pull",
+        dest="anonymous_pull",
+        action="store_const",
+        const="false",
+        help="with --htpasswd: pulls need credentials too",
+    )
+    group.add_argument(
+        "--anonymous-push",
+        choices=["loopback", "any", "off"],
+        help="without --htpasswd: who may push and delete (default loopback: clients on this host only)",
+    )
+    group.add_argument("--read-only", action="store_const", const="true", help="refuse every push and delete")
+    group.add_argument(
+        "--push-prefix",
+        dest="push_prefixes",
+        action="append",
+        metavar="PREFIX",
+        help="repeatable: names under PREFIX accept pushes (default: every name but library/ and names already "
+        "pulled through)",
+    )
+    group.add_argument("--upload-max-age", type=float, metavar="SECONDS", help="idle upload sessions are removed")
+    group.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM, chain first)")
+    group.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    group.add_argument(
+        "--notify-url", dest="notify_urls", action="append", metavar="URL", help="repeatable: webhook for pushes"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,6 +46,17 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NotificationsConfig:
+    """The ``[notifications]`` table (and ``--notify-url``): webhooks for manifest pushes and deletes."""
+
+    urls: tuple[str, ...] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)  # sent with every event (e.g. Authorization)
+    timeout: float = 5.0
+    attempts: int = 5
+    backoff: float = 1.0  # seconds before the first retry, doubling
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: str = DEFAULT_LISTEN
     data_dir: Path = Path(DEFAULT_DATA_DIR)
@@ -54,6 +65,16 @@ class Config:
     log_format: str = "text"
     uvloop: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections other modules own (push, cache, ...)
+    # Local pushes, access control, TLS and webhooks (README "Pushing images").
+    htpasswd: Path | None = None  # bcrypt htpasswd file: Basic auth on; None: auth off
+    anonymous_pull: bool = True  # with htpasswd: clients without credentials may pull
+    anonymous_push: str = "loopback"  # without htpasswd: who may push/delete: loopback, any, off
+    read_only: bool = False
+    push_prefixes: tuple[str, ...] = ()  # names that accept pushes; () = all but library/ and cached names
+    upload_max_age: float = 86400.0  # seconds an idle upload session is kept
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    notifications: NotificationsConfig = field(default_factory=lambda: NotificationsConfig())
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -78,6 +99,20 @@ UPSTREAM_KEYS = {
     "upstream_timeout": "timeout",
 }
 TOP_KEYS = {"listen", "data_dir", "log_level", "log_format", "uvloop"}
+# Local pushes and access (strings from flags/environment are converted in _push_settings).
+PUSH_KEYS = {
+    "htpasswd",
+    "anonymous_pull",
+    "anonymous_push",
+    "read_only",
+    "push_prefixes",
+    "upload_max_age",
+    "tls_cert",
+    "tls_key",
+    "notify_urls",
+}
+TOP_KEYS |= PUSH_KEYS
+ANONYMOUS_PUSH = ("loopback", "any", "off")
 FLOAT_KEYS = {"tag_ttl", "max_stale", "upstream_timeout"}
 
 
@@ -132,13 +167,60 @@ def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | No
             top["data_dir"] = Path(top["data_dir"])
         if "uvloop" in top:
             top["uvloop"] = str(top["uvloop"]).lower() in ("1", "true", "yes", "on")
+        top.update(_push_settings(top, extra.get("notifications")))
+        top.pop("notify_urls", None)  # merged into notifications
         config = Config(upstreams=tuple(upstreams), extra=dict(extra), **top)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid setting: {exc}") from exc
     if config.log_format not in ("text", "json"):
         raise ConfigError("--log-format must be text or json")
     config.host_port  # noqa: B018 - validates --listen
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    if config.anonymous_push not in ANONYMOUS_PUSH:
+        raise ConfigError(f"--anonymous-push must be one of {', '.join(ANONYMOUS_PUSH)}")
     return config
+
+
+def _truthy(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A list from TOML or repeated flags, or a comma-separated string from the environment."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+def _push_settings(top: Mapping[str, Any], table: Any) -> dict[str, Any]:
+    """Typed values of the push/access keys present in ``top``, and the ``[notifications]`` table."""
+    out: dict[str, Any] = {}
+    for key in ("htpasswd", "tls_cert", "tls_key"):
+        if top.get(key):
+            out[key] = Path(top[key])
+    for key in ("anonymous_pull", "read_only"):
+        if key in top:
+            out[key] = _truthy(top[key])
+    if "push_prefixes" in top:
+        out["push_prefixes"] = _names(top["push_prefixes"])
+    if "upload_max_age" in top:
+        out["upload_max_age"] = float(top["upload_max_age"])
+    table = dict(table or {})
+    unknown = set(table) - {"urls", "headers", "timeout", "attempts", "backoff"}
+    if unknown:
+        raise ConfigError(f"unknown keys in [notifications]: {', '.join(sorted(unknown))}")
+    urls = _names(table.get("urls", ())) + _names(top.get("notify_urls") or ())
+    headers = table.get("headers", {})
+    if not isinstance(headers, dict):
+        raise ConfigError("[notifications] headers must be a table of header = value")
+    out["notifications"] = NotificationsConfig(
+        urls=urls,
+        headers={str(k): str(v) for k, v in headers.items()},
+        timeout=float(table.get("timeout", 5.0)),
+        attempts=max(1, int(table.get("attempts", 5))),
+        backoff=float(table.get("backoff", 1.0)),
+    )
+    return out
 
 
 def load(cli_values: Mapping[str, Any], config_path: str | None, environ: Mapping[str, str] = os.environ) -> Config:

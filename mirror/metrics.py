@@ -91,3 +91,39 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        # --- local pushes (mirror.push, mirror.auth, mirror.notify) ---------------------------------------------
+        self.upload_sessions = Gauge(
+            "mirror_upload_sessions",
+            "Push upload sessions open on disk (started, not yet completed, cancelled or expired).",
+            registry=r,
+        )
+        self.upload_sessions_started = Counter(
+            "mirror_upload_sessions_started",
+            "Push upload sessions started (POST without a digest).",
+            registry=r,
+        )
+        self.push_bytes_received = Counter(
+            "mirror_push_bytes_received",
+            "Blob bytes received from clients by pushes (chunks that were rolled back excluded).",
+            registry=r,
+        )
+        self.manifest_changes = Counter(
+            "mirror_local_manifest_changes",
+            "Manifests pushed to or deleted from local repositories, by action (push, delete).",
+            ["action"],
+            registry=r,
+        )
+        self.auth_requests = Counter(
+            "mirror_auth_requests",
+            "Access decisions on client requests, by outcome (anonymous, authenticated, unauthorized, denied, "
+            "read_only).",
+            ["outcome"],
+            registry=r,
+        )
+        self.notifications = Counter(
+            "mirror_notifications",
+            "Webhook notifications by outcome (sent, retried, failed after every attempt, dropped: queue full).",
+            ["outcome"],
+            registry=r,
+        )
+

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiocache import SimpleMemoryCache
@@ -384,6 +385,24 @@ class PullThrough:
         page = [t for t in cached if last is None or t > last]
         return (page[:n] if n is not None else page), None
 
+
+    async def referrers(self, repo: Repo, subject: Digest, artifact_type: str | None) -> tuple[dict[str, Any], bool]:
+        """The upstream's referrers of ``subject`` (OCI 1.1), passed through, not cached: referrers change without
+        their subject changing. An upstream without the API gets a 404, so clients fall back to the tag schema."""
+        params = {"artifactType": artifact_type} if artifact_type else {}
+        try:
+            async with asyncio.timeout(self._policy(repo).timeout):
+                body, filtered = await self._client(repo).referrers(repo.path, subject, params)
+        except UpstreamError as exc:
+            if exc.status == 404:
+                raise errors.NotFound(f"{repo.registry} offers no referrers for {repo.path}@{subject}") from None
+            raise upstream_failure(exc) from None
+        except (UpstreamUnreachable, UpstreamInvalid, TimeoutError) as exc:
+            raise upstream_failure(exc) from None
+        if not isinstance(body, dict) or not isinstance(body.get("manifests"), list):
+            raise errors.UpstreamBadGateway("the upstream's referrers answer is not an image index")
+        body["manifests"] = [m for m in body["manifests"] if isinstance(m, dict)]
+        return body, filtered
 
 async def _batched(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
     """Yield the body in pieces of up to WRITE_BATCH bytes without waiting for a full batch: whatever is buffered

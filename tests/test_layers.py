@@ -51,12 +51,15 @@ FORBIDDEN: dict[str, set[str]] = {
     "inflight": {"pullthrough", "push", "api", "app", "cli", "config"},
     "pullthrough": {"api", "app", "cli", "config"},
     "push": {"api", "app", "cli", "config"},
+    "push_uploads": {"api", "app", "cli", "config"},
+    "auth": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config"},
+    "notify": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config"},
     "api": {"app", "cli", "config"},
     "app": {"cli"},
 }
 LIBRARY_HOMES = {
     "aiohttp.web": {"api", "app"},
-    "aiohttp.ClientSession": {"upstream"},
+    "aiohttp.ClientSession": {"upstream", "notify"},  # notify: the webhook sender owns its own session
     "diskcache": {"storage"},
 }
 MODULES = modules()

@@ -8,7 +8,8 @@ from typing import IO, Any
 
 from aiohttp import hdrs, web
 
-from mirror.api.keys import METRICS, PULL, RESOLVE
+from mirror.api.content import content_for
+from mirror.api.keys import METRICS, RESOLVE
 from mirror.api.ranges import parse_range
 from mirror.inflight import Fetch
 from mirror.oci.reference import Digest, Repo
@@ -50,7 +51,7 @@ def parse_target(request: web.Request) -> tuple[Repo, Digest]:
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
     repo, digest = parse_target(request)
-    pull = request.app[PULL]
+    pull = content_for(request.app, repo)
     if request.method == "HEAD":
         source: StoredBlob | Fetch | int = await pull.blob_head(repo, digest)
     else:

@@ -6,9 +6,12 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from mirror.auth import Access
 from mirror.metrics import Metrics
+from mirror.notify import Notifier
 from mirror.oci.reference import Repo
 from mirror.pullthrough import PullThrough
+from mirror.push import LocalRegistry
 
 # name in the path, ?ns= -> the repository it means (routing lives in oci.reference.route).
 Resolver = Callable[[str, str | None], Repo]
@@ -16,3 +19,8 @@ Resolver = Callable[[str, str | None], Repo]
 METRICS = web.AppKey("metrics", Metrics)
 PULL = web.AppKey("pull", PullThrough)
 RESOLVE: web.AppKey[Resolver] = web.AppKey("resolve")
+
+# Local pushes (mirror.push): pushed repositories, the access policy, webhook notifications.
+LOCAL = web.AppKey("local", LocalRegistry)
+ACCESS = web.AppKey("access", Access)
+NOTIFY = web.AppKey("notify", Notifier)

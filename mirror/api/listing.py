@@ -6,7 +6,8 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from mirror.api.keys import PULL, RESOLVE
+from mirror.api.content import content_for
+from mirror.api.keys import RESOLVE
 from mirror.oci.errors import PaginationInvalid
 
 MAX_PAGE = 10000
@@ -37,7 +38,7 @@ def next_link(request: web.Request, last: str, n: int | None) -> str:
 async def list_tags(request: web.Request) -> web.Response:
     repo = request.app[RESOLVE](request.match_info["name"], request.query.get("ns"))
     n, last = parse_page(request)
-    tags, upstream_link = await request.app[PULL].list_tags(repo, n, last)
+    tags, upstream_link = await content_for(request.app, repo).list_tags(repo, n, last)
     headers = {}
     if tags and (upstream_link or (n is not None and len(tags) >= n > 0)):
         headers["Link"] = next_link(request, tags[-1], n)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from mirror.api.keys import PULL, RESOLVE
+from mirror.api.content import content_for
+from mirror.api.keys import RESOLVE
 from mirror.oci.mediatypes import parse_accept
 from mirror.oci.reference import Digest, parse_reference
 
@@ -27,7 +28,7 @@ async def get_manifest(request: web.Request) -> web.StreamResponse:
     repo = request.app[RESOLVE](request.match_info["name"], request.query.get("ns"))
     ref = parse_reference(request.match_info["reference"])
     accepted = parse_accept(request.headers.getall("Accept", []))
-    pull = request.app[PULL]
+    pull = content_for(request.app, repo)
     if request.method == "HEAD":
         head, stale = await pull.manifest_head(repo, ref, accepted)
         resp = web.StreamResponse(headers=manifest_headers(head.digest, head.media_type, stale))

@@ -14,6 +14,8 @@ from mirror.api.blobs import get_blob
 from mirror.api.keys import METRICS
 from mirror.api.listing import list_tags
 from mirror.api.manifests import get_manifest
+from mirror.api.push_routes import add_push_routes
+from mirror.api.uploads import head_blob
 
 NAME = "{name:[^?#]+?}"
 
@@ -38,7 +40,8 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_route("GET", f"/v2/{NAME}/manifests/{{reference}}", get_manifest, name="manifest")
     router.add_route("HEAD", f"/v2/{NAME}/manifests/{{reference}}", get_manifest, name="manifest_head")
     router.add_route("GET", f"/v2/{NAME}/blobs/{{digest}}", get_blob, name="blob")
-    router.add_route("HEAD", f"/v2/{NAME}/blobs/{{digest}}", get_blob, name="blob_head")
+    router.add_route("HEAD", f"/v2/{NAME}/blobs/{{digest}}", head_blob, name="blob_head")
     router.add_get(f"/v2/{NAME}/tags/list", list_tags, name="tags", allow_head=False)
+    add_push_routes(router)
     router.add_get("/healthz", healthz, name="healthz")
     router.add_get("/metrics", metrics, name="metrics")

@@ -27,6 +27,9 @@ _HOST_RE = re.compile(r"(?:[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*|\[[0-9a-fA-F:]+\])(
 MAX_NAME_LENGTH = 255
 
 DOCKER_HUB = "docker.io"
+# The registry name of pushed content: ``Repo(LOCAL, "my/app")`` is the local repository ``my/app``. Not a host
+# name (no dot, no port), so no upstream can be configured under it and its cache keys never collide.
+LOCAL = "local"
 # Names clients use for Docker Hub besides ``docker.io``; all route to the same upstream.
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"})
 

@@ -12,7 +12,9 @@ Layout of the data dir::
       tmp/
         fetch-<random>         upstream fetches and pushes in progress; start-up removes whatever is here
       index/                   diskcache: tags, manifest media types, sizes, last served (see index.py)
-      uploads/                 push upload sessions
+      uploads/
+        <uuid>/                one push upload session (see uploads.py): session.json + data, the bytes
+                               received so far; ``commit`` renames ``data`` into ``blobs/``
 
 A writer hashes every byte as it passes, writes to a temp file under ``tmp/`` (same filesystem as ``blobs/``),
 and on ``commit`` checks size and digest, fsyncs, and ``os.replace``s the file into place. Nothing is visible at
@@ -30,6 +32,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from mirror.oci.reference import Digest
 
@@ -63,14 +66,25 @@ class BlobWriter:
     concurrent reader of ``temp_path`` may read up to that offset.
     """
 
-    def __init__(self, store: BlobStore, algorithm: str = "sha256"):
+    def __init__(self, store: BlobStore, algorithm: str = "sha256", temp_path: Path | None = None):
+        """A new temp file under ``tmp/``; or, with ``temp_path`` (a push upload's data file, which lives outside
+        ``tmp/`` so that it survives a restart), that file reopened for appending, its bytes so far re-hashed."""
         self._store = store
-        self.temp_path = store.tmp_dir / f"fetch-{secrets.token_hex(12)}"
-        self._file = open(self.temp_path, "xb")  # noqa: SIM115 - closed in commit/abort
         self._hasher = hashlib.new(algorithm)
         self._algorithm = algorithm
         self.written = 0
         self._closed = False
+        self._file: IO[bytes]
+        if temp_path is None:
+            self.temp_path = store.tmp_dir / f"fetch-{secrets.token_hex(12)}"
+            self._file = open(self.temp_path, "xb")  # noqa: SIM115 - closed in commit/abort
+        else:
+            self.temp_path = temp_path
+            self._file = open(temp_path, "a+b")  # noqa: SIM115 - closed in commit/abort/detach
+            self._file.seek(0)
+            while chunk := self._file.read(1 << 20):
+                self._hasher.update(chunk)
+                self.written += len(chunk)
 
     def _write_sync(self, data: bytes | bytearray | memoryview) -> None:
         try:
@@ -122,6 +136,28 @@ class BlobWriter:
 
     async def abort(self) -> None:
         await asyncio.to_thread(self._abort_sync)
+
+    # --- resumable writes (push uploads) ---------------------------------------------------------------------
+    def mark(self) -> tuple[int, hashlib._Hash]:
+        """A point to ``rollback`` to: a chunk that fails half-way is undone, so an upload session only ever
+        holds whole chunks."""
+        return self.written, self._hasher.copy()
+
+    def _rollback_sync(self, mark: tuple[int, hashlib._Hash]) -> None:
+        written, hasher = mark
+        self._file.flush()
+        self._file.truncate(written)
+        self._hasher = hasher.copy()
+        self.written = written
+
+    async def rollback(self, mark: tuple[int, hashlib._Hash]) -> None:
+        await asyncio.to_thread(self._rollback_sync, mark)
+
+    def detach_sync(self) -> None:
+        """Close the file but keep it: the upload it belongs to can be resumed later by a new writer."""
+        if not self._closed:
+            self._file.close()
+            self._closed = True
 
 
 class BlobStore:

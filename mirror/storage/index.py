@@ -6,6 +6,14 @@ Keys (tuples, so each kind has its own namespace):
     ("tag", "<registry>", "<repo>", "<tag>")    -> TagRecord: digest, media type, when last confirmed upstream
     ("tags", "<registry>", "<repo>")            -> sorted tuple of cached tag names (the tags/list fallback)
 
+Local (pushed) repositories use the same tag keys with the registry ``local``, plus:
+
+    ("local-repos",)                            -> sorted tuple of the names of local repositories
+    ("pushed", "<digest>")                      -> frozenset of local repositories a blob or manifest is linked
+                                                   into: pushed content, never evicted while this is non-empty
+    ("referrers", "<repo>", "<digest>")         -> tuple of descriptors (dicts) of the manifests in a local repo
+                                                   whose ``subject`` is <digest> (OCI 1.1 referrers API)
+
 Blob bytes live in ``BlobStore``; the index never holds them. diskcache is synchronous, so every method here
 runs in a thread; callers on the hot path put a small memory cache in front.
 """
@@ -15,6 +23,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import diskcache
 
@@ -86,4 +95,83 @@ class Index:
 
     async def list_tags(self, repo: Repo) -> tuple[str, ...]:
         value = await asyncio.to_thread(self._cache.get, ("tags", repo.registry, repo.path), ())
+        return tuple(value) if isinstance(value, tuple) else ()
+
+    # local (pushed) repositories -------------------------------------------------------------------------
+    def local_repos_sync(self) -> tuple[str, ...]:
+        value = self._cache.get(("local-repos",), ())
+        return tuple(value) if isinstance(value, tuple) else ()
+
+    def _add_local_repo_sync(self, name: str) -> None:
+        with self._cache.transact():
+            repos = self.local_repos_sync()
+            if name not in repos:
+                self._cache.set(("local-repos",), tuple(sorted((*repos, name))))
+
+    async def add_local_repo(self, name: str) -> None:
+        await asyncio.to_thread(self._add_local_repo_sync, name)
+
+    def _link_sync(self, name: str, digest: Digest) -> None:
+        with self._cache.transact():
+            key = ("pushed", str(digest))
+            repos = self._cache.get(key, frozenset())
+            if name not in repos:
+                self._cache.set(key, frozenset(repos) | {name})
+
+    async def link(self, name: str, digest: Digest) -> None:
+        """Record that a local repository holds a blob or manifest (an upload, a mount, a manifest PUT)."""
+        await asyncio.to_thread(self._link_sync, name, digest)
+
+    def _unlink_sync(self, name: str, digest: Digest) -> bool:
+        with self._cache.transact():
+            key = ("pushed", str(digest))
+            repos = self._cache.get(key, frozenset())
+            if name not in repos:
+                return False
+            rest = frozenset(repos) - {name}
+            if rest:
+                self._cache.set(key, rest)
+            else:
+                self._cache.delete(key)
+            return True
+
+    async def unlink(self, name: str, digest: Digest) -> bool:
+        """Remove a blob or manifest from a local repository; the bytes stay until garbage collection."""
+        return await asyncio.to_thread(self._unlink_sync, name, digest)
+
+    def pushed_in_sync(self, digest: Digest) -> frozenset[str]:
+        value = self._cache.get(("pushed", str(digest)), frozenset())
+        return value if isinstance(value, frozenset) else frozenset()
+
+    def is_pushed_sync(self, digest: Digest) -> bool:
+        """Whether any local repository holds this digest: such content is never evicted."""
+        return bool(self.pushed_in_sync(digest))
+
+    async def linked(self, name: str, digest: Digest) -> bool:
+        return name in await asyncio.to_thread(self.pushed_in_sync, digest)
+
+    def _add_referrer_sync(self, name: str, subject: Digest, descriptor: dict[str, Any]) -> None:
+        with self._cache.transact():
+            key = ("referrers", name, str(subject))
+            current = self._cache.get(key, ())
+            kept = tuple(d for d in current if d.get("digest") != descriptor["digest"])
+            self._cache.set(key, (*kept, descriptor))
+
+    async def add_referrer(self, name: str, subject: Digest, descriptor: dict[str, Any]) -> None:
+        await asyncio.to_thread(self._add_referrer_sync, name, subject, descriptor)
+
+    def _remove_referrer_sync(self, name: str, subject: Digest, digest: Digest) -> None:
+        with self._cache.transact():
+            key = ("referrers", name, str(subject))
+            kept = tuple(d for d in self._cache.get(key, ()) if d.get("digest") != str(digest))
+            if kept:
+                self._cache.set(key, kept)
+            else:
+                self._cache.delete(key)
+
+    async def remove_referrer(self, name: str, subject: Digest, digest: Digest) -> None:
+        await asyncio.to_thread(self._remove_referrer_sync, name, subject, digest)
+
+    async def referrers(self, name: str, subject: Digest) -> tuple[dict[str, Any], ...]:
+        value = await asyncio.to_thread(self._cache.get, ("referrers", name, str(subject)), ())
         return tuple(value) if isinstance(value, tuple) else ()

@@ -7,6 +7,7 @@ only ever sent to the upstream's own host (Docker Hub answers blob GETs with a 3
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -276,3 +277,29 @@ class UpstreamClient:
         if not isinstance(body, dict):
             raise UpstreamUnreachable(f"{self.registry}: tags/list answer is not an object")
         return body, resp.headers.get("Link")
+
+    async def referrers(self, repo_path: str, digest: Digest, params: Mapping[str, str]) -> tuple[Any, bool]:
+        """The upstream's OCI 1.1 referrers index of ``digest`` (parsed JSON), and whether it applied the
+        ``artifactType`` filter (``OCI-Filters-Applied``). An upstream without the API answers 404."""
+        resp = await self._send(
+            "GET",
+            f"/v2/{repo_path}/referrers/{digest}",
+            "referrers",
+            self._scope(repo_path),
+            {"Accept": "application/vnd.oci.image.index.v1+json"},
+            params,
+        )
+        try:
+            data = await resp.content.read(MAX_MANIFEST_BYTES + 1)
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise UpstreamInvalid(f"referrers index larger than {MAX_MANIFEST_BYTES} bytes")
+            body = json.loads(data)
+        except ValueError as exc:
+            raise UpstreamInvalid(f"referrers answer is not JSON: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnreachable(f"{self.registry}: {describe(exc)}") from exc
+        finally:
+            resp.release()
+        filters = resp.headers.get("OCI-Filters-Applied", "")
+        return body, "artifactType" in filters
+

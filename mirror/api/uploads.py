@@ -1,0 +1,138 @@
+"""The push side of blobs (OCI distribution spec, "Pushing blobs", "Deleting blobs"):
+
+POST   /v2/<name>/blobs/uploads/                 202 + session (Location, Range, Docker-Upload-UUID)
+POST   /v2/<name>/blobs/uploads/?digest=<d>       monolithic upload: 201
+POST   /v2/<name>/blobs/uploads/?mount=<d>&from=  cross-repository mount: 201, or 202 + a session
+PATCH  /v2/<name>/blobs/uploads/<uuid>            a chunk (Content-Range) or a stream: 202; out of order 416
+PUT    /v2/<name>/blobs/uploads/<uuid>?digest=<d> last chunk (optional), verify, publish: 201
+GET    /v2/<name>/blobs/uploads/<uuid>            status: 204 + Range
+DELETE /v2/<name>/blobs/uploads/<uuid>            cancel: 204
+HEAD   /v2/<name>/blobs/<digest>                  existence ("Layer already exists")
+DELETE /v2/<name>/blobs/<digest>                  unlink from a local repository: 202
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterable
+
+from aiohttp import web
+
+from mirror.api.blobs import blob_headers, get_blob
+from mirror.api.keys import LOCAL
+from mirror.oci import errors
+from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
+from mirror.oci.reference import Digest, Repo, validate_name
+from mirror.push_uploads import upload_headers
+
+# The spec's form is "<start>-<end>"; some clients write "bytes <start>-<end>/<total>" as in RFC 9110.
+_CONTENT_RANGE_RE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
+
+
+def parse_content_range(header: str | None) -> tuple[int, int] | None:
+    if header is None:
+        return None
+    match = _CONTENT_RANGE_RE.fullmatch(header.strip())
+    if match is None:
+        raise errors.RangeInvalid(f"malformed Content-Range {header[:100]!r}: expected <start>-<end>")
+    start, end = int(match.group(1)), int(match.group(2))
+    if end < start:
+        raise errors.RangeInvalid(f"Content-Range {header[:100]!r} ends before it starts")
+    return start, end
+
+
+def body(request: web.Request) -> AsyncIterable[bytes]:
+    return request.content.iter_any()
+
+
+def upload_target(request: web.Request) -> tuple[Repo, str]:
+    """The local repository and session an upload URL names. Sessions belong to one repository."""
+    name = request.match_info["name"]
+    uuid = request.match_info["uuid"]
+    if request.query.get("ns") is not None:
+        raise errors.BlobUploadUnknown("upload sessions belong to local repositories, named without ?ns=")
+    return Repo(LOCAL_REGISTRY, validate_name(name)), uuid
+
+
+def blob_created(repo: Repo, digest: Digest) -> web.Response:
+    return web.Response(
+        status=201,
+        headers={"Location": f"/v2/{repo.path}/blobs/{digest}", "Docker-Content-Digest": str(digest)},
+    )
+
+
+async def start_upload(request: web.Request) -> web.Response:
+    local = request.app[LOCAL]
+    repo = await local.target(request.match_info["name"], request.query.get("ns"))
+    mount = request.query.get("mount")
+    if mount is not None:
+        digest = Digest.parse(mount)
+        if await local.mount(repo, digest):
+            return blob_created(repo, digest)
+    elif "digest" in request.query:
+        digest = Digest.parse(request.query["digest"])
+        await local.uploads.monolithic(repo, digest, body(request), request.content_length)
+        return blob_created(repo, digest)
+    session = await local.uploads.start(repo)
+    return web.Response(status=202, headers=upload_headers(repo, session))
+
+
+async def patch_upload(request: web.Request) -> web.Response:
+    repo, uuid = upload_target(request)
+    content_range = parse_content_range(request.headers.get("Content-Range"))
+    session = await request.app[LOCAL].uploads.append(repo, uuid, body(request), content_range, request.content_length)
+    return web.Response(status=202, headers=upload_headers(repo, session))
+
+
+async def put_upload(request: web.Request) -> web.Response:
+    repo, uuid = upload_target(request)
+    raw = request.query.get("digest")
+    if raw is None:
+        raise errors.DigestInvalid("the digest parameter is missing: PUT ...?digest=<digest> completes an upload")
+    digest = Digest.parse(raw)
+    content_range = parse_content_range(request.headers.get("Content-Range"))
+    await request.app[LOCAL].uploads.finish(repo, uuid, digest, body(request), content_range, request.content_length)
+    return blob_created(repo, digest)
+
+
+async def upload_status(request: web.Request) -> web.Response:
+    repo, uuid = upload_target(request)
+    session = await request.app[LOCAL].uploads.status(repo, uuid)
+    return web.Response(status=204, headers=upload_headers(repo, session))
+
+
+async def cancel_upload(request: web.Request) -> web.Response:
+    repo, uuid = upload_target(request)
+    await request.app[LOCAL].uploads.cancel(repo, uuid)
+    return web.Response(status=204)
+
+
+async def head_blob(request: web.Request) -> web.StreamResponse:
+    """Existence of a blob. For a local repository: linked into it. For a name that may be pushed to but has not
+    been yet: held by the store (a client about to push asks this; the upstream is not asked, as Docker Hub
+    answers 401 for repositories that do not exist there). Otherwise: the pull-through HEAD."""
+    local = request.app[LOCAL]
+    name, ns = request.match_info["name"], request.query.get("ns")
+    repo = local.local(name, ns)
+    if repo is None and not local.pushable(name, ns):
+        return await get_blob(request)
+    digest = Digest.parse(request.match_info["digest"])
+    if repo is not None:
+        stored = await local.blob_head(repo, digest)
+    else:
+        validate_name(name)
+        stored = await local.stored_blob(digest)
+    resp = web.StreamResponse(headers=blob_headers(digest))
+    resp.content_length = stored.size
+    resp.etag = str(digest)
+    await resp.prepare(request)
+    await resp.write_eof()
+    return resp
+
+
+async def delete_blob(request: web.Request) -> web.Response:
+    local = request.app[LOCAL]
+    repo = local.existing(request.match_info["name"], request.query.get("ns"))
+    digest = Digest.parse(request.match_info["digest"])
+    await local.delete_blob(repo, digest)
+    return web.Response(status=202)

@@ -1,0 +1,187 @@
+"""Webhook notifications: a JSON event to every configured URL on each manifest push and delete.
+
+The envelope is Distribution's (``application/vnd.docker.distribution.events.v1+json``), so receivers written
+for ``registry:2`` work unchanged::
+
+    {"events": [{"id": "...", "timestamp": "2024-01-01T00:00:00.000000Z", "action": "push",
+                 "target": {"mediaType": "...", "size": 528, "digest": "sha256:...", "length": 528,
+                            "repository": "my/app", "url": "http://mirror:5000/v2/my/app/manifests/sha256:...",
+                            "tag": "1.0"},
+                 "request": {"id": "...", "addr": "10.0.0.7", "host": "mirror:5000", "method": "PUT",
+                             "useragent": "docker/24.0 ..."},
+                 "actor": {"name": "alice"},
+                 "source": {"addr": "mirror-host:5000", "instanceID": "..."}}]}
+
+Delivery never blocks a push: ``publish`` only enqueues. Each endpoint has its own queue and worker, which sends
+events in order and retries a failed one (connection error, timeout, non-2xx) with exponential backoff up to
+``attempts`` times. A full queue drops its oldest event; events still queued at shutdown are lost. Both are
+counted in ``mirror_notifications_total`` and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+
+from mirror.metrics import Metrics
+
+log = logging.getLogger(__name__)
+EVENTS_TYPE = "application/vnd.docker.distribution.events.v1+json"
+QUEUE_SIZE = 1000
+MAX_BACKOFF = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout: float = 5.0
+    attempts: int = 5
+    backoff: float = 1.0  # seconds before the first retry; doubles each time, at most MAX_BACKOFF
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    id: str
+    addr: str
+    host: str
+    method: str
+    useragent: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    action: str  # "push" or "delete"
+    repository: str
+    digest: str
+    media_type: str
+    size: int
+    tag: str | None
+    actor: str | None
+    url: str
+    request: RequestInfo
+
+    def envelope_entry(self, source_addr: str, instance: str) -> dict[str, Any]:
+        target: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "size": self.size,
+            "digest": self.digest,
+            "length": self.size,
+            "repository": self.repository,
+            "url": self.url,
+        }
+        if self.tag:
+            target["tag"] = self.tag
+        return {
+            "id": str(uuid.uuid4()),
+            "timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "action": self.action,
+            "target": target,
+            "request": {
+                "id": self.request.id,
+                "addr": self.request.addr,
+                "host": self.request.host,
+                "method": self.request.method,
+                "useragent": self.request.useragent,
+            },
+            "actor": {"name": self.actor} if self.actor else {},
+            "source": {"addr": source_addr, "instanceID": instance},
+        }
+
+
+class Notifier:
+    def __init__(self, endpoints: list[Endpoint], metrics: Metrics, source_addr: str, user_agent: str):
+        self._endpoints = endpoints
+        self._metrics = metrics
+        self._source_addr = source_addr
+        self._user_agent = user_agent
+        self._instance = str(uuid.uuid4())
+        self._queues: list[asyncio.Queue[dict[str, Any]]] = []
+        self._workers: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._endpoints)
+
+    async def start(self) -> None:
+        if not self._endpoints:
+            return
+        self._session = aiohttp.ClientSession(headers={"User-Agent": self._user_agent})
+        for endpoint in self._endpoints:
+            queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
+            self._queues.append(queue)
+            self._workers.append(asyncio.create_task(self._deliver(endpoint, queue), name=f"notify {endpoint.url}"))
+
+    def publish(self, event: Event) -> None:
+        """Queue an event for every endpoint; returns at once."""
+        if not self._queues:
+            return
+        entry = event.envelope_entry(self._source_addr, self._instance)
+        for queue, endpoint in zip(self._queues, self._endpoints, strict=True):
+            if queue.full():
+                queue.get_nowait()
+                self._metrics.notifications.labels("dropped").inc()
+                log.warning("notification queue for %s is full: dropped its oldest event", endpoint.url)
+            queue.put_nowait(entry)
+
+    async def _deliver(self, endpoint: Endpoint, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        while True:
+            entry = await queue.get()
+            body = json.dumps({"events": [entry]}).encode()
+            delay = endpoint.backoff
+            for attempt in range(1, endpoint.attempts + 1):
+                error = await self._send(endpoint, body)
+                if error is None:
+                    self._metrics.notifications.labels("sent").inc()
+                    break
+                if attempt == endpoint.attempts:
+                    self._metrics.notifications.labels("failed").inc()
+                    log.warning(
+                        "notification %s %s to %s failed %d times, dropped: %s",
+                        entry["action"],
+                        entry["target"]["digest"],
+                        endpoint.url,
+                        attempt,
+                        error,
+                    )
+                    break
+                self._metrics.notifications.labels("retried").inc()
+                log.info("notification to %s failed (%s); retrying in %.1f s", endpoint.url, error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+
+    async def _send(self, endpoint: Endpoint, body: bytes) -> str | None:
+        """POST one envelope; None on success (any 2xx), else the reason."""
+        assert self._session is not None
+        headers = {**endpoint.headers, "Content-Type": EVENTS_TYPE}
+        try:
+            async with self._session.post(
+                endpoint.url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=endpoint.timeout)
+            ) as resp:
+                if 200 <= resp.status < 300:
+                    return None
+                return f"answered {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return str(exc) or type(exc).__name__
+
+    async def close(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        pending = sum(q.qsize() for q in self._queues)
+        if pending:
+            log.warning("%d notifications were still queued at shutdown and are lost", pending)
+        if self._session is not None:
+            await self._session.close()

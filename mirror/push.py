@@ -1,0 +1,359 @@
+"""Local pushes: the mirror as a private registry (OCI distribution spec: push, content discovery, management).
+
+Which names are local, and how they relate to pulled-through content (README, "Pushing images"):
+
+- A *local repository* is a bare name (no ``?ns=``, no registry-host prefix) that has received pushed content.
+  It is authoritative: every read of that name is answered from local content only, the upstream is never asked
+  for it, and its content is never evicted. A name addressed with ``?ns=`` or a host prefix always means the
+  upstream's repository and is never local: containerd and podman mirror clients never see pushed content.
+- ``PushRule`` decides which bare names accept a first push. With ``push_prefixes`` configured, exactly the names
+  under those prefixes. Without (the default), every name except Docker Hub's official ``library/`` namespace and
+  except names the mirror already serves pulled through from the default upstream: a push can never silently
+  shadow an image clients already pull through this mirror. Who may push at all is the access policy's business
+  (``mirror.auth``).
+
+Blobs live once in the shared ``BlobStore``; a local repository holds the blobs and manifests linked into it in
+the index (``Index.link``). Deleting unlinks; the bytes go with garbage collection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mirror.oci import errors
+from mirror.oci.manifest import Manifest, parse_manifest, sniff_media_type
+from mirror.oci.mediatypes import DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, MANIFEST_TYPES, OCI_INDEX
+from mirror.oci.reference import LOCAL, Digest, Repo, Tag, looks_like_host, validate_name
+from mirror.pullthrough import ManifestAnswer, StoredBlob
+from mirror.push_uploads import Uploads
+from mirror.storage.blobs import BlobStore
+from mirror.storage.index import Index, ManifestRecord, TagRecord
+from mirror.upstream.client import ManifestHead
+
+log = logging.getLogger(__name__)
+# Layers clients fetch from elsewhere (Windows base layers): a manifest may name them without them being pushed.
+FOREIGN_LAYER_TYPES = frozenset(
+    {
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    }
+)
+GENERIC_TYPES = frozenset({"", "application/json", "application/octet-stream", "text/plain"})
+
+
+class PushRule:
+    """Which bare names accept a first push (see the module docstring)."""
+
+    def __init__(self, prefixes: tuple[str, ...] = ()):
+        self.prefixes = tuple(p.strip() for p in prefixes if p.strip())
+
+    @staticmethod
+    def _under(name: str, prefix: str) -> bool:
+        if prefix == "*":
+            return True
+        prefix = prefix.rstrip("/")
+        return name == prefix or name.startswith(prefix + "/")
+
+    def explicit(self, name: str) -> bool:
+        """The operator named this namespace: pushes are accepted even where they shadow upstream content."""
+        return any(self._under(name, p) for p in self.prefixes)
+
+    def refusal(self, name: str) -> str | None:
+        """Why a first push to ``name`` is refused, or None when the name may become local."""
+        first, sep, _ = name.partition("/")
+        if sep and looks_like_host(first):
+            return (
+                f"{name!r} starts with a registry host: it is pulled through from {first!r}, not pushed; "
+                "push to a name without a host component"
+            )
+        if self.prefixes:
+            if self.explicit(name):
+                return None
+            return f"this mirror accepts pushes only under {', '.join(self.prefixes)} (push_prefixes)"
+        if name == "library" or name.startswith("library/"):
+            return (
+                "library/ is Docker Hub's namespace of official images, which this mirror pulls through; "
+                "list it in push_prefixes to push there"
+            )
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class PushedManifest:
+    digest: Digest
+    media_type: str
+    size: int
+    tag: str | None
+    subject: Digest | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedManifest:
+    digest: Digest
+    media_type: str
+    size: int
+    tag: str | None  # set when a tag was deleted, not the manifest
+
+
+class LocalRegistry:
+    """Pushed content: local repositories, their manifests, tags, referrers and blobs, and the uploads.
+
+    ``upstream_repo(name)`` is where a bare name would be pulled through from (routing without ``ns``).
+    """
+
+    def __init__(
+        self,
+        store: BlobStore,
+        index: Index,
+        uploads: Uploads,
+        rule: PushRule,
+        upstream_repo: Callable[[str], Repo],
+        clock: Callable[[], float] = time.time,
+    ):
+        self._store = store
+        self._index = index
+        self.uploads = uploads
+        self._rule = rule
+        self._upstream_repo = upstream_repo
+        self._clock = clock
+        self._repos: frozenset[str] = frozenset()
+        uploads.on_blob = self._blob_arrived
+
+    def load(self) -> None:
+        """Read the names of local repositories (blocking; called once at start-up, in a thread)."""
+        self._repos = frozenset(self._index.local_repos_sync())
+
+    # --- names -----------------------------------------------------------------------------------------------
+    def local(self, name: str, ns: str | None) -> Repo | None:
+        """The local repository a read of ``name`` means, or None when it is pulled through."""
+        if ns is None and name in self._repos:
+            return Repo(LOCAL, name)
+        return None
+
+    def pushable(self, name: str, ns: str | None) -> bool:
+        """Whether a write to ``name`` would be considered at all (without the check against cached content)."""
+        return ns is None and (name in self._repos or self._rule.refusal(name) is None)
+
+    def repositories(self) -> list[str]:
+        return sorted(self._repos)
+
+    async def target(self, name: str, ns: str | None) -> Repo:
+        """The local repository a push to ``name`` goes to; DENIED when the push rule refuses it."""
+        if ns is not None:
+            raise errors.Denied(
+                "pushes go to local repositories, which are named without ?ns=; names with ?ns= are pulled through"
+            )
+        validate_name(name)
+        if name in self._repos:
+            return Repo(LOCAL, name)
+        reason = self._rule.refusal(name)
+        if reason is None and not self._rule.explicit(name):
+            upstream = self._upstream_repo(name)
+            if await self._index.list_tags(upstream):
+                reason = (
+                    f"this mirror already serves {upstream} pulled through; a push would shadow it for every "
+                    "client (list the name in push_prefixes to allow that)"
+                )
+        if reason is not None:
+            raise errors.Denied(f"pushes to {name!r} are refused: {reason}", detail={"name": name})
+        return Repo(LOCAL, name)
+
+    def existing(self, name: str, ns: str | None) -> Repo:
+        """The local repository ``name`` for a delete; pulled-through content cannot be deleted (it is evicted)."""
+        repo = self.local(name, ns)
+        if repo is None:
+            validate_name(name)
+            raise errors.Unsupported(
+                f"{name!r} is not a local repository: only pushed content can be deleted; cached content of "
+                "upstream repositories is evicted, not deleted",
+                detail={"name": name},
+            )
+        return repo
+
+    async def _claim(self, repo: Repo) -> None:
+        if repo.path in self._repos:
+            return
+        await self._index.add_local_repo(repo.path)
+        self._repos = self._repos | {repo.path}
+        log.info("%s is now a local repository: pulls of it are answered from pushed content only", repo.path)
+
+    async def _blob_arrived(self, repo: Repo, digest: Digest) -> None:
+        await self._index.link(repo.path, digest)
+        await self._claim(repo)
+
+    # --- blobs -----------------------------------------------------------------------------------------------
+    async def _linked_size(self, repo: Repo, digest: Digest) -> int | None:
+        if not await self._index.linked(repo.path, digest):
+            return None
+        return await self._store.size(digest)
+
+    async def blob(self, repo: Repo, digest: Digest) -> StoredBlob:
+        size = await self._linked_size(repo, digest)
+        if size is None:
+            raise errors.BlobUnknown(f"blob {digest} is not in {repo.path}", detail={"digest": str(digest)})
+        return StoredBlob(self._store.path(digest), size)
+
+    async def blob_head(self, repo: Repo, digest: Digest) -> StoredBlob:
+        return await self.blob(repo, digest)
+
+    async def stored_blob(self, digest: Digest) -> StoredBlob:
+        """A blob by digest alone, from the shared store (HEAD before the first push of a repository)."""
+        size = await self._store.size(digest)
+        if size is None:
+            raise errors.BlobUnknown(f"blob {digest} is not stored here", detail={"digest": str(digest)})
+        return StoredBlob(self._store.path(digest), size)
+
+    async def mount(self, repo: Repo, digest: Digest) -> bool:
+        """Cross-repository mount: link a blob the store already holds. Blobs are content-addressed and verified,
+        so any stored copy is the blob; False when there is none (the client then uploads it)."""
+        if await self._store.size(digest) is None:
+            return False
+        await self._blob_arrived(repo, digest)
+        return True
+
+    async def delete_blob(self, repo: Repo, digest: Digest) -> None:
+        if not await self._index.unlink(repo.path, digest):
+            raise errors.BlobUnknown(f"blob {digest} is not in {repo.path}", detail={"digest": str(digest)})
+        log.info("deleted blob %s from %s (its bytes go with the next garbage collection)", digest, repo.path)
+
+    # --- manifests -------------------------------------------------------------------------------------------
+    async def put_manifest(self, repo: Repo, ref: Tag | Digest, content_type: str, data: bytes) -> PushedManifest:
+        """Validate, check that everything it references is here, store, link, tag, index its subject."""
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type in GENERIC_TYPES:
+            media_type = sniff_media_type(data) or media_type
+        if media_type in (DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED):
+            raise errors.ManifestInvalid("Docker schema 1 manifests are not accepted; push schema 2 or OCI")
+        if media_type not in MANIFEST_TYPES:
+            raise errors.ManifestInvalid(
+                f"unsupported manifest media type {media_type!r}", detail={"mediaType": media_type[:200]}
+            )
+        try:
+            manifest = parse_manifest(data, media_type)
+        except errors.DigestInvalid as exc:
+            raise errors.ManifestInvalid(f"manifest names an invalid digest: {exc.message}") from None
+        digest = Digest.of(data, ref.algorithm if isinstance(ref, Digest) else "sha256")
+        if isinstance(ref, Digest) and ref != digest:
+            raise errors.DigestInvalid(
+                f"manifest hashes to {digest}, not {ref}", detail={"expected": str(ref), "actual": str(digest)}
+            )
+        await self._check_references(repo, manifest)
+        if await self._store.size(digest) is None:
+            await self._store.put(data, digest)
+        await self._index.put_manifest(digest, ManifestRecord(media_type, len(data)))
+        await self._blob_arrived(repo, digest)
+        tag = ref.name if isinstance(ref, Tag) else None
+        if tag is not None:
+            await self._index.put_tag(repo, tag, TagRecord(digest, media_type, len(data), self._clock()))
+        if manifest.subject is not None:
+            await self._index.add_referrer(repo.path, manifest.subject.digest, _referrer(digest, len(data), manifest))
+        subject = manifest.subject.digest if manifest.subject else None
+        log.info("pushed manifest %s to %s%s", digest, repo.path, f" as {tag}" if tag else "")
+        return PushedManifest(digest, media_type, len(data), tag, subject)
+
+    async def _check_references(self, repo: Repo, manifest: Manifest) -> None:
+        """Every child manifest of an index, and the config and every layer of an image, must be here. The
+        ``subject`` need not be (OCI 1.1: a referrer may be pushed before its subject)."""
+        missing: list[str] = []
+        for child in manifest.children:
+            if await self._index.get_manifest(child.digest) is None or await self._store.size(child.digest) is None:
+                missing.append(str(child.digest))
+        blobs = [*([manifest.config] if manifest.config else []), *manifest.layers]
+        for blob in blobs:
+            if blob.media_type in FOREIGN_LAYER_TYPES:
+                continue
+            if await self._store.size(blob.digest) is None:
+                missing.append(str(blob.digest))
+        if missing:
+            kind = "manifests" if manifest.children else "blobs"
+            raise errors.ManifestBlobUnknown(
+                f"the manifest references {kind} this registry does not hold: push them first",
+                detail={"missing": missing[:50]},
+            )
+        for descriptor in (*manifest.children, *blobs):
+            if descriptor.media_type not in FOREIGN_LAYER_TYPES:
+                await self._index.link(repo.path, descriptor.digest)
+
+    async def _resolve(self, repo: Repo, ref: Tag | Digest) -> tuple[Digest, ManifestRecord]:
+        if isinstance(ref, Tag):
+            tag = await self._index.get_tag(repo, ref.name)
+            digest = tag.digest if tag is not None else None
+        else:
+            digest = ref if await self._index.linked(repo.path, ref) else None
+        record = await self._index.get_manifest(digest) if digest is not None else None
+        if digest is None or record is None:
+            raise errors.ManifestUnknown(
+                f"manifest {ref} is not in {repo.path}", detail={"name": repo.path, "reference": str(ref)}
+            )
+        return digest, record
+
+    async def manifest(self, repo: Repo, ref: Tag | Digest, accepted: frozenset[str]) -> ManifestAnswer:
+        digest, record = await self._resolve(repo, ref)
+        data = await self._store.read(digest)
+        if data is None:
+            raise errors.ManifestUnknown(f"manifest {ref} is not in {repo.path}", detail={"reference": str(ref)})
+        return ManifestAnswer(digest, record.media_type, data)
+
+    async def manifest_head(self, repo: Repo, ref: Tag | Digest, accepted: frozenset[str]) -> tuple[ManifestHead, bool]:
+        digest, record = await self._resolve(repo, ref)
+        return ManifestHead(digest, record.media_type, record.size), False
+
+    async def delete_manifest(self, repo: Repo, ref: Tag | Digest) -> list[DeletedManifest]:
+        """By tag: remove that tag only. By digest: remove the manifest, every tag pointing at it and its entry in
+        its subject's referrers. What was deleted, for the notifications."""
+        digest, record = await self._resolve(repo, ref)
+        if isinstance(ref, Tag):
+            await self._index.delete_tag(repo, ref.name)
+            return [DeletedManifest(digest, record.media_type, record.size, ref.name)]
+        for tag in await self._index.list_tags(repo):
+            current = await self._index.get_tag(repo, tag)
+            if current is not None and current.digest == digest:
+                await self._index.delete_tag(repo, tag)
+        data = await self._store.read(digest)
+        if data is not None:
+            try:
+                subject = parse_manifest(data, record.media_type).subject
+            except errors.RegistryError:
+                subject = None
+            if subject is not None:
+                await self._index.remove_referrer(repo.path, subject.digest, digest)
+        await self._index.unlink(repo.path, digest)
+        log.info("deleted manifest %s from %s", digest, repo.path)
+        return [DeletedManifest(digest, record.media_type, record.size, None)]
+
+    # --- discovery -------------------------------------------------------------------------------------------
+    async def list_tags(self, repo: Repo, n: int | None, last: str | None) -> tuple[list[str], str | None]:
+        tags = [t for t in await self._index.list_tags(repo) if last is None or t > last]
+        return (tags[:n] if n is not None else tags), None
+
+    async def referrers(self, repo: Repo, subject: Digest, artifact_type: str | None) -> dict[str, Any]:
+        """OCI 1.1 referrers of ``subject`` in a local repository, as an image index; an unknown subject has
+        none (the API never answers 404 for a repository that exists)."""
+        found = await self._index.referrers(repo.path, subject)
+        manifests = [d for d in found if artifact_type is None or d.get("artifactType") == artifact_type]
+        return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
+
+    def catalog(self, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        """One page of local repository names, and whether more follow."""
+        names = [r for r in sorted(self._repos) if last is None or r > last]
+        if n is None:
+            return names, False
+        return names[:n], len(names) > n
+
+
+def _referrer(digest: Digest, size: int, manifest: Manifest) -> dict[str, Any]:
+    """The descriptor of a referrer as the referrers API lists it: its artifactType is the manifest's own, else
+    its config's media type (OCI distribution spec 1.1, "Listing Referrers")."""
+    descriptor: dict[str, Any] = {"mediaType": manifest.media_type, "digest": str(digest), "size": size}
+    artifact_type = manifest.artifact_type or (manifest.config.media_type if manifest.config else None)
+    if artifact_type:
+        descriptor["artifactType"] = artifact_type
+    if manifest.annotations:
+        descriptor["annotations"] = manifest.annotations
+    return descriptor
