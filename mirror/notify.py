@@ -130,6 +130,7 @@ class Notifier:
         for queue, endpoint in zip(self._queues, self._endpoints, strict=True):
             if queue.full():
                 queue.get_nowait()
+                queue.task_done()
                 self._metrics.notifications.labels("dropped").inc()
                 log.warning("notification queue for %s is full: dropped its oldest event", endpoint.url)
             queue.put_nowait(entry)
@@ -137,28 +138,34 @@ class Notifier:
     async def _deliver(self, endpoint: Endpoint, queue: asyncio.Queue[dict[str, Any]]) -> None:
         while True:
             entry = await queue.get()
-            body = json.dumps({"events": [entry]}).encode()
-            delay = endpoint.backoff
-            for attempt in range(1, endpoint.attempts + 1):
-                error = await self._send(endpoint, body)
-                if error is None:
-                    self._metrics.notifications.labels("sent").inc()
-                    break
-                if attempt == endpoint.attempts:
-                    self._metrics.notifications.labels("failed").inc()
-                    log.warning(
-                        "notification %s %s to %s failed %d times, dropped: %s",
-                        entry["action"],
-                        entry["target"]["digest"],
-                        endpoint.url,
-                        attempt,
-                        error,
-                    )
-                    break
-                self._metrics.notifications.labels("retried").inc()
-                log.info("notification to %s failed (%s); retrying in %.1f s", endpoint.url, error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF)
+            try:
+                await self._deliver_one(endpoint, entry)
+            finally:
+                queue.task_done()
+
+    async def _deliver_one(self, endpoint: Endpoint, entry: dict[str, Any]) -> None:
+        body = json.dumps({"events": [entry]}).encode()
+        delay = endpoint.backoff
+        for attempt in range(1, endpoint.attempts + 1):
+            error = await self._send(endpoint, body)
+            if error is None:
+                self._metrics.notifications.labels("sent").inc()
+                return
+            if attempt == endpoint.attempts:
+                self._metrics.notifications.labels("failed").inc()
+                log.warning(
+                    "notification %s %s to %s failed %d times, dropped: %s",
+                    entry["action"],
+                    entry["target"]["digest"],
+                    endpoint.url,
+                    attempt,
+                    error,
+                )
+                return
+            self._metrics.notifications.labels("retried").inc()
+            log.info("notification to %s failed (%s); retrying in %.1f s", endpoint.url, error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
 
     async def _send(self, endpoint: Endpoint, body: bytes) -> str | None:
         """POST one envelope; None on success (any 2xx), else the reason."""
@@ -173,6 +180,11 @@ class Notifier:
                 return f"answered {resp.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return str(exc) or type(exc).__name__
+
+    async def drain(self) -> None:
+        """Wait until every queued event has been delivered or given up on (tests; a graceful flush)."""
+        for queue in self._queues:
+            await queue.join()
 
     async def close(self) -> None:
         for task in self._workers:

@@ -44,3 +44,18 @@ async def mirror_and_fake(
     fake, server = fake_upstream
     client = await make_mirror(str(server.make_url("")), timeout=2.0)
     return client, fake
+
+
+@pytest.fixture
+def push_mirror(aiohttp_client: Any, tmp_path: Path, fake_upstream: tuple[FakeRegistry, TestServer]) -> MirrorFactory:
+    """``await push_mirror(**settings)``: a mirror to push to (Config settings as keywords; the fake upstream is its
+    default upstream, so tests can count what reaches it)."""
+    from tests.push_client import mirror_config
+
+    _, server = fake_upstream
+
+    async def make(data_dir: Path | None = None, **settings: Any) -> TestClient:
+        config = mirror_config(data_dir or tmp_path / "data", str(server.make_url("")), **settings)
+        return await aiohttp_client(create_app(config))
+
+    return make

@@ -34,10 +34,10 @@ def parse_content_range(header: str | None) -> tuple[int, int] | None:
         return None
     match = _CONTENT_RANGE_RE.fullmatch(header.strip())
     if match is None:
-        raise errors.RangeInvalid(f"malformed Content-Range {header[:100]!r}: expected <start>-<end>")
+        raise errors.BlobUploadInvalid(f"malformed Content-Range {header[:100]!r}: expected <start>-<end>")
     start, end = int(match.group(1)), int(match.group(2))
     if end < start:
-        raise errors.RangeInvalid(f"Content-Range {header[:100]!r} ends before it starts")
+        raise errors.BlobUploadInvalid(f"Content-Range {header[:100]!r} ends before it starts")
     return start, end
 
 
