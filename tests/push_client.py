@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+import os
+import socket
+import ssl
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp.test_utils import TestClient
 
 from mirror.config import Config, UpstreamConfig
@@ -20,6 +27,7 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
 
 PushMirror = Callable[..., Awaitable[TestClient]]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def sha256(data: bytes) -> str:
@@ -121,3 +129,37 @@ def mirror_config(data_dir: Path, upstream_url: str, **settings: Any) -> Config:
         upstreams=(UpstreamConfig(registry="docker.io", url=upstream_url, default=True, timeout=2.0),),
         **settings,
     )
+
+
+@contextlib.asynccontextmanager
+async def mirror_process(
+    args: list[str], ready_url: str, context: ssl.SSLContext | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """The real ``mirror serve`` as a subprocess, once ``ready_url`` answers 200 (polled, with a deadline);
+    terminated (if still running) on exit."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mirror", "serve", *args,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
+            while True:
+                if proc.returncode is not None:
+                    stderr = await proc.stderr.read() if proc.stderr else b""
+                    raise AssertionError(f"mirror exited: {stderr.decode()}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(ready_url, ssl=context if context is not None else False) as resp:
+                        if resp.status == 200:
+                            break
+                await asyncio.sleep(0.05)  # polling a starting process, within the deadline
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

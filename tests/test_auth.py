@@ -4,16 +4,11 @@ deletes only with credentials, read-only mode, unauthenticated pushes from loopb
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import os
 import shutil
-import socket
 import ssl
 import subprocess
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +20,7 @@ from mirror.config import ConfigError
 from mirror.metrics import Metrics
 from mirror.oci import errors
 from tests.conftest import MirrorFactory
-from tests.push_client import error_code, push_image, sha256
+from tests.push_client import error_code, free_port, mirror_process, push_image, sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE = ("alice", "s3cret pass")
@@ -233,12 +228,6 @@ async def test_verified_passwords_skip_bcrypt(monkeypatch: pytest.MonkeyPatch, h
 
 
 # --- TLS on the real command -------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def self_signed(directory: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and localhost, made with the real openssl."""
     cert, key = directory / "cert.pem", directory / "key.pem"
@@ -248,31 +237,6 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )  # fmt: skip
     return cert, key
-
-
-@contextlib.asynccontextmanager
-async def mirror_process(args: list[str], ready_url: str, context: ssl.SSLContext) -> AsyncIterator[None]:
-    """The real ``mirror serve`` as a subprocess, until ``ready_url`` answers 200 (polled, with a deadline)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mirror", "serve", *args,
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
-            while True:
-                if proc.returncode is not None:
-                    stderr = await proc.stderr.read() if proc.stderr else b""
-                    raise AssertionError(f"mirror exited: {stderr.decode()}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(ready_url, ssl=context) as resp:
-                        if resp.status == 200:
-                            break
-                await asyncio.sleep(0.05)  # polling a starting process, within the deadline
-        yield
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-        await asyncio.wait_for(proc.wait(), 30)
 
 
 async def test_tls_with_htpasswd_on_the_mirror_command(tmp_path: Path, htpasswd: Path) -> None:
