@@ -1,0 +1,304 @@
+"""Real clients for the push tests, run privately: images built in Python as OCI layouts, a private ``dockerd``
+(its own data root, socket and ``/etc/docker``, in a private mount namespace), ``podman`` with private storage
+and configuration, and ``skopeo``. Nothing touches the machine's own Docker or containers configuration."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def require(tool: str) -> str:
+    """The path of a tool the test drives; missing fails under CI=true and skips elsewhere."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{tool} is not installed (CI=true: missing components fail)")
+        pytest.skip(f"{tool} is not installed")
+    return path
+
+
+def run(*argv: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 180) -> str:
+    """Run a client command; its combined output (clients print progress on stdout and errors on stderr)."""
+    proc = subprocess.run(
+        argv, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    output = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}):\n{output}")
+    return output
+
+
+# --- images ------------------------------------------------------------------------------------------------------
+def _put(layout: Path, data: bytes) -> tuple[str, int]:
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    return f"sha256:{digest}", len(data)
+
+
+def _image(layout: Path, arch: str, text: str) -> dict[str, object]:
+    """One single-layer image (a file ``/hello.txt``) in the layout; its manifest descriptor."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        content = text.encode() + os.urandom(64 * 1024)  # distinct layers per test run
+        info = tarfile.TarInfo("hello.txt")
+        info.size, info.mtime = len(content), 0
+        tar.addfile(info, io.BytesIO(content))
+    raw = buf.getvalue()
+    layer, layer_size = _put(layout, gzip.compress(raw, mtime=0))
+    config = {
+        "architecture": arch,
+        "os": "linux",
+        "config": {"Cmd": ["/hello"]},
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(raw).hexdigest()]},
+    }
+    config_digest, config_size = _put(layout, json.dumps(config).encode())
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                   "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": layer_size}],
+    }  # fmt: skip
+    digest, size = _put(layout, json.dumps(manifest).encode())
+    return {
+        "mediaType": OCI_MANIFEST,
+        "digest": digest,
+        "size": size,
+        "platform": {"architecture": arch, "os": "linux"},
+    }
+
+
+def oci_layout(layout: Path, tag: str, arches: tuple[str, ...] = ("amd64",)) -> str:
+    """An OCI image layout holding one image (one arch) or an index (several) under ``tag``; its digest."""
+    descriptors = [_image(layout, arch, f"hello from {arch} {tag}\n") for arch in arches]
+    if len(descriptors) == 1:
+        top = descriptors[0]
+    else:
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+        digest, size = _put(layout, json.dumps(index).encode())
+        top = {"mediaType": OCI_INDEX, "digest": digest, "size": size}
+    entry = {**top, "annotations": {"org.opencontainers.image.ref.name": tag}}
+    entry.pop("platform", None)
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return str(top["digest"])
+
+
+def docker_archive(directory: Path, name: str) -> Path:
+    """A ``docker load``-able tarball of a fresh single-arch image called ``name``."""
+    layout = directory / "layout"
+    oci_layout(layout, "1.0")
+    archive = directory / "image.tar"
+    run(require("skopeo"), "copy", f"oci:{layout}:1.0", f"docker-archive:{archive}:{name}")
+    return archive
+
+
+# --- a private dockerd -------------------------------------------------------------------------------------------
+@dataclass
+class Docker:
+    root: Path
+    sock: Path
+    proc: subprocess.Popen[bytes]
+    certs: Path  # this daemon's /etc/docker/certs.d
+
+    def __call__(self, *args: str, check: bool = True, stdin: str | None = None) -> str:
+        argv = [require("docker"), "-H", f"unix://{self.sock}", *args]
+        env = {**os.environ, "DOCKER_CONFIG": str(self.root / "client")}
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, input=stdin, check=False)
+        output = proc.stdout + proc.stderr
+        if check and proc.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} failed ({proc.returncode}):\n{output}")
+        return output
+
+    def trust(self, host_port: str, ca: Path) -> None:
+        """``/etc/docker/certs.d/<host:port>/ca.crt``, inside this daemon's private ``/etc/docker``."""
+        (self.certs / host_port).mkdir(parents=True, exist_ok=True)
+        shutil.copy(ca, self.certs / host_port / "ca.crt")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+
+def start_dockerd(root: Path) -> Docker:
+    """dockerd with its own data root, exec root and socket, in a private mount namespace whose ``/etc/docker`` is
+    a directory of the test (certs.d, key.json), as ../shared/CLIENTS.md describes."""
+    dockerd = require("dockerd")
+    require("docker")
+    unshare = require("unshare")
+    etc = root / "etc-docker"
+    certs = etc / "certs.d"
+    certs.mkdir(parents=True)
+    (root / "client").mkdir()
+    (root / "daemon.json").write_text("{}")
+    sock = root / "docker.sock"
+    script = (
+        f"mount --bind {etc} /etc/docker && exec {dockerd} --config-file {root / 'daemon.json'} "
+        f"--data-root {root / 'data'} --exec-root {root / 'exec'} --pidfile {root / 'docker.pid'} "
+        f"-H unix://{sock} --storage-driver vfs --iptables=false --ip6tables=false --ip-masq=false "
+        "--ip-forward=false --bridge=none --userland-proxy=false --exec-opt native.cgroupdriver=cgroupfs"
+    )
+    log = open(root / "dockerd.log", "wb")  # noqa: SIM115 - inherited by the daemon, closed below
+    proc = subprocess.Popen([unshare, "-m", "--propagation", "private", "sh", "-c", script], stdout=log, stderr=log)
+    log.close()
+    docker = Docker(root, sock, proc, certs)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"dockerd exited:\n{(root / 'dockerd.log').read_text()[-3000:]}")
+        if sock.exists() and "Server Version" in docker("info", check=False):
+            return docker
+        time.sleep(0.1)  # a starting daemon (another process), polled with a deadline
+    docker.stop()
+    raise AssertionError(f"dockerd did not start:\n{(root / 'dockerd.log').read_text()[-3000:]}")
+
+
+# --- podman --------------------------------------------------------------------------------------------------------
+@dataclass
+class Podman:
+    root: Path
+    runroot: Path  # podman wants a short path here (at most 50 characters)
+
+    def close(self) -> None:
+        shutil.rmtree(self.runroot, ignore_errors=True)
+
+    def __call__(self, *args: str, check: bool = True) -> str:
+        command, *rest = args
+        if command in ("pull", "push"):
+            rest = ["--signature-policy", str(self.root / "policy.json"), *rest]
+        argv = [
+            require("podman"), "--root", str(self.root / "storage"), "--runroot", str(self.runroot),
+            "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "none", command, *rest,
+        ]  # fmt: skip
+        env = {
+            "CONTAINERS_REGISTRIES_CONF": str(self.root / "registries.conf"),
+            "CONTAINERS_CONF": str(self.root / "containers.conf"),
+            "CONTAINERS_STORAGE_CONF": str(self.root / "storage.conf"),
+            "REGISTRY_AUTH_FILE": str(self.root / "auth.json"),
+        }
+        return run(*argv, env=env, check=check)
+
+
+def podman(root: Path) -> Podman:
+    root.mkdir(parents=True, exist_ok=True)
+    runroot = Path(tempfile.mkdtemp(prefix="podman-run-", dir="/tmp"))
+    (root / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    (root / "registries.conf").write_text("unqualified-search-registries = []\n")
+    (root / "containers.conf").write_text("")
+    (root / "auth.json").write_text("{}")
+    (root / "storage.conf").write_text(
+        f'[storage]\ndriver = "vfs"\nrunroot = "{runroot}"\ngraphroot = "{root / "storage"}"\n'
+    )
+    return Podman(root, runroot)
+
+
+def skopeo(*args: str) -> str:
+    return run(require("skopeo"), *args)
+
+
+def network_address() -> str | None:
+    """A non-loopback IPv4 address of this machine: Docker verifies TLS for such a registry (loopback registries
+    are treated as insecure), so a push there proves the certificate was checked."""
+    output = run("ip", "-4", "-o", "addr", "show", check=False)
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[2] == "inet" and not parts[3].startswith("127."):
+            return parts[3].split("/", 1)[0]
+    return None
+
+
+def self_signed(directory: Path, ip: str) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    run(require("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", str(key),
+        "-out", str(cert), "-subj", f"/CN={ip}", "-addext", f"subjectAltName=IP:{ip},IP:127.0.0.1,DNS:localhost")  # fmt: skip
+    return cert, key
+
+
+def htpasswd_file(path: Path, user: str, password: str) -> Path:
+    run(require("htpasswd"), "-cbBC", "5", str(path), user, password)
+    return path
+
+
+# --- the mirror itself, as a process -------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def mirror_server(data_dir: Path, listen: str, *flags: str, ca: Path | None = None) -> Iterator[str]:
+    """``mirror serve`` as a subprocess (upstream: nothing; these tests push), until ``/healthz`` answers; its base
+    URL. Terminated on exit."""
+    scheme = "https" if "--tls-cert" in flags else "http"
+    argv = [sys.executable, "-m", "mirror", "serve", "--listen", listen, "--data-dir", str(data_dir),
+            "--upstream", "http://127.0.0.1:9", *flags]  # fmt: skip
+    log = open(data_dir.parent / f"mirror-{listen.replace(':', '-')}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=log)
+    log.close()
+    base = f"{scheme}://{listen}"
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"mirror exited: {Path(log.name).read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=5, context=context) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("mirror did not start")
+            time.sleep(0.05)  # a starting process, polled with a deadline
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def get_json(url: str, headers: dict[str, str] | None = None, ca: Path | None = None) -> Any:
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=30, context=context) as resp:
+        return json.loads(resp.read())
+
+
+def manifest_digest(
+    base: str, repo: str, ref: str, headers: dict[str, str] | None = None, ca: Path | None = None
+) -> str:
+    accept = ", ".join([OCI_MANIFEST, OCI_INDEX, "application/vnd.docker.distribution.manifest.v2+json",
+                        "application/vnd.docker.distribution.manifest.list.v2+json"])  # fmt: skip
+    request = urllib.request.Request(
+        f"{base}/v2/{repo}/manifests/{ref}", method="HEAD", headers={"Accept": accept, **(headers or {})}
+    )
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    with urllib.request.urlopen(request, timeout=30, context=context) as resp:
+        return str(resp.headers["Docker-Content-Digest"])
