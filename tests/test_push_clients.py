@@ -20,6 +20,7 @@ from tests.push_client import free_port
 from tests.push_clients import (
     Docker,
     Podman,
+    WebhookReceiver,
     docker_archive,
     get_json,
     htpasswd_file,
@@ -98,7 +99,10 @@ def test_docker_login_then_push_with_htpasswd(docker: Docker, image: str, tmp_pa
     data_dir = tmp_path / "data"
     htpasswd = htpasswd_file(tmp_path / "htpasswd", USER, PASSWORD)
     listen = f"127.0.0.1:{free_port()}"
-    with mirror_server(data_dir, listen, "--htpasswd", str(htpasswd)) as base:
+    with (
+        WebhookReceiver() as webhook,
+        mirror_server(data_dir, listen, "--htpasswd", str(htpasswd), "--notify-url", webhook.url) as base,
+    ):
         ref = f"{listen}/team/app:1.0"
         docker("tag", image, ref)
         refused = docker("push", ref, check=False)
@@ -112,6 +116,15 @@ def test_docker_login_then_push_with_htpasswd(docker: Docker, image: str, tmp_pa
         digest = pushed_digest(docker("push", ref), "1.0")
         assert manifest_digest(base, "team/app", "1.0", AUTH) == digest
         docker("logout", listen)
+        (event,) = webhook.wait_for(1)  # the push event, sent in the background
+        assert event["action"] == "push"
+        assert event["actor"] == {"name": USER}
+        assert {k: event["target"][k] for k in ("repository", "tag", "digest")} == {
+            "repository": "team/app",
+            "tag": "1.0",
+            "digest": digest,
+        }
+        assert event["request"]["useragent"].startswith("docker/")
 
 
 def test_docker_push_over_tls_without_insecure_registries(docker: Docker, image: str, tmp_path: Path) -> None:
