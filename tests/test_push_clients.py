@@ -21,6 +21,7 @@ from tests.push_clients import (
     Docker,
     Podman,
     WebhookReceiver,
+    distribution,
     docker_archive,
     get_json,
     htpasswd_file,
@@ -93,6 +94,32 @@ def test_docker_push_workflow(docker: Docker, image: str, tmp_path: Path) -> Non
             assert resp.status == 202
         assert "manifest unknown" in docker("pull", f"{ref}:1.0", check=False).lower()
         assert get_json(f"{base}/v2/my/app/tags/list")["tags"] == []
+
+
+def test_docker_pushes_an_image_pulled_through_the_mirror(docker: Docker, tmp_path: Path) -> None:
+    """Pull ``library/base`` through the mirror (from a real Distribution upstream), ``docker tag`` it into a local
+    repository of the same mirror and push: the layers are already in the store, so nothing is uploaded again."""
+    layout = tmp_path / "layout"
+    oci_layout(layout, "1.0")
+    with distribution(tmp_path / "upstream") as upstream:
+        skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:1.0", f"docker://{upstream}/library/base:1.0")
+        listen = f"127.0.0.1:{free_port()}"
+        with mirror_server(tmp_path / "data", listen, upstream=f"http://{upstream}") as base:
+            docker("pull", f"{listen}/library/base:1.0")
+            docker("tag", f"{listen}/library/base:1.0", f"{listen}/my/app:1.0")
+            output = docker("push", f"{listen}/my/app:1.0")
+            assert "Pushed" not in output  # mounted from library/base or already there
+            assert "Mounted from library/base" in output or "Layer already exists" in output
+            digest = pushed_digest(output, "1.0")
+            assert manifest_digest(base, "my/app", "1.0") == digest
+            # Docker Hub's namespace stays pulled through: a push there is refused.
+            refused = docker("push", f"{listen}/library/base:1.0", check=False)
+            assert "denied" in refused.lower()
+            docker("rmi", f"{listen}/my/app:1.0", f"{listen}/library/base:1.0")
+            docker("pull", f"{listen}/my/app:1.0")
+            assert docker("inspect", "--format", "{{index .RepoDigests 0}}", f"{listen}/my/app:1.0").strip() == (
+                f"{listen}/my/app@{digest}"
+            )
 
 
 def test_docker_login_then_push_with_htpasswd(docker: Docker, image: str, tmp_path: Path) -> None:
