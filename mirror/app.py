@@ -68,7 +68,9 @@ def build_upstreams(config: Config, metrics: Metrics) -> tuple[dict[str, Upstrea
     return clients, policies
 
 
-def build_local(config: Config, store: BlobStore, index: Index, metrics: Metrics, registries: Registries) -> LocalRegistry:
+def build_local(
+    config: Config, store: BlobStore, index: Index, metrics: Metrics, registries: Registries
+) -> LocalRegistry:
     if LOCAL_REGISTRY in registries:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
     sessions = UploadSessions(config.data_dir, store)

@@ -126,4 +126,3 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-

@@ -385,7 +385,6 @@ class PullThrough:
         page = [t for t in cached if last is None or t > last]
         return (page[:n] if n is not None else page), None
 
-
     async def referrers(self, repo: Repo, subject: Digest, artifact_type: str | None) -> tuple[dict[str, Any], bool]:
         """The upstream's referrers of ``subject`` (OCI 1.1), passed through, not cached: referrers change without
         their subject changing. An upstream without the API gets a 404, so clients fall back to the tag schema."""
@@ -403,6 +402,7 @@ class PullThrough:
             raise errors.UpstreamBadGateway("the upstream's referrers answer is not an image index")
         body["manifests"] = [m for m in body["manifests"] if isinstance(m, dict)]
         return body, filtered
+
 
 async def _batched(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
     """Yield the body in pieces of up to WRITE_BATCH bytes without waiting for a full batch: whatever is buffered

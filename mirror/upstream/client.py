@@ -302,4 +302,3 @@ class UpstreamClient:
             resp.release()
         filters = resp.headers.get("OCI-Filters-Applied", "")
         return body, "artifactType" in filters
-
