@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 
@@ -94,7 +95,8 @@ def build_access(config: Config, metrics: Metrics) -> Access:
 def build_notifier(config: Config, metrics: Metrics) -> Notifier:
     n = config.notifications
     endpoints = [Endpoint(url, n.headers, n.timeout, n.attempts, n.backoff) for url in n.urls]
-    return Notifier(endpoints, metrics, source_addr=config.listen, user_agent=USER_AGENT)
+    source = f"{socket.gethostname()}:{config.host_port[1]}"  # as Distribution reports its own address
+    return Notifier(endpoints, metrics, source_addr=source, user_agent=USER_AGENT)
 
 
 def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Application], AsyncIterator[None]]:
