@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.push_client import free_port
-from tests.push_clients import (
+from tests.push_real_clients import (
     Docker,
     Podman,
     WebhookReceiver,
