@@ -8,7 +8,7 @@ from typing import IO, Any
 
 from aiohttp import hdrs, web
 
-from mirror.api.keys import METRICS, PULL, RESOLVE
+from mirror.api.keys import METRICS, PULL, RESOLVE, USAGE
 from mirror.api.ranges import parse_range
 from mirror.inflight import Fetch
 from mirror.oci.reference import Digest, Repo
@@ -49,7 +49,16 @@ def parse_target(request: web.Request) -> tuple[Repo, Digest]:
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
+    """The blob is leased while it is sent: eviction never removes a file a client is about to open or reading."""
     repo, digest = parse_target(request)
+    with request.app[USAGE].lease(digest):
+        resp = await _get_blob(request, repo, digest)
+        if not resp.prepared:
+            await resp.prepare(request)  # FileResponse opens the file and sends it here, inside the lease
+        return resp
+
+
+async def _get_blob(request: web.Request, repo: Repo, digest: Digest) -> web.StreamResponse:
     pull = request.app[PULL]
     if request.method == "HEAD":
         source: StoredBlob | Fetch | int = await pull.blob_head(repo, digest)
@@ -73,6 +82,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         count = source.size if rng is None else rng[1] - rng[0]
         if request.method == "GET":
             request.app[METRICS].blob_bytes_served.labels(repo.registry, "cache").inc(count)
+            request.app[METRICS].repos.served(str(repo), "cache", count)
         return BlobFileResponse(source.path, digest, headers=blob_headers(digest), chunk_size=1 << 20)
     return await stream_fetch(request, repo, digest, source)
 
@@ -113,6 +123,7 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
             if available > offset:
                 await loop.sendfile(transport, fileobj, offset, available - offset)
                 request.app[METRICS].blob_bytes_served.labels(repo.registry, "upstream").inc(available - offset)
+                request.app[METRICS].repos.served(str(repo), "upstream", available - offset)
                 offset = available
     finally:
         await asyncio.to_thread(fileobj.close)

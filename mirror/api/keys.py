@@ -9,6 +9,7 @@ from aiohttp import web
 from mirror.metrics import Metrics
 from mirror.oci.reference import Repo
 from mirror.pullthrough import PullThrough
+from mirror.storage.usage import Usage
 
 # name in the path, ?ns= -> the repository it means (routing lives in oci.reference.route).
 Resolver = Callable[[str, str | None], Repo]
@@ -16,3 +17,4 @@ Resolver = Callable[[str, str | None], Repo]
 METRICS = web.AppKey("metrics", Metrics)
 PULL = web.AppKey("pull", PullThrough)
 RESOLVE: web.AppKey[Resolver] = web.AppKey("resolve")
+USAGE = web.AppKey("usage", Usage)  # leases: a blob being sent is never evicted

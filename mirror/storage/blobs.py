@@ -189,6 +189,19 @@ class BlobStore:
                         continue
                     yield digest, entry.stat().st_size
 
+    def check_space_sync(self, size: int | None) -> None:
+        """Raise DiskFull before a write of ``size`` bytes that the filesystem cannot take (a clear error for
+        the client instead of a cut-off body half-way through)."""
+        if not size:
+            return
+        stats = os.statvfs(self.tmp_dir)
+        free = stats.f_bavail * stats.f_frsize
+        if free < size:
+            raise DiskFull(f"{size} bytes needed, {free} free in {self.tmp_dir}")
+
+    async def check_space(self, size: int | None) -> None:
+        await asyncio.to_thread(self.check_space_sync, size)
+
     def clean_tmp(self) -> int:
         """Remove temp files of interrupted fetches and uploads; called at start-up, before serving."""
         removed = 0
