@@ -27,7 +27,7 @@ from mirror.oci.reference import (
     looks_like_host,
     validate_name,
 )
-from mirror.pullthrough import PullThrough, StoredBlob
+from mirror.pullthrough import PullThrough, StoredBlob, upstream_failure
 from mirror.storage import gc
 from mirror.storage.blobs import BlobStore
 from mirror.storage.eviction import Housekeeper
@@ -317,5 +317,5 @@ class Admin:
             return 0
         await source.wait_beyond(1 << 62)
         if source.error is not None:
-            raise source.error
+            raise upstream_failure(source.error) from source.error
         return source.written

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
+from collections.abc import Callable
 from typing import IO, Any
 
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
 
 from mirror.api.keys import METRICS, PULL, RESOLVE, USAGE
 from mirror.api.ranges import parse_range
@@ -25,6 +28,19 @@ class BlobFileResponse(web.FileResponse):
     def __init__(self, path: Any, digest: Digest, **kwargs: Any):
         super().__init__(path, **kwargs)
         self._digest_etag = str(digest)
+        self._release: Callable[[], None] | None = None
+
+    def release_after_send(self, release: Callable[[], None]) -> None:
+        """Call ``release`` once the file is sent (or the response is dropped unsent)."""
+        self._release = release
+        weakref.finalize(self, release)
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)  # opens the file and sends it with sendfile
+        finally:
+            if self._release is not None:
+                self._release()
 
     @property
     def etag(self) -> Any:
@@ -51,11 +67,17 @@ def parse_target(request: web.Request) -> tuple[Repo, Digest]:
 async def get_blob(request: web.Request) -> web.StreamResponse:
     """The blob is leased while it is sent: eviction never removes a file a client is about to open or reading."""
     repo, digest = parse_target(request)
-    with request.app[USAGE].lease(digest):
+    release = request.app[USAGE].hold(digest)
+    try:
         resp = await _get_blob(request, repo, digest)
-        if not resp.prepared:
-            await resp.prepare(request)  # FileResponse opens the file and sends it here, inside the lease
-        return resp
+    except BaseException:
+        release()
+        raise
+    if isinstance(resp, BlobFileResponse) and not resp.prepared:
+        resp.release_after_send(release)  # aiohttp sends a FileResponse after the handler returns
+    else:
+        release()
+    return resp
 
 
 async def _get_blob(request: web.Request, repo: Repo, digest: Digest) -> web.StreamResponse:

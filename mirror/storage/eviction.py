@@ -198,8 +198,8 @@ class Housekeeper:
                 if n % UNLINK_BATCH == UNLINK_BATCH - 1:
                     await asyncio.sleep(0)
             if report.removed:
-                await asyncio.to_thread(self._forget_sync, report.removed)
                 self.evictions += 1
+                await asyncio.to_thread(self._forget_sync, report.removed)
                 log.info(
                     "evicted %d entries (%d bytes) in %.2fs; cache now %d of %d bytes",
                     len(report.removed),

@@ -64,6 +64,7 @@ class Usage:
     def __init__(self, data_dir: Path, clock: Callable[[], float] = time.time):
         self._cache = diskcache.Cache(str(data_dir / "usage"), size_limit=2**40, eviction_policy="none")
         self._clock = clock
+        self._last_time = 0.0
         self.table: dict[str, Entry] = {}
         self.total = 0  # bytes of every entry in ``table``; shared layers count once (one entry per digest)
         self.pending = 0  # bytes of fetches under way (announced Content-Length), not yet in ``total``
@@ -75,27 +76,45 @@ class Usage:
     def close(self) -> None:
         self._cache.close()
 
+    def now(self) -> float:
+        """The clock, strictly increasing: two events never share a time, so recency order is total."""
+        self._last_time = max(self._clock(), self._last_time + 1e-6)
+        return self._last_time
+
     # --- the hot path (event loop, memory only) ----------------------------------------------------------------
     def touch(self, digest: Digest) -> None:
         """A client was served ``digest``: it becomes the most recently used. Written to disk by ``flush``."""
         key = str(digest)
-        now = self._clock()
+        now = self.now()
         entry = self.table.get(key)
         if entry is not None:
             entry.last_served = now
         self._dirty[key] = now
 
-    @contextlib.contextmanager
-    def lease(self, digest: Digest) -> Iterator[None]:
-        """Hold ``digest`` while a client reads it: eviction skips leased digests."""
+    def hold(self, digest: Digest) -> Callable[[], None]:
+        """Hold ``digest`` while a client reads it (eviction skips held digests); returns the release, which
+        may be called any number of times."""
         key = str(digest)
         self._leases[key] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._leases[key] -= 1
+                if self._leases[key] <= 0:
+                    del self._leases[key]
+
+        return release
+
+    @contextlib.contextmanager
+    def lease(self, digest: Digest) -> Iterator[None]:
+        release = self.hold(digest)
         try:
             yield
         finally:
-            self._leases[key] -= 1
-            if self._leases[key] <= 0:
-                del self._leases[key]
+            release()
 
     def busy(self, key: str) -> bool:
         return self._leases.get(key, 0) > 0
@@ -138,7 +157,7 @@ class Usage:
         with self._cache.transact():
             old = Entry.from_row(self._cache.get(("entry", key)))
             entry = Entry(
-                size, self._clock(), kind, local or bool(old and old.local), repo or (old.repo if old else "")
+                size, self.now(), kind, local or bool(old and old.local), repo or (old.repo if old else "")
             )
             self._cache.set(("entry", key), entry.row())
         return entry
