@@ -288,7 +288,8 @@ class Admin:
                     "seconds": round(time.monotonic() - started, 3),
                 }
             )
-        await self._changed()
+        if any(r["fetched_bytes"] for r in results):
+            await self._changed()
         return results
 
     async def _image_blobs(self, repo: Repo, ref: Tag | Digest, platforms: set[str]) -> list[tuple[Digest, int]]:

@@ -127,9 +127,9 @@ class Housekeeper:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                await self.flush()
-                if self.over_limit():
+                if self.over_limit():  # make room first: a fetch may be waiting on the disk
                     await self.evict()
+                await self.flush()
             except asyncio.CancelledError:
                 raise
             except Exception:
