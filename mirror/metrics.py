@@ -109,12 +109,9 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        self.gc_removed_bytes = Counter(
-            "mirror_gc_removed_bytes",
-            "Bytes removed by garbage collection (unreferenced, orphaned or corrupt content), by reason.",
-            ["reason"],
-            registry=r,
-        )
+        for kind in ("blob", "manifest"):  # present from the start, so dashboards show 0 rather than nothing
+            self.evictions.labels(kind)
+            self.evicted_bytes.labels(kind)
         self.cache = CacheCollector()
         r.register(self.cache)
         self.repos = RepoStats()
