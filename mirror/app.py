@@ -74,6 +74,7 @@ def create_app(config: Config) -> web.Application:
     index = Index(config.data_dir)
     clients, policies = build_upstreams(config, metrics)
     registries = Registries(list(clients), canonical_registry(config.default_upstream.registry))
+    metrics.prime(clients)
     usage = Usage(config.data_dir)
     pull = PullThrough(store, index, clients, policies, metrics, usage=usage)
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)

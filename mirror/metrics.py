@@ -118,6 +118,28 @@ class Metrics:
         r.register(self.repos)
 
 
+    def prime(self, upstreams: Iterable[str]) -> None:
+        """Create the usual label sets at zero, so that the first scrape already has every series: Prometheus's
+        ``rate``/``increase`` cannot count the first increments of a series it has never seen at zero."""
+        routes = (("manifest", "GET"), ("manifest_head", "HEAD"), ("blob", "GET"), ("blob_head", "HEAD"))
+        for route, method in routes:
+            self.http_duration.labels(route, method)
+        for upstream in upstreams:
+            for kind in ("blob", "manifest", "tag"):
+                for result in ("hit", "miss", "stale", "revalidated"):
+                    self.cache_requests.labels(upstream, kind, result)
+            for source in ("cache", "upstream"):
+                self.blob_bytes_served.labels(upstream, source)
+            self.upstream_bytes_fetched.labels(upstream)
+            self.coalesced_waiters.labels(upstream)
+            for kind in ("manifest", "manifest_head", "blob", "blob_head", "tags"):
+                self.upstream_duration.labels(upstream, kind)
+                for outcome in ("ok", "unreachable", "error", "not_found", "unauthorized", "denied", "rate_limited"):
+                    self.upstream_requests.labels(upstream, kind, outcome)
+            for reason in ("unavailable", "rate_limited", "tags_list"):
+                self.stale_served.labels(upstream, reason)
+
+
 @dataclass(frozen=True, slots=True)
 class CacheSnapshot:
     size: int  # bytes stored (each digest once)

@@ -170,9 +170,10 @@ def start_registry(workdir: Path) -> tuple[Service, str]:
     return service, url
 
 
-def start_nginx(workdir: Path, upstream: str, directives: str = "") -> tuple[Service, str]:
-    """nginx as a reverse proxy in front of ``upstream``: ``directives`` go into its one location (e.g. Docker
-    Hub's ratelimit headers, or ``limit_rate`` to make blob downloads slow enough to interrupt)."""
+def start_nginx(workdir: Path, upstream: str, directives: str = "", locations: str = "") -> tuple[Service, str]:
+    """nginx as a reverse proxy in front of ``upstream``: ``directives`` go into its catch-all location (e.g.
+    Docker Hub's ratelimit headers, or ``limit_rate`` to make blob downloads slow enough to interrupt);
+    ``locations`` are more ``location`` blocks (fault switches for one repository)."""
     binary = require("nginx")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +204,7 @@ http {{
       proxy_http_version 1.1;
       {directives}
     }}
+    {locations}
   }}
 }}
 """
