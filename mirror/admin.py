@@ -238,6 +238,7 @@ class Admin:
         }
 
     async def gc(self, dry_run: bool = False) -> dict[str, Any]:
+        await self.refresh()  # last-served times on disk, so the grace period sees recent hits
         busy = self.usage.busy if self.live else (lambda key: False)
         report = await asyncio.to_thread(
             gc.collect_sync,

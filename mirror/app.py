@@ -139,7 +139,8 @@ def build_housekeeping(
 ) -> tuple[Housekeeper, Admin]:
     """The housekeeper (flushes, eviction) and the admin logic over one store, for ``serve`` or a CLI command."""
     cache = cache_config(config)
-    limits = Limits(cache.size, cache.high_watermark, cache.low_watermark, cache.flush_interval, cache.pins)
+    min_idle = 0.0 if live else 2 * cache.flush_interval + 5  # a CLI process cannot see the server's leases
+    limits = Limits(cache.size, cache.high_watermark, cache.low_watermark, cache.flush_interval, cache.pins, min_idle)
 
     def evicted(kind: str, size: int) -> None:
         metrics.evictions.labels(kind).inc()
@@ -195,7 +196,8 @@ async def readiness(config: Config, store: BlobStore, index: Index, housekeeper:
 @contextlib.asynccontextmanager
 async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[Admin]:
     """The admin logic for a CLI command beside (or without) a running server on the same data dir. With
-    ``upstreams`` (prefetch) it also builds the pull-through service and runs the housekeeper meanwhile."""
+    ``upstreams`` (prefetch) it also builds the pull-through service; eviction is left to the server, which
+    reloads its table when the command is done."""
     metrics = Metrics()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = BlobStore(config.data_dir)
@@ -210,13 +212,11 @@ async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[A
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, default, live=False)
     try:
         usage.install(*await asyncio.to_thread(usage.load_sync))
-        if pull is not None:
-            await housekeeper.start()
         yield admin
+        await housekeeper.flush()
     finally:
         if pull is not None:
             await pull.close()
-            await housekeeper.close()
         for client in clients.values():
             await client.close()
         index.close()

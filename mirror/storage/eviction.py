@@ -41,6 +41,9 @@ class Limits:
     low_watermark: float = 0.85
     flush_interval: float = 10.0
     pins: tuple[str, ...] = ()  # from the config file, besides ``mirror pin``
+    # Content served this recently is never evicted. 0 in the server (its leases protect what is being read);
+    # a CLI process cannot see the server's leases and sees last-served times up to a flush late, so it waits.
+    min_idle: float = 0.0
 
     @property
     def high(self) -> int:
@@ -51,17 +54,30 @@ class Limits:
         return int(self.size * self.low_watermark)
 
 
-def candidates(entries: Iterable[tuple[str, Entry]], protected: set[str]) -> list[tuple[str, Entry, float]]:
-    """Evictable entries, least recently served first, with the last-served time seen when planning."""
-    found = [(key, e, e.last_served) for key, e in entries if not e.local and key not in protected]
+def candidates(
+    entries: Iterable[tuple[str, Entry]], protected: set[str], idle_since: float = float("inf")
+) -> list[tuple[str, Entry, float]]:
+    """Evictable entries, least recently served first, with the last-served time seen when planning. Entries
+    served after ``idle_since`` are not candidates."""
+    found = [
+        (key, e, e.last_served)
+        for key, e in entries
+        if not e.local and key not in protected and e.last_served <= idle_since
+    ]
     found.sort(key=lambda item: item[2])
     return found
 
 
-def plan(entries: Iterable[tuple[str, Entry]], used: int, target: int, protected: set[str]) -> list[Removal]:
+def plan(
+    entries: Iterable[tuple[str, Entry]],
+    used: int,
+    target: int,
+    protected: set[str],
+    idle_since: float = float("inf"),
+) -> list[Removal]:
     """What an eviction down to ``target`` bytes would remove, in order (``mirror evict --dry-run``)."""
     chosen = []
-    for key, entry, served in candidates(entries, protected):
+    for key, entry, served in candidates(entries, protected, idle_since):
         if used <= target:
             break
         chosen.append(Removal(key, entry.size, entry.kind, "evicted", served))
@@ -157,8 +173,9 @@ class Housekeeper:
 
     async def reload(self) -> None:
         async with self._lock:
+            loaded_at = self._usage.now()
             table, generation = await asyncio.to_thread(self._usage.load_sync)
-            self._usage.install(table, generation)
+            self._usage.install(table, generation, loaded_at)
             log.info("usage table reloaded: %d entries, %d bytes", len(table), self._usage.total)
 
     # --- eviction ------------------------------------------------------------------------------------------
@@ -172,6 +189,7 @@ class Housekeeper:
         """What ``evict`` would remove now (the admin API's and ``mirror evict --dry-run``'s answer)."""
         protected = await self.protected()
         target = self.limits.low if target is None else target
+        # The server's view (no idle wait): a CLI dry run shows what the server's next eviction removes.
         return plan(list(self._usage.table.items()), self._usage.used(), target, protected)
 
     async def evict(self, target: int | None = None) -> Report:
@@ -183,7 +201,7 @@ class Housekeeper:
         target = self.limits.low if target is None else target
         async with self._lock:
             protected = await self.protected()
-            order = await asyncio.to_thread(candidates, list(self._usage.table.items()), protected)
+            order = await asyncio.to_thread(candidates, list(self._usage.table.items()), protected, self._idle_since())
             started = time.monotonic()
             for n, (key, entry, served) in enumerate(order):
                 if self._usage.used() <= target:
@@ -216,6 +234,9 @@ class Housekeeper:
                     target,
                 )
         return report
+
+    def _idle_since(self) -> float:
+        return self._usage.now() - self.limits.min_idle if self.limits.min_idle > 0 else float("inf")
 
     def _forget_sync(self, removed: list[Removal]) -> None:
         # Conditional: a digest fetched again since it was unlinked keeps its new entry and manifest record.

@@ -156,9 +156,7 @@ class Usage:
         key = str(digest)
         with self._cache.transact():
             old = Entry.from_row(self._cache.get(("entry", key)))
-            entry = Entry(
-                size, self.now(), kind, local or bool(old and old.local), repo or (old.repo if old else "")
-            )
+            entry = Entry(size, self.now(), kind, local or bool(old and old.local), repo or (old.repo if old else ""))
             self._cache.set(("entry", key), entry.row())
         return entry
 
@@ -213,12 +211,17 @@ class Usage:
                     table[key[1]] = entry
         return table, generation
 
-    def install(self, table: dict[str, Entry], generation: int) -> None:
-        """Swap in a table loaded from disk, keeping touches made since (event loop)."""
+    def install(self, table: dict[str, Entry], generation: int, loaded_at: float = 0.0) -> None:
+        """Swap in a table loaded from disk (event loop), keeping touches made since and entries added or served
+        after ``loaded_at`` (the load may have missed them)."""
+        if loaded_at:
+            for key, entry in self.table.items():
+                if key not in table and entry.last_served > loaded_at:
+                    table[key] = entry
         for key, served in self._dirty.items():
-            entry = table.get(key)
-            if entry is not None and served > entry.last_served:
-                entry.last_served = served
+            found = table.get(key)
+            if found is not None and served > found.last_served:
+                found.last_served = served
         self.table = table
         self.total = sum(e.size for e in table.values())
         self.generation = generation
