@@ -11,7 +11,9 @@ Layout of the data dir::
         sha512/...
       tmp/
         fetch-<random>         upstream fetches and pushes in progress; start-up removes whatever is here
-      index/                   diskcache: tags, manifest media types, sizes, last served (see index.py)
+      index/                   diskcache: tags, manifest media types (see index.py)
+      usage/                   diskcache: size, kind, last served of every digest; pins (see usage.py)
+      quarantine/              files that failed verification or did not belong here (see gc.py)
       uploads/                 push upload sessions
 
 A writer hashes every byte as it passes, writes to a temp file under ``tmp/`` (same filesystem as ``blobs/``),

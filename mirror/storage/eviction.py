@@ -32,6 +32,7 @@ from mirror.storage.usage import Entry, Usage
 
 log = logging.getLogger(__name__)
 UNLINK_BATCH = 64  # unlinks between two yields to the event loop
+PROTECTED_EVERY = 60.0  # seconds between recomputations of what pins and pushes protect, for the gauge
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,7 @@ class Housekeeper:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one eviction or reload at a time
         self.protected_bytes = 0
+        self._protected_at = float("-inf")
         self.evictions = 0  # eviction runs that removed something
         self.ready = False
 
@@ -170,6 +172,8 @@ class Housekeeper:
             for key in gone:
                 if key in self._usage.table and self._store.size_sync(Digest.parse(key)) is None:
                     self._usage.forget(key)
+        if time.monotonic() - self._protected_at > PROTECTED_EVERY:
+            await self.protected()  # keeps mirror_cache_protected_bytes current (pins may change from the CLI)
 
     async def reload(self) -> None:
         async with self._lock:
@@ -183,6 +187,7 @@ class Housekeeper:
         local = [key for key, entry in self._usage.table.items() if entry.local]
         keys = await asyncio.to_thread(protected_sync, self._store, self._index, self._usage, self.limits.pins, local)
         self.protected_bytes = sum(e.size for k, e in self._usage.table.items() if k in keys)
+        self._protected_at = time.monotonic()
         return keys
 
     async def plan(self, target: int | None = None) -> list[Removal]:
