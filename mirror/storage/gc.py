@@ -227,11 +227,14 @@ def protected_sync(
     store: BlobStore, index: Index, usage: Usage, config_pins: Iterable[str], local: Iterable[str] | None = None
 ) -> set[str]:
     """Digests neither eviction nor gc may remove: pinned images (with all they reference) and pushed content
-    (marked local, with all a local manifest references). ``local`` defaults to the entries on disk."""
+    with all a pushed manifest references. Pushed is what a local repository holds in the index (the push
+    service's ``("pushed", digest)`` links) or what was marked local in the usage table (``Usage.mark_local``;
+    ``local`` defaults to the entries on disk)."""
     pins = set(config_pins) | set(usage.pins_sync())
     if local is None:
         local = [k for k, e in usage.entries_sync().items() if e.local]
-    return closure(store, index, [*pinned_roots(index, pins), *(Digest.parse(k) for k in local)])
+    pushed = set(local) | index.pushed_digests_sync()
+    return closure(store, index, [*pinned_roots(index, pins), *(Digest.parse(k) for k in pushed)])
 
 
 # --- gc: unreferenced content ------------------------------------------------------------------------------------

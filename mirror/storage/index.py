@@ -115,6 +115,15 @@ class Index:
     def delete_tag_sync(self, registry: str, path: str, tag: str) -> None:
         self._delete_tag_sync(Repo(registry, path), tag)
 
+    def pushed_digests_sync(self) -> set[str]:
+        """Digests a local (pushed) repository holds: ``("pushed", "<digest>")`` -> non-empty set of repository
+        names, written by the push service when content is linked into a local repository. Never evicted."""
+        found = set()
+        for key in self._cache.iterkeys():
+            if isinstance(key, tuple) and len(key) == 2 and key[0] == "pushed" and self._cache.get(key):
+                found.add(str(key[1]))
+        return found
+
     def healthy_sync(self) -> bool:
         """The index answers a read (for /readyz)."""
         self._cache.get(("readyz",))

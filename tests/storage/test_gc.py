@@ -145,3 +145,21 @@ async def test_verify_quarantines_a_corrupted_blob_and_it_is_fetched_again(
     gets = fake.count("GET", "blobs")
     await pull(client, "library/v", layers[:1])
     assert fake.count("GET", "blobs") == gets + 1
+
+
+async def test_pushed_content_is_neither_evicted_nor_collected(start: Any, upstream: Any, tmp_path: Path) -> None:
+    fake, _ = upstream
+    layers = [os.urandom(4000)]
+    manifest = fake.add_image("library/p", "latest", layers)
+    client = await start()
+    await pull(client, "library/p", layers)
+    admin = client.app[ADMIN]
+    # What the push service's Index.link records for content in a local repository (branch ``push``).
+    for digest in (manifest, sha256(layers[0])):
+        admin.index._cache.set(("pushed", digest), frozenset({"team/app"}))
+    report = await admin.housekeeper.evict(target=0)
+    assert report.removed == [] and set(blob_files(tmp_path / "data")) >= {manifest, sha256(layers[0])}
+    await admin.index.delete_manifest(Digest.parse(manifest))  # unreferenced now, but still pushed
+    assert (await admin.gc())["removed"] == []
+    admin.index._cache.set(("pushed", sha256(layers[0])), frozenset())  # unlinked: collectable again
+    assert [r["digest"] for r in (await admin.gc())["removed"]] == [sha256(layers[0])]
