@@ -23,7 +23,7 @@ from mirror.oci.reference import Digest, Repo, canonical_registry, route
 from mirror.pullthrough import PullThrough, TagPolicy
 from mirror.storage.blobs import BlobStore
 from mirror.storage.eviction import Housekeeper, Limits
-from mirror.storage.gc import reconcile_sync
+from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.index import Index
 from mirror.storage.usage import Usage
 from mirror.upstream.auth import Credentials
@@ -95,8 +95,8 @@ def create_app(config: Config) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(store.clean_tmp)
-        await asyncio.to_thread(reconcile_logged, store, index, usage)
-        await housekeeper.start()
+        report = await asyncio.to_thread(reconcile_logged, store, index, usage)
+        await housekeeper.start((report.table, report.generation))
         log.info(
             "serving the cache in %s; upstreams: %s",
             config.data_dir,
@@ -160,7 +160,7 @@ def build_housekeeping(
     return housekeeper, admin
 
 
-def reconcile_logged(store: BlobStore, index: Index, usage: Usage) -> None:
+def reconcile_logged(store: BlobStore, index: Index, usage: Usage) -> Report:
     report = reconcile_sync(store, index, usage)
     if report.records_added or report.records_dropped or report.removed:
         log.warning(
@@ -170,6 +170,7 @@ def reconcile_logged(store: BlobStore, index: Index, usage: Usage) -> None:
             report.records_dropped,
             len(report.removed),
         )
+    return report
 
 
 async def readiness(config: Config, store: BlobStore, index: Index, housekeeper: Housekeeper) -> str | None:

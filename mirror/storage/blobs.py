@@ -117,8 +117,11 @@ class BlobWriter:
 
     def _abort_sync(self) -> None:
         if not self._closed:
-            self._file.close()
             self._closed = True
+            # On a full disk close() fails again flushing the buffered bytes (the file is closed anyway):
+            # the temp file must still go.
+            with contextlib.suppress(OSError):
+                self._file.close()
         with contextlib.suppress(FileNotFoundError):
             self.temp_path.unlink()
 

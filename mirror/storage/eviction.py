@@ -113,8 +113,11 @@ class Housekeeper:
         self.ready = False
 
     # --- lifecycle -----------------------------------------------------------------------------------------
-    async def start(self) -> None:
-        table, generation = await asyncio.to_thread(self._usage.load_sync)
+    async def start(self, loaded: tuple[dict[str, Entry], int] | None = None) -> None:
+        """Install the usage table (as ``gc.reconcile_sync`` just made it, or read now) and start the task."""
+        if loaded is None:
+            loaded = await asyncio.to_thread(self._usage.load_sync)
+        table, generation = loaded
         self._usage.install(table, generation)
         self._wake = asyncio.Event()
         self._usage.on_grow = self._grown

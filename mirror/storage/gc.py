@@ -57,6 +57,8 @@ class Report:
     records_added: int = 0  # files found without a usage record
     tags_dropped: int = 0
     checked: int = 0  # files looked at (verify: hashed)
+    table: dict[str, Entry] = field(default_factory=dict)  # reconcile: the usage table as it now is on disk
+    generation: int = 0
 
     @property
     def bytes(self) -> int:
@@ -132,9 +134,10 @@ def reconcile_sync(store: BlobStore, index: Index, usage: Usage, dry_run: bool =
     digest) is quarantined. A lost index is thereby rebuilt, and a stale one corrected, never trusted.
     """
     report = Report(dry_run=dry_run)
-    entries = usage.entries_sync()
+    entries, report.generation = usage.load_sync()
     manifests = {str(d): r for d, r in index.iter_manifests_sync()}
     seen: set[str] = set()
+    fixes: dict[str, Entry] = {}
     for key, path, st in walk_blobs(store):
         if not key:
             if st is not None and not dry_run:
@@ -151,15 +154,19 @@ def reconcile_sync(store: BlobStore, index: Index, usage: Usage, dry_run: bool =
             fixed = Entry(st.st_size, entry.last_served if entry else st.st_mtime, kind)
             if entry is not None:
                 fixed.local, fixed.repo = entry.local, entry.repo
-            if not dry_run:
-                usage.put_sync(key, fixed)
+            fixes[key] = fixed
     gone = [key for key in entries if key not in seen]
     lost_manifests = [key for key in manifests if key not in seen]
     report.records_dropped = len(gone) + len(lost_manifests)
     if not dry_run:
+        usage.put_many_sync(fixes)
         usage.delete_sync(gone)
         for key in lost_manifests:
             index.delete_manifest_sync(Digest.parse(key))
+    entries.update(fixes)
+    for key in gone:
+        del entries[key]
+    report.table = entries
     return report
 
 

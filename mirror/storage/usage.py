@@ -240,6 +240,11 @@ class Usage:
     def put_sync(self, key: str, entry: Entry) -> None:
         self._cache.set(("entry", key), entry.row())
 
+    def put_many_sync(self, entries: Mapping[str, Entry]) -> None:
+        with self._cache.transact():
+            for key, entry in entries.items():
+                self._cache.set(("entry", key), entry.row())
+
     def delete_sync(self, keys: Iterable[str]) -> None:
         with self._cache.transact():
             for key in keys:

@@ -26,7 +26,7 @@ BIG = 4 * 2**20
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     work = tmp_path_factory.mktemp("crash")
     registry, url = start_registry(work / "registry")
-    nginx, slow_url = start_nginx(work / "nginx", url, "limit_rate 1m;")  # 1 MB/s per download
+    nginx, slow_url = start_nginx(work / "nginx", url, throttle="1m")  # 1 MB/s per download
     try:
         small = push_image(url, "library/small", "latest", [os.urandom(50_000)])
         big = push_image(url, "library/big", "latest", [os.urandom(BIG)])

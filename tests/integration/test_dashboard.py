@@ -133,10 +133,9 @@ def test_every_dashboard_query_returns_data(tmp_path: Path) -> None:
         tmp_path / "nginx",
         registry_url,
         directives=(
-            'add_header ratelimit-limit "100;w=21600" always;\n'
-            'add_header ratelimit-remaining "76;w=21600" always;\n'
-            "limit_rate 16m;"  # a 2 MiB layer takes ~125 ms: concurrent pulls of it coalesce
+            'add_header ratelimit-limit "100;w=21600" always;\nadd_header ratelimit-remaining "76;w=21600" always;\n'
         ),
+        throttle="16m",  # a 2 MiB layer takes ~125 ms: concurrent pulls of it coalesce
         locations=(
             "location /v2/library/limited/ { add_header Retry-After 60 always;"
             ' return 429 \'{"errors":[{"code":"TOOMANYREQUESTS","message":"rate limited"}]}\'; }\n'

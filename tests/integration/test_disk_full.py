@@ -51,7 +51,7 @@ def get(url: str) -> tuple[int, bytes]:
 def test_disk_full_during_fetch(small_disk: Path, tmp_path: Path) -> None:
     registry, url = start_registry(tmp_path / "registry")
     # 4 MB/s per download: the two concurrent fetches below overlap, so one meets ENOSPC half-way.
-    nginx, slow_url = start_nginx(tmp_path / "nginx", url, "limit_rate 4m;")
+    nginx, slow_url = start_nginx(tmp_path / "nginx", url, throttle="4m")
     mirror = None
     try:
         small = push_image(url, "library/small", "latest", [os.urandom(100_000)])

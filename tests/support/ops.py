@@ -170,10 +170,13 @@ def start_registry(workdir: Path) -> tuple[Service, str]:
     return service, url
 
 
-def start_nginx(workdir: Path, upstream: str, directives: str = "", locations: str = "") -> tuple[Service, str]:
+def start_nginx(
+    workdir: Path, upstream: str, directives: str = "", locations: str = "", throttle: str = ""
+) -> tuple[Service, str]:
     """nginx as a reverse proxy in front of ``upstream``: ``directives`` go into its catch-all location (e.g.
-    Docker Hub's ratelimit headers, or ``limit_rate`` to make blob downloads slow enough to interrupt);
-    ``locations`` are more ``location`` blocks (fault switches for one repository)."""
+    Docker Hub's ratelimit headers);
+    ``locations`` are more ``location`` blocks (fault switches for one repository); ``throttle`` (``1m``) limits
+    every download to that many bytes per second (nginx only throttles buffered proxying)."""
     binary = require("nginx")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +203,7 @@ http {{
     client_max_body_size 0;
     location / {{
       proxy_pass {upstream};
-      proxy_buffering off;
+      {"proxy_buffering on; proxy_limit_rate " + throttle + "; limit_rate " + throttle + ";" if throttle else "proxy_buffering off;"}
       proxy_http_version 1.1;
       {directives}
     }}
