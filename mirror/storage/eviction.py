@@ -195,6 +195,8 @@ class Housekeeper:
 
     async def plan(self, target: int | None = None) -> list[Removal]:
         """What ``evict`` would remove now (the admin API's and ``mirror evict --dry-run``'s answer)."""
+        if self.limits.size <= 0 and target is None:
+            return []  # no --cache-size: nothing is ever evicted
         protected = await self.protected()
         target = self.limits.low if target is None else target
         # The server's view (no idle wait): a CLI dry run shows what the server's next eviction removes.

@@ -141,3 +141,23 @@ def test_plan_orders_by_last_served_and_skips_protected() -> None:
     chosen = plan(entries, used=50, target=25, protected={"sha256:" + "d" * 64})
     assert [r.digest[7] for r in chosen] == ["b", "a", "e"]
     assert plan(entries, used=20, target=25, protected=set()) == []
+
+
+async def test_without_a_cache_size_nothing_is_evicted(aiohttp_client: Any, tmp_path: Path) -> None:
+    fake = FakeRegistry()
+    server = TestServer(fake.app())
+    await server.start_server()
+    try:
+        config = Config(
+            data_dir=tmp_path / "data",
+            upstreams=(UpstreamConfig(registry="docker.io", url=str(server.make_url("")), default=True),),
+        )
+        client = await aiohttp_client(create_app(config))
+        for image in images(fake, 3):
+            await pull(client, image)
+        admin = client.app[ADMIN]
+        assert (await admin.evict(dry_run=True))["removed"] == []
+        assert (await admin.evict(dry_run=False))["removed"] == []
+        assert len(client.app[USAGE].table) == 6
+    finally:
+        await server.close()
