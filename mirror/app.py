@@ -5,29 +5,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from mirror.admin import Admin, GcSettings
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
-from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE
+from mirror.api.admin import ADMIN, READY
+from mirror.api.admin import add_routes as add_admin_routes
+from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, USAGE
 from mirror.api.middleware import add_api_version, registry_errors, request_metrics
 from mirror.api.routes import add_routes
 from mirror.auth import Access, AccessSettings, Htpasswd, HtpasswdError
-from mirror.config import Config, ConfigError
-from mirror.metrics import Metrics
+from mirror.config import Config, ConfigError, cache_config
+from mirror.metrics import CacheSnapshot, Metrics
 from mirror.notify import Endpoint, Notifier
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
-from mirror.oci.reference import Repo, canonical_registry, route
+from mirror.oci.reference import Digest, Repo, canonical_registry, route
 from mirror.pullthrough import PullThrough, TagPolicy
 from mirror.push import LocalRegistry, PushRule
 from mirror.push_uploads import Uploads
 from mirror.storage.blobs import BlobStore
+from mirror.storage.eviction import Housekeeper, Limits
+from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.index import Index
 from mirror.storage.uploads import UploadSessions
+from mirror.storage.usage import Usage
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
 
@@ -131,7 +138,10 @@ def create_app(config: Config) -> web.Application:
     index = Index(config.data_dir)
     clients, policies = build_upstreams(config, metrics)
     registries = Registries(list(clients), canonical_registry(config.default_upstream.registry))
-    pull = PullThrough(store, index, clients, policies, metrics)
+    metrics.prime(clients)
+    usage = Usage(config.data_dir)
+    pull = PullThrough(store, index, clients, policies, metrics, usage=usage)
+    housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
 
     local = build_local(config, store, index, metrics, registries)
 
@@ -147,11 +157,17 @@ def create_app(config: Config) -> web.Application:
     app[ACCESS] = build_access(config, metrics)
     app[NOTIFY] = build_notifier(config, metrics)
     app.cleanup_ctx.append(push_lifecycle(config, local))
+    app[USAGE] = usage
+    app[ADMIN] = admin
+    app[READY] = lambda: readiness(config, store, index, housekeeper)
     add_routes(app.router)
+    add_admin_routes(app.router, config.admin_api)
     app.on_response_prepare.append(add_api_version)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(store.clean_tmp)
+        report = await asyncio.to_thread(reconcile_logged, store, index, usage)
+        await housekeeper.start((report.table, report.generation))
         log.info(
             "serving the cache in %s; upstreams: %s",
             config.data_dir,
@@ -159,9 +175,11 @@ def create_app(config: Config) -> web.Application:
         )
         yield
         await pull.close()
+        await housekeeper.close()
         for client in clients.values():
             await client.close()
         index.close()
+        usage.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app
@@ -192,3 +210,101 @@ def run(config: Config) -> None:
         access_log_class=AccessLogger,
         print=lambda _: log.info("listening on %s://%s:%d", scheme, host, port),
     )
+
+
+# --- housekeeping: the byte cap, usage, admin commands (issue 4) -----------------------------------------------
+def build_housekeeping(
+    config: Config,
+    store: BlobStore,
+    index: Index,
+    usage: Usage,
+    pull: PullThrough | None,
+    metrics: Metrics,
+    default_registry: str,
+    live: bool = True,
+) -> tuple[Housekeeper, Admin]:
+    """The housekeeper (flushes, eviction) and the admin logic over one store, for ``serve`` or a CLI command."""
+    cache = cache_config(config)
+    min_idle = 0.0 if live else 2 * cache.flush_interval + 5  # a CLI process cannot see the server's leases
+    limits = Limits(cache.size, cache.high_watermark, cache.low_watermark, cache.flush_interval, cache.pins, min_idle)
+
+    def evicted(kind: str, size: int) -> None:
+        metrics.evictions.labels(kind).inc()
+        metrics.evicted_bytes.labels(kind).inc(size)
+
+    def busy(key: str) -> bool:
+        return usage.busy(key) or (pull is not None and pull.inflight.get(Digest.parse(key)) is not None)
+
+    housekeeper = Housekeeper(store, index, usage, limits, busy, evicted, metrics.repos.drain)
+    metrics.repos.configure(cache.top_repos, cache.repo_allowlist)
+    metrics.cache.source = lambda: CacheSnapshot(
+        usage.total, limits.size, usage.pending, usage.counts(), housekeeper.protected_bytes
+    )
+    admin = Admin(
+        store, index, usage, housekeeper, pull, default_registry, GcSettings(cache.gc_grace, cache.tmp_max_age), live
+    )
+    return housekeeper, admin
+
+
+def reconcile_logged(store: BlobStore, index: Index, usage: Usage) -> Report:
+    report = reconcile_sync(store, index, usage)
+    if report.records_added or report.records_dropped or report.removed:
+        log.warning(
+            "start-up: the index did not match the disk: %d files without a record (added), %d records without a "
+            "file (dropped), %d stray files quarantined",
+            report.records_added,
+            report.records_dropped,
+            len(report.removed),
+        )
+    return report
+
+
+async def readiness(config: Config, store: BlobStore, index: Index, housekeeper: Housekeeper) -> str | None:
+    """None when ready, else why not: the data dir must take a write and the index a read."""
+    if not housekeeper.ready:
+        return "starting"
+
+    def check() -> str | None:
+        probe = store.tmp_dir / f".readyz-{os.getpid()}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            return f"data dir {config.data_dir} is not writable: {exc.strerror}"
+        try:
+            index.healthy_sync()
+        except Exception as exc:
+            return f"index unreadable: {exc}"
+        return None
+
+    return await asyncio.to_thread(check)
+
+
+@contextlib.asynccontextmanager
+async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[Admin]:
+    """The admin logic for a CLI command beside (or without) a running server on the same data dir. With
+    ``upstreams`` (prefetch) it also builds the pull-through service; eviction is left to the server, which
+    reloads its table when the command is done."""
+    metrics = Metrics()
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = BlobStore(config.data_dir)
+    index = Index(config.data_dir)
+    usage = Usage(config.data_dir)
+    clients: dict[str, UpstreamClient] = {}
+    pull = None
+    if upstreams:
+        clients, policies = build_upstreams(config, metrics)
+        pull = PullThrough(store, index, clients, policies, metrics, usage=usage)
+    default = canonical_registry(config.default_upstream.registry)
+    housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, default, live=False)
+    try:
+        usage.install(*await asyncio.to_thread(usage.load_sync))
+        yield admin
+        await housekeeper.flush()
+    finally:
+        if pull is not None:
+            await pull.close()
+        for client in clients.values():
+            await client.close()
+        index.close()
+        usage.close()

@@ -7,12 +7,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from mirror import app, log
 from mirror.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_TAG_TTL, Config, ConfigError, load
+from mirror.oci.errors import RegistryError
 
 
 def common_options(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +25,7 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help=f"cache directory (default {DEFAULT_DATA_DIR})")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     parser.add_argument("--log-format", choices=["text", "json"], help="text (default) or one JSON object per line")
+    parser.add_argument("--cache-size", help="cap on cached content, e.g. 50GiB or 500GB (default: no limit)")
 
 
 def serve_options(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +51,9 @@ def serve_options(parser: argparse.ArgumentParser) -> None:
         help="seconds to wait for the upstream before answering from the cache or failing (default 10)",
     )
     parser.add_argument("--uvloop", action="store_const", const="true", help="run on uvloop (pip install mirror[fast])")
+    parser.add_argument(
+        "--admin-api", action="store_const", const="true", help="serve the JSON admin API at /admin/v1/"
+    )
     push_options(parser)
 
 
@@ -88,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the registry mirror (the default command)")
     common_options(serve)
     serve_options(serve)
+    admin_commands(commands)
     return parser
 
 
@@ -116,10 +125,199 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.setup(config.log_level, config.log_format)
         if args.command == "serve":
             serve(config)
+        elif args.command in ADMIN_COMMANDS:
+            return asyncio.run(ADMIN_COMMANDS[args.command](config, args))
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
+    except RegistryError as exc:
+        print(f"mirror: {exc.message}", file=sys.stderr)
+        return 2 if exc.status < 500 else 1
     return 0
+
+
+# --- admin commands: each opens the data dir beside a running server (diskcache is multi-process safe) ----------
+def admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help)
+        common_options(parser)
+        return parser
+
+    add("stats", "size, limit, entries, hit ratio and top repositories").add_argument(
+        "--json", action="store_true", help="print JSON"
+    )
+    add("ls", "what is cached: repositories, tags, platforms, size, last served").add_argument(
+        "--json", action="store_true", help="print JSON"
+    )
+    gc = add("gc", "remove unreferenced blobs, orphaned records and old temp files")
+    gc.add_argument("--dry-run", action="store_true", help="list what would go and how many bytes; change nothing")
+    add("verify", "re-hash every cached file; quarantine those that do not match their digest")
+    evict = add("evict", "evict least recently served content down to the low watermark")
+    evict.add_argument("--dry-run", action="store_true", help="list what the next eviction would remove")
+    for name, help in (("pin", "never evict these images"), ("unpin", "make these images evictable again")):
+        add(name, help).add_argument("images", nargs="+", metavar="IMAGE")
+    prefetch = add("prefetch", "pull images into the cache ahead of time (e.g. before a CI run)")
+    serve_options(prefetch)
+    prefetch.add_argument("images", nargs="+", metavar="IMAGE")
+    prefetch.add_argument(
+        "--platform", action="append", default=[], help="only this platform of multi-platform images (repeatable)"
+    )
+
+
+def human(size: float | None) -> str:
+    if size is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+def when(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+class ProgressBar:
+    """Progress on stderr: a bar redrawn in place on a terminal, a line every 10% otherwise (CI logs)."""
+
+    def __init__(self, label: str, stream: Any = sys.stderr):
+        self.label = label
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._shown = -1
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        percent = 100 * done // total if total else 100
+        if self.tty:
+            bar = "#" * (percent // 4)
+            self.stream.write(f"\r{self.label} [{bar:<25}] {percent:3d}% {human(done)}/{human(total)} {what[:60]:<60}")
+            if done >= total:
+                self.stream.write("\n")
+        elif percent // 10 != self._shown // 10 or done >= total:
+            self.stream.write(f"{self.label}: {percent}% ({human(done)} of {human(total)}) {what}\n")
+        self._shown = percent
+        self.stream.flush()
+
+
+async def cmd_stats(config: Config, args: argparse.Namespace) -> int:
+    async with app.open_admin(config) as admin:
+        stats = await admin.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    limit = stats["limit_bytes"]
+    print(f"size        {human(stats['size_bytes'])} of {human(limit) if limit else 'no limit'}")
+    print(f"entries     {stats['entries'].get('blob', 0)} blobs, {stats['entries'].get('manifest', 0)} manifests")
+    print(f"protected   {human(stats['protected_bytes'])} (pinned or pushed); pins: {', '.join(stats['pins']) or '-'}")
+    ratio = stats["hit_ratio"]
+    print("hit ratio   " + ", ".join(f"{k} {v:.1%}" if v is not None else f"{k} -" for k, v in ratio.items()))
+    served = stats["bytes_served"]
+    print(f"served      {human(served['cache'])} from the cache, {human(served['upstream'])} fetched upstream")
+    print(f"last served {when(stats['newest_served'])} (oldest entry {when(stats['oldest_served'])})")
+    if stats["top_repositories"]:
+        print("top repositories:")
+        for repo in stats["top_repositories"]:
+            hits = sum(v for k, v in repo.items() if k.endswith("_hit"))
+            misses = sum(v for k, v in repo.items() if k.endswith("_miss"))
+            print(
+                f"  {repo['repo']:<50} {hits:>8} hits {misses:>6} misses {human(repo.get('bytes_cache', 0)):>10} served"
+            )
+    return 0
+
+
+async def cmd_ls(config: Config, args: argparse.Namespace) -> int:
+    async with app.open_admin(config) as admin:
+        repos = await admin.ls()
+    if args.json:
+        print(json.dumps(repos, indent=2))
+        return 0
+    for repo in repos:
+        print(f"{repo['repo']}  {human(repo['size_bytes'])}  last served {when(repo['last_served'])}")
+        for image in repo["tags"] + repo["untagged"]:
+            platforms = ", ".join(p["platform"] + ("" if p["cached"] else " (not cached)") for p in image["platforms"])
+            name = image.get("tag") or "<untagged>"
+            print(
+                f"  {name:<24} {image['digest'][:19]}  {human(image['size_bytes']):>10}  "
+                f"last served {when(image['last_served'])}" + (f"  [{platforms}]" if platforms else "")
+            )
+    return 0
+
+
+def print_removals(result: dict[str, Any], verb: str) -> None:
+    for item in result["removed"]:
+        print(f"{verb} {item['digest']} {item['kind']} {human(item['size'])} ({item['reason']})")
+
+
+async def cmd_gc(config: Config, args: argparse.Namespace) -> int:
+    async with app.open_admin(config) as admin:
+        result = await admin.gc(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print_removals(result, verb)
+    print(
+        f"{verb} {result['removed_count']} files ({human(result['removed_bytes'])}), {result['temp_files']} temp "
+        f"files, {result['tags_dropped']} dangling tags; {result['records_dropped']} stale records dropped, "
+        f"{result['records_added']} missing records rebuilt"
+    )
+    return 0
+
+
+async def cmd_verify(config: Config, args: argparse.Namespace) -> int:
+    async with app.open_admin(config) as admin:
+        result = await admin.verify(ProgressBar("verify"))
+    print_removals(result, "quarantined")
+    print(f"verified {result['checked']} files; {result['removed_count']} did not match and were quarantined")
+    return 1 if result["removed_count"] else 0
+
+
+async def cmd_evict(config: Config, args: argparse.Namespace) -> int:
+    async with app.open_admin(config) as admin:
+        result = await admin.evict(dry_run=args.dry_run)
+    print_removals(result, "would evict" if args.dry_run else "evicted")
+    print(
+        f"cache {human(result['size_bytes'])}, limit {human(result['limit_bytes']) if result['limit_bytes'] else 'none'}"
+        f", target {human(result['target_bytes'])}: {'would evict' if args.dry_run else 'evicted'} "
+        f"{result['removed_count']} entries ({human(result['removed_bytes'])})"
+    )
+    return 0
+
+
+async def cmd_pin(config: Config, args: argparse.Namespace) -> int:
+    async with app.open_admin(config) as admin:
+        for image in args.images:
+            result = await (admin.pin(image) if args.command == "pin" else admin.unpin(image))
+            state = "pinned" if result["pinned"] else "unpinned"
+            print(f"{state} {result['image']}" + ("" if result["changed"] else " (already)"))
+    return 0
+
+
+async def cmd_prefetch(config: Config, args: argparse.Namespace) -> int:
+    async with app.open_admin(config, upstreams=True) as admin:
+        failed = 0
+        for image in args.images:
+            try:
+                (result,) = await admin.prefetch([image], args.platform, ProgressBar(f"prefetch {image}"))
+            except RegistryError as exc:
+                print(f"mirror: {image}: {exc.message}", file=sys.stderr)
+                failed += 1
+                continue
+            print(
+                f"{result['image']}: {result['blobs']} blobs, {human(result['bytes'])}, "
+                f"{human(result['fetched_bytes'])} fetched in {result['seconds']:.1f}s"
+            )
+    return 1 if failed else 0
+
+
+ADMIN_COMMANDS = {
+    "stats": cmd_stats,
+    "ls": cmd_ls,
+    "gc": cmd_gc,
+    "verify": cmd_verify,
+    "evict": cmd_evict,
+    "pin": cmd_pin,
+    "unpin": cmd_pin,
+    "prefetch": cmd_prefetch,
+}
 
 
 if __name__ == "__main__":

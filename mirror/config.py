@@ -6,6 +6,7 @@ Only ``app`` and ``cli`` read it; everything else takes plain arguments.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -64,6 +65,8 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     uvloop: bool = False
+    cache_size: int = 0  # bytes of pulled-through content to keep; 0 = no limit (see CacheConfig)
+    admin_api: bool = False  # serve the JSON admin API under /admin/v1/
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections other modules own (push, cache, ...)
     # Local pushes, access control, TLS and webhooks (README "Pushing images").
     htpasswd: Path | None = None  # bcrypt htpasswd file: Basic auth on; None: auth off
@@ -98,7 +101,7 @@ UPSTREAM_KEYS = {
     "max_stale": "max_stale",
     "upstream_timeout": "timeout",
 }
-TOP_KEYS = {"listen", "data_dir", "log_level", "log_format", "uvloop"}
+TOP_KEYS = {"listen", "data_dir", "log_level", "log_format", "uvloop", "cache_size", "admin_api"}
 # Local pushes and access (strings from flags/environment are converted in _push_settings).
 PUSH_KEYS = {
     "htpasswd",
@@ -165,10 +168,13 @@ def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | No
         top = {k: v for k, v in flat.items() if k in TOP_KEYS}
         if "data_dir" in top:
             top["data_dir"] = Path(top["data_dir"])
-        if "uvloop" in top:
-            top["uvloop"] = str(top["uvloop"]).lower() in ("1", "true", "yes", "on")
+        for flag in ("uvloop", "admin_api"):
+            if flag in top:
+                top[flag] = _truthy(top[flag])
         top.update(_push_settings(top, extra.get("notifications")))
         top.pop("notify_urls", None)  # merged into notifications
+        if "cache_size" in top:
+            top["cache_size"] = parse_size(top["cache_size"])
         config = Config(upstreams=tuple(upstreams), extra=dict(extra), **top)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid setting: {exc}") from exc
@@ -179,6 +185,7 @@ def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | No
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
     if config.anonymous_push not in ANONYMOUS_PUSH:
         raise ConfigError(f"--anonymous-push must be one of {', '.join(ANONYMOUS_PUSH)}")
+    cache_config(config)  # validates the [cache] table
     return config
 
 
@@ -234,3 +241,64 @@ def load(cli_values: Mapping[str, Any], config_path: str | None, environ: Mappin
     extra = {k: v for k, v in document.items() if isinstance(v, dict)}
     merged = {**file_flat, **env_settings(environ, known), **{k: v for k, v in cli_values.items() if v is not None}}
     return build(merged, upstream_tables, extra)
+
+
+# --- the cache's size and housekeeping ([cache] table; --cache-size) -------------------------------------------
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)(b?)\s*", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``50GiB`` (powers of 1024), ``50GB`` or ``50G`` (powers of 1000), or a plain number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"a size cannot be negative: {value}")
+        return value
+    match = _SIZE_RE.fullmatch(str(value))
+    if match is None or (match.group(3) and not match.group(2)):
+        raise ConfigError(f"not a size: {value!r} (use bytes or units like 500MiB, 50GiB, 2TB)")
+    number, prefix, binary, _ = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** _SIZE_POWERS[prefix.lower()])
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """How the store is kept within bounds. ``size`` comes from ``--cache-size``; the rest from ``[cache]``."""
+
+    size: int = 0  # 0: no limit
+    high_watermark: float = 0.95  # eviction starts when the cache passes this fraction of ``size``...
+    low_watermark: float = 0.85  # ...and stops once it is back under this one
+    pins: tuple[str, ...] = ()  # images never evicted (besides those pinned with ``mirror pin``)
+    flush_interval: float = 10.0  # seconds between writes of batched last-served times to the index
+    gc_grace: float = 3600.0  # gc keeps unreferenced content served or stored within this many seconds
+    tmp_max_age: float = 3600.0  # gc while serving removes temp files untouched for this long
+    top_repos: int = 20  # repositories with their own label in per-repository metrics
+    repo_allowlist: tuple[str, ...] = ()  # repositories that always get their own label
+
+
+def cache_config(config: Config) -> CacheConfig:
+    table = dict(config.extra.get("cache", {}))
+    names = {f.name for f in fields(CacheConfig)} - {"size"}
+    unknown = set(table) - names
+    if unknown:
+        raise ConfigError(f"unknown keys in [cache]: {', '.join(sorted(unknown))}")
+    try:
+        for key in ("pins", "repo_allowlist"):
+            if key in table:
+                if not isinstance(table[key], list) or not all(isinstance(v, str) for v in table[key]):
+                    raise ConfigError(f"[cache] {key} must be a list of strings")
+                table[key] = tuple(table[key])
+        for key in ("high_watermark", "low_watermark", "flush_interval", "gc_grace", "tmp_max_age"):
+            if key in table:
+                table[key] = float(table[key])
+        if "top_repos" in table:
+            table["top_repos"] = int(table["top_repos"])
+        cache = CacheConfig(size=config.cache_size, **table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid [cache] setting: {exc}") from exc
+    if not 0 < cache.low_watermark <= cache.high_watermark <= 1:
+        raise ConfigError("[cache] needs 0 < low_watermark <= high_watermark <= 1")
+    if cache.flush_interval <= 0:
+        raise ConfigError("[cache] flush_interval must be positive")
+    return cache

@@ -9,7 +9,13 @@ A ``Metrics`` object owns its own ``CollectorRegistry`` so that several apps (te
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -126,3 +132,146 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.evictions = Counter(
+            "mirror_cache_evictions",
+            "Entries removed from the cache to stay under --cache-size, by kind (blob, manifest).",
+            ["kind"],
+            registry=r,
+        )
+        self.evicted_bytes = Counter(
+            "mirror_cache_evicted_bytes",
+            "Bytes removed from the cache to stay under --cache-size, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("blob", "manifest"):  # present from the start, so dashboards show 0 rather than nothing
+            self.evictions.labels(kind)
+            self.evicted_bytes.labels(kind)
+        self.cache = CacheCollector()
+        r.register(self.cache)
+        self.repos = RepoStats()
+        r.register(self.repos)
+
+    def prime(self, upstreams: Iterable[str]) -> None:
+        """Create the usual label sets at zero, so that the first scrape already has every series: Prometheus's
+        ``rate``/``increase`` cannot count the first increments of a series it has never seen at zero."""
+        routes = (("manifest", "GET"), ("manifest_head", "HEAD"), ("blob", "GET"), ("blob_head", "HEAD"))
+        for route, method in routes:
+            self.http_duration.labels(route, method)
+        for upstream in upstreams:
+            for kind in ("blob", "manifest", "tag"):
+                for result in ("hit", "miss", "stale", "revalidated"):
+                    self.cache_requests.labels(upstream, kind, result)
+            for source in ("cache", "upstream"):
+                self.blob_bytes_served.labels(upstream, source)
+            self.upstream_bytes_fetched.labels(upstream)
+            self.coalesced_waiters.labels(upstream)
+            for kind in ("manifest", "manifest_head", "blob", "blob_head", "tags"):
+                self.upstream_duration.labels(upstream, kind)
+                for outcome in ("ok", "unreachable", "error", "not_found", "unauthorized", "denied", "rate_limited"):
+                    self.upstream_requests.labels(upstream, kind, outcome)
+            for reason in ("unavailable", "rate_limited", "tags_list"):
+                self.stale_served.labels(upstream, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSnapshot:
+    size: int  # bytes stored (each digest once)
+    limit: int  # --cache-size; 0 = no limit
+    pending: int  # bytes of fetches under way
+    entries: dict[str, int] = field(default_factory=dict)  # by kind
+    pinned: int = 0  # bytes protected by pins and pushes
+
+
+class CacheCollector(Collector):
+    """Cache fill gauges, read at scrape time from whatever ``source`` the app wires in (the usage table)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], CacheSnapshot] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.source is None:
+            return
+        snap = self.source()
+        yield GaugeMetricFamily("mirror_cache_size_bytes", "Bytes of content in the cache.", value=snap.size)
+        yield GaugeMetricFamily(
+            "mirror_cache_limit_bytes", "The configured --cache-size (0: no limit).", value=snap.limit
+        )
+        yield GaugeMetricFamily(
+            "mirror_cache_pending_bytes",
+            "Bytes of upstream fetches under way, not yet in the cache.",
+            value=snap.pending,
+        )
+        yield GaugeMetricFamily(
+            "mirror_cache_protected_bytes", "Bytes eviction may not remove (pinned or pushed).", value=snap.pinned
+        )
+        entries = GaugeMetricFamily("mirror_cache_entries", "Digests in the cache, by kind.", labels=["kind"])
+        for kind, count in sorted(snap.entries.items()):
+            entries.add_metric([kind], count)
+        yield entries
+
+
+class RepoStats(Collector):
+    """Per-repository hit/miss and byte counters with bounded label cardinality.
+
+    Every repository is counted in memory (at most ``max_tracked``; the least active are dropped past that),
+    but only the ``top`` most requested ones plus an allowlist are exported as ``repo`` labels: the scrape stays
+    small however many repositories clients pull. ``drain`` hands the increments since the last call to the
+    usage table, which keeps totals across restarts for ``mirror stats``.
+    """
+
+    def __init__(self, top: int = 20, allowlist: Iterable[str] = (), max_tracked: int = 10000):
+        self.top = top
+        self.allowlist = frozenset(allowlist)
+        self.max_tracked = max_tracked
+        self._requests: dict[str, Tally[tuple[str, str]]] = {}
+        self._bytes: dict[str, Tally[str]] = {}
+        self._deltas: Tally[tuple[str, str]] = Tally()
+
+    def configure(self, top: int, allowlist: Iterable[str]) -> None:
+        self.top = top
+        self.allowlist = frozenset(allowlist)
+
+    def count(self, repo: str, kind: str, result: str) -> None:
+        self._requests.setdefault(repo, Tally())[(kind, result)] += 1
+        self._deltas[(repo, f"{kind}_{result}")] += 1
+        if len(self._requests) > 2 * self.max_tracked:
+            self._prune()
+
+    def served(self, repo: str, source: str, size: int) -> None:
+        self._bytes.setdefault(repo, Tally())[source] += size
+        self._deltas[(repo, f"bytes_{source}")] += size
+
+    def drain(self) -> dict[tuple[str, str], int]:
+        deltas, self._deltas = dict(self._deltas), Tally()
+        return deltas
+
+    def _prune(self) -> None:
+        keep = set(self._ranked()[: self.max_tracked]) | self.allowlist
+        self._requests = {r: c for r, c in self._requests.items() if r in keep}
+        self._bytes = {r: c for r, c in self._bytes.items() if r in keep}
+
+    def _ranked(self) -> list[str]:
+        return sorted(self._requests, key=lambda r: sum(self._requests[r].values()), reverse=True)
+
+    def exported(self) -> list[str]:
+        return sorted(set(self._ranked()[: self.top]) | (self.allowlist & set(self._requests)))
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "mirror_repo_cache_requests",
+            "Cache lookups by repository (top repositories and the allowlist only), kind and result.",
+            labels=["repo", "kind", "result"],
+        )
+        served = CounterMetricFamily(
+            "mirror_repo_blob_bytes_served",
+            "Blob bytes sent to clients by repository (top repositories and the allowlist only) and source.",
+            labels=["repo", "source"],
+        )
+        for repo in self.exported():
+            for (kind, result), value in sorted(self._requests[repo].items()):
+                requests.add_metric([repo, kind, result], value)
+            for source, value in sorted(self._bytes.get(repo, Tally()).items()):
+                served.add_metric([repo, source], value)
+        yield requests
+        yield served

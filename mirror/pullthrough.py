@@ -29,9 +29,10 @@ from mirror.metrics import Metrics
 from mirror.oci import errors
 from mirror.oci.mediatypes import DEFAULT_ACCEPT, MANIFEST_TYPES, accepts, upstream_accept
 from mirror.oci.reference import Digest, Repo, Tag
-from mirror.storage.base import BlobStorage, MetadataIndex
+from mirror.storage.base import BlobStorage, MetadataIndex, UsageRecorder
 from mirror.storage.blobs import DiskFull
 from mirror.storage.index import ManifestRecord, TagRecord
+from mirror.storage.usage import NullUsage
 from mirror.upstream.client import ManifestHead, UpstreamClient
 from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
 
@@ -106,8 +107,10 @@ class PullThrough:
         policies: Mapping[str, TagPolicy],
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        usage: UsageRecorder | None = None,
     ):
         self._store = store
+        self._usage: UsageRecorder = usage or NullUsage()
         self._index = index
         self._upstreams = upstreams
         self._policies = policies
@@ -130,6 +133,7 @@ class PullThrough:
 
     def _count(self, repo: Repo, kind: str, result: str) -> None:
         self._metrics.cache_requests.labels(repo.registry, kind, result).inc()
+        self._metrics.repos.count(str(repo), kind, result)
 
     # --- blobs: THE miss path --------------------------------------------------------------------------------
     async def blob(self, repo: Repo, digest: Digest) -> StoredBlob | Fetch:
@@ -137,6 +141,7 @@ class PullThrough:
         size = await self._store.size(digest)
         if size is not None:
             self._count(repo, "blob", "hit")
+            self._usage.touch(digest)
             return StoredBlob(self._store.path(digest), size)
         client = self._client(repo)
         fetch, started = self.inflight.join(digest, lambda f: self._fetch_blob(client, repo, f))
@@ -185,8 +190,11 @@ class PullThrough:
             return
         self._metrics.inflight_fetches.inc()
         writer = await asyncio.to_thread(self._store.writer, digest.algorithm)
+        expected: int | None = None
         try:
             async with client.blob(repo.path, digest) as resp:
+                await self._store.check_space(resp.content_length)  # DiskFull -> a clear 507, not a cut body
+                self._usage.expect(expected := resp.content_length)
                 fetch.begin(resp.content_length, writer.temp_path)
                 async for chunk in _batched(resp.content):
                     await writer.write(chunk)
@@ -196,6 +204,7 @@ class PullThrough:
                 await writer.commit(digest, fetch.size)
             except Exception as exc:
                 raise UpstreamInvalid(f"blob {digest} from {repo}: {exc}") from exc
+            await self._usage.added(digest, fetch.written, "blob", str(repo))
             fetch.finish(self._store.path(digest))
             log.info("cached blob %s (%d bytes) from %s", digest, fetch.written, repo)
         except BaseException as exc:
@@ -204,6 +213,7 @@ class PullThrough:
             log.warning("fetch of blob %s from %s failed: %s", digest, repo, exc)
             raise
         finally:
+            self._usage.expect(-expected if expected else None)
             self._metrics.inflight_fetches.dec()
 
     # --- manifests -------------------------------------------------------------------------------------------
@@ -221,6 +231,7 @@ class PullThrough:
             answer = await self._manifest_by_digest(repo, ref)
             return ManifestHead(answer.digest, answer.media_type, len(answer.data)), False
         record, _, stale = await self._resolve_tag(repo, ref, accepted, want_body=False)
+        self._usage.touch(record.digest)
         return ManifestHead(record.digest, record.media_type, record.size), stale
 
     async def _stored_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
@@ -245,6 +256,7 @@ class PullThrough:
         stored = await self._stored_manifest(digest)
         if stored is not None:
             self._count(repo, "manifest", "hit")
+            self._usage.touch(digest)
             return ManifestAnswer(digest, stored[0], stored[1])
         self._count(repo, "manifest", "miss")
         answer, _ = await self._coalesce_manifest.run(
@@ -277,6 +289,7 @@ class PullThrough:
         except DiskFull as exc:
             raise upstream_failure(exc) from None
         await self._index.put_manifest(head.digest, ManifestRecord(head.media_type, len(data)))
+        await self._usage.added(head.digest, len(data), "manifest", str(repo))
         self._remember(head.digest, head.media_type, data)
         return ManifestAnswer(head.digest, head.media_type, data)
 

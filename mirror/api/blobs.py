@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
+from collections.abc import Callable
 from typing import IO, Any
 
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
 
 from mirror.api.content import content_for
-from mirror.api.keys import METRICS, RESOLVE
+from mirror.api.keys import METRICS, RESOLVE, USAGE
 from mirror.api.ranges import parse_range
 from mirror.inflight import Fetch
 from mirror.oci.reference import Digest, Repo
@@ -26,6 +29,19 @@ class BlobFileResponse(web.FileResponse):
     def __init__(self, path: Any, digest: Digest, **kwargs: Any):
         super().__init__(path, **kwargs)
         self._digest_etag = str(digest)
+        self._release: Callable[[], None] | None = None
+
+    def release_after_send(self, release: Callable[[], None]) -> None:
+        """Call ``release`` once the file is sent (or the response is dropped unsent)."""
+        self._release = release
+        weakref.finalize(self, release)
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)  # opens the file and sends it with sendfile
+        finally:
+            if self._release is not None:
+                self._release()
 
     @property
     def etag(self) -> Any:
@@ -50,7 +66,22 @@ def parse_target(request: web.Request) -> tuple[Repo, Digest]:
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
+    """The blob is leased while it is sent: eviction never removes a file a client is about to open or reading."""
     repo, digest = parse_target(request)
+    release = request.app[USAGE].hold(digest)
+    try:
+        resp = await _get_blob(request, repo, digest)
+    except BaseException:
+        release()
+        raise
+    if isinstance(resp, BlobFileResponse) and not resp.prepared:
+        resp.release_after_send(release)  # aiohttp sends a FileResponse after the handler returns
+    else:
+        release()
+    return resp
+
+
+async def _get_blob(request: web.Request, repo: Repo, digest: Digest) -> web.StreamResponse:
     pull = content_for(request.app, repo)
     if request.method == "HEAD":
         source: StoredBlob | Fetch | int = await pull.blob_head(repo, digest)
@@ -74,6 +105,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         count = source.size if rng is None else rng[1] - rng[0]
         if request.method == "GET":
             request.app[METRICS].blob_bytes_served.labels(repo.registry, "cache").inc(count)
+            request.app[METRICS].repos.served(str(repo), "cache", count)
         return BlobFileResponse(source.path, digest, headers=blob_headers(digest), chunk_size=1 << 20)
     return await stream_fetch(request, repo, digest, source)
 
@@ -114,6 +146,7 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
             if available > offset:
                 await loop.sendfile(transport, fileobj, offset, available - offset)
                 request.app[METRICS].blob_bytes_served.labels(repo.registry, "upstream").inc(available - offset)
+                request.app[METRICS].repos.served(str(repo), "upstream", available - offset)
                 offset = available
     finally:
         await asyncio.to_thread(fileobj.close)

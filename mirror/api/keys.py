@@ -12,6 +12,7 @@ from mirror.notify import Notifier
 from mirror.oci.reference import Repo
 from mirror.pullthrough import PullThrough
 from mirror.push import LocalRegistry
+from mirror.storage.usage import Usage
 
 # name in the path, ?ns= -> the repository it means (routing lives in oci.reference.route).
 Resolver = Callable[[str, str | None], Repo]
@@ -24,3 +25,4 @@ RESOLVE: web.AppKey[Resolver] = web.AppKey("resolve")
 LOCAL = web.AppKey("local", LocalRegistry)
 ACCESS = web.AppKey("access", Access)
 NOTIFY = web.AppKey("notify", Notifier)
+USAGE = web.AppKey("usage", Usage)  # leases: a blob being sent is never evicted

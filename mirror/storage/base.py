@@ -45,6 +45,8 @@ class BlobStorage(Protocol):
 
     async def delete(self, digest: Digest) -> bool: ...
 
+    async def check_space(self, size: int | None) -> None: ...
+
 
 class MetadataIndex(Protocol):
     """What is known about stored content besides its bytes: manifest media types, tag -> digest records."""
@@ -62,3 +64,14 @@ class MetadataIndex(Protocol):
     async def delete_tag(self, repo: Repo, tag: str) -> None: ...
 
     async def list_tags(self, repo: Repo) -> tuple[str, ...]: ...
+
+
+class UsageRecorder(Protocol):
+    """What the services tell the usage table (``storage.usage``): hits refresh recency, commits add content,
+    fetches under way announce their size so eviction makes room ahead of them."""
+
+    def touch(self, digest: Digest) -> None: ...
+
+    def expect(self, size: int | None) -> None: ...
+
+    async def added(self, digest: Digest, size: int, kind: str, repo: str = "", local: bool = False) -> None: ...

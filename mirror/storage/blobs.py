@@ -11,7 +11,9 @@ Layout of the data dir::
         sha512/...
       tmp/
         fetch-<random>         upstream fetches and pushes in progress; start-up removes whatever is here
-      index/                   diskcache: tags, manifest media types, sizes, last served (see index.py)
+      index/                   diskcache: tags, manifest media types (see index.py)
+      usage/                   diskcache: size, kind, last served of every digest; pins (see usage.py)
+      quarantine/              files that failed verification or did not belong here (see gc.py)
       uploads/
         <uuid>/                one push upload session (see uploads.py): session.json + data, the bytes
                                received so far; ``commit`` renames ``data`` into ``blobs/``
@@ -129,8 +131,11 @@ class BlobWriter:
 
     def _abort_sync(self) -> None:
         if not self._closed:
-            self._file.close()
             self._closed = True
+            # On a full disk close() fails again flushing the buffered bytes (the file is closed anyway):
+            # the temp file must still go.
+            with contextlib.suppress(OSError):
+                self._file.close()
         with contextlib.suppress(FileNotFoundError):
             self.temp_path.unlink()
 
@@ -224,6 +229,19 @@ class BlobStore:
                     except Exception:
                         continue
                     yield digest, entry.stat().st_size
+
+    def check_space_sync(self, size: int | None) -> None:
+        """Raise DiskFull before a write of ``size`` bytes that the filesystem cannot take (a clear error for
+        the client instead of a cut-off body half-way through)."""
+        if not size:
+            return
+        stats = os.statvfs(self.tmp_dir)
+        free = stats.f_bavail * stats.f_frsize
+        if free < size:
+            raise DiskFull(f"{size} bytes needed, {free} free in {self.tmp_dir}")
+
+    async def check_space(self, size: int | None) -> None:
+        await asyncio.to_thread(self.check_space_sync, size)
 
     def clean_tmp(self) -> int:
         """Remove temp files of interrupted fetches and uploads; called at start-up, before serving."""

@@ -21,6 +21,7 @@ runs in a thread; callers on the hot path put a small memory cache in front.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,3 +176,43 @@ class Index:
     async def referrers(self, name: str, subject: Digest) -> tuple[dict[str, Any], ...]:
         value = await asyncio.to_thread(self._cache.get, ("referrers", name, str(subject)), ())
         return tuple(value) if isinstance(value, tuple) else ()
+
+    # walks for housekeeping (gc, reconcile, pins, ``mirror ls``): threads only, never the hot path -------------
+    def get_tag_sync(self, registry: str, path: str, tag: str) -> TagRecord | None:
+        value = self._cache.get(("tag", registry, path, tag))
+        return value if isinstance(value, TagRecord) else None
+
+    def iter_tags_sync(self) -> Iterator[tuple[str, str, str, TagRecord]]:
+        """Every tag record as (registry, repo path, tag, record)."""
+        for key in self._cache.iterkeys():
+            if isinstance(key, tuple) and len(key) == 4 and key[0] == "tag":
+                record = self._cache.get(key)
+                if isinstance(record, TagRecord):
+                    yield key[1], key[2], key[3], record
+
+    def iter_manifests_sync(self) -> Iterator[tuple[Digest, ManifestRecord]]:
+        for key in self._cache.iterkeys():
+            if isinstance(key, tuple) and len(key) == 2 and key[0] == "manifest":
+                record = self._cache.get(key)
+                if isinstance(record, ManifestRecord):
+                    yield Digest.parse(key[1]), record
+
+    def delete_manifest_sync(self, digest: Digest) -> None:
+        self._cache.delete(("manifest", str(digest)))
+
+    def delete_tag_sync(self, registry: str, path: str, tag: str) -> None:
+        self._delete_tag_sync(Repo(registry, path), tag)
+
+    def pushed_digests_sync(self) -> set[str]:
+        """Digests a local (pushed) repository holds: ``("pushed", "<digest>")`` -> non-empty set of repository
+        names, written by the push service when content is linked into a local repository. Never evicted."""
+        found = set()
+        for key in self._cache.iterkeys():
+            if isinstance(key, tuple) and len(key) == 2 and key[0] == "pushed" and self._cache.get(key):
+                found.add(str(key[1]))
+        return found
+
+    def healthy_sync(self) -> bool:
+        """The index answers a read (for /readyz)."""
+        self._cache.get(("readyz",))
+        return True

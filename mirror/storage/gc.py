@@ -1,0 +1,341 @@
+"""Consistency and garbage collection of the store: start-up reconciliation, temp sweeps, unreferenced content,
+re-hashing (verify), and what pins and pushes protect. Eviction to the byte cap is in ``eviction.py``.
+
+Everything here is synchronous file and diskcache work, run in a thread (by the housekeeper, the admin API, or a
+CLI command in its own process). It is safe while ``mirror serve`` runs on the same data dir:
+
+- blob files are only ever created by rename and removed by unlink, so a reader that has a file open keeps
+  reading it, and a reader that has not opened it yet gets a miss and fetches it again;
+- temp files of fetches under way are young: sweeps while serving remove only temp files untouched for
+  ``tmp_max_age``; start-up (before serving) removes them all;
+- content a client was served within ``grace`` seconds is never collected (the serving process writes
+  last-served times every ``flush_interval``, far below any sensible grace);
+- whoever removes entries bumps the usage generation, and the serving process reloads its table.
+
+``quarantine/`` under the data dir receives files that failed verification or do not belong in ``blobs/``,
+for an operator to look at; nothing reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mirror.oci.manifest import parse_manifest
+from mirror.oci.reference import Digest
+from mirror.storage.blobs import BlobStore
+from mirror.storage.index import Index
+from mirror.storage.usage import Entry, Usage
+
+log = logging.getLogger(__name__)
+HASH_CHUNK = 1 << 20
+
+
+@dataclass
+class Removal:
+    digest: str
+    size: int
+    kind: str
+    reason: str  # "unreferenced", "orphan", "corrupt", "evicted", "stray"
+    last_served: float = 0.0
+
+
+@dataclass
+class Report:
+    """What a sweep found and did (or, with ``dry_run``, would do)."""
+
+    dry_run: bool = False
+    removed: list[Removal] = field(default_factory=list)
+    temp_files: int = 0
+    records_dropped: int = 0  # index/usage records whose file is gone
+    records_added: int = 0  # files found without a usage record
+    tags_dropped: int = 0
+    checked: int = 0  # files looked at (verify: hashed)
+    table: dict[str, Entry] = field(default_factory=dict)  # reconcile: the usage table as it now is on disk
+    generation: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.size for r in self.removed)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "dry_run": self.dry_run,
+            "removed": [r.__dict__ for r in self.removed],
+            "removed_count": len(self.removed),
+            "removed_bytes": self.bytes,
+            "temp_files": self.temp_files,
+            "records_dropped": self.records_dropped,
+            "records_added": self.records_added,
+            "tags_dropped": self.tags_dropped,
+            "checked": self.checked,
+        }
+
+
+def walk_blobs(store: BlobStore) -> Iterator[tuple[str, Path, os.stat_result | None]]:
+    """Every file under ``blobs/`` as (digest string or "" when the name is not a digest, path, stat)."""
+    if not store.root.is_dir():
+        return
+    for algorithm_dir in store.root.iterdir():
+        if not algorithm_dir.is_dir():
+            yield "", algorithm_dir, None
+            continue
+        for prefix_dir in algorithm_dir.iterdir():
+            if not prefix_dir.is_dir():
+                yield "", prefix_dir, None
+                continue
+            for entry in os.scandir(prefix_dir):
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                key = f"{algorithm_dir.name}:{entry.name}"
+                try:
+                    Digest.parse(key)
+                    valid = entry.is_file() and entry.name.startswith(prefix_dir.name)
+                except Exception:
+                    valid = False
+                yield (key if valid else ""), Path(entry.path), st
+
+
+def quarantine_sync(store: BlobStore, path: Path, name: str) -> Path:
+    """Move a file out of ``blobs/`` into ``quarantine/`` (same filesystem: a rename)."""
+    target_dir = store.root.parent / "quarantine"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"{name.replace(':', '-')}.{int(time.time())}"
+    os.replace(path, target)
+    return target
+
+
+def sweep_tmp_sync(store: BlobStore, max_age: float, dry_run: bool = False) -> int:
+    """Remove temp files untouched for ``max_age`` seconds (0: all of them, as at start-up)."""
+    cutoff = time.time() - max_age
+    removed = 0
+    for entry in os.scandir(store.tmp_dir):
+        with contextlib.suppress(FileNotFoundError):
+            if max_age <= 0 or entry.stat().st_mtime < cutoff:
+                if not dry_run:
+                    os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
+def reconcile_sync(store: BlobStore, index: Index, usage: Usage, dry_run: bool = False) -> Report:
+    """Make the usage table and the index agree with the files on disk; the disk wins.
+
+    A file without a usage entry gets one (size from the file, last served = its mtime, kind from the index);
+    an entry or a manifest record without a file is dropped; a stray file in ``blobs/`` (not named by its
+    digest) is quarantined. A lost index is thereby rebuilt, and a stale one corrected, never trusted.
+    """
+    report = Report(dry_run=dry_run)
+    entries, report.generation = usage.load_sync()
+    manifests = {str(d): r for d, r in index.iter_manifests_sync()}
+    seen: set[str] = set()
+    fixes: dict[str, Entry] = {}
+    for key, path, st in walk_blobs(store):
+        if not key:
+            if st is not None and not dry_run:
+                quarantine_sync(store, path, "stray-" + path.name)
+            report.removed.append(Removal(path.name, st.st_size if st else 0, "stray", "stray"))
+            continue
+        assert st is not None
+        report.checked += 1
+        seen.add(key)
+        entry = entries.get(key)
+        kind = "manifest" if key in manifests else "blob"
+        if entry is None or entry.size != st.st_size or entry.kind != kind:
+            report.records_added += entry is None
+            fixed = Entry(st.st_size, entry.last_served if entry else st.st_mtime, kind)
+            if entry is not None:
+                fixed.local, fixed.repo = entry.local, entry.repo
+            fixes[key] = fixed
+    gone = [key for key in entries if key not in seen]
+    lost_manifests = [key for key in manifests if key not in seen]
+    report.records_dropped = len(gone) + len(lost_manifests)
+    if not dry_run:
+        usage.put_many_sync(fixes)
+        usage.delete_sync(gone)
+        for key in lost_manifests:
+            index.delete_manifest_sync(Digest.parse(key))
+    entries.update(fixes)
+    for key in gone:
+        del entries[key]
+    report.table = entries
+    return report
+
+
+# --- references: what manifests, pins and pushes keep ------------------------------------------------------------
+def manifest_children(store: BlobStore, digest: Digest, media_type: str) -> list[Digest]:
+    """Digests a stored manifest references (children of an index, config and layers of an image); [] if the
+    file is missing or is not a manifest."""
+    try:
+        data = store.path(digest).read_bytes()
+    except FileNotFoundError:
+        return []
+    try:
+        manifest = parse_manifest(data, media_type)
+    except Exception:
+        return []
+    refs = [d.digest for d in (*manifest.children, *manifest.layers)]
+    if manifest.config is not None:
+        refs.append(manifest.config.digest)
+    return refs
+
+
+def closure(store: BlobStore, index: Index, roots: Iterable[Digest]) -> set[str]:
+    """The roots and everything they reference, recursively (an index -> its manifests -> their blobs)."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        digest = todo.pop()
+        key = str(digest)
+        if key in seen:
+            continue
+        seen.add(key)
+        record = index.get_manifest_sync(digest)
+        if record is not None:  # only manifests have children; layers are never opened
+            todo.extend(manifest_children(store, digest, record.media_type))
+    return seen
+
+
+def split_image(image: str) -> tuple[str, str, str]:
+    """``docker.io/library/alpine:3.19`` -> (registry, path, "3.19"); ``...@sha256:...`` -> (..., "sha256:...").
+    Images are stored normalized (see ``admin.normalize_image``)."""
+    name, at, digest = image.partition("@")
+    registry, _, rest = name.partition("/")
+    if at:
+        return registry, rest, digest
+    path, _, tag = rest.rpartition(":") if ":" in rest else (rest, "", "latest")
+    return registry, path, tag
+
+
+def pinned_roots(index: Index, pins: Iterable[str]) -> list[Digest]:
+    """The manifest digests pinned images point to now (a tag through its cached tag record)."""
+    roots = []
+    for image in pins:
+        registry, path, ref = split_image(image)
+        if ":" in ref:
+            with contextlib.suppress(Exception):
+                roots.append(Digest.parse(ref))
+            continue
+        record = index.get_tag_sync(registry, path, ref)
+        if record is not None:
+            roots.append(record.digest)
+    return roots
+
+
+def protected_sync(
+    store: BlobStore, index: Index, usage: Usage, config_pins: Iterable[str], local: Iterable[str] | None = None
+) -> set[str]:
+    """Digests neither eviction nor gc may remove: pinned images (with all they reference) and pushed content
+    with all a pushed manifest references. Pushed is what a local repository holds in the index (the push
+    service's ``("pushed", digest)`` links) or what was marked local in the usage table (``Usage.mark_local``;
+    ``local`` defaults to the entries on disk)."""
+    pins = set(config_pins) | set(usage.pins_sync())
+    if local is None:
+        local = [k for k, e in usage.entries_sync().items() if e.local]
+    pushed = set(local) | index.pushed_digests_sync()
+    return closure(store, index, [*pinned_roots(index, pins), *(Digest.parse(k) for k in pushed)])
+
+
+# --- gc: unreferenced content ------------------------------------------------------------------------------------
+def collect_sync(
+    store: BlobStore,
+    index: Index,
+    usage: Usage,
+    config_pins: Iterable[str] = (),
+    grace: float = 3600.0,
+    tmp_max_age: float = 3600.0,
+    dry_run: bool = False,
+    busy: Callable[[str], bool] = lambda key: False,
+) -> Report:
+    """``mirror gc``: reconcile, sweep old temp files, then remove blobs no stored manifest references.
+
+    Roots are every stored manifest (tagged or pulled by digest), pinned images and pushed content. A blob outside
+    their closure that nobody was served within ``grace`` seconds is removed: typically the layers of manifests
+    that eviction removed. Tag records whose manifest is gone and that were not confirmed within ``grace`` go too.
+    """
+    report = reconcile_sync(store, index, usage, dry_run)
+    report.temp_files = sweep_tmp_sync(store, tmp_max_age, dry_run)
+    manifests = [d for d, _ in index.iter_manifests_sync()]
+    keep = closure(store, index, manifests) | protected_sync(store, index, usage, config_pins)
+    now = time.time()
+    entries = usage.entries_sync()
+    doomed = []
+    for key, entry in entries.items():
+        if key in keep or entry.local or busy(key) or now - entry.last_served < grace:
+            continue
+        doomed.append(Removal(key, entry.size, entry.kind, "unreferenced", entry.last_served))
+    if not dry_run:
+        removed = []
+        for item in doomed:
+            if _unlink(store, item.digest):
+                removed.append(item)
+        usage.delete_sync(r.digest for r in removed)
+        doomed = removed
+    report.removed.extend(doomed)
+    for registry, path, tag, record in list(index.iter_tags_sync()):
+        if store.size_sync(record.digest) is None and now - record.checked_at > grace:
+            report.tags_dropped += 1
+            if not dry_run:
+                index.delete_tag_sync(registry, path, tag)
+    if not dry_run and (report.removed or report.records_dropped):
+        usage.bump_generation_sync()
+    return report
+
+
+def _unlink(store: BlobStore, key: str) -> bool:
+    try:
+        os.unlink(store.path(Digest.parse(key)))
+        return True
+    except FileNotFoundError:
+        return True  # already gone: the entry goes too
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", key, exc)
+        return False
+
+
+# --- verify ------------------------------------------------------------------------------------------------------
+def verify_sync(
+    store: BlobStore,
+    index: Index,
+    usage: Usage,
+    progress: Callable[[int, int, str], None] = lambda done, total, key: None,
+) -> Report:
+    """Re-hash every stored file; quarantine the ones whose content no longer matches their digest.
+
+    ``progress(bytes_done, bytes_total, digest)`` is called after each file. A quarantined file's entries are
+    removed, so the next request fetches it again from the upstream.
+    """
+    report = Report()
+    files = [(key, path, st.st_size) for key, path, st in walk_blobs(store) if key and st is not None]
+    total = sum(size for _, _, size in files)
+    done = 0
+    for key, path, size in files:
+        digest = Digest.parse(key)
+        hasher = hashlib.new(digest.algorithm)
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(HASH_CHUNK):
+                    hasher.update(chunk)
+        except FileNotFoundError:  # evicted or collected meanwhile
+            continue
+        report.checked += 1
+        done += size
+        if hasher.hexdigest() != digest.hex:
+            target = quarantine_sync(store, path, key)
+            log.error("%s does not match its digest: moved to %s", key, target)
+            record = index.get_manifest_sync(digest)
+            index.delete_manifest_sync(digest)
+            usage.delete_sync([key])
+            report.removed.append(Removal(key, size, "manifest" if record else "blob", "corrupt"))
+        progress(done, total, key)
+    if report.removed:
+        usage.bump_generation_sync()
+    return report

@@ -1,0 +1,311 @@
+"""What the store holds and how it is used: size, kind and last-served time of every stored digest, pins, and
+per-repository counts. Eviction and ``mirror stats``/``ls`` read it; ``gc.reconcile`` rebuilds it from the disk.
+
+Keys in ``<data-dir>/usage`` (diskcache, SQLite underneath; safe to share between processes)::
+
+    ("entry", "<digest>")              -> (size, last_served, kind, flags, repo)
+                                          kind: "blob" | "manifest"; flags: LOCAL (pushed here, never evicted)
+                                          repo: "<registry>/<path>" that first brought it, "" when unknown
+    ("pins",)                          -> {image: time pinned}, images normalized ("docker.io/library/alpine:3.19",
+                                          "docker.io/library/alpine@sha256:...")
+    ("repo", "<registry>/<path>", "<counter>") -> int, added to with ``incr`` (hit, miss, bytes_cache, ...)
+    ("generation",)                    -> int, bumped by every process that removes entries
+
+The serving process holds the whole table in memory (``load_sync``): a hit sets a timestamp in a dict and marks
+the digest dirty; the housekeeper writes dirty timestamps in one transaction every ``flush_interval`` seconds, so
+the hot path never writes to disk. Content added by a fetch is written at once (fetches are rare next to hits).
+Other processes (``mirror gc``, ``evict``, ``verify``, ``prefetch``) work on the diskcache directly and bump
+``generation`` when they are done; the serving process then reloads its table.
+
+In-memory state is touched only from the event loop (or, for a CLI command, its one thread); disk methods end
+in ``_sync`` and run in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import diskcache
+
+from mirror.oci.reference import Digest
+
+LOCAL = 1  # flags bit: pushed to this mirror, not pulled through; eviction never removes it
+KINDS = ("blob", "manifest")
+
+
+@dataclass(slots=True)
+class Entry:
+    size: int
+    last_served: float  # wall-clock time a client last received it (or when it was stored)
+    kind: str = "blob"  # "blob" or "manifest"
+    local: bool = False
+    repo: str = ""
+
+    def row(self) -> tuple[int, float, str, int, str]:
+        return (self.size, self.last_served, self.kind, LOCAL if self.local else 0, self.repo)
+
+    @classmethod
+    def from_row(cls, row: object) -> Entry | None:
+        if not isinstance(row, tuple) or len(row) != 5:
+            return None
+        size, last_served, kind, flags, repo = row
+        return cls(int(size), float(last_served), str(kind), bool(int(flags) & LOCAL), str(repo))
+
+
+class Usage:
+    """The usage table: in memory for the serving process, on disk for everyone. See the module docstring."""
+
+    def __init__(self, data_dir: Path, clock: Callable[[], float] = time.time):
+        self._cache = diskcache.Cache(str(data_dir / "usage"), size_limit=2**40, eviction_policy="none")
+        self._clock = clock
+        self._last_time = 0.0
+        self.table: dict[str, Entry] = {}
+        self.total = 0  # bytes of every entry in ``table``; shared layers count once (one entry per digest)
+        self.pending = 0  # bytes of fetches under way (announced Content-Length), not yet in ``total``
+        self._dirty: dict[str, float] = {}
+        self._leases: Counter[str] = Counter()
+        self.on_grow: Callable[[], None] = lambda: None  # the housekeeper's wake-up call
+        self.generation = 0  # the disk generation ``table`` was loaded at
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def now(self) -> float:
+        """The clock, strictly increasing: two events never share a time, so recency order is total."""
+        self._last_time = max(self._clock(), self._last_time + 1e-6)
+        return self._last_time
+
+    # --- the hot path (event loop, memory only) ----------------------------------------------------------------
+    def touch(self, digest: Digest) -> None:
+        """A client was served ``digest``: it becomes the most recently used. Written to disk by ``flush``."""
+        key = str(digest)
+        now = self.now()
+        entry = self.table.get(key)
+        if entry is not None:
+            entry.last_served = now
+        self._dirty[key] = now
+
+    def hold(self, digest: Digest) -> Callable[[], None]:
+        """Hold ``digest`` while a client reads it (eviction skips held digests); returns the release, which
+        may be called any number of times."""
+        key = str(digest)
+        self._leases[key] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._leases[key] -= 1
+                if self._leases[key] <= 0:
+                    del self._leases[key]
+
+        return release
+
+    @contextlib.contextmanager
+    def lease(self, digest: Digest) -> Iterator[None]:
+        release = self.hold(digest)
+        try:
+            yield
+        finally:
+            release()
+
+    def busy(self, key: str) -> bool:
+        return self._leases.get(key, 0) > 0
+
+    def expect(self, size: int | None) -> None:
+        """A fetch of ``size`` bytes started (positive) or ended (negative): eviction makes room ahead of it."""
+        if size:
+            self.pending = max(0, self.pending + size)
+            if size > 0:
+                self.on_grow()
+
+    def remember(self, key: str, entry: Entry) -> None:
+        old = self.table.get(key)
+        if old is not None:
+            self.total -= old.size
+            entry.local = entry.local or old.local
+            entry.repo = entry.repo or old.repo
+        self.table[key] = entry
+        self.total += entry.size
+
+    def forget(self, key: str) -> Entry | None:
+        entry = self.table.pop(key, None)
+        if entry is not None:
+            self.total -= entry.size
+        return entry
+
+    def used(self) -> int:
+        return self.total + self.pending
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(KINDS, 0)
+        for entry in self.table.values():
+            counts[entry.kind] = counts.get(entry.kind, 0) + 1
+        return counts
+
+    # --- additions (memory at once, disk in a thread) --------------------------------------------------------
+    def added_sync(self, digest: Digest, size: int, kind: str, repo: str = "", local: bool = False) -> Entry:
+        """Record newly stored content on disk; returns the entry to ``remember`` in memory."""
+        key = str(digest)
+        with self._cache.transact():
+            old = Entry.from_row(self._cache.get(("entry", key)))
+            entry = Entry(size, self.now(), kind, local or bool(old and old.local), repo or (old.repo if old else ""))
+            self._cache.set(("entry", key), entry.row())
+        return entry
+
+    async def added(self, digest: Digest, size: int, kind: str, repo: str = "", local: bool = False) -> None:
+        """Content was committed to the store (a fetch, a push): count it and make it the most recent."""
+        entry = await asyncio.to_thread(self.added_sync, digest, size, kind, repo, local)
+        self.remember(str(digest), entry)
+        self.on_grow()
+
+    async def mark_local(self, digests: Iterable[Digest]) -> None:
+        """Pushed content: never evicted. The push service calls this (or ``added(..., local=True)``)."""
+        keys = [str(d) for d in digests]
+        await asyncio.to_thread(self.mark_local_sync, keys)
+        for key in keys:
+            if key in self.table:
+                self.table[key].local = True
+
+    def mark_local_sync(self, keys: Iterable[str]) -> None:
+        with self._cache.transact():
+            for key in keys:
+                entry = Entry.from_row(self._cache.get(("entry", key)))
+                if entry is not None and not entry.local:
+                    entry.local = True
+                    self._cache.set(("entry", key), entry.row())
+
+    # --- batched writes and reloads (the housekeeper) --------------------------------------------------------
+    def take_dirty(self) -> dict[str, float]:
+        dirty, self._dirty = self._dirty, {}
+        return dirty
+
+    def flush_sync(self, dirty: Mapping[str, float]) -> list[str]:
+        """Write last-served times of existing entries; return the digests whose entry another process removed."""
+        gone = []
+        with self._cache.transact():
+            for key, served in dirty.items():
+                entry = Entry.from_row(self._cache.get(("entry", key)))
+                if entry is None:
+                    gone.append(key)
+                elif served > entry.last_served:
+                    entry.last_served = served
+                    self._cache.set(("entry", key), entry.row())
+        return gone
+
+    def load_sync(self) -> tuple[dict[str, Entry], int]:
+        """Every entry on disk and the generation read before them."""
+        generation = self.generation_sync()
+        table = {}
+        for key in self._cache.iterkeys():
+            if isinstance(key, tuple) and len(key) == 2 and key[0] == "entry":
+                entry = Entry.from_row(self._cache.get(key))
+                if entry is not None:
+                    table[key[1]] = entry
+        return table, generation
+
+    def install(self, table: dict[str, Entry], generation: int, loaded_at: float = 0.0) -> None:
+        """Swap in a table loaded from disk (event loop), keeping touches made since and entries added or served
+        after ``loaded_at`` (the load may have missed them)."""
+        if loaded_at:
+            for key, entry in self.table.items():
+                if key not in table and entry.last_served > loaded_at:
+                    table[key] = entry
+        for key, served in self._dirty.items():
+            found = table.get(key)
+            if found is not None and served > found.last_served:
+                found.last_served = served
+        self.table = table
+        self.total = sum(e.size for e in table.values())
+        self.generation = generation
+
+    def generation_sync(self) -> int:
+        value = self._cache.get(("generation",), 0)
+        return int(value) if isinstance(value, int) else 0
+
+    def bump_generation_sync(self) -> int:
+        return int(self._cache.incr(("generation",), 1, default=0))
+
+    # --- direct disk access (CLI commands, gc, reconcile) ----------------------------------------------------
+    def entries_sync(self) -> dict[str, Entry]:
+        return self.load_sync()[0]
+
+    def put_sync(self, key: str, entry: Entry) -> None:
+        self._cache.set(("entry", key), entry.row())
+
+    def put_many_sync(self, entries: Mapping[str, Entry]) -> None:
+        with self._cache.transact():
+            for key, entry in entries.items():
+                self._cache.set(("entry", key), entry.row())
+
+    def delete_sync(self, keys: Iterable[str]) -> None:
+        with self._cache.transact():
+            for key in keys:
+                self._cache.delete(("entry", key))
+
+    def delete_unless_newer_sync(self, items: Iterable[tuple[str, float]]) -> None:
+        """Delete entries unless they were stored or served after the given time (added again meanwhile)."""
+        with self._cache.transact():
+            for key, served in items:
+                entry = Entry.from_row(self._cache.get(("entry", key)))
+                if entry is not None and entry.last_served <= served:
+                    self._cache.delete(("entry", key))
+
+    # --- pins (one key, read-modify-write in a transaction: few, and read by every eviction) --------------------
+    def pin_sync(self, image: str) -> bool:
+        """Pin a normalized image reference; False if it was pinned already."""
+        with self._cache.transact():
+            pins = self.pins_sync()
+            if image in pins:
+                return False
+            pins[image] = self._clock()
+            self._cache.set(("pins",), pins)
+        return True
+
+    def unpin_sync(self, image: str) -> bool:
+        with self._cache.transact():
+            pins = self.pins_sync()
+            if pins.pop(image, None) is None:
+                return False
+            self._cache.set(("pins",), pins)
+        return True
+
+    def pins_sync(self) -> dict[str, float]:
+        value = self._cache.get(("pins",), {})
+        return dict(value) if isinstance(value, dict) else {}
+
+    # --- per-repository counters ------------------------------------------------------------------------------
+    def add_repo_counts_sync(self, deltas: Mapping[tuple[str, str], int]) -> None:
+        with self._cache.transact():
+            for (repo, counter), value in deltas.items():
+                if value:
+                    self._cache.incr(("repo", repo, counter), value, default=0)
+
+    def repo_counts_sync(self) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        for key in self._cache.iterkeys():
+            if isinstance(key, tuple) and len(key) == 3 and key[0] == "repo":
+                value = self._cache.get(key)
+                if isinstance(value, int):
+                    counts.setdefault(key[1], {})[key[2]] = value
+        return counts
+
+
+class NullUsage:
+    """For a PullThrough built without a usage table (tests of other concerns): every call is a no-op."""
+
+    def touch(self, digest: Digest) -> None:
+        pass
+
+    def expect(self, size: int | None) -> None:
+        pass
+
+    async def added(self, digest: Digest, size: int, kind: str, repo: str = "", local: bool = False) -> None:
+        pass

@@ -1,0 +1,364 @@
+"""Helpers for the operating tests (eviction, gc, crash safety, the dashboard): polling with a deadline, a disk
+watcher, and real parts: a Distribution registry, nginx in front of it, the mirror and its CLI as subprocesses,
+and a plain-HTTP image pusher and puller."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 15.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds; fail after ``within`` seconds. For background work we cannot await."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {within} s")
+        await asyncio.sleep(0.01)
+
+
+def wait_until(predicate: Callable[[], bool], within: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {within} s")
+        time.sleep(0.02)
+
+
+def bytes_under(*dirs: Path) -> int:
+    total = 0
+    for top in dirs:
+        for root, _, files in os.walk(top):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(os.path.join(root, name)).st_size
+    return total
+
+
+def blob_files(data_dir: Path) -> dict[str, int]:
+    """``{"sha256:...": size}`` of every file in the store."""
+    found = {}
+    for path in (data_dir / "blobs").glob("*/*/*"):
+        found[f"{path.parent.parent.name}:{path.name}"] = path.stat().st_size
+    return found
+
+
+class DiskWatch:
+    """Samples the bytes under blobs/ and tmp/ from a thread, as often as it can, and keeps the maximum."""
+
+    def __init__(self, data_dir: Path):
+        self.dirs = (data_dir / "blobs", data_dir / "tmp")
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, bytes_under(*self.dirs))
+            self.samples += 1
+
+    def __enter__(self) -> DiskWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, bytes_under(*self.dirs))
+
+
+# --- real parts: a Distribution registry, nginx in front of it, the mirror as a subprocess -----------------------
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def require(binary: str) -> str:
+    """The binary's path; a missing one skips the test, or fails it under CI=true."""
+
+    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{binary} is not installed (CI=true: a missing component fails)")
+        pytest.skip(f"{binary} is not installed")
+    return path
+
+
+def free_port() -> int:
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_ok(url: str) -> bool:
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class Service:
+    """A subprocess with its output in a log file; ``stop`` terminates it (kill after a grace period)."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
+        self.args = args
+        self.log = log
+        self._logfile = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=self._logfile, stderr=subprocess.STDOUT, env=env)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(self, url: str, within: float = 30.0) -> None:
+        deadline = time.monotonic() + within
+        while not http_ok(url):
+            if not self.alive():
+                raise AssertionError(f"{self.args[0]} exited: {self.log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} not ready within {within} s: {self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self._logfile.close()
+
+    def stop(self) -> None:
+
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._logfile.close()
+
+
+def start_registry(workdir: Path) -> tuple[Service, str]:
+    """CNCF Distribution (Debian ``docker-registry``) on a free loopback port, storing under ``workdir``."""
+    binary = require("docker-registry")
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "registry.yml"
+    config.write_text(
+        "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'storage'}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    service = Service([binary, "serve", str(config)], workdir / "registry.log")
+    url = f"http://127.0.0.1:{port}"
+    service.wait_ready(url + "/v2/")
+    return service, url
+
+
+def start_nginx(
+    workdir: Path, upstream: str, directives: str = "", locations: str = "", throttle: str = ""
+) -> tuple[Service, str]:
+    """nginx as a reverse proxy in front of ``upstream``: ``directives`` go into its catch-all location (e.g.
+    Docker Hub's ratelimit headers);
+    ``locations`` are more ``location`` blocks (fault switches for one repository); ``throttle`` (``1m``) limits
+    every download to that many bytes per second (nginx only throttles buffered proxying)."""
+    binary = require("nginx")
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    for sub in ("logs", "tmp"):
+        (workdir / sub).mkdir(exist_ok=True)
+    config = workdir / "nginx.conf"
+    config.write_text(
+        f"""
+daemon off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/logs/error.log warn;
+{"user root;" if os.geteuid() == 0 else ""}
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {workdir}/tmp/body;
+  proxy_temp_path {workdir}/tmp/proxy;
+  fastcgi_temp_path {workdir}/tmp/fastcgi;
+  uwsgi_temp_path {workdir}/tmp/uwsgi;
+  scgi_temp_path {workdir}/tmp/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    client_max_body_size 0;
+    location / {{
+      proxy_pass {upstream};
+      {"proxy_buffering on; proxy_limit_rate " + throttle + "; limit_rate " + throttle + ";" if throttle else "proxy_buffering off;"}
+      proxy_http_version 1.1;
+      {directives}
+    }}
+    {locations}
+  }}
+}}
+"""
+    )
+    service = Service([binary, "-p", str(workdir), "-c", str(config)], workdir / "nginx.log")
+    url = f"http://127.0.0.1:{port}"
+    service.wait_ready(url + "/v2/")
+    return service, url
+
+
+class Mirror(Service):
+    def __init__(self, data_dir: Path, upstream: str, *flags: str, log: Path, wrap: list[str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.upstream = upstream
+        args = [
+            sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{self.port}",
+            "--data-dir", str(data_dir), "--upstream", upstream, *flags,
+        ]  # fmt: skip
+        super().__init__([*(wrap or []), *args], log, env=mirror_env())
+        self.wait_ready(self.url + "/readyz")
+
+    def metrics(self) -> str:
+
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
+            return str(resp.read().decode())
+
+
+def mirror_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+
+def run_cli(*args: str, check: bool = True) -> Any:
+    """``mirror ARGS`` in its own process (as an operator runs it beside ``mirror serve``)."""
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mirror", *args], capture_output=True, text=True, env=mirror_env(), timeout=120
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"mirror {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+# --- pushing images into the upstream, pulling them through the mirror (plain HTTP, like a client) --------------
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def sha256(data: bytes) -> str:
+
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _request(method: str, url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> Any:
+
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    return urllib.request.urlopen(req, timeout=60)
+
+
+def push_blob(registry: str, repo: str, data: bytes) -> str:
+    digest = sha256(data)
+    with _request("POST", f"{registry}/v2/{repo}/blobs/uploads/", b"") as resp:
+        location = resp.headers["Location"]
+    if location.startswith("/"):
+        location = registry + location
+    sep = "&" if "?" in location else "?"
+    headers = {"Content-Type": "application/octet-stream"}
+    with _request("PUT", f"{location}{sep}digest={digest}", data, headers) as resp:
+        assert resp.status == 201
+    return digest
+
+
+def push_image(registry: str, repo: str, tag: str | None, layers: list[bytes], arch: str = "amd64") -> dict[str, Any]:
+    """An OCI image (config + layers) pushed to ``registry``; returns its digests and sizes."""
+
+    config = json.dumps(
+        {"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": [sha256(b) for b in layers]}}
+    ).encode()
+    descs = [{"mediaType": OCI_LAYER, "digest": push_blob(registry, repo, b), "size": len(b)} for b in layers]
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": push_blob(registry, repo, config), "size": len(config)},
+            "layers": descs,
+        }
+    ).encode()
+    digest = sha256(manifest)
+    with _request("PUT", f"{registry}/v2/{repo}/manifests/{tag or digest}", manifest, {"Content-Type": OCI_MANIFEST}):
+        pass
+    return {
+        "repo": repo,
+        "tag": tag,
+        "manifest": digest,
+        "manifest_size": len(manifest),
+        "config": sha256(config),
+        "config_size": len(config),
+        "layers": [d["digest"] for d in descs],
+        "bytes": len(manifest) + len(config) + sum(len(b) for b in layers),
+    }
+
+
+def push_index(registry: str, repo: str, tag: str, images: dict[str, dict[str, Any]]) -> str:
+    """An OCI index over already pushed images, ``{"linux/amd64": image, ...}``."""
+
+    entries = []
+    for platform, image in images.items():
+        os_name, arch = platform.split("/", 1)
+        entries.append(
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": image["manifest"],
+                "size": image["manifest_size"],
+                "platform": {"os": os_name, "architecture": arch},
+            }
+        )
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+    with _request("PUT", f"{registry}/v2/{repo}/manifests/{tag}", body, {"Content-Type": OCI_INDEX}):
+        pass
+    return sha256(body)
+
+
+def pull(mirror: str, name: str, ref: str) -> dict[str, Any]:
+    """Pull one platform image through the mirror as a client does (manifest, then config and layers), checking
+    every digest. Returns what was received."""
+
+    accept = ", ".join((OCI_INDEX, OCI_MANIFEST))
+    with _request("GET", f"{mirror}/v2/{name}/manifests/{ref}", headers={"Accept": accept}) as resp:
+        body = resp.read()
+        media_type = resp.headers["Content-Type"]
+    doc = json.loads(body)
+    if media_type == OCI_INDEX:
+        return pull(mirror, name, doc["manifests"][0]["digest"])
+    received = {"manifest": sha256(body), "blobs": {}}
+    for desc in [doc["config"], *doc["layers"]]:
+        with _request("GET", f"{mirror}/v2/{name}/blobs/{desc['digest']}") as resp:
+            data = resp.read()
+        assert sha256(data) == desc["digest"], f"{desc['digest']}: wrong bytes served"
+        received["blobs"][desc["digest"]] = len(data)
+    return received
+
+
+def record_figures(name: str, **values: Any) -> None:
+    """Print figures a test measured (shown with ``pytest -s``); with MIRROR_FIGURES=FILE also append them there
+    as one JSON line, for the notes of an issue."""
+    line = json.dumps({"test": name, **values})
+    print(f"figures: {line}")
+    target = os.environ.get("MIRROR_FIGURES")
+    if target:
+        with open(target, "a") as fh:
+            fh.write(line + "\n")

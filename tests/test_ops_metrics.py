@@ -1,0 +1,52 @@
+"""Per-repository metrics keep label cardinality bounded; the admin layer sits where STYLE.md puts it."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from mirror.metrics import Metrics, RepoStats
+from tests.test_layers import MODULES, area, imports
+
+
+def exported(stats: RepoStats) -> set[str]:
+    registry = CollectorRegistry()
+    registry.register(stats)
+    text = generate_latest(registry).decode()
+    return {line.split('repo="', 1)[1].split('"', 1)[0] for line in text.splitlines() if 'repo="' in line}
+
+
+def test_only_the_top_repositories_and_the_allowlist_get_a_label() -> None:
+    stats = RepoStats(top=3, allowlist=["docker.io/library/rare"], max_tracked=50)
+    for n in range(200):  # 200 repositories, repo i asked i+1 times (capped to keep the test quick)
+        for _ in range(min(n + 1, 20)):
+            stats.count(f"docker.io/library/r{n:03d}", "blob", "hit")
+    stats.count("docker.io/library/rare", "blob", "miss")
+    names = exported(stats)
+    assert len(names) == 4 and "docker.io/library/rare" in names
+    assert len(stats._requests) <= 2 * 50 + 1  # memory stays bounded too
+
+
+def test_drain_hands_over_increments_once() -> None:
+    stats = RepoStats()
+    stats.count("docker.io/library/a", "blob", "hit")
+    stats.served("docker.io/library/a", "cache", 100)
+    assert stats.drain() == {("docker.io/library/a", "blob_hit"): 1, ("docker.io/library/a", "bytes_cache"): 100}
+    assert stats.drain() == {}
+
+
+def test_primed_series_exist_at_zero() -> None:
+    metrics = Metrics()
+    metrics.prime(["docker.io"])
+    text = generate_latest(metrics.registry).decode()
+    assert 'mirror_cache_requests_total{kind="blob",result="hit",upstream="docker.io"} 0.0' in text
+    assert 'mirror_cache_evictions_total{kind="manifest"} 0.0' in text
+
+
+def test_admin_is_above_the_services_and_below_the_api() -> None:
+    below = {"oci", "metrics", "config", "log", "storage", "upstream", "inflight", "pullthrough", "push"}
+    for module, tree in MODULES.items():
+        targets = {area(i) for i in imports(tree) if i.startswith("mirror.")}
+        if area(module) in below:
+            assert "admin" not in targets, f"{module} imports mirror.admin"
+        if area(module) == "admin":
+            assert not targets & {"api", "app", "cli", "config"}, f"{module} imports {targets}"
