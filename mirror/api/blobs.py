@@ -132,9 +132,15 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
     loop = asyncio.get_running_loop()
     try:
         fileobj = await asyncio.to_thread(_open_fetch_file, fetch)
-    except FileNotFoundError:  # the fetch failed and removed its temp file before we opened it
-        transport.abort()
-        return resp
+    except FileNotFoundError:
+        # Either the fetch failed and removed its temp file, or it is between renaming the temp file into the
+        # store and marking itself finished (small blobs hit this): wait for the outcome, then decide.
+        await fetch.wait_beyond(fetch.size)
+        try:
+            fileobj = await asyncio.to_thread(_open_fetch_file, fetch)
+        except FileNotFoundError:
+            transport.abort()
+            return resp
     try:
         while offset < end:
             await fetch.wait_beyond(offset)
