@@ -11,47 +11,22 @@ import http.server
 import io
 import json
 import os
-import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.support.clients import require, run
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-
-
-def require(tool: str) -> str:
-    """The path of a tool the test drives; missing fails under CI=true and skips elsewhere."""
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{tool} is not installed (CI=true: missing components fail)")
-        pytest.skip(f"{tool} is not installed")
-    return path
-
-
-def run(*argv: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 180) -> str:
-    """Run a client command; its combined output (clients print progress on stdout and errors on stderr)."""
-    proc = subprocess.run(
-        argv, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    output = proc.stdout + proc.stderr
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}):\n{output}")
-    return output
 
 
 # --- images ------------------------------------------------------------------------------------------------------
@@ -118,114 +93,6 @@ def docker_archive(directory: Path, name: str) -> Path:
     archive = directory / "image.tar"
     run(require("skopeo"), "copy", f"oci:{layout}:1.0", f"docker-archive:{archive}:{name}")
     return archive
-
-
-# --- a private dockerd -------------------------------------------------------------------------------------------
-@dataclass
-class Docker:
-    root: Path
-    sock: Path
-    proc: subprocess.Popen[bytes]
-    certs: Path  # this daemon's /etc/docker/certs.d
-
-    def __call__(self, *args: str, check: bool = True, stdin: str | None = None) -> str:
-        argv = [require("docker"), "-H", f"unix://{self.sock}", *args]
-        env = {**os.environ, "DOCKER_CONFIG": str(self.root / "client")}
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, input=stdin, check=False)
-        output = proc.stdout + proc.stderr
-        if check and proc.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)} failed ({proc.returncode}):\n{output}")
-        return output
-
-    def trust(self, host_port: str, ca: Path) -> None:
-        """``/etc/docker/certs.d/<host:port>/ca.crt``, inside this daemon's private ``/etc/docker``."""
-        (self.certs / host_port).mkdir(parents=True, exist_ok=True)
-        shutil.copy(ca, self.certs / host_port / "ca.crt")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-
-
-def start_dockerd(root: Path) -> Docker:
-    """dockerd with its own data root, exec root and socket, in a private mount namespace whose ``/etc/docker`` is
-    a directory of the test (certs.d, key.json), as ../shared/CLIENTS.md describes."""
-    dockerd = require("dockerd")
-    require("docker")
-    unshare = require("unshare")
-    etc = root / "etc-docker"
-    certs = etc / "certs.d"
-    certs.mkdir(parents=True)
-    (root / "client").mkdir()
-    (root / "daemon.json").write_text("{}")
-    sock = root / "docker.sock"
-    script = (
-        f"mount --bind {etc} /etc/docker && exec {dockerd} --config-file {root / 'daemon.json'} "
-        f"--data-root {root / 'data'} --exec-root {root / 'exec'} --pidfile {root / 'docker.pid'} "
-        f"-H unix://{sock} --storage-driver vfs --iptables=false --ip6tables=false --ip-masq=false "
-        "--ip-forward=false --bridge=none --userland-proxy=false --exec-opt native.cgroupdriver=cgroupfs"
-    )
-    log = open(root / "dockerd.log", "wb")  # noqa: SIM115 - inherited by the daemon, closed below
-    proc = subprocess.Popen([unshare, "-m", "--propagation", "private", "sh", "-c", script], stdout=log, stderr=log)
-    log.close()
-    docker = Docker(root, sock, proc, certs)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"dockerd exited:\n{(root / 'dockerd.log').read_text()[-3000:]}")
-        if sock.exists() and "Server Version" in docker("info", check=False):
-            return docker
-        time.sleep(0.1)  # a starting daemon (another process), polled with a deadline
-    docker.stop()
-    raise AssertionError(f"dockerd did not start:\n{(root / 'dockerd.log').read_text()[-3000:]}")
-
-
-# --- podman --------------------------------------------------------------------------------------------------------
-@dataclass
-class Podman:
-    root: Path
-    runroot: Path  # podman wants a short path here (at most 50 characters)
-
-    def close(self) -> None:
-        shutil.rmtree(self.runroot, ignore_errors=True)
-
-    def __call__(self, *args: str, check: bool = True) -> str:
-        command, *rest = args
-        if command in ("pull", "push"):
-            rest = ["--signature-policy", str(self.root / "policy.json"), *rest]
-        argv = [
-            require("podman"), "--root", str(self.root / "storage"), "--runroot", str(self.runroot),
-            "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "none", command, *rest,
-        ]  # fmt: skip
-        env = {
-            "CONTAINERS_REGISTRIES_CONF": str(self.root / "registries.conf"),
-            "CONTAINERS_CONF": str(self.root / "containers.conf"),
-            "CONTAINERS_STORAGE_CONF": str(self.root / "storage.conf"),
-            "REGISTRY_AUTH_FILE": str(self.root / "auth.json"),
-        }
-        return run(*argv, env=env, check=check)
-
-
-def podman(root: Path) -> Podman:
-    root.mkdir(parents=True, exist_ok=True)
-    runroot = Path(tempfile.mkdtemp(prefix="podman-run-", dir="/tmp"))
-    (root / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
-    (root / "registries.conf").write_text("unqualified-search-registries = []\n")
-    (root / "containers.conf").write_text("")
-    (root / "auth.json").write_text("{}")
-    (root / "storage.conf").write_text(
-        f'[storage]\ndriver = "vfs"\nrunroot = "{runroot}"\ngraphroot = "{root / "storage"}"\n'
-    )
-    return Podman(root, runroot)
-
-
-def skopeo(*args: str) -> str:
-    return run(require("skopeo"), *args)
 
 
 def network_address() -> str | None:

@@ -18,8 +18,6 @@ import pytest
 
 from tests.push_client import free_port
 from tests.push_real_clients import (
-    Docker,
-    Podman,
     WebhookReceiver,
     distribution,
     docker_archive,
@@ -29,11 +27,9 @@ from tests.push_real_clients import (
     mirror_server,
     network_address,
     oci_layout,
-    podman,
     self_signed,
-    skopeo,
-    start_dockerd,
 )
+from tests.support.clients import Docker, Podman, podman, skopeo, start_dockerd
 
 pytestmark = pytest.mark.integration
 USER, PASSWORD = "alice", "correct horse"

@@ -153,14 +153,15 @@ class Service:
         self._logfile.close()
 
 
-def start_registry(workdir: Path) -> tuple[Service, str]:
-    """CNCF Distribution (Debian ``docker-registry``) on a free loopback port, storing under ``workdir``."""
+def start_registry(workdir: Path, access_log: bool = False) -> tuple[Service, str]:
+    """CNCF Distribution (Debian ``docker-registry``) on a free loopback port, storing under ``workdir``. With
+    ``access_log`` its log (``workdir/registry.log``) lists every request, for ``upstream_requests``."""
     binary = require("docker-registry")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "registry.yml"
     config.write_text(
-        "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+        f"version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: {str(not access_log).lower()}\n"
         f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'storage'}\n  delete:\n    enabled: true\n"
         f"http:\n  addr: 127.0.0.1:{port}\n"
     )
@@ -168,6 +169,17 @@ def start_registry(workdir: Path) -> tuple[Service, str]:
     url = f"http://127.0.0.1:{port}"
     service.wait_ready(url + "/v2/")
     return service, url
+
+
+def upstream_requests(registry_log: Path, method: str, path_part: str = "") -> int:
+    """How many ``method`` requests whose path contains ``path_part`` Distribution's access log shows."""
+    needle = f'"{method} '
+    count = 0
+    for line in registry_log.read_text(errors="replace").splitlines():
+        start = line.find(needle)
+        if start >= 0 and path_part in line[start : line.find(" HTTP/", start)]:
+            count += 1
+    return count
 
 
 def start_nginx(
