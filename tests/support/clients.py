@@ -98,7 +98,8 @@ class Docker:
 
     def read_file(self, image: str, path: str) -> bytes:
         """The bytes of ``path`` in ``image``'s unpacked filesystem (a created, never started, container)."""
-        container = self("create", image).strip().splitlines()[-1]
+        output = self("create", "--network", "none", image, "/bin/true")
+        container = next(line for line in output.split() if len(line) == 64)  # the ID among warnings
         try:
             out = subprocess.run(
                 [require("docker"), "-H", f"unix://{self.sock}", "cp", f"{container}:{path}", "-"],
@@ -163,8 +164,10 @@ class Containerd:
     proc: subprocess.Popen[bytes]
     hosts: Path
 
+    namespace: str = "mirror-test"
+
     def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> str:
-        argv = [require("ctr"), "-a", str(self.sock), "-n", "mirror-test", *args]
+        argv = [require("ctr"), "-a", str(self.sock), "-n", self.namespace, *args]
         return run(*private(argv, self.hosts), check=check, timeout=timeout)
 
     def mirror_hosts_dir(self, name: str, mirror: str, registries: tuple[str, ...] = ("docker.io",)) -> Path:
@@ -187,9 +190,9 @@ class Containerd:
         target = Path(tempfile.mkdtemp(prefix="ctr-mount-"))
         # Mount and read inside one private namespace: the mount must exist where the file is read.
         script = (
-            f"{require('ctr')} -a {self.sock} -n mirror-test images mount --platform linux/amd64 {ref} {target} "
+            f"{require('ctr')} -a {self.sock} -n {self.namespace} images mount --platform linux/amd64 {ref} {target} "
             f">/dev/null && cat {target}/{path.lstrip('/')}; status=$?; "
-            f"{require('ctr')} -a {self.sock} -n mirror-test images unmount {target} >/dev/null; exit $status"
+            f"{require('ctr')} -a {self.sock} -n {self.namespace} images unmount {target} >/dev/null; exit $status"
         )
         proc = subprocess.run(private(["sh", "-c", script], self.hosts), capture_output=True, timeout=120, check=False)
         shutil.rmtree(target, ignore_errors=True)
@@ -231,6 +234,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{root / "opt"}"
+
+# Each namespace keeps its own content, so a pull in a fresh namespace downloads every blob again.
+[plugins."io.containerd.metadata.v1.bolt"]
+  content_sharing_policy = "isolated"
 """
     )
     hosts = hosts_file(root)
@@ -313,8 +320,8 @@ class CuttingProxy:
     request head the clients sent is kept in ``requests``, so a test can see the ``Range`` of a resumed download."""
 
     target: tuple[str, int]
-    cut_path: str
-    cut_after: int
+    cut_path: str | None = None  # set by a test; None: nothing is cut
+    cut_after: int = 0
     requests: list[str] = field(default_factory=list)
     cuts: int = 0
 
@@ -349,7 +356,7 @@ class CuttingProxy:
                 if head[:8].split(" ")[0] in ("GET", "HEAD"):
                     with self._lock:
                         self.requests.append(head)
-                        if self.cuts == 0 and self.cut_path in head.split("\r\n", 1)[0]:
+                        if self.cuts == 0 and self.cut_path and self.cut_path in head.split("\r\n", 1)[0]:
                             self.cuts = 1
                             armed.set()
                 dst.sendall(data)
