@@ -12,13 +12,13 @@ import contextlib
 import io
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,13 +113,7 @@ class Docker:
             return member.read()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+        stop_process(self.proc)
 
 
 def start_dockerd(root: Path, mirror: str | None = None) -> Docker:
@@ -145,15 +139,33 @@ def start_dockerd(root: Path, mirror: str | None = None) -> Docker:
     proc = subprocess.Popen(private(argv, hosts_file(root), {etc: "/etc/docker"}), stdout=log, stderr=log)
     log.close()
     docker = Docker(root, sock, proc, certs)
+    wait_for_daemon(
+        proc, root / "dockerd.log", lambda: sock.exists() and "Server Version" in docker("info", check=False)
+    )
+    return docker
+
+
+def wait_for_daemon(proc: subprocess.Popen[bytes], log: Path, ready: Callable[[], bool]) -> None:
+    """Wait (60 s at most) until a daemon we started answers; fail with the end of its log otherwise."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"dockerd exited:\n{(root / 'dockerd.log').read_text()[-3000:]}")
-        if sock.exists() and "Server Version" in docker("info", check=False):
-            return docker
+            raise AssertionError(f"{proc.args} exited:\n{log.read_text()[-3000:]}")
+        if ready():
+            return
         time.sleep(0.1)  # a starting daemon (another process), polled with a deadline
-    docker.stop()
-    raise AssertionError(f"dockerd did not start:\n{(root / 'dockerd.log').read_text()[-3000:]}")
+    stop_process(proc)
+    raise AssertionError(f"daemon did not start:\n{log.read_text()[-3000:]}")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 # --- a private containerd -----------------------------------------------------------------------------------------
@@ -201,13 +213,7 @@ class Containerd:
         return proc.stdout
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+        stop_process(self.proc)
 
 
 def start_containerd(root: Path) -> Containerd:
@@ -245,15 +251,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     proc = subprocess.Popen(private([binary, "--config", str(config)], hosts), stdout=log, stderr=log)
     log.close()
     daemon = Containerd(root, sock, proc, hosts)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"containerd exited:\n{(root / 'containerd.log').read_text()[-3000:]}")
-        if sock.exists() and "Version" in daemon.ctr("version", check=False):
-            return daemon
-        time.sleep(0.1)  # a starting daemon (another process), polled with a deadline
-    daemon.stop()
-    raise AssertionError(f"containerd did not start:\n{(root / 'containerd.log').read_text()[-3000:]}")
+    wait_for_daemon(
+        proc, root / "containerd.log", lambda: sock.exists() and "Version" in daemon.ctr("version", check=False)
+    )
+    return daemon
 
 
 # --- podman --------------------------------------------------------------------------------------------------------
