@@ -11,7 +11,6 @@ import http.server
 import io
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -213,36 +212,3 @@ class WebhookReceiver:
             assert self.arrived.wait(max(0.0, deadline - time.monotonic())), f"only {len(self.events)} events"
             self.arrived.clear()
         return self.events
-
-
-@contextlib.contextmanager
-def distribution(root: Path) -> Iterator[str]:
-    """A real CNCF Distribution registry (Debian ``docker-registry``) on a free loopback port; its host:port."""
-    binary = require("docker-registry")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    root.mkdir(parents=True, exist_ok=True)
-    config = root / "config.yml"
-    config.write_text(
-        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-        f"    rootdirectory: {root / 'storage'}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    log = open(root / "registry.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=log)
-    log.close()
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"registry did not start: {(root / 'registry.log').read_text()}") from None
-                time.sleep(0.05)  # a starting process, polled with a deadline
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

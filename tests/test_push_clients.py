@@ -19,7 +19,6 @@ import pytest
 from tests.push_client import free_port
 from tests.push_real_clients import (
     WebhookReceiver,
-    distribution,
     docker_archive,
     get_json,
     htpasswd_file,
@@ -30,6 +29,7 @@ from tests.push_real_clients import (
     self_signed,
 )
 from tests.support.clients import Docker, Podman, podman, skopeo, start_dockerd
+from tests.support.ops import start_registry
 
 pytestmark = pytest.mark.integration
 USER, PASSWORD = "alice", "correct horse"
@@ -97,7 +97,9 @@ def test_docker_pushes_an_image_pulled_through_the_mirror(docker: Docker, tmp_pa
     repository of the same mirror and push: the layers are already in the store, so nothing is uploaded again."""
     layout = tmp_path / "layout"
     oci_layout(layout, "1.0")
-    with distribution(tmp_path / "upstream") as upstream:
+    registry, url = start_registry(tmp_path / "upstream")
+    upstream = url.removeprefix("http://")
+    try:
         skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:1.0", f"docker://{upstream}/library/base:1.0")
         listen = f"127.0.0.1:{free_port()}"
         with mirror_server(tmp_path / "data", listen, upstream=f"http://{upstream}") as base:
@@ -116,6 +118,8 @@ def test_docker_pushes_an_image_pulled_through_the_mirror(docker: Docker, tmp_pa
             assert docker("inspect", "--format", "{{index .RepoDigests 0}}", f"{listen}/my/app:1.0").strip() == (
                 f"{listen}/my/app@{digest}"
             )
+    finally:
+        registry.stop()
 
 
 def test_docker_login_then_push_with_htpasswd(docker: Docker, image: str, tmp_path: Path) -> None:
