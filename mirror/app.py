@@ -21,7 +21,7 @@ from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, USAGE
 from mirror.api.middleware import add_api_version, registry_errors, request_metrics
 from mirror.api.routes import add_routes
 from mirror.auth import Access, AccessSettings, Htpasswd, HtpasswdError
-from mirror.config import Config, ConfigError, cache_config
+from mirror.config import Config, ConfigError, UpstreamConfig, cache_config
 from mirror.metrics import CacheSnapshot, Metrics
 from mirror.notify import Endpoint, Notifier
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
@@ -29,6 +29,7 @@ from mirror.oci.reference import Digest, Repo, canonical_registry, route
 from mirror.pullthrough import PullThrough, TagPolicy
 from mirror.push import LocalRegistry, PushRule
 from mirror.push_uploads import Uploads
+from mirror.routing import RepoRules, Upstreams
 from mirror.storage.blobs import BlobStore
 from mirror.storage.eviction import Housekeeper, Limits
 from mirror.storage.gc import Report, reconcile_sync
@@ -42,42 +43,60 @@ log = logging.getLogger(__name__)
 USER_AGENT = "mirror/0.1 (+pull-through registry cache)"
 
 
-class Registries:
-    """The configured upstreams as routing sees them: their names and which one is the default."""
+def upstream_client(upstream: UpstreamConfig, registry: str, metrics: Metrics) -> UpstreamClient:
+    secret = upstream.secret()
+    credentials = Credentials(upstream.username, secret) if upstream.username and secret is not None else None
+    settings = UpstreamSettings(
+        registry=registry,
+        url=upstream.url.replace("{registry}", registry),
+        credentials=credentials,
+        token=upstream.bearer(),
+        timeout=upstream.timeout,
+        max_connections=upstream.max_connections,
+        ratelimit_threshold=upstream.ratelimit_threshold,
+        ratelimit_pause=upstream.ratelimit_pause,
+        user_agent=USER_AGENT,
+    )
+    return UpstreamClient(settings, metrics)
 
-    def __init__(self, names: list[str], default: str):
-        self._names = frozenset(names)
-        self._default = default
 
-    def __contains__(self, registry: object) -> bool:
-        return registry in self._names
-
-    @property
-    def default(self) -> str:
-        return self._default
-
-
-def build_upstreams(config: Config, metrics: Metrics) -> tuple[dict[str, UpstreamClient], dict[str, TagPolicy]]:
+def build_upstreams(
+    config: Config, metrics: Metrics
+) -> tuple[dict[str, UpstreamClient], dict[str, TagPolicy], Upstreams]:
+    """A client and a tag policy per configured upstream, and the routing set over them. The two dicts are
+    shared with the pull-through service, so a wildcard host's client added later is seen there too."""
     clients: dict[str, UpstreamClient] = {}
     policies: dict[str, TagPolicy] = {}
-    for upstream in config.upstreams:
-        registry = canonical_registry(upstream.registry)
-        secret = upstream.secret()
-        credentials = Credentials(upstream.username, secret) if upstream.username and secret is not None else None
-        settings = UpstreamSettings(
-            registry=registry,
-            url=upstream.url,
-            credentials=credentials,
-            timeout=upstream.timeout,
-            user_agent=USER_AGENT,
-        )
-        clients[registry] = UpstreamClient(settings, metrics)
+    rules: dict[str, RepoRules] = {}
+    wildcard = next((u for u in config.upstreams if u.wildcard), None)
+
+    def add(registry: str, upstream: UpstreamConfig) -> None:
+        clients[registry] = upstream_client(upstream, registry, metrics)
         policies[registry] = TagPolicy(upstream.tag_ttl, upstream.max_stale, upstream.timeout)
-    return clients, policies
+
+    for upstream in config.upstreams:
+        if not upstream.wildcard:
+            registry = canonical_registry(upstream.registry)
+            add(registry, upstream)
+            rules[registry] = RepoRules(upstream.allow, upstream.deny)
+
+    def add_wildcard(registry: str) -> None:
+        assert wildcard is not None  # Upstreams only admits wildcard hosts when allow_hosts is configured
+        add(registry, wildcard)
+        metrics.prime([registry])
+
+    routing = Upstreams(
+        canonical_registry(config.default_upstream.registry),
+        rules,
+        add_wildcard,
+        wildcard.allow_hosts if wildcard else (),
+        RepoRules(wildcard.allow, wildcard.deny) if wildcard else None,
+    )
+    return clients, policies, routing
 
 
 def build_local(
-    config: Config, store: BlobStore, index: Index, metrics: Metrics, registries: Registries
+    config: Config, store: BlobStore, index: Index, metrics: Metrics, registries: Upstreams
 ) -> LocalRegistry:
     if LOCAL_REGISTRY in registries:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
@@ -136,8 +155,7 @@ def create_app(config: Config) -> web.Application:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = BlobStore(config.data_dir)
     index = Index(config.data_dir)
-    clients, policies = build_upstreams(config, metrics)
-    registries = Registries(list(clients), canonical_registry(config.default_upstream.registry))
+    clients, policies, registries = build_upstreams(config, metrics)
     metrics.prime(clients)
     usage = Usage(config.data_dir)
     pull = PullThrough(store, index, clients, policies, metrics, usage=usage)
@@ -147,7 +165,7 @@ def create_app(config: Config) -> web.Application:
 
     def resolve(name: str, ns: str | None) -> Repo:
         # Local (pushed) repositories first: they are authoritative for their names (README "Pushing images").
-        return local.local(name, ns) or route(name, ns, registries)
+        return local.local(name, ns) or registries.admit(route(name, ns, registries))
 
     app = web.Application(middlewares=[request_metrics, registry_errors, check_access])
     app[METRICS] = metrics
@@ -293,7 +311,7 @@ async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[A
     clients: dict[str, UpstreamClient] = {}
     pull = None
     if upstreams:
-        clients, policies = build_upstreams(config, metrics)
+        clients, policies, _ = build_upstreams(config, metrics)
         pull = PullThrough(store, index, clients, policies, metrics, usage=usage)
     default = canonical_registry(config.default_upstream.registry)
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, default, live=False)

@@ -31,6 +31,13 @@ def common_options(parser: argparse.ArgumentParser) -> None:
 def serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN})")
     parser.add_argument("--upstream", help="URL of the default upstream (default https://registry-1.docker.io)")
+    parser.add_argument(
+        "--add-upstream",
+        action="append",
+        metavar="REGISTRY=URL",
+        help="another upstream, addressed by ?ns=REGISTRY or a /v2/REGISTRY/... prefix, e.g. ghcr.io=https://ghcr.io "
+        "(repeatable; [[upstreams]] in the config file for credentials and policies)",
+    )
     parser.add_argument("--upstream-username", help="user name for the default upstream")
     parser.add_argument("--upstream-password", help="password or token for the default upstream")
     parser.add_argument("--upstream-password-file", help="file holding the password for the default upstream")

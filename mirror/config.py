@@ -19,6 +19,8 @@ DOCKER_HUB_URL = "https://registry-1.docker.io"
 # Five minutes: long enough that a CI burst pulling the same tag asks the upstream once, short enough that a
 # re-pushed tag is seen soon. 0 revalidates on every request (one HEAD, which Docker Hub does not count).
 DEFAULT_TAG_TTL = 300.0
+# ``[[upstreams]] registry = "*"``: any registry host matching its ``allow_hosts`` patterns (off unless configured).
+WILDCARD = "*"
 
 
 class ConfigError(Exception):
@@ -33,17 +35,33 @@ class UpstreamConfig:
     username: str | None = None
     password: str | None = None
     password_file: str | None = None
+    token: str | None = None  # a static Bearer token sent instead of the token handshake
+    token_file: str | None = None
     tag_ttl: float = DEFAULT_TAG_TTL
     max_stale: float = 0.0  # seconds a tag may be served stale when the upstream is down; 0 = no limit
     timeout: float = 10.0  # seconds to wait for the upstream before answering stale (or failing)
+    allow: tuple[str, ...] = ()  # repository patterns served from this upstream (fnmatch); () = all
+    deny: tuple[str, ...] = ()  # repository patterns refused with DENIED, checked before ``allow``
+    max_connections: int = 0  # open connections to the upstream's host at once; 0 = no limit
+    ratelimit_threshold: int = 10  # below this many pulls left (ratelimit-remaining), stop revalidating tags...
+    ratelimit_pause: float = 600.0  # ...for this many seconds (after a 429: Retry-After, or this)
+    allow_hosts: tuple[str, ...] = ()  # only for registry = "*": the registry hosts the wildcard may reach
+
+    @property
+    def wildcard(self) -> bool:
+        return self.registry == WILDCARD
 
     def secret(self) -> str | None:
-        if self.password_file:
-            try:
-                return Path(self.password_file).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"cannot read password file for {self.registry}: {exc}") from exc
-        return self.password
+        return self._read(self.password_file, "password") if self.password_file else self.password
+
+    def bearer(self) -> str | None:
+        return self._read(self.token_file, "token") if self.token_file else self.token
+
+    def _read(self, path: str, what: str) -> str:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the {what} file for {self.registry}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +119,7 @@ UPSTREAM_KEYS = {
     "max_stale": "max_stale",
     "upstream_timeout": "timeout",
 }
-TOP_KEYS = {"listen", "data_dir", "log_level", "log_format", "uvloop", "cache_size", "admin_api"}
+TOP_KEYS = {"add_upstream", "listen", "data_dir", "log_level", "log_format", "uvloop", "cache_size", "admin_api"}
 # Local pushes and access (strings from flags/environment are converted in _push_settings).
 PUSH_KEYS = {
     "htpasswd",
@@ -141,21 +159,53 @@ def _upstream_from_table(table: Mapping[str, Any]) -> UpstreamConfig:
     unknown = set(table) - names
     if unknown:
         raise ConfigError(f"unknown keys in [[upstreams]]: {', '.join(sorted(unknown))}")
-    if "registry" not in table or "url" not in table:
+    if "registry" not in table or ("url" not in table and table.get("registry") != WILDCARD):
         raise ConfigError("every [[upstreams]] entry needs registry and url")
+    if table.get("registry") == WILDCARD:
+        table = {"url": "https://{registry}", **table}
     values = dict(table)
-    for key in ("tag_ttl", "max_stale", "timeout"):
+    for key in ("tag_ttl", "max_stale", "timeout", "ratelimit_pause"):
         if key in values:
             values[key] = float(values[key])
-    return UpstreamConfig(**values)
+    for key in ("max_connections", "ratelimit_threshold"):
+        if key in values:
+            values[key] = int(values[key])
+    for key in ("allow", "deny", "allow_hosts"):
+        if key in values:
+            if not isinstance(values[key], list) or not all(isinstance(v, str) for v in values[key]):
+                raise ConfigError(f"[[upstreams]] {key} must be a list of strings")
+            values[key] = tuple(values[key])
+    upstream = UpstreamConfig(**values)
+    if upstream.wildcard:
+        if not upstream.allow_hosts:
+            raise ConfigError('the wildcard upstream (registry = "*") needs allow_hosts, the hosts it may reach')
+        if upstream.default or upstream.username or upstream.token or upstream.token_file:
+            raise ConfigError('the wildcard upstream (registry = "*") cannot be the default nor carry credentials')
+        if "{registry}" not in upstream.url:
+            raise ConfigError('the wildcard upstream\'s url must contain {registry}, e.g. "https://{registry}"')
+    elif upstream.allow_hosts:
+        raise ConfigError(f"allow_hosts is only for the wildcard upstream, not {upstream.registry}")
+    return upstream
+
+
+def _upstream_from_flag(item: str) -> UpstreamConfig:
+    """``--add-upstream ghcr.io=https://ghcr.io``: another upstream with default settings."""
+    registry, sep, url = item.partition("=")
+    if not sep or not registry.strip() or not url.strip().startswith(("http://", "https://")):
+        raise ConfigError(f"--add-upstream takes REGISTRY=URL, e.g. ghcr.io=https://ghcr.io; got {item!r}")
+    return UpstreamConfig(registry=registry.strip(), url=url.strip())
 
 
 def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | None, extra: Mapping[str, Any]) -> Config:
     """Assemble a Config from already-merged flat settings and optional ``[[upstreams]]`` tables."""
     try:
         upstreams = [_upstream_from_table(t) for t in upstream_tables] if upstream_tables else [UpstreamConfig()]
+        upstreams += [_upstream_from_flag(item) for item in _names(flat.get("add_upstream") or ())]
         if not any(u.default for u in upstreams):
-            upstreams[0] = replace(upstreams[0], default=True)
+            first = next((i for i, u in enumerate(upstreams) if not u.wildcard), None)
+            if first is None:
+                raise ConfigError('the wildcard upstream (registry = "*") needs a named default upstream beside it')
+            upstreams[first] = replace(upstreams[first], default=True)
         if sum(u.default for u in upstreams) > 1:
             raise ConfigError("only one upstream may have default = true")
         overrides: dict[str, Any] = {
@@ -165,7 +215,7 @@ def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | No
         registries = [u.registry for u in upstreams]
         if len(set(registries)) != len(registries):
             raise ConfigError("two [[upstreams]] entries name the same registry")
-        top = {k: v for k, v in flat.items() if k in TOP_KEYS}
+        top = {k: v for k, v in flat.items() if k in TOP_KEYS and k != "add_upstream"}
         if "data_dir" in top:
             top["data_dir"] = Path(top["data_dir"])
         for flag in ("uvloop", "admin_api"):

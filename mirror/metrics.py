@@ -97,6 +97,13 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.ratelimit_deferred = Counter(
+            "mirror_ratelimit_deferred",
+            "Tags served from the cache without revalidation because the upstream's pull quota was low or it had "
+            "answered 429, by reason (low_quota, rate_limited).",
+            ["upstream", "reason"],
+            registry=r,
+        )
         # --- local pushes (mirror.push, mirror.auth, mirror.notify) ---------------------------------------------
         self.upload_sessions = Gauge(
             "mirror_upload_sessions",
@@ -172,6 +179,8 @@ class Metrics:
                     self.upstream_requests.labels(upstream, kind, outcome)
             for reason in ("unavailable", "rate_limited", "tags_list"):
                 self.stale_served.labels(upstream, reason)
+            for reason in ("low_quota", "rate_limited"):
+                self.ratelimit_deferred.labels(upstream, reason)
 
 
 @dataclass(frozen=True, slots=True)

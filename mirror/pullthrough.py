@@ -9,6 +9,8 @@ Cache semantics:
   count against Docker Hub's pull limit) and only a changed digest costs a manifest ``GET``.
 - Stale-if-error: when the upstream is unreachable, slow past ``timeout``, or answers 5xx/429, the last known
   digest of a tag is served (``stale=True``) if it is younger than ``max_stale`` (0: no limit).
+- Rate-limit saving: while the upstream's quota is low or it has just answered 429 (``UpstreamClient.quota``),
+  known tags are served without revalidation; only content the cache lacks goes upstream.
 """
 
 from __future__ import annotations
@@ -321,6 +323,13 @@ class PullThrough:
         now = self._clock()
         if record is not None and usable and now - record.checked_at < policy.tag_ttl:
             self._count(repo, "tag", "hit")
+            return record, None, False
+        saving = self._client(repo).quota.saving() if record is not None and usable else None
+        if record is not None and saving:
+            # The upstream's pull quota is nearly spent (or it said 429): keep what is left for content the cache
+            # does not have, and trust the known digest until the window passes.
+            self._count(repo, "tag", "hit")
+            self._metrics.ratelimit_deferred.labels(repo.registry, saving).inc()
             return record, None, False
         try:
             (fresh, answer), _ = await self._coalesce_tag.run(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -42,9 +42,48 @@ class UpstreamSettings:
     registry: str  # the name clients use, e.g. "docker.io"; the metrics label
     url: str  # where to reach it, e.g. "https://registry-1.docker.io"
     credentials: Credentials | None = None
+    token: str | None = None  # a static Bearer token: sent as is, no handshake
     timeout: float = 10.0  # connect, and wait for response headers
+    max_connections: int = 0  # connections to one host at once (the upstream, its CDN); 0 = no limit
+    ratelimit_threshold: int = 10  # see Quota
+    ratelimit_pause: float = 600.0
     read_timeout: float = 60.0  # longest silence while streaming a body
     user_agent: str = "mirror"
+
+
+class Quota:
+    """Docker Hub's pull limit as the mirror sees it. When an answer says fewer than ``threshold`` pulls are left
+    (``ratelimit-remaining: 8;w=21600``), or after a 429, the upstream is *saving* for ``pause`` seconds (a 429's
+    ``Retry-After`` when it gives one): known tags are then served from the cache without revalidation, so the
+    pulls that are left go to content the cache does not have."""
+
+    def __init__(self, threshold: int, pause: float, clock: Callable[[], float] = time.monotonic):
+        self.threshold = threshold
+        self.pause = pause
+        self._clock = clock
+        self._until = 0.0
+        self._reason = ""
+
+    def remaining(self, left: float) -> None:
+        if left < self.threshold:
+            self._hold(self.pause, "low_quota")
+        elif self._reason == "low_quota":
+            self._until = 0.0  # the window moved on: pulls are available again
+
+    def rate_limited(self, retry_after: str | None) -> None:
+        seconds = self.pause
+        if retry_after and retry_after.strip().isdigit():
+            seconds = float(retry_after)
+        self._hold(seconds, "rate_limited")
+
+    def _hold(self, seconds: float, reason: str) -> None:
+        if seconds > 0:
+            self._until = max(self._until, self._clock() + seconds)
+            self._reason = reason
+
+    def saving(self) -> str | None:
+        """Why tags should not be revalidated now ("low_quota" or "rate_limited"), or None."""
+        return self._reason if self._clock() < self._until else None
 
 
 def describe(exc: BaseException) -> str:
@@ -70,6 +109,7 @@ class UpstreamClient:
         self._session_obj: aiohttp.ClientSession | None = None
         self._tokens_obj: TokenSource | None = None
         self._challenge: Challenge | None = None  # learned from the first 401
+        self.quota = Quota(settings.ratelimit_threshold, settings.ratelimit_pause)
 
     @property
     def _session(self) -> aiohttp.ClientSession:
@@ -84,7 +124,9 @@ class UpstreamClient:
                 ),
                 read_bufsize=READ_BUFFER,
                 auto_decompress=False,
-                connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+                connector=aiohttp.TCPConnector(
+                    limit=max(64, self.settings.max_connections), limit_per_host=self.settings.max_connections
+                ),
             )
         return self._session_obj
 
@@ -100,6 +142,8 @@ class UpstreamClient:
 
     # ---------------------------------------------------------------------------------------------------------
     async def _auth_header(self, scope: str) -> dict[str, str]:
+        if self.settings.token:
+            return {"Authorization": f"Bearer {self.settings.token}"}
         challenge = self._challenge
         if challenge is None:
             return {}
@@ -134,6 +178,8 @@ class UpstreamClient:
             self._record(kind, "unreachable", started)
             raise
         self._note_ratelimit(resp.headers)
+        if resp.status == 429:
+            self.quota.rate_limited(resp.headers.get("Retry-After"))
         if resp.status >= 400:
             body: Any = None
             if method != "HEAD":
@@ -162,7 +208,7 @@ class UpstreamClient:
             if self._same_origin(url):
                 send_headers.update(await self._auth_header(scope))
             resp = await self._session.request(method, url, headers=send_headers, allow_redirects=False)
-            if resp.status == 401 and self._same_origin(url) and not retried_auth:
+            if resp.status == 401 and self._same_origin(url) and not retried_auth and not self.settings.token:
                 challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
                 if challenge is not None and (challenge.scheme == "bearer" or self.settings.credentials):
                     resp.release()
@@ -194,7 +240,10 @@ class UpstreamClient:
             value = headers.get(header)
             if value:
                 with suppress(ValueError):
-                    gauge.labels(self.registry).set(float(value.split(";", 1)[0]))
+                    number = float(value.split(";", 1)[0])
+                    gauge.labels(self.registry).set(number)
+                    if header == "ratelimit-remaining":
+                        self.quota.remaining(number)
 
     # ---------------------------------------------------------------------------------------------------------
     @staticmethod
