@@ -54,6 +54,8 @@ class FakeRegistry:
     accepts: list[str] = field(default_factory=list)  # Accept header of every manifest request
     storage_auth_headers: list[str | None] = field(default_factory=list)  # Authorization seen by the "CDN"
     tokens_issued: int = 0
+    active: int = 0  # /v2/ requests being answered right now...
+    peak_active: int = 0  # ...and the most at once
     blob_started: asyncio.Event = field(default_factory=asyncio.Event)
 
     # -- content ------------------------------------------------------------------------------------------
@@ -141,6 +143,14 @@ class FakeRegistry:
         return web.json_response({"errors": [{"code": code, "message": message}]}, status=status, headers=headers)
 
     async def _v2(self, request: web.Request) -> web.StreamResponse:
+        self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
+        try:
+            return await self._answer(request)
+        finally:
+            self.active -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
         if self.faults.delay:
             await asyncio.sleep(self.faults.delay)
