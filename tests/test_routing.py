@@ -158,7 +158,9 @@ async def test_wildcard_upstream_reaches_only_allowed_hosts(
 def test_wildcard_upstream_needs_an_allowlist() -> None:
     with pytest.raises(ConfigError, match="allow_hosts"):
         build({}, [{"registry": "docker.io", "url": "https://registry-1.docker.io"}, {"registry": "*"}], {})
-    config = build({}, [{"registry": "*", "allow_hosts": ["*.corp.example"]}, {"registry": "docker.io", "url": "x"}], {})
+    config = build(
+        {}, [{"registry": "*", "allow_hosts": ["*.corp.example"]}, {"registry": "docker.io", "url": "x"}], {}
+    )
     assert config.default_upstream.registry == "docker.io"
     assert config.upstreams[0].url == "https://{registry}"
 
@@ -219,7 +221,11 @@ async def test_low_quota_keeps_known_tags_without_revalidation(
     fake.faults.ratelimit_remaining = 5
     mirror = await mirror_over(
         UpstreamConfig(
-            registry="docker.io", url=url(server), default=True, tag_ttl=0.0, ratelimit_threshold=10,
+            registry="docker.io",
+            url=url(server),
+            default=True,
+            tag_ttl=0.0,
+            ratelimit_threshold=10,
             ratelimit_pause=0.5,
         )
     )
