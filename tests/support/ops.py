@@ -106,11 +106,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def http_ok(url: str) -> bool:
-
+def http_ok(url: str, also: tuple[int, ...] = ()) -> bool:
+    """Whether ``url`` answers 200 (or one of the ``also`` statuses)."""
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
             return bool(resp.status == 200)
+    except urllib.error.HTTPError as exc:
+        return exc.code in also
     except (urllib.error.URLError, OSError):
         return False
 
@@ -127,9 +129,9 @@ class Service:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def wait_ready(self, url: str, within: float = 30.0) -> None:
+    def wait_ready(self, url: str, within: float = 30.0, also: tuple[int, ...] = ()) -> None:
         deadline = time.monotonic() + within
-        while not http_ok(url):
+        while not http_ok(url, also):
             if not self.alive():
                 raise AssertionError(f"{self.args[0]} exited: {self.log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
@@ -153,21 +155,23 @@ class Service:
         self._logfile.close()
 
 
-def start_registry(workdir: Path, access_log: bool = False) -> tuple[Service, str]:
+def start_registry(workdir: Path, access_log: bool = False, htpasswd: Path | None = None) -> tuple[Service, str]:
     """CNCF Distribution (Debian ``docker-registry``) on a free loopback port, storing under ``workdir``. With
-    ``access_log`` its log (``workdir/registry.log``) lists every request, for ``upstream_requests``."""
+    ``access_log`` its log (``workdir/registry.log``) lists every request, for ``upstream_requests``; with
+    ``htpasswd`` (bcrypt entries) every request needs Basic credentials."""
     binary = require("docker-registry")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "registry.yml"
+    auth = f"auth:\n  htpasswd:\n    realm: upstream\n    path: {htpasswd}\n" if htpasswd else ""
     config.write_text(
         f"version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: {str(not access_log).lower()}\n"
         f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'storage'}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n{auth}"
     )
     service = Service([binary, "serve", str(config)], workdir / "registry.log")
     url = f"http://127.0.0.1:{port}"
-    service.wait_ready(url + "/v2/")
+    service.wait_ready(url + "/v2/", also=(401,) if htpasswd else ())
     return service, url
 
 
