@@ -228,7 +228,7 @@ def test_containerd_routes_by_ns_through_one_default_hosts_toml(world: World, co
     (hosts_dir / "_default" / "hosts.toml").write_text(
         f'[host."{world.proxy.url}"]\n  capabilities = ["pull", "resolve"]\n'
     )
-    for name, image in ((f"docker.io/library/ctr-routed:1.0", hub_image), (f"{GHCR}/team/ctr-routed:1.0", ghcr_image)):
+    for name, image in (("docker.io/library/ctr-routed:1.0", hub_image), (f"{GHCR}/team/ctr-routed:1.0", ghcr_image)):
         containerd.pull(hosts_dir, name)
         assert image.manifest in containerd.ctr("images", "ls", f"name=={name}")
         assert containerd.read_file(name, "etc/origin") == image.files["etc/origin"]
