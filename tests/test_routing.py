@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.app import create_app
-from mirror.config import Config, ConfigError, UpstreamConfig, build
+from mirror.config import Config, ConfigError, UpstreamConfig, build, load
 from tests.fakes.registry import FakeRegistry, sha256
 
 Upstream = tuple[FakeRegistry, TestServer]
@@ -274,3 +274,14 @@ def test_add_upstream_flag() -> None:
     ]
     with pytest.raises(ConfigError, match="REGISTRY=URL"):
         build({"add_upstream": ["ghcr.io"]}, None, {})
+
+
+def test_the_readme_upstreams_example_is_a_valid_config(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = next(b.split("\n", 1)[1] for b in readme.split("```toml")[1:] if 'registry = "*"' in b).split("```")[0]
+    (tmp_path / "mirror.toml").write_text(block)
+    config = load({}, str(tmp_path / "mirror.toml"), environ={})
+    by_name = {u.registry: u for u in config.upstreams}
+    assert config.default_upstream.registry == "docker.io"
+    assert by_name["ghcr.io"].allow == ("myorg/*",) and by_name["ghcr.io"].max_connections == 8
+    assert by_name["*"].wildcard and by_name["*"].allow_hosts == ("*.corp.example", "quay.io")
