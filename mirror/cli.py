@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -119,6 +120,7 @@ def serve(config: Config) -> None:
         except ImportError as exc:
             raise ConfigError("--uvloop needs the uvloop package: pip install 'mirror[fast]'") from exc
         uvloop.install()
+        logging.getLogger(__name__).info("event loop: uvloop %s", uvloop.__version__)
     app.run(config)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import weakref
 from collections.abc import Callable
 from typing import IO, Any
@@ -20,6 +21,8 @@ from mirror.pullthrough import StoredBlob
 
 log = logging.getLogger(__name__)
 BLOB_TYPE = "application/octet-stream"
+READ_CHUNK = 1 << 20  # bytes per read when the event loop cannot sendfile
+_NO_SENDFILE: set[type] = set()  # event loop classes without loop.sendfile (uvloop)
 
 
 class BlobFileResponse(web.FileResponse):
@@ -150,7 +153,7 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
                 return resp
             available = min(fetch.readable(), end)
             if available > offset:
-                await loop.sendfile(transport, fileobj, offset, available - offset)
+                await send_part(loop, transport, resp, fileobj, offset, available - offset)
                 request.app[METRICS].blob_bytes_served.labels(repo.registry, "upstream").inc(available - offset)
                 request.app[METRICS].repos.served(str(repo), "upstream", available - offset)
                 offset = available
@@ -158,6 +161,32 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
         await asyncio.to_thread(fileobj.close)
     await resp.write_eof()
     return resp
+
+
+async def send_part(
+    loop: asyncio.AbstractEventLoop,
+    transport: asyncio.Transport,
+    resp: web.StreamResponse,
+    fileobj: IO[bytes],
+    offset: int,
+    count: int,
+) -> None:
+    """``count`` bytes of the file from ``offset`` to the client: sendfile where the loop has it, else (uvloop
+    has no ``loop.sendfile``) reads of up to 1 MiB in a thread, so memory stays bounded."""
+    if type(loop) not in _NO_SENDFILE:
+        try:
+            await loop.sendfile(transport, fileobj, offset, count)
+            return
+        except NotImplementedError:  # raised before any byte is sent
+            _NO_SENDFILE.add(type(loop))
+    fd = fileobj.fileno()
+    while count > 0:
+        data = await asyncio.to_thread(os.pread, fd, min(count, READ_CHUNK), offset)
+        if not data:
+            raise ConnectionResetError("temp file shorter than the fetch reported")
+        await resp.write(data)
+        offset += len(data)
+        count -= len(data)
 
 
 def _open_fetch_file(fetch: Fetch) -> IO[bytes]:
