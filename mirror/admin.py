@@ -27,7 +27,7 @@ from mirror.oci.reference import (
     looks_like_host,
     validate_name,
 )
-from mirror.pullthrough import PullThrough, StoredBlob, upstream_failure
+from mirror.pullthrough import MemoryBlob, PullThrough, StoredBlob, upstream_failure
 from mirror.storage import gc
 from mirror.storage.blobs import BlobStore
 from mirror.storage.eviction import Housekeeper
@@ -315,7 +315,7 @@ class Admin:
         """Make sure one blob is cached; the bytes fetched from the upstream for it (0 on a hit)."""
         assert self.pull is not None
         source = await self.pull.blob(repo, digest)
-        if isinstance(source, StoredBlob):
+        if isinstance(source, StoredBlob | MemoryBlob):
             return 0
         await source.wait_beyond(1 << 62)
         if source.error is not None:

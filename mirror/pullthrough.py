@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 from aiocache import SimpleMemoryCache
+from cachetools import LRUCache
 
 from mirror.inflight import Coalescer, Fetch, InFlight
 from mirror.metrics import Metrics
@@ -41,7 +42,11 @@ from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnrea
 log = logging.getLogger(__name__)
 WRITE_BATCH = 1 << 20  # bytes gathered from the upstream before one write to the temp file
 MEMORY_TTL = 30.0  # seconds a tag record stays in memory before the index is read again
-MANIFEST_MEMORY_ITEMS = 4096
+# Hot content kept in memory, bounded in bytes (least recently used out first): manifests, and blobs up to
+# SMALL_BLOB bytes (image configs, tiny layers), which are then answered without a thread hop or a sendfile.
+MANIFEST_MEMORY_BYTES = 32 << 20
+SMALL_BLOB = 64 << 10
+SMALL_BLOB_MEMORY_BYTES = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +60,17 @@ class TagPolicy:
 class StoredBlob:
     path: Path
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryBlob:
+    """A small blob answered from memory (verified against its digest when it was read from disk)."""
+
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +136,10 @@ class PullThrough:
         self._clock = clock
         self.inflight = InFlight()
         self._tags: SimpleMemoryCache = SimpleMemoryCache(timeout=None)
-        self._manifests: dict[Digest, tuple[str, bytes]] = {}  # hot manifests; insertion order = age
+        self._manifests: LRUCache[Digest, tuple[str, bytes]] = LRUCache(
+            MANIFEST_MEMORY_BYTES, getsizeof=lambda item: len(item[1])
+        )
+        self._small_blobs: LRUCache[Digest, bytes] = LRUCache(SMALL_BLOB_MEMORY_BYTES, getsizeof=len)
         self._coalesce_tag: Coalescer[tuple[TagRecord, ManifestAnswer | None]] = Coalescer()
         self._coalesce_manifest: Coalescer[ManifestAnswer] = Coalescer()
 
@@ -138,13 +157,26 @@ class PullThrough:
         self._metrics.repos.count(str(repo), kind, result)
 
     # --- blobs: THE miss path --------------------------------------------------------------------------------
-    async def blob(self, repo: Repo, digest: Digest) -> StoredBlob | Fetch:
+    async def blob(self, repo: Repo, digest: Digest) -> StoredBlob | MemoryBlob | Fetch:
         """A stored blob (hit), or the fetch a client streams from (miss; joined if one is under way)."""
+        hot = self._small_blobs.get(digest)
+        if hot is not None:
+            self._count(repo, "blob", "hit")
+            self._usage.touch(digest)
+            return MemoryBlob(hot)
         size = await self._store.size(digest)
-        if size is not None:
+        if size is not None and size > SMALL_BLOB:
             self._count(repo, "blob", "hit")
             self._usage.touch(digest)
             return StoredBlob(self._store.path(digest), size)
+        if size is not None:
+            data = await self._store.read_verified(digest)
+            if data is not None:
+                self._count(repo, "blob", "hit")
+                self._usage.touch(digest)
+                self._small_blobs[digest] = data
+                return MemoryBlob(data)
+            await self._store.delete(digest)  # damaged on disk (logged): fetched again below
         client = self._client(repo)
         fetch, started = self.inflight.join(digest, lambda f: self._fetch_blob(client, repo, f))
         self._count(repo, "blob", "miss")
@@ -165,9 +197,12 @@ class PullThrough:
             return StoredBlob(fetch.final_path, self._store.size_sync(digest) or 0)
         return fetch
 
-    async def blob_head(self, repo: Repo, digest: Digest) -> StoredBlob | Fetch | int:
+    async def blob_head(self, repo: Repo, digest: Digest) -> StoredBlob | MemoryBlob | Fetch | int:
         """What a HEAD needs: the stored blob, the fetch under way, or the size the upstream announces. A HEAD
         never starts a download."""
+        hot = self._small_blobs.get(digest)
+        if hot is not None:
+            return MemoryBlob(hot)
         size = await self._store.size(digest)
         if size is not None:
             return StoredBlob(self._store.path(digest), size)
@@ -250,9 +285,8 @@ class PullThrough:
         return record.media_type, data
 
     def _remember(self, digest: Digest, media_type: str, data: bytes) -> None:
-        self._manifests[digest] = (media_type, data)
-        if len(self._manifests) > MANIFEST_MEMORY_ITEMS:
-            del self._manifests[next(iter(self._manifests))]
+        if len(data) <= MANIFEST_MEMORY_BYTES // 8:
+            self._manifests[digest] = (media_type, data)
 
     async def _manifest_by_digest(self, repo: Repo, digest: Digest) -> ManifestAnswer:
         stored = await self._stored_manifest(digest)

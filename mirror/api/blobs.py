@@ -17,7 +17,7 @@ from mirror.api.keys import METRICS, RESOLVE, USAGE
 from mirror.api.ranges import parse_range
 from mirror.inflight import Fetch
 from mirror.oci.reference import Digest, Repo
-from mirror.pullthrough import StoredBlob
+from mirror.pullthrough import MemoryBlob, StoredBlob
 
 log = logging.getLogger(__name__)
 BLOB_TYPE = "application/octet-stream"
@@ -87,7 +87,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 async def _get_blob(request: web.Request, repo: Repo, digest: Digest) -> web.StreamResponse:
     pull = content_for(request.app, repo)
     if request.method == "HEAD":
-        source: StoredBlob | Fetch | int = await pull.blob_head(repo, digest)
+        source: StoredBlob | MemoryBlob | Fetch | int = await pull.blob_head(repo, digest)
     else:
         source = await pull.blob(repo, digest)
     if isinstance(source, int):  # HEAD of a blob we do not hold: the size the upstream announced
@@ -103,6 +103,10 @@ async def _get_blob(request: web.Request, repo: Repo, digest: Digest) -> web.Str
         if source.final_path is None:
             raise ConnectionResetError("upstream fetch failed")
         source = StoredBlob(source.final_path, source.written)
+    if isinstance(source, MemoryBlob):
+        return memory_response(request, repo, digest, source.data)
+    if isinstance(source, StoredBlob) and _etag_matches(request.headers.get(hdrs.IF_NONE_MATCH), digest):
+        return web.Response(status=304, headers={**blob_headers(digest), "ETag": f'"{digest}"'})
     if isinstance(source, StoredBlob):
         rng = parse_range(request.headers.get(hdrs.RANGE), source.size)
         count = source.size if rng is None else rng[1] - rng[0]
@@ -111,6 +115,30 @@ async def _get_blob(request: web.Request, repo: Repo, digest: Digest) -> web.Str
             request.app[METRICS].repos.served(str(repo), "cache", count)
         return BlobFileResponse(source.path, digest, headers=blob_headers(digest), chunk_size=1 << 20)
     return await stream_fetch(request, repo, digest, source)
+
+
+def memory_response(request: web.Request, repo: Repo, digest: Digest, data: bytes) -> web.Response:
+    """A small blob from memory, with the same headers, Range and conditional GET as a file answer."""
+    headers = blob_headers(digest)
+    headers["ETag"] = f'"{digest}"'
+    if _etag_matches(request.headers.get(hdrs.IF_NONE_MATCH), digest):
+        return web.Response(status=304, headers=headers)
+    rng = parse_range(request.headers.get(hdrs.RANGE), len(data))
+    status, body = 200, data
+    if rng is not None:
+        status, body = 206, data[rng[0] : rng[1]]
+        headers["Content-Range"] = f"bytes {rng[0]}-{rng[1] - 1}/{len(data)}"
+    if request.method == "GET":
+        request.app[METRICS].blob_bytes_served.labels(repo.registry, "cache").inc(len(body))
+        request.app[METRICS].repos.served(str(repo), "cache", len(body))
+    return web.Response(status=status, body=body, headers=headers)
+
+
+def _etag_matches(header: str | None, digest: Digest) -> bool:
+    if not header:
+        return False
+    wanted = str(digest)
+    return any(tag.strip().removeprefix("W/").strip('"') in (wanted, "*") for tag in header.split(","))
 
 
 async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: Fetch) -> web.StreamResponse:

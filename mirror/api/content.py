@@ -12,14 +12,14 @@ from mirror.api.keys import LOCAL, PULL
 from mirror.inflight import Fetch
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
 from mirror.oci.reference import Digest, Repo, Tag
-from mirror.pullthrough import ManifestAnswer, StoredBlob
+from mirror.pullthrough import ManifestAnswer, MemoryBlob, StoredBlob
 from mirror.upstream.client import ManifestHead
 
 
 class Content(Protocol):
-    async def blob(self, repo: Repo, digest: Digest) -> StoredBlob | Fetch: ...
+    async def blob(self, repo: Repo, digest: Digest) -> StoredBlob | MemoryBlob | Fetch: ...
 
-    async def blob_head(self, repo: Repo, digest: Digest) -> StoredBlob | Fetch | int: ...
+    async def blob_head(self, repo: Repo, digest: Digest) -> StoredBlob | MemoryBlob | Fetch | int: ...
 
     async def manifest(self, repo: Repo, ref: Tag | Digest, accepted: frozenset[str]) -> ManifestAnswer: ...
 

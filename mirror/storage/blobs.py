@@ -198,6 +198,22 @@ class BlobStore:
 
         return await asyncio.to_thread(_read)
 
+    async def read_verified(self, digest: Digest) -> bytes | None:
+        """Whole content of a small blob, checked against its digest (None if missing or damaged on disk), for
+        the in-memory cache of small blobs: what is kept in memory was verified when it was read."""
+
+        def _read() -> bytes | None:
+            try:
+                data = self.path(digest).read_bytes()
+            except FileNotFoundError:
+                return None
+            if hashlib.new(digest.algorithm, data).hexdigest() != digest.hex:
+                log.error("blob %s on disk does not match its digest; run `mirror verify`", digest)
+                return None
+            return data
+
+        return await asyncio.to_thread(_read)
+
     def writer(self, algorithm: str = "sha256") -> BlobWriter:
         return BlobWriter(self, algorithm)
 
