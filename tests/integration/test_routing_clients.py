@@ -18,6 +18,7 @@ Every pull is checked against the upstream it must have come from (its access lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import urllib.error
@@ -111,29 +112,30 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     htpasswd = root / "htpasswd"
     htpasswd.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
     (root / "password").write_text(PASSWORD + "\n")
-    hub = start_registry(root / "hub", access_log=True)
-    ghcr = start_registry(root / "ghcr", access_log=True)
-    private = start_registry(root / "private", access_log=True, htpasswd=htpasswd)
-    tokens = ThreadedFake(FakeRegistry())
-    tokens.fake.faults.token_auth = True
-    config = root / "mirror.toml"
-    config.write_text(
-        f'[[upstreams]]\nregistry = "docker.io"\nurl = "{hub[1]}"\ndefault = true\n\n'
-        f'[[upstreams]]\nregistry = "{GHCR}"\nurl = "{ghcr[1]}"\n\n'
-        f'[[upstreams]]\nregistry = "{PRIVATE}"\nurl = "{private[1]}"\nusername = "{USER}"\n'
-        f'password_file = "{root / "password"}"\n\n'
-        f'[[upstreams]]\nregistry = "{TOKENS}"\nurl = "{tokens.url}"\n'
-    )
-    mirror = Mirror(root / "data", hub[1], "--config", str(config), log=root / "mirror.log")
-    proxy = CuttingProxy(("127.0.0.1", mirror.port))
-    try:
+    with contextlib.ExitStack() as stack:
+        started = {}
+        for name in ("hub", "ghcr", "private"):
+            started[name] = start_registry(
+                root / name, access_log=True, htpasswd=htpasswd if name == "private" else None
+            )
+            stack.callback(started[name][0].stop)
+        hub, ghcr, private = started["hub"], started["ghcr"], started["private"]
+        tokens = ThreadedFake(FakeRegistry())
+        stack.callback(tokens.close)
+        tokens.fake.faults.token_auth = True
+        config = root / "mirror.toml"
+        config.write_text(
+            f'[[upstreams]]\nregistry = "docker.io"\nurl = "{hub[1]}"\ndefault = true\n\n'
+            f'[[upstreams]]\nregistry = "{GHCR}"\nurl = "{ghcr[1]}"\n\n'
+            f'[[upstreams]]\nregistry = "{PRIVATE}"\nurl = "{private[1]}"\nusername = "{USER}"\n'
+            f'password_file = "{root / "password"}"\n\n'
+            f'[[upstreams]]\nregistry = "{TOKENS}"\nurl = "{tokens.url}"\n'
+        )
+        mirror = Mirror(root / "data", hub[1], "--config", str(config), log=root / "mirror.log")
+        stack.callback(mirror.stop)
+        proxy = CuttingProxy(("127.0.0.1", mirror.port))
+        stack.callback(proxy.close)
         yield World(hub, ghcr, private, tokens, mirror, proxy)
-    finally:
-        proxy.close()
-        mirror.stop()
-        tokens.close()
-        for service, _ in (hub, ghcr, private):
-            service.stop()
 
 
 def image_on(registry: str, repo: str, label: str) -> Image:

@@ -171,7 +171,11 @@ def start_registry(workdir: Path, access_log: bool = False, htpasswd: Path | Non
     )
     service = Service([binary, "serve", str(config)], workdir / "registry.log")
     url = f"http://127.0.0.1:{port}"
-    service.wait_ready(url + "/v2/", also=(401,) if htpasswd else ())
+    try:
+        service.wait_ready(url + "/v2/", also=(401,) if htpasswd else ())
+    except BaseException:
+        service.stop()
+        raise
     return service, url
 
 
