@@ -3,9 +3,11 @@ faster than any server here), wrk for request rates, parallel ``skopeo copy``, a
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -146,6 +148,44 @@ def wrk(
         errors += sum(int(n) for n in socket_errors.groups())
     p50 = re.search(r"50%\s+([\d.]+[a-z]+)", out)
     return Rate(rps, total, errors, _ms(p50.group(1)) if p50 else 0.0)
+
+
+# --- HEAD: wrk 4.1 waits for a body after a HEAD answer with a Content-Length, so HEADs get this client ---------
+def head_rate(url: str, seconds: float, connections: int = 32, headers: dict[str, str] | None = None) -> Rate:
+    """Keep-alive ``HEAD`` requests on ``connections`` connections (asyncio, raw sockets, one request in flight per
+    connection, like wrk) for ``seconds``. Its own ceiling is measured against nginx by the caller."""
+    return asyncio.run(_head_rate(url, seconds, connections, headers or {}))
+
+
+async def _head_rate(url: str, seconds: float, connections: int, headers: dict[str, str]) -> Rate:
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = f"HEAD {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{extra}\r\n".encode()
+    deadline = time.perf_counter() + seconds
+    counts = {"ok": 0, "bad": 0}
+    latencies: list[float] = []
+
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+        try:
+            while time.perf_counter() < deadline:
+                sent = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                if len(latencies) < 100_000:
+                    latencies.append(time.perf_counter() - sent)
+                counts["ok" if head[9:10] in (b"2", b"3") else "bad"] += 1
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(connection() for _ in range(connections)), return_exceptions=True)
+    elapsed = time.perf_counter() - started
+    errors = counts["bad"] + sum(1 for r in results if isinstance(r, BaseException))
+    total = counts["ok"] + counts["bad"]
+    p50 = statistics.median(latencies) * 1000 if latencies else 0.0
+    return Rate(total / elapsed, total, errors, p50)
 
 
 # --- skopeo ------------------------------------------------------------------------------------------------------
