@@ -104,6 +104,17 @@ def table(doc: dict[str, Any]) -> str:
                 f"| {r['name']} | {r['unit']} | {_num(r['mirror'])} | {_num(r['proxy'])} | {ref} | "
                 f"{_ratio(r['mirror'], r['proxy'])} | {_ratio(r['mirror'], r['ref'])} | {r['target']} | {met} |"
             )
+    cpu = [r for rows in doc["workloads"].values() for r in rows if r.get("cpu_s_per_gib")]
+    if cpu:
+        lines += [
+            "",
+            "| server CPU seconds per GiB sent | mirror | Distribution proxy | reference |",
+            "|---|---:|---:|---:|",
+        ]
+        for r in cpu:
+            c = r["cpu_s_per_gib"]
+            lines.append(f"| {r['name']} | {_num(c.get('mirror'))} | {_num(c.get('proxy'))} | "
+                         f"{_num(c.get(r['ref_name']))} ({r['ref_name']}) |")  # fmt: skip
     m = doc["machine"]
     v = doc["versions"]
     lines.append("")

@@ -112,6 +112,14 @@ class Servers:
     def pid(self, name: str) -> int:
         return {"mirror": self.mirror.proc.pid, "proxy": self.proxy.proc.pid}[name]
 
+    def cpu_seconds(self, name: str) -> float:
+        """User + system CPU time the server has used so far (nginx: its master and worker)."""
+        service = {"mirror": self.mirror, "proxy": self.proxy, "upstream": self.upstream, "nginx": self.nginx}[name]
+        pids = [service.proc.pid]
+        if name == "nginx":
+            pids += children(service.proc.pid)
+        return sum(cpu_seconds(pid) for pid in pids)
+
     def nginx_blob_url(self, digest: str) -> str:
         algo, hexpart = digest.split(":", 1)
         return f"{self.nginx_url}/blobs/{algo}/{hexpart[:2]}/{hexpart}"
@@ -120,6 +128,28 @@ class Servers:
         for service in (self.nginx, self.proxy, self.mirror, self.upstream):
             with contextlib.suppress(Exception):
                 service.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue
+    return found
 
 
 def start_all(work: Path, mirror_flags: list[str]) -> Servers:

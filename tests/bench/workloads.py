@@ -108,10 +108,13 @@ def cached(servers: Servers, plan: Plan, work: Path) -> list[dict[str, Any]]:
     rows = []
     for clients in (1, 8):
         samples: dict[str, list[float]] = {"mirror": [], "proxy": [], "nginx": []}
+        cpu: dict[str, list[float]] = {"mirror": [], "proxy": [], "nginx": []}
         for order in orders(plan.rounds, ("mirror", "proxy", "nginx")):
             for name in order:
+                before = servers.cpu_seconds(name)
                 result = parallel_get(urls[name], clients, expect=plan.cached_size)
                 samples[name].append(result.throughput / 1e9)
+                cpu[name].append((servers.cpu_seconds(name) - before) / (result.bytes / GiB))
             say(f"cached x{clients}: " + ", ".join(f"{n} {samples[n][-1]:.2f} GB/s" for n in order))
         m, p, n = (median(samples[k]) for k in ("mirror", "proxy", "nginx"))
         rows.append(
@@ -125,6 +128,7 @@ def cached(servers: Servers, plan: Plan, work: Path) -> list[dict[str, Any]]:
                 "nginx",
             )  # fmt: skip
         )
+        rows[-1]["cpu_s_per_gib"] = {k: median(v) for k, v in cpu.items()}
     return rows
 
 
@@ -132,15 +136,18 @@ def cached(servers: Servers, plan: Plan, work: Path) -> list[dict[str, Any]]:
 def cold(servers: Servers, plan: Plan, work: Path) -> list[dict[str, Any]]:
     repo = "bench/cold"
     samples: dict[str, list[float]] = {"mirror": [], "proxy": [], "upstream": []}
+    cpu: dict[str, list[float]] = {"mirror": [], "proxy": [], "upstream": []}
     for order in orders(plan.rounds, ("mirror", "proxy", "upstream")):
         digest = push_random_blob(servers.upstream_url, repo, plan.cold_size)
         for name in order:
             settle()
+            before = {n: servers.cpu_seconds(n) for n in cpu}
             result = parallel_get(blob_url(servers.url(name), repo, digest), 1, expect=plan.cold_size)
             samples[name].append(result.throughput / 1e9)
+            cpu[name].append((servers.cpu_seconds(name) - before[name]) / (result.bytes / GiB))
         say("cold: " + ", ".join(f"{n} {samples[n][-1]:.2f} GB/s" for n in order))
     m, u = median(samples["mirror"]), median(samples["upstream"])
-    return [
+    rows = [
         row(
             f"cold {plan.cold_size // MiB} MiB blob, 1 client",
             "GB/s",
@@ -151,10 +158,12 @@ def cold(servers: Servers, plan: Plan, work: Path) -> list[dict[str, Any]]:
             "upstream",
         )  # fmt: skip
     ]
+    rows[0]["cpu_s_per_gib"] = {k: median(v) for k, v in cpu.items()}
+    return rows
 
 
 # --- a herd of cold GETs of one blob: wall time and upstream GETs -------------------------------------------------
-def upstream_gets(servers: Servers, digest: str, before: int = -1) -> int:
+def upstream_gets(servers: Servers, digest: str) -> int:
     """The upstream's GET count for ``digest``, once its access log has settled (lines are written after each
     response, which may be just after our clients got their last byte)."""
     deadline = time.monotonic() + 5
