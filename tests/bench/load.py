@@ -135,7 +135,7 @@ def wrk(
         script.write("\n".join(lines) + "\n")
     try:
         out = subprocess.run(
-            [binary, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", script.name, url],
+            [binary, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", script.name, url],
             capture_output=True, text=True, timeout=seconds + 60, check=True,
         ).stdout  # fmt: skip
     finally:
