@@ -17,7 +17,7 @@ from tests.bench.servers import start_all
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, one round each: about a minute")
-    parser.add_argument("--rounds", type=int, help="A B rounds per workload (median taken); default 3, quick 1")
+    parser.add_argument("--rounds", type=int, help="A B rounds per workload (median taken); default 5, quick 1")
     parser.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
     parser.add_argument("--work-dir", help="parent of the temporary data dir (default: the system temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the data dir (logs, stores) after the run")
