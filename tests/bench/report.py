@@ -121,6 +121,6 @@ def table(doc: dict[str, Any]) -> str:
     lines.append(
         f"{m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB; load average at the end {m['load_average_at_end']}; "
         f"mirror {v['mirror']} on Python {v['python']}, aiohttp {v['aiohttp']}; {v['distribution']}; {v['nginx']}; "
-        f"{v['wrk']}; {v['skopeo']}. Medians of {doc['plan']['rounds']} round(s); `{doc['command']}`."
+        f"{v['wrk']}; {v['skopeo']}. Medians of {doc['plan']['rounds']} round(s) (herds: at most 3; memory: one run); `{doc['command']}`."
     )
     return "\n".join(lines)
