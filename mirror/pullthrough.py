@@ -32,7 +32,7 @@ from mirror.metrics import Metrics
 from mirror.oci import errors
 from mirror.oci.mediatypes import DEFAULT_ACCEPT, MANIFEST_TYPES, accepts, upstream_accept
 from mirror.oci.reference import Digest, Repo, Tag
-from mirror.storage.base import BlobStorage, MetadataIndex, UsageRecorder
+from mirror.storage.base import BlobStorage, BlobWriterLike, MetadataIndex, UsageRecorder
 from mirror.storage.blobs import DiskFull
 from mirror.storage.index import ManifestRecord, TagRecord
 from mirror.storage.usage import NullUsage
@@ -41,6 +41,7 @@ from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnrea
 
 log = logging.getLogger(__name__)
 WRITE_BATCH = 1 << 20  # bytes gathered from the upstream before one write to the temp file
+WRITE_AHEAD = 8  # batches read from the upstream while earlier ones are still being written (and hashed)
 MEMORY_TTL = 30.0  # seconds a tag record stays in memory before the index is read again
 # Hot content kept in memory, bounded in bytes (least recently used out first): manifests, and blobs up to
 # SMALL_BLOB bytes (image configs, tiny layers), which are then answered without a thread hop or a sendfile.
@@ -233,10 +234,7 @@ class PullThrough:
                 await self._store.check_space(resp.content_length)  # DiskFull -> a clear 507, not a cut body
                 self._usage.expect(expected := resp.content_length)
                 fetch.begin(resp.content_length, writer.temp_path)
-                async for chunk in _batched(resp.content):
-                    await writer.write(chunk)
-                    fetch.advance(writer.written)
-                    self._metrics.upstream_bytes_fetched.labels(repo.registry).inc(len(chunk))
+                await _pump(resp.content, writer, fetch, self._metrics.upstream_bytes_fetched.labels(repo.registry))
             try:
                 await writer.commit(digest, fetch.size)
             except Exception as exc:
@@ -458,6 +456,52 @@ class PullThrough:
             raise errors.UpstreamBadGateway("the upstream's referrers answer is not an image index")
         body["manifests"] = [m for m in body["manifests"] if isinstance(m, dict)]
         return body, filtered
+
+
+async def _pump(content: aiohttp.StreamReader, writer: BlobWriterLike, fetch: Fetch, fetched: Any) -> None:
+    """Upstream body -> temp file, reading the next batches while earlier ones are written and hashed in a
+    thread (at most WRITE_AHEAD batches in memory), so the network and the disk work at the same time. If
+    reading fails, the write under way is let finish (a thread cannot be stopped) before the error goes up, so
+    the caller's abort never races a write."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue(WRITE_AHEAD)
+    stop = False
+
+    async def write_all() -> None:
+        while (chunk := await queue.get()) and not stop:
+            await writer.write(chunk)
+            fetch.advance(writer.written)
+            fetched.inc(len(chunk))
+
+    writing = asyncio.create_task(write_all())
+    try:
+        async for chunk in _batched(content):
+            if not await _put(queue, chunk, writing):
+                break  # the write failed: its error is raised below
+        await _put(queue, b"", writing)
+        await writing
+    finally:
+        if not writing.done():
+            stop = True
+            if not queue.full():
+                queue.put_nowait(b"")
+            await asyncio.wait((writing,))
+        if not writing.cancelled() and writing.exception() is not None:
+            log.debug("write stopped: %s", writing.exception())
+
+
+async def _put(queue: asyncio.Queue[bytes], chunk: bytes, writing: asyncio.Task[None]) -> bool:
+    """Queue ``chunk`` for the writer; False if the writer ended (it failed) instead."""
+    if writing.done():
+        return False
+    if not queue.full():
+        queue.put_nowait(chunk)
+        return True
+    put = asyncio.ensure_future(queue.put(chunk))
+    await asyncio.wait((put, writing), return_when=asyncio.FIRST_COMPLETED)
+    if not put.done():
+        put.cancel()
+        return False
+    return True
 
 
 async def _batched(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
