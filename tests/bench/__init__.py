@@ -1,0 +1,1 @@
+"""The benchmark harness: ``python -m tests.bench [--quick]``. Not part of the test run (no ``test_*`` files)."""
