@@ -155,19 +155,25 @@ class Service:
         self._logfile.close()
 
 
-def start_registry(workdir: Path, access_log: bool = False, htpasswd: Path | None = None) -> tuple[Service, str]:
+def start_registry(
+    workdir: Path, access_log: bool = False, htpasswd: Path | None = None, proxy_of: str | None = None
+) -> tuple[Service, str]:
     """CNCF Distribution (Debian ``docker-registry``) on a free loopback port, storing under ``workdir``. With
     ``access_log`` its log (``workdir/registry.log``) lists every request, for ``upstream_requests``; with
-    ``htpasswd`` (bcrypt entries) every request needs Basic credentials."""
+    ``htpasswd`` (bcrypt entries) every request needs Basic credentials; with ``proxy_of`` (a URL) it is a
+    pull-through cache of that registry (Distribution's proxy mode, with its usual in-memory blob descriptor
+    cache)."""
     binary = require("docker-registry")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "registry.yml"
     auth = f"auth:\n  htpasswd:\n    realm: upstream\n    path: {htpasswd}\n" if htpasswd else ""
+    storage_cache = "  cache:\n    blobdescriptor: inmemory\n" if proxy_of else ""
     config.write_text(
         f"version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: {str(not access_log).lower()}\n"
         f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'storage'}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n{auth}"
+        f"{storage_cache}http:\n  addr: 127.0.0.1:{port}\n{auth}"
+        + (f"proxy:\n  remoteurl: {proxy_of}\n" if proxy_of else "")
     )
     service = Service([binary, "serve", str(config)], workdir / "registry.log")
     url = f"http://127.0.0.1:{port}"
