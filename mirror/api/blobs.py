@@ -12,6 +12,7 @@ from typing import IO, Any
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
+from mirror.api import sendfile
 from mirror.api.content import content_for
 from mirror.api.keys import METRICS, RESOLVE, USAGE
 from mirror.api.ranges import parse_range
@@ -43,6 +44,17 @@ class BlobFileResponse(web.FileResponse):
         """Call ``release`` once the file is sent (or the response is dropped unsent)."""
         self._release = release
         weakref.finalize(self, release)
+
+    async def _sendfile(self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int) -> AbstractStreamWriter:
+        """aiohttp's own, but with the copying done by worker threads (``api.sendfile``) on plain connections."""
+        transport = request.transport
+        if transport is None or not sendfile.usable(transport):
+            return await super()._sendfile(request, fobj, offset, count)
+        writer = await web.StreamResponse.prepare(self, request)
+        assert writer is not None
+        await sendfile.send_file(transport, fobj, offset, count)
+        await web.StreamResponse.write_eof(self)
+        return writer
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         try:
@@ -217,6 +229,9 @@ async def send_part(
 ) -> None:
     """``count`` bytes of the file from ``offset`` to the client: sendfile where the loop has it, else (uvloop
     has no ``loop.sendfile``) reads of up to 1 MiB in a thread, so memory stays bounded."""
+    if sendfile.usable(transport):
+        await sendfile.send_file(transport, fileobj, offset, count)
+        return
     if type(loop) not in _NO_SENDFILE:
         try:
             await loop.sendfile(transport, fileobj, offset, count)
