@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -18,10 +19,10 @@ from mirror.api.access_log import AccessLogger
 from mirror.api.admin import ADMIN, READY
 from mirror.api.admin import add_routes as add_admin_routes
 from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, USAGE
-from mirror.api.middleware import add_api_version, registry_errors, request_metrics
+from mirror.api.middleware import add_api_version, refuse_loops, registry_errors, request_metrics
 from mirror.api.routes import add_routes
 from mirror.auth import Access, AccessSettings, Htpasswd, HtpasswdError
-from mirror.config import Config, ConfigError, UpstreamConfig, cache_config
+from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, cache_config
 from mirror.metrics import CacheSnapshot, Metrics
 from mirror.notify import Endpoint, Notifier
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
@@ -43,7 +44,13 @@ log = logging.getLogger(__name__)
 USER_AGENT = "mirror/0.1 (+pull-through registry cache)"
 
 
-def upstream_client(upstream: UpstreamConfig, registry: str, metrics: Metrics) -> UpstreamClient:
+def upstream_client(
+    upstream: UpstreamConfig,
+    registry: str,
+    metrics: Metrics,
+    max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
+    loop_id: str = "",
+) -> UpstreamClient:
     secret = upstream.secret()
     credentials = Credentials(upstream.username, secret) if upstream.username and secret is not None else None
     settings = UpstreamSettings(
@@ -56,12 +63,16 @@ def upstream_client(upstream: UpstreamConfig, registry: str, metrics: Metrics) -
         ratelimit_threshold=upstream.ratelimit_threshold,
         ratelimit_pause=upstream.ratelimit_pause,
         user_agent=USER_AGENT,
+        max_blob_size=max_blob_size,
+        min_rate=upstream.min_rate,
+        rate_window=upstream.rate_window,
+        loop_id=loop_id,
     )
     return UpstreamClient(settings, metrics)
 
 
 def build_upstreams(
-    config: Config, metrics: Metrics
+    config: Config, metrics: Metrics, loop_id: str = ""
 ) -> tuple[dict[str, UpstreamClient], dict[str, TagPolicy], Upstreams]:
     """A client and a tag policy per configured upstream, and the routing set over them. The two dicts are
     shared with the pull-through service, so a wildcard host's client added later is seen there too."""
@@ -71,7 +82,7 @@ def build_upstreams(
     wildcard = next((u for u in config.upstreams if u.wildcard), None)
 
     def add(registry: str, upstream: UpstreamConfig) -> None:
-        clients[registry] = upstream_client(upstream, registry, metrics)
+        clients[registry] = upstream_client(upstream, registry, metrics, config.max_blob_size, loop_id)
         policies[registry] = TagPolicy(upstream.tag_ttl, upstream.max_stale, upstream.timeout)
 
     for upstream in config.upstreams:
@@ -155,10 +166,11 @@ def create_app(config: Config) -> web.Application:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = BlobStore(config.data_dir)
     index = Index(config.data_dir)
-    clients, policies, registries = build_upstreams(config, metrics)
+    loop_id = secrets.token_hex(8)  # marks this process's upstream requests: one that comes back is a loop
+    clients, policies, registries = build_upstreams(config, metrics, loop_id)
     metrics.prime(clients)
     usage = Usage(config.data_dir)
-    pull = PullThrough(store, index, clients, policies, metrics, usage=usage)
+    pull = PullThrough(store, index, clients, policies, metrics, usage=usage, cache_size=config.cache_size)
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
 
     local = build_local(config, store, index, metrics, registries)
@@ -167,7 +179,7 @@ def create_app(config: Config) -> web.Application:
         # Local (pushed) repositories first: they are authoritative for their names (README "Pushing images").
         return local.local(name, ns) or registries.admit(route(name, ns, registries))
 
-    app = web.Application(middlewares=[request_metrics, registry_errors, check_access])
+    app = web.Application(middlewares=[request_metrics, registry_errors, refuse_loops(loop_id), check_access])
     app[METRICS] = metrics
     app[PULL] = pull
     app[RESOLVE] = resolve

@@ -54,6 +54,9 @@ def serve_options(parser: argparse.ArgumentParser) -> None:
         help="seconds past its TTL a tag may still be served while the upstream is down (default 0 = no limit)",
     )
     parser.add_argument(
+        "--max-blob-size", help="largest blob pulled through, e.g. 16GiB (default); larger ones get a 502"
+    )
+    parser.add_argument(
         "--upstream-timeout",
         type=float,
         help="seconds to wait for the upstream before answering from the cache or failing (default 10)",

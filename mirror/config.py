@@ -19,6 +19,7 @@ DOCKER_HUB_URL = "https://registry-1.docker.io"
 # Five minutes: long enough that a CI burst pulling the same tag asks the upstream once, short enough that a
 # re-pushed tag is seen soon. 0 revalidates on every request (one HEAD, which Docker Hub does not count).
 DEFAULT_TAG_TTL = 300.0
+DEFAULT_MAX_BLOB_SIZE = 16 << 30
 # ``[[upstreams]] registry = "*"``: any registry host matching its ``allow_hosts`` patterns (off unless configured).
 WILDCARD = "*"
 
@@ -46,6 +47,8 @@ class UpstreamConfig:
     ratelimit_threshold: int = 10  # below this many pulls left (ratelimit-remaining), stop revalidating tags...
     ratelimit_pause: float = 600.0  # ...for this many seconds (after a 429: Retry-After, or this)
     allow_hosts: tuple[str, ...] = ()  # only for registry = "*": the registry hosts the wildcard may reach
+    min_rate: float = 4096.0  # bytes/s a blob download must average over each rate_window, or it is cut...
+    rate_window: float = 30.0  # ...seconds (0 for either: no floor)
 
     @property
     def wildcard(self) -> bool:
@@ -84,6 +87,7 @@ class Config:
     log_format: str = "text"
     uvloop: bool = False
     cache_size: int = 0  # bytes of pulled-through content to keep; 0 = no limit (see CacheConfig)
+    max_blob_size: int = DEFAULT_MAX_BLOB_SIZE  # larger blobs are refused (announced) or cut (unannounced)
     admin_api: bool = False  # serve the JSON admin API under /admin/v1/
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections other modules own (push, cache, ...)
     # Local pushes, access control, TLS and webhooks (README "Pushing images").
@@ -120,6 +124,7 @@ UPSTREAM_KEYS = {
     "upstream_timeout": "timeout",
 }
 TOP_KEYS = {"add_upstream", "listen", "data_dir", "log_level", "log_format", "uvloop", "cache_size", "admin_api"}
+TOP_KEYS.add("max_blob_size")
 # Local pushes and access (strings from flags/environment are converted in _push_settings).
 PUSH_KEYS = {
     "htpasswd",
@@ -164,7 +169,7 @@ def _upstream_from_table(table: Mapping[str, Any]) -> UpstreamConfig:
     if table.get("registry") == WILDCARD:
         table = {"url": "https://{registry}", **table}
     values = dict(table)
-    for key in ("tag_ttl", "max_stale", "timeout", "ratelimit_pause"):
+    for key in ("tag_ttl", "max_stale", "timeout", "ratelimit_pause", "min_rate", "rate_window"):
         if key in values:
             values[key] = float(values[key])
     for key in ("max_connections", "ratelimit_threshold"):
@@ -225,6 +230,8 @@ def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | No
         top.pop("notify_urls", None)  # merged into notifications
         if "cache_size" in top:
             top["cache_size"] = parse_size(top["cache_size"])
+        if "max_blob_size" in top:
+            top["max_blob_size"] = parse_size(top["max_blob_size"])
         config = Config(upstreams=tuple(upstreams), extra=dict(extra), **top)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid setting: {exc}") from exc
@@ -233,6 +240,8 @@ def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | No
     config.host_port  # noqa: B018 - validates --listen
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    if config.max_blob_size <= 0:
+        raise ConfigError("max_blob_size must be a positive size, e.g. 16GiB")
     if config.anonymous_push not in ANONYMOUS_PUSH:
         raise ConfigError(f"--anonymous-push must be one of {', '.join(ANONYMOUS_PUSH)}")
     cache_config(config)  # validates the [cache] table

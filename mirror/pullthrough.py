@@ -36,6 +36,7 @@ from mirror.storage.base import BlobStorage, BlobWriterLike, MetadataIndex, Usag
 from mirror.storage.blobs import DiskFull
 from mirror.storage.index import ManifestRecord, TagRecord
 from mirror.storage.usage import NullUsage
+from mirror.upstream.bodies import BodyTooLarge, Throughput, TooSlow
 from mirror.upstream.client import ManifestHead, UpstreamClient
 from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
 
@@ -104,9 +105,11 @@ def upstream_failure(exc: BaseException) -> errors.RegistryError:
     if isinstance(exc, UpstreamInvalid):
         return errors.UpstreamBadGateway(f"the upstream sent invalid content: {exc}")
     if isinstance(exc, DiskFull):
-        return errors.InsufficientStorage("the mirror's disk is full; the content was not cached")
+        return errors.InsufficientStorage(f"the mirror's disk is full; the content was not cached: {exc}")
+    if isinstance(exc, TooSlow):
+        return errors.UpstreamUnavailable(f"the upstream is too slow: {exc}")
     if isinstance(exc, UpstreamUnreachable | TimeoutError | aiohttp.ClientError | OSError):
-        return errors.UpstreamUnavailable(f"the upstream registry could not be reached: {exc}")
+        return errors.UpstreamUnavailable(f"the upstream registry could not be reached: {str(exc) or 'timed out'}")
     return errors.RegistryError(f"fetch failed: {exc!r}")
 
 
@@ -127,7 +130,9 @@ class PullThrough:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         usage: UsageRecorder | None = None,
+        cache_size: int = 0,  # the cache's cap (0: none): a blob without Content-Length may not grow past it
     ):
+        self._cache_size = cache_size
         self._store = store
         self._usage: UsageRecorder = usage or NullUsage()
         self._index = index
@@ -230,11 +235,15 @@ class PullThrough:
         writer = await asyncio.to_thread(self._store.writer, digest.algorithm)
         expected: int | None = None
         try:
+            # A Content-Length past max_blob_size is refused by client.blob before any byte is read.
             async with client.blob(repo.path, digest) as resp:
                 await self._store.check_space(resp.content_length)  # DiskFull -> a clear 507, not a cut body
+                bound = await self._size_bound(client, resp.content_length)
                 self._usage.expect(expected := resp.content_length)
                 fetch.begin(resp.content_length, writer.temp_path)
-                await _pump(resp.content, writer, fetch, self._metrics.upstream_bytes_fetched.labels(repo.registry))
+                floor = Throughput(client.settings.min_rate, client.settings.rate_window)
+                fetched = self._metrics.upstream_bytes_fetched.labels(repo.registry)
+                await _pump(resp.content, writer, fetch, fetched, floor, bound)
             try:
                 await writer.commit(digest, fetch.size)
             except Exception as exc:
@@ -250,6 +259,22 @@ class PullThrough:
         finally:
             self._usage.expect(-expected if expected else None)
             self._metrics.inflight_fetches.dec()
+
+    async def _size_bound(self, client: UpstreamClient, announced: int | None) -> tuple[int, Exception]:
+        """How far a body may grow, and the error past that: its Content-Length (aiohttp reads no further), or
+        without one the least of max_blob_size, the cache's cap and the disk's free space."""
+        if announced is not None:
+            return announced, UpstreamInvalid("body longer than its Content-Length")
+        bounds: list[tuple[int, Exception]] = [
+            (client.settings.max_blob_size, BodyTooLarge("blob", client.settings.max_blob_size, "max_blob_size")),
+            (
+                free := await self._store.free_space(),
+                DiskFull(f"blob without Content-Length outgrew the {free} bytes free"),
+            ),
+        ]
+        if self._cache_size:
+            bounds.append((self._cache_size, DiskFull(f"blob larger than the whole cache ({self._cache_size} bytes)")))
+        return min(bounds, key=lambda bound: bound[0])
 
     # --- manifests -------------------------------------------------------------------------------------------
     async def manifest(self, repo: Repo, ref: Tag | Digest, accepted: frozenset[str]) -> ManifestAnswer:
@@ -458,13 +483,23 @@ class PullThrough:
         return body, filtered
 
 
-async def _pump(content: aiohttp.StreamReader, writer: BlobWriterLike, fetch: Fetch, fetched: Any) -> None:
+async def _pump(
+    content: aiohttp.StreamReader,
+    writer: BlobWriterLike,
+    fetch: Fetch,
+    fetched: Any,
+    floor: Throughput,
+    bound: tuple[int, Exception],
+) -> None:
     """Upstream body -> temp file, reading the next batches while earlier ones are written and hashed in a
     thread (at most WRITE_AHEAD batches in memory), so the network and the disk work at the same time. If
     reading fails, the write under way is let finish (a thread cannot be stopped) before the error goes up, so
-    the caller's abort never races a write."""
+    the caller's abort never races a write. The body may not grow past ``bound`` (its error is raised then) nor
+    arrive slower than ``floor`` allows (TooSlow)."""
     queue: asyncio.Queue[bytes] = asyncio.Queue(WRITE_AHEAD)
     stop = False
+    limit, too_big = bound
+    received = 0
 
     async def write_all() -> None:
         while (chunk := await queue.get()) and not stop:
@@ -474,9 +509,14 @@ async def _pump(content: aiohttp.StreamReader, writer: BlobWriterLike, fetch: Fe
 
     writing = asyncio.create_task(write_all())
     try:
-        async for chunk in _batched(content):
-            if not await _put(queue, chunk, writing):
-                break  # the write failed: its error is raised below
+        async with floor:
+            async for chunk in _batched(content):
+                received += len(chunk)
+                if received > limit:
+                    raise too_big
+                floor.advance(len(chunk))
+                if not await _put(queue, chunk, writing):
+                    break  # the write failed: its error is raised below
         await _put(queue, b"", writing)
         await writing
     finally:

@@ -18,7 +18,7 @@ from mirror.api.keys import METRICS, RESOLVE, USAGE
 from mirror.api.ranges import parse_range
 from mirror.inflight import Fetch
 from mirror.oci.reference import Digest, Repo
-from mirror.pullthrough import MemoryBlob, StoredBlob
+from mirror.pullthrough import MemoryBlob, StoredBlob, upstream_failure
 
 log = logging.getLogger(__name__)
 BLOB_TYPE = "application/octet-stream"
@@ -117,8 +117,8 @@ async def _get_blob(request: web.Request, repo: Repo, digest: Digest) -> web.Str
     if isinstance(source, Fetch) and source.size is None:
         # No Content-Length from the upstream: wait for the end and serve the file (rare; registries send it).
         await source.wait_beyond(1 << 62)
-        if source.final_path is None:
-            raise ConnectionResetError("upstream fetch failed")
+        if source.final_path is None:  # nothing was sent yet: a registry error (507 for a full disk), not a cut
+            raise upstream_failure(source.error or RuntimeError("the fetch ended without a result"))
         source = StoredBlob(source.final_path, source.written)
     if isinstance(source, MemoryBlob):
         return memory_response(request, repo, digest, source.data)

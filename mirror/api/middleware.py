@@ -7,10 +7,11 @@ import logging
 import time
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from mirror.api.keys import METRICS
 from mirror.oci import errors
+from mirror.upstream.client import LOOP_HEADER
 
 log = logging.getLogger(__name__)
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -48,6 +49,24 @@ async def registry_errors(request: web.Request, handler: Handler) -> web.StreamR
     except Exception:
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return error_response(errors.RegistryError("internal error; see the mirror's log"))
+
+
+def refuse_loops(loop_id: str) -> Middleware:
+    """A request carrying this mirror's own ``X-Mirror-Fetch`` id was sent by this mirror to an upstream that
+    redirected it (or is configured) back here: answer at once, or the fetch would wait on itself. The echoed
+    header tells the sending side that it met itself."""
+
+    @web.middleware
+    async def refuse(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if loop_id and request.headers.get(LOOP_HEADER) == loop_id:
+            raise errors.UpstreamBadGateway(
+                "this request came from this mirror itself: its upstream led it back here (a loop)",
+                status=508,
+                headers={LOOP_HEADER: loop_id},
+            )
+        return await handler(request)
+
+    return refuse
 
 
 @web.middleware

@@ -49,6 +49,8 @@ class BlobStorage(Protocol):
 
     async def check_space(self, size: int | None) -> None: ...
 
+    async def free_space(self) -> int: ...
+
 
 class MetadataIndex(Protocol):
     """What is known about stored content besides its bytes: manifest media types, tag -> digest records."""

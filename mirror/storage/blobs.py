@@ -253,13 +253,20 @@ class BlobStore:
                         continue
                     yield digest, entry.stat().st_size
 
+    def free_space_sync(self) -> int:
+        """Bytes the data dir's filesystem can still take (for an unprivileged writer)."""
+        stats = os.statvfs(self.tmp_dir)
+        return stats.f_bavail * stats.f_frsize
+
+    async def free_space(self) -> int:
+        return await asyncio.to_thread(self.free_space_sync)
+
     def check_space_sync(self, size: int | None) -> None:
         """Raise DiskFull before a write of ``size`` bytes that the filesystem cannot take (a clear error for
         the client instead of a cut-off body half-way through)."""
         if not size:
             return
-        stats = os.statvfs(self.tmp_dir)
-        free = stats.f_bavail * stats.f_frsize
+        free = self.free_space_sync()
         if free < size:
             raise DiskFull(f"{size} bytes needed, {free} free in {self.tmp_dir}")
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import aiohttp
 from aiocache import SimpleMemoryCache
 
-from mirror.upstream.errors import UpstreamError, UpstreamUnreachable
+from mirror.upstream.bodies import MAX_TOKEN, read_json
+from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
 
 _PARAM_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 DEFAULT_TOKEN_LIFETIME = 60
@@ -83,9 +84,13 @@ class TokenSource:
             ) as resp:
                 if resp.status != 200:
                     raise UpstreamError(resp.status, url=realm)
-                body = await resp.json(content_type=None)
+                body = await read_json(resp, MAX_TOKEN, "token endpoint answer")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamUnreachable(f"token endpoint {realm}: {exc!r}") from exc
+        except (ValueError, UpstreamInvalid) as exc:  # not JSON, or larger than any token answer
+            raise UpstreamError(
+                502, [{"code": "UNAUTHORIZED", "message": f"token endpoint: {exc}"}], url=realm
+            ) from exc
         token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
             raise UpstreamError(502, [{"code": "UNAUTHORIZED", "message": "token endpoint sent no token"}], url=realm)

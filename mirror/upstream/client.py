@@ -7,7 +7,6 @@ only ever sent to the upstream's own host (Docker Hub answers blob GETs with a 3
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -20,9 +19,18 @@ import aiohttp
 from yarl import URL
 
 from mirror.metrics import Metrics
-from mirror.oci.manifest import MAX_MANIFEST_BYTES, sniff_media_type
+from mirror.oci.manifest import sniff_media_type
 from mirror.oci.reference import Digest
 from mirror.upstream.auth import Challenge, Credentials, TokenSource, parse_challenge
+from mirror.upstream.bodies import (
+    MAX_MANIFEST,
+    MAX_REFERRERS,
+    MAX_TAG_LIST,
+    BodyTooLarge,
+    read_bounded,
+    read_error_body,
+    read_json,
+)
 from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,13 @@ class UpstreamSettings:
     ratelimit_pause: float = 600.0
     read_timeout: float = 60.0  # longest silence while streaming a body
     user_agent: str = "mirror"
+    max_blob_size: int = 16 << 30  # a blob announced larger is refused before its body is read
+    min_rate: float = 4096.0  # bytes/s a blob body must average over each rate_window (0: no floor)...
+    rate_window: float = 30.0  # ...seconds, or the fetch is cut (a drip, not a download)
+    loop_id: str = ""  # sent as X-Mirror-Fetch; a mirror seeing its own id answers at once (a redirect loop)
+
+
+LOOP_HEADER = "X-Mirror-Fetch"  # the id of the mirror process that sent a request upstream
 
 
 class Quota:
@@ -181,13 +196,12 @@ class UpstreamClient:
         if resp.status == 429:
             self.quota.rate_limited(resp.headers.get("Retry-After"))
         if resp.status >= 400:
-            body: Any = None
-            if method != "HEAD":
-                try:
-                    body = await resp.json(content_type=None)
-                except (ValueError, aiohttp.ClientError, TimeoutError):
-                    body = None
+            looped = bool(self.settings.loop_id) and resp.headers.get(LOOP_HEADER) == self.settings.loop_id
+            body = await read_error_body(resp, self.settings.timeout) if method != "HEAD" and not looped else None
             resp.release()
+            if looped:
+                self._record(kind, "error", started)
+                raise UpstreamInvalid(f"{resp.url} is this mirror itself: the upstream's answer leads back here")
             outcome = {401: "unauthorized", 403: "denied", 404: "not_found", 429: "rate_limited"}.get(
                 resp.status, "error"
             )
@@ -205,6 +219,8 @@ class UpstreamClient:
         retried_auth = False
         for _ in range(MAX_REDIRECTS + 1):
             send_headers = dict(headers)
+            if self.settings.loop_id:
+                send_headers[LOOP_HEADER] = self.settings.loop_id
             if self._same_origin(url):
                 send_headers.update(await self._auth_header(scope))
             resp = await self._session.request(method, url, headers=send_headers, allow_redirects=False)
@@ -281,9 +297,7 @@ class UpstreamClient:
             "GET", f"/v2/{repo_path}/manifests/{ref}", "manifest", self._scope(repo_path), {"Accept": accept}
         )
         try:
-            data = await resp.content.read(MAX_MANIFEST_BYTES + 1)
-            if len(data) > MAX_MANIFEST_BYTES:
-                raise UpstreamInvalid(f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
+            data = await read_bounded(resp, MAX_MANIFEST, "manifest")
             self._metrics.upstream_bytes_fetched.labels(self.registry).inc(len(data))
             head = self._manifest_head(resp, data)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -302,6 +316,9 @@ class UpstreamClient:
         """Open a blob download; the caller streams ``resp.content``. The response is released on exit."""
         resp = await self._send("GET", f"/v2/{repo_path}/blobs/{digest}", "blob", self._scope(repo_path))
         try:
+            if resp.content_length is not None and resp.content_length > self.settings.max_blob_size:
+                size, limit = resp.content_length, self.settings.max_blob_size
+                raise BodyTooLarge(f"blob {digest} of {size} bytes is", limit, "max_blob_size")
             yield resp
         finally:
             resp.release()
@@ -318,8 +335,8 @@ class UpstreamClient:
         """One page of ``tags/list`` and the upstream's ``Link`` header, if any."""
         resp = await self._send("GET", f"/v2/{repo_path}/tags/list", "tags", self._scope(repo_path), params=params)
         try:
-            body = await resp.json(content_type=None)
-        except (ValueError, aiohttp.ClientError, TimeoutError) as exc:
+            body = await read_json(resp, MAX_TAG_LIST, "tags/list answer")
+        except (ValueError, UpstreamInvalid, aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamUnreachable(f"{self.registry}: bad tags/list answer: {describe(exc)}") from exc
         finally:
             resp.release()
@@ -339,10 +356,7 @@ class UpstreamClient:
             params,
         )
         try:
-            data = await resp.content.read(MAX_MANIFEST_BYTES + 1)
-            if len(data) > MAX_MANIFEST_BYTES:
-                raise UpstreamInvalid(f"referrers index larger than {MAX_MANIFEST_BYTES} bytes")
-            body = json.loads(data)
+            body = await read_json(resp, MAX_REFERRERS, "referrers index")
         except ValueError as exc:
             raise UpstreamInvalid(f"referrers answer is not JSON: {exc}") from exc
         except (aiohttp.ClientError, TimeoutError) as exc:

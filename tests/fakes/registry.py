@@ -2,8 +2,9 @@
 
 Used only for what a real registry cannot be made to show: the Bearer token handshake, Basic auth, 429 with
 ``Retry-After``, 5xx, a slow upstream, a connection cut mid-blob, bytes that do not match their digest, and a
-307 redirect of blob GETs to another origin (as Docker Hub sends to its CDN). Everything else is tested against
-CNCF Distribution in ``tests/integration``.
+307 redirect of blob GETs to another origin (as Docker Hub sends to its CDN); and hostile answers: bodies without
+Content-Length that do not end, huge error bodies, manifests without a digest header, redirects to anywhere.
+Everything else is tested against CNCF Distribution in ``tests/integration``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class Faults:
     drip: int | None = None  # send blob bodies in pieces of this size, yielding in between
     drip_pause: float = 0.0
     ratelimit_remaining: int | None = None
+    manifest_no_digest: bool = False  # manifest answers without Docker-Content-Digest
+    blob_no_length: bool = False  # blob bodies chunked, without Content-Length
+    endless_blobs: int | None = None  # blob bodies of this many bytes (chunked), whatever the blob holds
+    endless_tags: int | None = None  # a tags/list answer of this many bytes (chunked, never valid JSON)
+    error_body: int | None = None  # a 500 with a body of this many bytes for every request below /v2/
+    redirect_to: str | None = None  # 307 every manifest and blob request to this base URL (same path)
 
 
 @dataclass
@@ -57,6 +64,7 @@ class FakeRegistry:
     active: int = 0  # /v2/ requests being answered right now...
     peak_active: int = 0  # ...and the most at once
     blob_started: asyncio.Event = field(default_factory=asyncio.Event)
+    offered: int = 0  # bytes of generated bodies (endless_*, error_body) written so far
 
     # -- content ------------------------------------------------------------------------------------------
     def add_blob(self, data: bytes) -> str:
@@ -170,15 +178,21 @@ class FakeRegistry:
         tail = request.match_info["tail"]
         if tail == "":
             return web.json_response({})
+        if self.faults.error_body is not None:
+            return await self._generated(request, self.faults.error_body, b'{"errors": [{"message": "', b"x", 500)
         repo, _, rest = tail.rpartition("/")
         repo, _, kind = repo.rpartition("/")
+        if self.faults.redirect_to and kind in ("manifests", "blobs"):
+            return web.Response(status=307, headers={"Location": self.faults.redirect_to.rstrip("/") + request.path})
         if kind == "manifests":
             self.accepts.append(request.headers.get("Accept", ""))
             found = self.manifests.get((repo, rest))
             if found is None:
                 return self._error(404, "MANIFEST_UNKNOWN", "manifest unknown")
             media_type, body = found
-            headers.update({"Content-Type": media_type, "Docker-Content-Digest": sha256(body)})
+            headers["Content-Type"] = media_type
+            if not self.faults.manifest_no_digest:
+                headers["Docker-Content-Digest"] = sha256(body)
             if request.method == "HEAD":
                 headers["Content-Length"] = str(len(body))
                 return web.Response(headers=headers)
@@ -196,6 +210,9 @@ class FakeRegistry:
             return await self._send_blob(request, data)
         if tail.endswith("/tags/list"):
             name = tail[: -len("/tags/list")]
+            if self.faults.endless_tags is not None:
+                head = f'{{"name": "{name}", "tags": ["'.encode()  # one tag name that never ends
+                return await self._generated(request, self.faults.endless_tags, head, b"a")
             tags = sorted(self.tags.get(name, []))
             last = request.query.get("last")
             if last:
@@ -213,8 +230,14 @@ class FakeRegistry:
     async def _send_blob(self, request: web.Request, data: bytes) -> web.StreamResponse:
         if self.faults.corrupt_blobs:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
+        if self.faults.endless_blobs is not None:
+            self.blob_started.set()
+            return await self._generated(request, self.faults.endless_blobs, b"", bytes(1 << 20))
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        resp.content_length = len(data)
+        if self.faults.blob_no_length:
+            resp.enable_chunked_encoding()
+        else:
+            resp.content_length = len(data)
         await resp.prepare(request)
         self.blob_started.set()
         limit = self.faults.cut_blob_after
@@ -230,4 +253,27 @@ class FakeRegistry:
             if self.faults.drip:
                 await asyncio.sleep(self.faults.drip_pause)
         await resp.write_eof()
+        return resp
+
+    async def _generated(
+        self, request: web.Request, size: int, head: bytes, piece: bytes, status: int = 200
+    ) -> web.StreamResponse:
+        """A chunked body of ``size`` bytes (``head``, then ``piece`` over and over), made as it is sent, so the fake
+        itself holds one piece however large the body; it stops early when the reader goes away."""
+        piece = piece * max(1, (64 << 10) // len(piece))  # big writes, or the fake is the bottleneck
+        resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        sent = 0
+        try:
+            await resp.write(head)
+            sent = len(head)
+            while sent < size:
+                part = piece[: size - sent]
+                await resp.write(part)
+                sent += len(part)
+                self.offered += len(part)
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):  # the mirror stopped reading and closed the connection
+            pass
         return resp
