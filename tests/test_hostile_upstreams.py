@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
 from mirror.storage.blobs import BlobStore, BlobWriter, DiskFull
-from tests.fakes.registry import OCI_CONFIG, OCI_MANIFEST, FakeRegistry, sha256
+from tests.fakes.registry import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, FakeRegistry, sha256
 
 MiB = 1 << 20
 MEMORY_BOUND = 48 * MiB  # what the mirror may hold at once while hundreds of MiB pass (or are refused)
@@ -140,7 +140,22 @@ async def test_large_manifests(
         assert "limit of 4194304 bytes" in message
 
 
-# --- unbounded bodies: tags/list, error bodies ------------------------------------------------------------------
+async def test_large_referrers_index_is_read_whole(
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+) -> None:
+    fake, _ = fake_upstream
+    subject = fake.add_image("library/app", "1", [b"layer"])
+    entry = {"mediaType": OCI_MANIFEST, "digest": sha256(b"sig"), "size": 3, "artifactType": "application/x-sig"}
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry] * 1500}  # ~200 KB
+    fake.referrers[("library/app", subject)] = json.dumps(index).encode()
+    assert len(fake.referrers[("library/app", subject)]) > 150_000
+    mirror = await hostile()
+    resp = await mirror.get(f"/v2/app/referrers/{subject}")
+    assert resp.status == 200
+    assert len((await resp.json())["manifests"]) == 1500
+
+
+# --- unbounded bodies: tags/list, error bodies, token answers ------------------------------------------------------------------
 async def test_endless_tags_list_is_cut_at_the_limit_in_bounded_memory(
     fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
 ) -> None:
@@ -167,6 +182,21 @@ async def test_500_with_a_huge_body_is_read_no_further_than_an_error_needs(
         code, message = await error_of(resp)
     assert resp.status == 503 and code == "UNAVAILABLE"
     assert "500" in message
+    assert peak.traced < MEMORY_BOUND
+    assert fake.offered < 32 * MiB
+
+
+async def test_endless_token_answer_is_cut_at_the_limit(
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+) -> None:
+    fake, _ = fake_upstream
+    fake.faults.token_auth = True
+    fake.faults.token_body = 200 * MiB
+    mirror = await hostile()
+    with memory_peak("token endpoint answer of 200 MiB") as peak:
+        resp = await mirror.get("/v2/library/alpine/manifests/latest")
+        code, _ = await error_of(resp)
+    assert resp.status == 503 and code == "UNAVAILABLE"
     assert peak.traced < MEMORY_BOUND
     assert fake.offered < 32 * MiB
 

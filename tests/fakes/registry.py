@@ -49,6 +49,7 @@ class Faults:
     endless_tags: int | None = None  # a tags/list answer of this many bytes (chunked, never valid JSON)
     error_body: int | None = None  # a 500 with a body of this many bytes for every request below /v2/
     redirect_to: str | None = None  # 307 every manifest and blob request to this base URL (same path)
+    token_body: int | None = None  # the token endpoint answers 200 with a body of this many bytes
 
 
 @dataclass
@@ -56,6 +57,7 @@ class FakeRegistry:
     manifests: dict[tuple[str, str], tuple[str, bytes]] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
     tags: dict[str, list[str]] = field(default_factory=dict)
+    referrers: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (repo, subject) -> image index
     faults: Faults = field(default_factory=Faults)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of every request
     accepts: list[str] = field(default_factory=list)  # Accept header of every manifest request
@@ -127,8 +129,10 @@ class FakeRegistry:
         app.router.add_route("*", "/v2/{tail:.*}", self._v2)
         return app
 
-    async def _token(self, request: web.Request) -> web.Response:
+    async def _token(self, request: web.Request) -> web.StreamResponse:
         self.tokens_issued += 1
+        if self.faults.token_body is not None:
+            return await self._generated(request, self.faults.token_body, b'{"token": "', b"t")
         return web.json_response({"token": f"token-{self.tokens_issued}", "expires_in": 300})
 
     def _authorized(self, request: web.Request) -> web.Response | None:
@@ -197,6 +201,11 @@ class FakeRegistry:
                 headers["Content-Length"] = str(len(body))
                 return web.Response(headers=headers)
             return web.Response(body=body, headers=headers)
+        if kind == "referrers":
+            index = self.referrers.get((repo, rest))
+            if index is None:
+                return self._error(404, "NOT_FOUND", "no referrers API here")
+            return web.Response(body=index, headers={"Content-Type": OCI_INDEX})
         if kind == "blobs":
             data = self.blobs.get(rest)
             if data is None:
