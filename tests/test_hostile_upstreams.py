@@ -388,3 +388,21 @@ async def test_slow_but_moving_blob_is_not_cut(fake_upstream: tuple[FakeRegistry
     resp = await mirror.get(f"/v2/library/alpine/blobs/{digest}")
     assert resp.status == 200
     assert await resp.read() == data
+
+
+async def test_dripping_manifest_gets_an_error_within_the_upstream_timeout(
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+) -> None:
+    fake, _ = fake_upstream
+    fake.add_manifest("library/slow", OCI_MANIFEST, padded_manifest(20_000), ("1",))
+    fake.faults.drip_manifests = True
+    fake.faults.drip = 10
+    fake.faults.drip_pause = 0.05  # 100 s for the manifest
+    mirror = await hostile(upstream={"timeout": 1.0})
+    started = time.monotonic()
+    async with asyncio.timeout(10):
+        resp = await mirror.get("/v2/slow/manifests/1")
+        code, message = await error_of(resp)
+    assert resp.status == 503 and code == "UNAVAILABLE"
+    assert "timed out" in message
+    assert time.monotonic() - started < 3.0

@@ -49,6 +49,7 @@ class Faults:
     endless_tags: int | None = None  # a tags/list answer of this many bytes (chunked, never valid JSON)
     error_body: int | None = None  # a 500 with a body of this many bytes for every request below /v2/
     redirect_to: str | None = None  # 307 every manifest and blob request to this base URL (same path)
+    drip_manifests: bool = False  # manifest bodies dripped like blobs (drip, drip_pause)
     token_body: int | None = None  # the token endpoint answers 200 with a body of this many bytes
 
 
@@ -200,6 +201,8 @@ class FakeRegistry:
             if request.method == "HEAD":
                 headers["Content-Length"] = str(len(body))
                 return web.Response(headers=headers)
+            if self.faults.drip_manifests:
+                return await self._send_blob(request, body)
             return web.Response(body=body, headers=headers)
         if kind == "referrers":
             index = self.referrers.get((repo, rest))
