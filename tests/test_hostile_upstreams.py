@@ -24,7 +24,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.app import create_app
-from mirror.config import Config, UpstreamConfig
+from mirror.config import Config, ConfigError, UpstreamConfig, build
 from mirror.storage.blobs import BlobStore, BlobWriter, DiskFull
 from tests.fakes.registry import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, FakeRegistry, sha256
 
@@ -406,3 +406,27 @@ async def test_dripping_manifest_gets_an_error_within_the_upstream_timeout(
     assert resp.status == 503 and code == "UNAVAILABLE"
     assert "timed out" in message
     assert time.monotonic() - started < 3.0
+
+
+@pytest.mark.parametrize(
+    ("flat", "tables", "expected"),
+    [
+        pytest.param({}, None, (16 << 30, 4096.0, 30.0), id="defaults: 16GiB, 4096 bytes/s over 30 s"),
+        pytest.param({"max_blob_size": "2GiB"}, None, (2 << 30, 4096.0, 30.0), id="max_blob_size in human units"),
+        pytest.param(
+            {},
+            [{"registry": "docker.io", "url": "https://registry-1.docker.io", "min_rate": 1000, "rate_window": 5}],
+            (16 << 30, 1000.0, 5.0),
+            id="[[upstreams]] min_rate and rate_window",
+        ),
+    ],
+)
+def test_limits_config(flat: dict[str, Any], tables: list[dict[str, Any]] | None, expected: tuple[Any, ...]) -> None:
+    config = build(flat, tables, {})
+    upstream = config.default_upstream
+    assert (config.max_blob_size, upstream.min_rate, upstream.rate_window) == expected
+
+
+def test_max_blob_size_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="max_blob_size"):
+        build({"max_blob_size": "0"}, None, {})
