@@ -2,20 +2,15 @@
 
 The mirror and the fake upstream run in this process; each test checks the client's answer (status and OCI
 code), that nothing partial stays on disk, and where a large body is offered, that the mirror's memory stays
-bounded (tracemalloc's peak of Python allocations, and the growth of the process's peak RSS, ``VmHWM``, which
-is reset through ``/proc/self/clear_refs`` first).
+bounded (``tests.support.memory``: tracemalloc's peak, and the growth of the process's peak RSS).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
-import tracemalloc
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,42 +22,9 @@ from mirror.app import create_app
 from mirror.config import Config, ConfigError, UpstreamConfig, build
 from mirror.storage.blobs import BlobStore, BlobWriter, DiskFull
 from tests.fakes.registry import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, FakeRegistry, sha256
+from tests.support.memory import MiB, memory_peak
 
-MiB = 1 << 20
 MEMORY_BOUND = 48 * MiB  # what the mirror may hold at once while hundreds of MiB pass (or are refused)
-
-
-@dataclass
-class Peak:
-    traced: int = 0  # bytes: tracemalloc's peak
-    rss_growth: int | None = None  # bytes: VmHWM after minus VmRSS before (None without /proc)
-
-
-def _status_kib(field: str) -> int | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-@contextlib.contextmanager
-def memory_peak(what: str) -> Iterator[Peak]:
-    peak = Peak()
-    rss_before = _status_kib("VmRSS")
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    tracemalloc.start()
-    try:
-        yield peak
-    finally:
-        peak.traced = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        hwm = _status_kib("VmHWM")
-        if hwm is not None and rss_before is not None:
-            peak.rss_growth = (hwm - rss_before) * 1024
-        growth = f"{peak.rss_growth / MiB:.1f} MiB" if peak.rss_growth is not None else "n/a"
-        print(f"\n[memory] {what}: tracemalloc peak {peak.traced / MiB:.1f} MiB, peak RSS growth {growth}")
 
 
 @pytest.fixture
