@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 from aiocache import SimpleMemoryCache
@@ -30,7 +30,7 @@ from cachetools import LRUCache
 from mirror.inflight import Coalescer, Fetch, InFlight
 from mirror.metrics import Metrics
 from mirror.oci import errors
-from mirror.oci.mediatypes import DEFAULT_ACCEPT, MANIFEST_TYPES, accepts, upstream_accept
+from mirror.oci.mediatypes import DEFAULT_ACCEPT, MANIFEST_TYPES, accepts, names_every_type, upstream_accept
 from mirror.oci.reference import Digest, Repo, Tag
 from mirror.storage.base import BlobStorage, BlobWriterLike, MetadataIndex, UsageRecorder
 from mirror.storage.blobs import DiskFull
@@ -399,11 +399,7 @@ class PullThrough:
                     head = await client.head_manifest(repo.path, tag.name, upstream_accept(accepted))
             except UpstreamError as exc:
                 if exc.status == 404:
-                    await self._index.delete_tag(repo, tag.name)
-                    await self._tags.delete((repo.registry, repo.path, tag.name))
-                    raise errors.ManifestUnknown(
-                        f"manifest {tag} is not in {repo}", detail={"name": repo.path, "reference": tag.name}
-                    ) from None
+                    await self._tag_not_found(repo, tag, accepted)
                 raise upstream_failure(exc) from None
             except UpstreamInvalid:  # no digest in the HEAD answer: fall back to a GET
                 answer = await self._fetch_manifest(repo, tag.name, accepted)
@@ -415,6 +411,19 @@ class PullThrough:
         record = TagRecord(head.digest, head.media_type, head.size, self._clock())
         await self._save_tag(repo, tag, record)
         return record, answer
+
+    async def _tag_not_found(self, repo: Repo, tag: Tag, accepted: frozenset[str]) -> NoReturn:
+        """The upstream answered 404 for ``tag``. That means the tag is gone only when it was asked with every
+        manifest type: Distribution also answers 404 when the tag's manifest is of a type the Accept does not name
+        (an OCI index for a Docker-only client), and a client's narrow Accept must never erase the record that
+        other clients, stale-if-error and the push rule rely on."""
+        if names_every_type(accepted):
+            await self._index.delete_tag(repo, tag.name)
+            await self._tags.delete((repo.registry, repo.path, tag.name))
+            message = f"manifest {tag} is not in {repo}"
+        else:
+            message = f"the upstream has no manifest of the accepted media types for {repo}:{tag}"
+        raise errors.ManifestUnknown(message, detail={"name": repo.path, "reference": tag.name})
 
     async def list_tags(self, repo: Repo, n: int | None, last: str | None) -> tuple[list[str], str | None]:
         """One page of tag names and the upstream's Link header; cached tags when the upstream cannot answer."""

@@ -1,0 +1,80 @@
+"""What pulls return: Accept wildcards cold and cached, a narrow Accept never erasing a tag, pulled-through names
+refusing pushes, and ranges read during a cold fill never completed with unverified bytes.
+
+The upstream is the fake registry, which answers like Distribution where it matters here (an OCI manifest only for
+an Accept naming its type) and can corrupt blobs, which no real upstream can be made to do.
+"""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from mirror.oci.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
+from tests.conftest import MirrorFactory
+from tests.fakes.registry import FakeRegistry
+from tests.push_client import error_code
+
+Fake = tuple[FakeRegistry, TestServer]
+FULL_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
+
+
+@pytest.mark.parametrize(
+    ("method", "accept"),
+    [
+        pytest.param("GET", "*/*", id="GET Accept */* -> 200 cold and cached"),
+        pytest.param("HEAD", "*/*", id="HEAD Accept */* -> 200 cold and cached"),
+        pytest.param("GET", "application/*", id="GET Accept application/* -> 200 cold and cached"),
+        pytest.param("GET", f"{DOCKER_MANIFEST}, */*", id="GET Docker type + */* -> OCI manifest, cold and cached"),
+    ],
+)
+async def test_wildcard_accept_takes_every_type(
+    fake_upstream: Fake, make_mirror: MirrorFactory, method: str, accept: str
+) -> None:
+    fake, server = fake_upstream
+    digest = fake.add_image("test/wild", "v1", [b"layer"])
+    client = await make_mirror(str(server.make_url("")), timeout=2.0)
+    for state in ("cold", "cached"):
+        resp = await client.request(method, "/v2/test/wild/manifests/v1", headers={"Accept": accept})
+        assert resp.status == 200, (state, await resp.text())
+        assert resp.headers["Docker-Content-Digest"] == digest
+        assert resp.headers["Content-Type"] == OCI_MANIFEST
+    assert "*/*" not in fake.accepts[0] and OCI_MANIFEST in fake.accepts[0]
+
+
+@pytest.mark.parametrize("method", ["HEAD", "GET"])
+async def test_narrow_accept_never_erases_a_cached_tag(
+    fake_upstream: Fake, make_mirror: MirrorFactory, method: str
+) -> None:
+    """A Docker-only Accept for a cached OCI tag: the upstream answers 404 (the type is not acceptable), the
+    client gets that 404, and the tag stays cached: served stale when the upstream is down, still listed."""
+    fake, server = fake_upstream
+    digest = fake.add_image("test/img", "v1", [b"layer"])
+    client = await make_mirror(str(server.make_url("")), timeout=2.0, tag_ttl=0)
+    path = "/v2/test/img/manifests/v1"
+    assert (await client.get(path, headers={"Accept": FULL_ACCEPT})).status == 200
+    resp = await client.request(method, path, headers={"Accept": DOCKER_MANIFEST})
+    assert resp.status == 404
+    if method == "GET":
+        assert await error_code(resp) == "MANIFEST_UNKNOWN"
+    assert fake.accepts[-1] == DOCKER_MANIFEST, "the client's own Accept is what the upstream was asked"
+    fake.faults.down = True
+    resp = await client.get(path, headers={"Accept": FULL_ACCEPT})
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Docker-Content-Digest"] == digest
+    assert resp.headers["X-Mirror-Stale"] == "true"
+    assert (await (await client.get("/v2/test/img/tags/list")).json())["tags"] == ["v1"]
+
+
+async def test_tag_deleted_upstream_is_forgotten(fake_upstream: Fake, make_mirror: MirrorFactory) -> None:
+    """A 404 to a full Accept does mean the tag is gone: the record goes, nothing stale is served for it."""
+    fake, server = fake_upstream
+    fake.add_image("test/gone", "v1", [b"layer"])
+    client = await make_mirror(str(server.make_url("")), timeout=2.0, tag_ttl=0)
+    path = "/v2/test/gone/manifests/v1"
+    assert (await client.get(path)).status == 200
+    del fake.manifests[("test/gone", "v1")]
+    assert (await client.head(path, headers={"Accept": FULL_ACCEPT})).status == 404
+    fake.faults.down = True
+    resp = await client.get(path)
+    assert resp.status == 503, await resp.text()
