@@ -48,6 +48,7 @@ MEMORY_TTL = 30.0  # seconds a tag record stays in memory before the index is re
 MANIFEST_MEMORY_BYTES = 32 << 20
 SMALL_BLOB = 64 << 10
 SMALL_BLOB_MEMORY_BYTES = 32 << 20
+PULLED_MEMORY = 4096  # repositories remembered as marked pulled-through (a miss costs one idempotent index write)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,7 @@ class PullThrough:
             MANIFEST_MEMORY_BYTES, getsizeof=lambda item: len(item[1])
         )
         self._small_blobs: LRUCache[Digest, bytes] = LRUCache(SMALL_BLOB_MEMORY_BYTES, getsizeof=len)
+        self._pulled: LRUCache[Repo, bool] = LRUCache(PULLED_MEMORY)  # repositories known to be marked pulled
         self._coalesce_tag: Coalescer[tuple[TagRecord, ManifestAnswer | None]] = Coalescer()
         self._coalesce_manifest: Coalescer[ManifestAnswer] = Coalescer()
 
@@ -152,6 +154,13 @@ class PullThrough:
         if client is None:
             raise errors.NameUnknown(f"registry {repo.registry!r} is not configured as an upstream")
         return client
+
+    async def _mark_pulled(self, repo: Repo) -> None:
+        """Record that content was fetched upstream under ``repo``: from then on a push may not shadow the name
+        (``push.LocalRegistry.target``), whether the pull was by tag or by digest only."""
+        if repo not in self._pulled:
+            await self._index.mark_pulled(repo)
+            self._pulled[repo] = True
 
     def _count(self, repo: Repo, kind: str, result: str) -> None:
         self._metrics.cache_requests.labels(repo.registry, kind, result).inc()
@@ -193,6 +202,7 @@ class PullThrough:
             raise upstream_failure(exc) from None
         except Exception as exc:
             raise upstream_failure(exc) from None
+        await self._mark_pulled(repo)
         if fetch.final_path is not None and fetch.written == 0 and fetch.size is None:
             # Finished before we looked (committed by someone else meanwhile): serve it as a hit.
             return StoredBlob(fetch.final_path, self._store.size_sync(digest) or 0)
@@ -296,6 +306,7 @@ class PullThrough:
         answer, _ = await self._coalesce_manifest.run(
             (repo.registry, digest), lambda: self._fetch_manifest(repo, str(digest), frozenset())
         )
+        await self._mark_pulled(repo)  # a joined caller may have asked under another name
         return answer
 
     async def _fetch_manifest(self, repo: Repo, ref: str, accepted: frozenset[str]) -> ManifestAnswer:
@@ -324,6 +335,7 @@ class PullThrough:
             raise upstream_failure(exc) from None
         await self._index.put_manifest(head.digest, ManifestRecord(head.media_type, len(data)))
         await self._usage.added(head.digest, len(data), "manifest", str(repo))
+        await self._mark_pulled(repo)
         self._remember(head.digest, head.media_type, data)
         return ManifestAnswer(head.digest, head.media_type, data)
 

@@ -7,13 +7,15 @@ an Accept naming its type) and can corrupt blobs, which no real upstream can be 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from aiohttp.test_utils import TestServer
 
 from mirror.oci.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from tests.conftest import MirrorFactory
 from tests.fakes.registry import FakeRegistry
-from tests.push_client import error_code
+from tests.push_client import error_code, push_image, sha256
 
 Fake = tuple[FakeRegistry, TestServer]
 FULL_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
@@ -78,3 +80,48 @@ async def test_tag_deleted_upstream_is_forgotten(fake_upstream: Fake, make_mirro
     fake.faults.down = True
     resp = await client.get(path)
     assert resp.status == 503, await resp.text()
+
+
+@pytest.mark.parametrize(
+    "pull",
+    [
+        pytest.param("manifest", id="manifest pulled by digest only -> push refused 403 DENIED"),
+        pytest.param("blob", id="blob pulled by digest only -> push refused 403 DENIED"),
+    ],
+)
+async def test_a_name_pulled_by_digest_refuses_pushes(
+    push_mirror: MirrorFactory, fake_upstream: Fake, pull: str
+) -> None:
+    fake, _ = fake_upstream
+    digest = fake.add_image("test/img3", None, [b"upstream layer"])
+    target = digest if pull == "manifest" else sha256(b"upstream layer")
+    client = await push_mirror()
+    path = f"/v2/test/img3/{'manifests' if pull == 'manifest' else 'blobs'}/{target}"
+    assert (await client.get(path)).status == 200
+    for resp in (
+        await client.post("/v2/test/img3/blobs/uploads/"),
+        await client.put("/v2/test/img3/manifests/v1", data=b"{}", headers={"Content-Type": OCI_MANIFEST}),
+    ):
+        assert resp.status == 403, await resp.text()
+        body = await resp.json()
+        assert body["errors"][0]["code"] == "DENIED"
+        assert "pulled through" in body["errors"][0]["message"]
+    resp = await client.get(path)
+    assert resp.status == 200 and resp.headers["Docker-Content-Digest"] == target
+    assert (await client.post("/v2/test/other/blobs/uploads/")).status == 202, "names never pulled stay pushable"
+
+
+async def test_pulled_by_digest_survives_a_restart_and_yields_to_push_prefixes(
+    push_mirror: MirrorFactory, fake_upstream: Fake, tmp_path: Path
+) -> None:
+    fake, _ = fake_upstream
+    digest = fake.add_image("test/img3", None, [b"upstream layer"])
+    data_dir = tmp_path / "data"
+    client = await push_mirror(data_dir=data_dir)
+    assert (await client.get(f"/v2/test/img3/manifests/{digest}")).status == 200
+    await client.close()
+    restarted = await push_mirror(data_dir=data_dir)
+    assert (await restarted.post("/v2/test/img3/blobs/uploads/")).status == 403
+    await restarted.close()
+    explicit = await push_mirror(data_dir=data_dir, push_prefixes=("test/",))
+    await push_image(explicit, "test/img3", "v1", [b"ours"])
