@@ -7,10 +7,13 @@ an Accept naming its type) and can corrupt blobs, which no real upstream can be 
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.oci.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from tests.conftest import MirrorFactory
@@ -125,3 +128,48 @@ async def test_pulled_by_digest_survives_a_restart_and_yields_to_push_prefixes(
     await restarted.close()
     explicit = await push_mirror(data_dir=data_dir, push_prefixes=("test/",))
     await push_image(explicit, "test/img3", "v1", [b"ours"])
+
+
+async def _read_range(client: TestClient, path: str, last: int) -> tuple[int, bytes, bool]:
+    """Status, body received, and whether the body came complete (no cut)."""
+    resp = await client.get(path, headers={"Range": f"bytes=0-{last}"})
+    parts: list[bytes] = []
+    try:
+        async for chunk in resp.content.iter_any():
+            parts.append(chunk)
+    except aiohttp.ClientPayloadError:
+        return resp.status, b"".join(parts), False
+    return resp.status, b"".join(parts), True
+
+
+async def test_range_short_of_the_end_during_a_fill_of_corrupt_bytes_is_never_completed(
+    fake_upstream: Fake, make_mirror: MirrorFactory
+) -> None:
+    """``Range: bytes=0-(size-2)`` while the blob arrives from an upstream that corrupts it: the client gets a
+    cut connection, never a complete 206 of wrong bytes."""
+    fake, server = fake_upstream
+    data = os.urandom(300_000)
+    digest = fake.add_blob(data)
+    fake.faults.corrupt_blobs = True
+    fake.faults.drip = 16_384
+    client = await make_mirror(str(server.make_url("")), timeout=2.0)
+    status, body, complete = await _read_range(client, f"/v2/test/blob/blobs/{digest}", len(data) - 2)
+    assert status == 206
+    assert not complete and len(body) < len(data) - 1, "a complete 206 of unverified (here: wrong) bytes"
+    assert fake.count("GET", "blobs") == 1
+
+
+async def test_ranges_during_a_fill_of_good_bytes_are_right(fake_upstream: Fake, make_mirror: MirrorFactory) -> None:
+    """With a correct upstream the same ranged clients (one at the blob's end, one short of it, one whole GET)
+    get the right bytes, all from one upstream fetch."""
+    fake, server = fake_upstream
+    data = os.urandom(300_000)
+    digest = fake.add_blob(data)
+    fake.faults.drip = 16_384
+    client = await make_mirror(str(server.make_url("")), timeout=2.0)
+    path = f"/v2/test/blob/blobs/{digest}"
+    results = await asyncio.gather(*(_read_range(client, path, last) for last in (len(data) - 2, 999, len(data) - 1)))
+    assert results[0] == (206, data[:-1], True)
+    assert results[1] == (206, data[:1000], True)
+    assert results[2] == (206, data, True)
+    assert fake.count("GET", "blobs") == 1
