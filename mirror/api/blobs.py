@@ -192,15 +192,7 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
             return resp
     try:
         while offset < end:
-            # A range's last byte is sent only once the whole blob is verified: ``readable`` holds back the blob's
-            # last byte, which protects only ranges that include it; a range ending earlier would otherwise be
-            # completed with bytes whose digest is not yet known to be right.
-            if offset >= _sendable_end(fetch, end):
-                await fetch.wait_done()
-            else:
-                await fetch.wait_beyond(offset)
-                if offset > start and fetch.readable() - offset < SEND_STEP:
-                    await _gather_more(fetch, min(offset + SEND_STEP, _sendable_end(fetch, end)))
+            await _wait_sendable(fetch, offset, offset > start, end)
             if fetch.error is not None:
                 log.warning("cutting client off: fetch of %s failed: %s", digest, fetch.error)
                 transport.abort()
@@ -215,6 +207,20 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
         await asyncio.to_thread(fileobj.close)
     await resp.write_eof()
     return resp
+
+
+async def _wait_sendable(fetch: Fetch, offset: int, gather: bool, end: int) -> None:
+    """Wait until bytes from ``offset`` of a range ending at ``end`` may be sent, or the fetch ended.
+
+    A range's last byte is sent only once the whole blob is verified: ``Fetch.readable`` holds back the blob's
+    last byte, which protects only ranges that include it; a range ending earlier would otherwise be completed
+    with bytes whose digest is not yet known to be right."""
+    if offset >= _sendable_end(fetch, end):
+        await fetch.wait_done()
+        return
+    await fetch.wait_beyond(offset)
+    if gather and fetch.readable() - offset < SEND_STEP:
+        await _gather_more(fetch, min(offset + SEND_STEP, _sendable_end(fetch, end)))
 
 
 def _sendable_end(fetch: Fetch, end: int) -> int:
