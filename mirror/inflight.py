@@ -83,6 +83,11 @@ class Fetch:
         while self.readable() <= offset and not self.done:
             await self._progress.wait()
 
+    async def wait_done(self) -> None:
+        """Wait until the blob is verified and committed, or the fetch failed."""
+        while not self.done:
+            await self._progress.wait()
+
 
 class InFlight:
     """The table of blob fetches under way. Owned by the app (no module state)."""

@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 from aiocache import SimpleMemoryCache
@@ -30,7 +30,7 @@ from cachetools import LRUCache
 from mirror.inflight import Coalescer, Fetch, InFlight
 from mirror.metrics import Metrics
 from mirror.oci import errors
-from mirror.oci.mediatypes import DEFAULT_ACCEPT, MANIFEST_TYPES, accepts, upstream_accept
+from mirror.oci.mediatypes import DEFAULT_ACCEPT, MANIFEST_TYPES, accepts, names_every_type, upstream_accept
 from mirror.oci.reference import Digest, Repo, Tag
 from mirror.storage.base import BlobStorage, BlobWriterLike, MetadataIndex, UsageRecorder
 from mirror.storage.blobs import DiskFull
@@ -49,6 +49,7 @@ MEMORY_TTL = 30.0  # seconds a tag record stays in memory before the index is re
 MANIFEST_MEMORY_BYTES = 32 << 20
 SMALL_BLOB = 64 << 10
 SMALL_BLOB_MEMORY_BYTES = 32 << 20
+PULLED_MEMORY = 4096  # repositories remembered as marked pulled-through (a miss costs one idempotent index write)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +147,7 @@ class PullThrough:
             MANIFEST_MEMORY_BYTES, getsizeof=lambda item: len(item[1])
         )
         self._small_blobs: LRUCache[Digest, bytes] = LRUCache(SMALL_BLOB_MEMORY_BYTES, getsizeof=len)
+        self._pulled: LRUCache[Repo, bool] = LRUCache(PULLED_MEMORY)  # repositories known to be marked pulled
         self._coalesce_tag: Coalescer[tuple[TagRecord, ManifestAnswer | None]] = Coalescer()
         self._coalesce_manifest: Coalescer[ManifestAnswer] = Coalescer()
 
@@ -157,6 +159,13 @@ class PullThrough:
         if client is None:
             raise errors.NameUnknown(f"registry {repo.registry!r} is not configured as an upstream")
         return client
+
+    async def _mark_pulled(self, repo: Repo) -> None:
+        """Record that content was fetched upstream under ``repo``: from then on a push may not shadow the name
+        (``push.LocalRegistry.target``), whether the pull was by tag or by digest only."""
+        if repo not in self._pulled:
+            await self._index.mark_pulled(repo)
+            self._pulled[repo] = True
 
     def _count(self, repo: Repo, kind: str, result: str) -> None:
         self._metrics.cache_requests.labels(repo.registry, kind, result).inc()
@@ -198,6 +207,7 @@ class PullThrough:
             raise upstream_failure(exc) from None
         except Exception as exc:
             raise upstream_failure(exc) from None
+        await self._mark_pulled(repo)
         if fetch.final_path is not None and fetch.written == 0 and fetch.size is None:
             # Finished before we looked (committed by someone else meanwhile): serve it as a hit.
             return StoredBlob(fetch.final_path, self._store.size_sync(digest) or 0)
@@ -321,6 +331,7 @@ class PullThrough:
         answer, _ = await self._coalesce_manifest.run(
             (repo.registry, digest), lambda: self._fetch_manifest(repo, str(digest), frozenset())
         )
+        await self._mark_pulled(repo)  # a joined caller may have asked under another name
         return answer
 
     async def _fetch_manifest(self, repo: Repo, ref: str, accepted: frozenset[str]) -> ManifestAnswer:
@@ -349,6 +360,7 @@ class PullThrough:
             raise upstream_failure(exc) from None
         await self._index.put_manifest(head.digest, ManifestRecord(head.media_type, len(data)))
         await self._usage.added(head.digest, len(data), "manifest", str(repo))
+        await self._mark_pulled(repo)
         self._remember(head.digest, head.media_type, data)
         return ManifestAnswer(head.digest, head.media_type, data)
 
@@ -424,11 +436,7 @@ class PullThrough:
                     head = await client.head_manifest(repo.path, tag.name, upstream_accept(accepted))
             except UpstreamError as exc:
                 if exc.status == 404:
-                    await self._index.delete_tag(repo, tag.name)
-                    await self._tags.delete((repo.registry, repo.path, tag.name))
-                    raise errors.ManifestUnknown(
-                        f"manifest {tag} is not in {repo}", detail={"name": repo.path, "reference": tag.name}
-                    ) from None
+                    await self._tag_not_found(repo, tag, accepted)
                 raise upstream_failure(exc) from None
             except UpstreamInvalid:  # no digest in the HEAD answer: fall back to a GET
                 answer = await self._fetch_manifest(repo, tag.name, accepted)
@@ -440,6 +448,19 @@ class PullThrough:
         record = TagRecord(head.digest, head.media_type, head.size, self._clock())
         await self._save_tag(repo, tag, record)
         return record, answer
+
+    async def _tag_not_found(self, repo: Repo, tag: Tag, accepted: frozenset[str]) -> NoReturn:
+        """The upstream answered 404 for ``tag``. That means the tag is gone only when it was asked with every
+        manifest type: Distribution also answers 404 when the tag's manifest is of a type the Accept does not name
+        (an OCI index for a Docker-only client), and a client's narrow Accept must never erase the record that
+        other clients, stale-if-error and the push rule rely on."""
+        if names_every_type(accepted):
+            await self._index.delete_tag(repo, tag.name)
+            await self._tags.delete((repo.registry, repo.path, tag.name))
+            message = f"manifest {tag} is not in {repo}"
+        else:
+            message = f"the upstream has no manifest of the accepted media types for {repo}:{tag}"
+        raise errors.ManifestUnknown(message, detail={"name": repo.path, "reference": tag.name})
 
     async def list_tags(self, repo: Repo, n: int | None, last: str | None) -> tuple[list[str], str | None]:
         """One page of tag names and the upstream's Link header; cached tags when the upstream cannot answer."""

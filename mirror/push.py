@@ -8,8 +8,9 @@ Which names are local, and how they relate to pulled-through content (README, "P
   upstream's repository and is never local: containerd and podman mirror clients never see pushed content.
 - ``PushRule`` decides which bare names accept a first push. With ``push_prefixes`` configured, exactly the names
   under those prefixes. Without (the default), every name except Docker Hub's official ``library/`` namespace and
-  except names the mirror already serves pulled through from the default upstream: a push can never silently
-  shadow an image clients already pull through this mirror. Who may push at all is the access policy's business
+  except names the mirror already serves pulled through from the default upstream (a cached tag, or any manifest
+  or blob fetched upstream under the name, by digest too): a push can never silently shadow an image clients
+  already pull through this mirror. Who may push at all is the access policy's business
   (``mirror.auth``).
 
 Blobs live once in the shared ``BlobStore``; a local repository holds the blobs and manifests linked into it in
@@ -155,10 +156,10 @@ class LocalRegistry:
         reason = self._rule.refusal(name)
         if reason is None and not self._rule.explicit(name):
             upstream = self._upstream_repo(name)
-            if await self._index.list_tags(upstream):
+            if await self._index.list_tags(upstream) or await self._index.pulled(upstream):
                 reason = (
-                    f"this mirror already serves {upstream} pulled through; a push would shadow it for every "
-                    "client (list the name in push_prefixes to allow that)"
+                    f"this mirror already serves {upstream} pulled through (tags, or manifests or blobs by "
+                    "digest); a push would shadow it for every client (list the name in push_prefixes to allow that)"
                 )
         if reason is not None:
             raise errors.Denied(f"pushes to {name!r} are refused: {reason}", detail={"name": name})

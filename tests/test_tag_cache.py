@@ -200,6 +200,7 @@ async def test_accept_goes_upstream(fake_upstream: tuple[FakeRegistry, TestServe
     await pull.manifest(REPO, Tag("1"), frozenset({OCI_MANIFEST, DOCKER_MANIFEST}))
     assert set(fake.accepts[-1].split(", ")) == {OCI_MANIFEST, DOCKER_MANIFEST}
     requests = len(fake.requests)
-    await pull.manifest(REPO, Tag("1"), frozenset({DOCKER_MANIFEST}))
+    with pytest.raises(errors.ManifestUnknown):  # as Distribution: no OCI manifest for a Docker-only Accept
+        await pull.manifest(REPO, Tag("1"), frozenset({DOCKER_MANIFEST}))
     assert len(fake.requests) > requests
     assert fake.accepts[-1] == DOCKER_MANIFEST

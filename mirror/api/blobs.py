@@ -159,8 +159,9 @@ def _etag_matches(header: str | None, digest: Digest) -> bool:
 
 
 async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: Fetch) -> web.StreamResponse:
-    """Send a blob that is still arriving: read the temp file up to what the fetch has verified-so-far, wait for
-    more, repeat. If the fetch fails, the connection is cut, so the client sees a short body, never a wrong one."""
+    """Send a blob that is still arriving: read the temp file up to what the fetch has written, wait for more,
+    repeat; the last byte of the answer (whole blob or range) only after the digest is verified. If the fetch
+    fails, the connection is cut, so the client sees a short body, never a complete wrong one."""
     assert fetch.size is not None
     rng = parse_range(request.headers.get(hdrs.RANGE), fetch.size)
     start, end = rng if rng is not None else (0, fetch.size)
@@ -191,14 +192,12 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
             return resp
     try:
         while offset < end:
-            await fetch.wait_beyond(offset)
-            if offset > start and fetch.readable() - offset < SEND_STEP:
-                await _gather_more(fetch, min(offset + SEND_STEP, end))
+            await _wait_sendable(fetch, offset, offset > start, end)
             if fetch.error is not None:
                 log.warning("cutting client off: fetch of %s failed: %s", digest, fetch.error)
                 transport.abort()
                 return resp
-            available = min(fetch.readable(), end)
+            available = min(fetch.readable(), _sendable_end(fetch, end))
             if available > offset:
                 await send_part(loop, transport, resp, fileobj, offset, available - offset)
                 request.app[METRICS].blob_bytes_served.labels(repo.registry, "upstream").inc(available - offset)
@@ -208,6 +207,26 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
         await asyncio.to_thread(fileobj.close)
     await resp.write_eof()
     return resp
+
+
+async def _wait_sendable(fetch: Fetch, offset: int, gather: bool, end: int) -> None:
+    """Wait until bytes from ``offset`` of a range ending at ``end`` may be sent, or the fetch ended.
+
+    A range's last byte is sent only once the whole blob is verified: ``Fetch.readable`` holds back the blob's
+    last byte, which protects only ranges that include it; a range ending earlier would otherwise be completed
+    with bytes whose digest is not yet known to be right."""
+    if offset >= _sendable_end(fetch, end):
+        await fetch.wait_done()
+        return
+    await fetch.wait_beyond(offset)
+    if gather and fetch.readable() - offset < SEND_STEP:
+        await _gather_more(fetch, min(offset + SEND_STEP, _sendable_end(fetch, end)))
+
+
+def _sendable_end(fetch: Fetch, end: int) -> int:
+    """Where the bytes of a range ending at ``end`` may be sent up to now: all of it once the blob is verified,
+    all but its last byte before."""
+    return end if fetch.final_path is not None else end - 1
 
 
 async def _gather_more(fetch: Fetch, target: int) -> None:

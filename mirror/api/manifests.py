@@ -7,7 +7,7 @@ from aiohttp import web
 from mirror.api.content import content_for
 from mirror.api.keys import RESOLVE
 from mirror.oci.mediatypes import parse_accept
-from mirror.oci.reference import Digest, parse_reference
+from mirror.oci.reference import Digest, lookup_reference
 
 STALE_HEADERS = {"Warning": '110 mirror "Response is Stale"', "X-Mirror-Stale": "true"}
 
@@ -26,7 +26,7 @@ def manifest_headers(digest: Digest, media_type: str, stale: bool) -> dict[str, 
 
 async def get_manifest(request: web.Request) -> web.StreamResponse:
     repo = request.app[RESOLVE](request.match_info["name"], request.query.get("ns"))
-    ref = parse_reference(request.match_info["reference"])
+    ref = lookup_reference(request.match_info["reference"])
     accepted = parse_accept(request.headers.getall("Accept", []))
     pull = content_for(request.app, repo)
     if request.method == "HEAD":

@@ -25,7 +25,7 @@ from mirror.oci import errors
 from mirror.oci.manifest import MAX_MANIFEST_BYTES
 from mirror.oci.mediatypes import OCI_INDEX
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
-from mirror.oci.reference import Digest, Repo, parse_reference
+from mirror.oci.reference import Digest, Repo, lookup_reference, parse_reference
 
 
 async def read_manifest_body(request: web.Request) -> bytes:
@@ -79,7 +79,7 @@ async def put_manifest(request: web.Request) -> web.Response:
 async def delete_manifest(request: web.Request) -> web.Response:
     local = request.app[LOCAL]
     repo = local.existing(request.match_info["name"], request.query.get("ns"))
-    ref = parse_reference(request.match_info["reference"])
+    ref = lookup_reference(request.match_info["reference"])
     for deleted in await local.delete_manifest(repo, ref):
         publish(request, "delete", repo, deleted.digest, deleted.media_type, deleted.size, deleted.tag)
     return web.Response(status=202)

@@ -34,18 +34,39 @@ def parse_accept(headers: Iterable[str]) -> frozenset[str]:
     return frozenset(types)
 
 
+WILDCARDS = frozenset({"*/*", "application/*"})
+
+
+def accepts_any(accepted: frozenset[str]) -> bool:
+    """No Accept, ``*/*`` or ``application/*``: the client takes every manifest type."""
+    return not accepted or not WILDCARDS.isdisjoint(accepted)
+
+
 def accepts(accepted: frozenset[str], media_type: str) -> bool:
     """Whether a client that sent ``accepted`` can take a manifest of ``media_type``.
 
     No Accept, ``*/*`` or ``application/*`` accepts anything. A client that lists only Docker schema 1 or plain
     JSON still gets what it asked for by digest, so only tag resolution consults this.
     """
-    if not accepted or "*/*" in accepted or "application/*" in accepted:
-        return True
-    return media_type in accepted
+    return accepts_any(accepted) or media_type in accepted
+
+
+def upstream_types(accepted: frozenset[str]) -> list[str]:
+    """The media types asked of the upstream: the client's own, plus every modern type when it takes any type.
+    Wildcards are never sent as such: Distribution serves an OCI manifest or index only to an Accept naming its
+    type (``*/*`` is not enough), so a cold ``*/*`` would be a 404 where a cached one is a 200."""
+    named = sorted(accepted - WILDCARDS)
+    if not accepts_any(accepted):
+        return named
+    return [*DEFAULT_ACCEPT, *(t for t in named if t not in DEFAULT_ACCEPT)]
 
 
 def upstream_accept(accepted: frozenset[str]) -> str:
-    """The Accept header sent upstream: the client's own list, or every modern type when it sent none."""
-    types = sorted(accepted) if accepted else list(DEFAULT_ACCEPT)
-    return ", ".join(types)
+    """The Accept header sent upstream (``upstream_types``)."""
+    return ", ".join(upstream_types(accepted))
+
+
+def names_every_type(accepted: frozenset[str]) -> bool:
+    """Whether an upstream asked with ``accepted`` could answer with any modern manifest type: only then does its
+    404 mean the tag is gone, rather than that no manifest of the types asked for exists."""
+    return set(DEFAULT_ACCEPT) <= set(upstream_types(accepted))

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from mirror.oci.errors import DigestInvalid, ManifestInvalid, NameInvalid, NameUnknown
+from mirror.oci.errors import DigestInvalid, ManifestInvalid, ManifestUnknown, NameInvalid, NameUnknown
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -80,6 +80,20 @@ Reference = Tag | Digest
 def parse_reference(text: str) -> Reference:
     """A manifest reference is a digest when it contains ``:`` (tags cannot), else a tag."""
     return Digest.parse(text) if ":" in text else Tag.parse(text)
+
+
+def lookup_reference(text: str) -> Reference:
+    """A reference to read or delete. A malformed tag cannot name anything stored, so it is unknown (404
+    MANIFEST_UNKNOWN, as the distribution-spec conformance suite expects of ``.INVALID_MANIFEST_NAME``), not a bad
+    request; only a write (``parse_reference``) refuses it as invalid. A malformed digest stays DIGEST_INVALID."""
+    if ":" in text:
+        return Digest.parse(text)
+    try:
+        return Tag.parse(text)
+    except ManifestInvalid:
+        raise ManifestUnknown(
+            f"manifest {text[:140]!r} is unknown: not a valid tag", detail={"tag": text[:200]}
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,8 @@ class MetadataIndex(Protocol):
 
     async def list_tags(self, repo: Repo) -> tuple[str, ...]: ...
 
+    async def mark_pulled(self, repo: Repo) -> None: ...
+
 
 class UsageRecorder(Protocol):
     """What the services tell the usage table (``storage.usage``): hits refresh recency, commits add content,

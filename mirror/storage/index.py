@@ -5,6 +5,9 @@ Keys (tuples, so each kind has its own namespace):
     ("manifest", "<digest>")                    -> ManifestRecord: media type and size of a stored manifest
     ("tag", "<registry>", "<repo>", "<tag>")    -> TagRecord: digest, media type, when last confirmed upstream
     ("tags", "<registry>", "<repo>")            -> sorted tuple of cached tag names (the tags/list fallback)
+    ("pulled", "<registry>", "<repo>")          -> True: content was pulled through under this name (a tag, a
+                                                   manifest or a blob fetched upstream), so a push may not
+                                                   shadow it (``push.LocalRegistry.target``)
 
 Local (pushed) repositories use the same tag keys with the registry ``local``, plus:
 
@@ -97,6 +100,14 @@ class Index:
     async def list_tags(self, repo: Repo) -> tuple[str, ...]:
         value = await asyncio.to_thread(self._cache.get, ("tags", repo.registry, repo.path), ())
         return tuple(value) if isinstance(value, tuple) else ()
+
+    # repositories pulled through ------------------------------------------------------------------------
+    async def mark_pulled(self, repo: Repo) -> None:
+        await asyncio.to_thread(self._cache.set, ("pulled", repo.registry, repo.path), True)
+
+    async def pulled(self, repo: Repo) -> bool:
+        """Whether content was ever pulled through under ``repo`` (tags aside: see ``list_tags``)."""
+        return bool(await asyncio.to_thread(self._cache.get, ("pulled", repo.registry, repo.path), False))
 
     # local (pushed) repositories -------------------------------------------------------------------------
     def local_repos_sync(self) -> tuple[str, ...]:

@@ -29,7 +29,18 @@ HEX = "b" * 64
             id="encoded traversal normalised away -> 404 NOT_FOUND",
         ),
         pytest.param(
-            "GET", "/v2/alpine/manifests/-bad", {}, 400, "MANIFEST_INVALID", id="bad tag -> 400 MANIFEST_INVALID"
+            "GET", "/v2/alpine/manifests/-bad", {}, 404, "MANIFEST_UNKNOWN", id="bad tag -> 404 MANIFEST_UNKNOWN"
+        ),
+        pytest.param(
+            "GET",
+            "/v2/alpine/manifests/.INVALID_MANIFEST_NAME",
+            {},
+            404,
+            "MANIFEST_UNKNOWN",
+            id="conformance's invalid tag -> 404 MANIFEST_UNKNOWN",
+        ),
+        pytest.param(
+            "HEAD", "/v2/alpine/manifests/.INVALID_MANIFEST_NAME", {}, 404, None, id="HEAD invalid tag -> 404"
         ),
         pytest.param(
             "GET",

@@ -30,6 +30,10 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def _accepted(request: web.Request) -> set[str]:
+    return {t.split(";", 1)[0].strip() for h in request.headers.getall("Accept", []) for t in h.split(",")}
+
+
 @dataclass
 class Faults:
     token_auth: bool = False  # 401 + Bearer challenge until a token from /token is presented
@@ -195,6 +199,13 @@ class FakeRegistry:
             if found is None:
                 return self._error(404, "MANIFEST_UNKNOWN", "manifest unknown")
             media_type, body = found
+            if media_type in (OCI_MANIFEST, OCI_INDEX) and media_type not in _accepted(request):
+                # As Distribution does: an OCI type only for an Accept naming it (``*/*`` is not enough); Docker
+                # types for anyone.
+                kind_name = "manifest" if media_type == OCI_MANIFEST else "index"
+                return self._error(
+                    404, "MANIFEST_UNKNOWN", f"OCI {kind_name} found, but accept header does not support it"
+                )
             headers["Content-Type"] = media_type
             if not self.faults.manifest_no_digest:
                 headers["Docker-Content-Digest"] = sha256(body)

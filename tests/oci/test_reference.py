@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mirror.oci.errors import DigestInvalid, ManifestInvalid, NameInvalid, NameUnknown, RegistryError
-from mirror.oci.reference import Digest, Repo, Tag, parse_reference, route, validate_name
+from mirror.oci.errors import DigestInvalid, ManifestInvalid, ManifestUnknown, NameInvalid, NameUnknown, RegistryError
+from mirror.oci.reference import Digest, Repo, Tag, lookup_reference, parse_reference, route, validate_name
 
 HEX64 = "a" * 64
 
@@ -50,6 +50,27 @@ def test_valid_tags(text: str) -> None:
 def test_invalid_tags(text: str) -> None:
     with pytest.raises(ManifestInvalid):
         Tag.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        pytest.param(".INVALID_MANIFEST_NAME", ManifestUnknown, id="malformed tag read -> MANIFEST_UNKNOWN (404)"),
+        pytest.param("-x", ManifestUnknown, id="leading dash read -> MANIFEST_UNKNOWN (404)"),
+        pytest.param("sha256:xyz", DigestInvalid, id="malformed digest read -> DIGEST_INVALID (400)"),
+    ],
+)
+def test_lookup_of_malformed_references(text: str, error: type[RegistryError]) -> None:
+    with pytest.raises(error) as info:
+        lookup_reference(text)
+    assert info.value.status == (404 if error is ManifestUnknown else 400)
+    with pytest.raises((ManifestInvalid, DigestInvalid)):  # a write still refuses it as invalid (400)
+        parse_reference(text)
+
+
+def test_lookup_of_valid_references() -> None:
+    assert lookup_reference("latest") == Tag("latest")
+    assert lookup_reference(f"sha256:{HEX64}") == Digest.parse(f"sha256:{HEX64}")
 
 
 def test_digest_round_trip() -> None:
