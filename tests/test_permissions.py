@@ -302,3 +302,26 @@ def test_access_tables_need_htpasswd(tmp_path: Path) -> None:
     text = '[[access]]\nusers = ["ci"]\nrepositories = ["ci/*"]\nactions = ["push"]\n'
     with pytest.raises(ConfigError, match="need --htpasswd"):
         load({}, write(tmp_path, text), environ={})
+
+
+def test_the_readme_examples_mean_what_they_say(tmp_path: Path, htpasswd: Path) -> None:
+    from mirror.config import access_rules
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.partition("### Repository permissions")[2]
+    example = section.partition("```toml\n")[2].partition("```")[0]
+    config = load({}, write(tmp_path, f'htpasswd = "{htpasswd}"\n{example}'), environ={})
+    rules = Permissions([Rule.of(r.users, r.repositories, r.actions) for r in access_rules(config)])
+    table = [
+        ("ci", Action.PUSH, "ci/app", True),
+        ("ci", Action.PUSH, "team-a/app", False),
+        ("anna", Action.PUSH, "team-a/app/x", True),
+        ("bob", Action.PULL, "team-a/app", True),
+        ("bob", Action.PUSH, "team-a/app", False),
+        (None, Action.PULL, "library/alpine", True),
+        (None, Action.PULL, "secret/db", False),
+        ("alice", Action.PULL, "secret/db", False),
+        ("ops", Action.ADMIN, None, True),
+        ("ci", Action.ADMIN, None, False),
+    ]
+    assert [(u, a, n, rules.allows(u, a, n)) for u, a, n, _ in table] == table
