@@ -22,11 +22,12 @@ from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, USAGE
 from mirror.api.middleware import add_api_version, refuse_loops, registry_errors, request_metrics
 from mirror.api.routes import add_routes
 from mirror.auth import Access, AccessSettings, Htpasswd, HtpasswdError
-from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, cache_config
+from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, access_rules, cache_config
 from mirror.metrics import CacheSnapshot, Metrics
 from mirror.notify import Endpoint, Notifier
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
 from mirror.oci.reference import Digest, Repo, canonical_registry, route
+from mirror.permissions import Permissions, Rule
 from mirror.pullthrough import PullThrough, TagPolicy
 from mirror.push import LocalRegistry, PushRule
 from mirror.push_uploads import Uploads
@@ -126,7 +127,9 @@ def build_access(config: Config, metrics: Metrics) -> Access:
     except HtpasswdError as exc:
         raise ConfigError(str(exc)) from exc
     settings = AccessSettings(config.anonymous_pull, config.anonymous_push, config.read_only)
-    return Access(settings, htpasswd, metrics)
+    rules = [Rule.of(r.users, r.repositories, r.actions) for r in access_rules(config)]
+    permissions = Permissions(rules, config.anonymous_pull) if rules else None  # None: the built-in policy
+    return Access(settings, htpasswd, metrics, permissions)
 
 
 def build_notifier(config: Config, metrics: Metrics) -> Notifier:
@@ -184,7 +187,7 @@ def create_app(config: Config) -> web.Application:
     app[PULL] = pull
     app[RESOLVE] = resolve
     app[LOCAL] = local
-    app[ACCESS] = build_access(config, metrics)
+    app[ACCESS] = access = build_access(config, metrics)
     app[NOTIFY] = build_notifier(config, metrics)
     app.cleanup_ctx.append(push_lifecycle(config, local))
     app[USAGE] = usage
@@ -210,6 +213,7 @@ def create_app(config: Config) -> web.Application:
             await client.close()
         index.close()
         usage.close()
+        access.close()  # the bcrypt threads
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -1,56 +1,43 @@
-"""Who may do what: htpasswd credentials (bcrypt, as ``htpasswd -B`` writes them) and the access policy.
+"""Who may do what: the access decision for every registry and admin request.
 
-Off by default, as ``registry:2`` is: without ``--htpasswd`` anyone may pull, and pushes and deletes are accepted
-from loopback clients only (``anonymous_push = "loopback"``), so a mirror listening on the network cannot be
-written to by whoever reaches it. With an htpasswd file:
+Off by default, as ``registry:2`` is: without ``--htpasswd`` anyone may pull (and use the admin API, when
+``--admin-api`` turns it on), and pushes and deletes are accepted from loopback clients only
+(``anonymous_push = "loopback"``), so a mirror listening on the network cannot be written to by whoever reaches
+it. With an htpasswd file (``mirror.credentials``) and the built-in permissions:
 
-| request                         | no credentials                         | valid credentials | wrong credentials |
-|---------------------------------|----------------------------------------|-------------------|-------------------|
-| ``GET /v2/`` (login, ping)      | 401 + ``WWW-Authenticate: Basic``      | 200               | 401               |
+| request                         | no credentials                          | valid credentials | wrong credentials |
+|---------------------------------|-----------------------------------------|-------------------|-------------------|
+| ``GET /v2/`` (login, ping)      | 401 + ``WWW-Authenticate: Basic``       | 200               | 401               |
 | pull (manifests, blobs, tags)   | allowed if ``anonymous_pull``, else 401 | allowed           | 401               |
-| push, delete                    | 401                                    | allowed           | 401               |
+| push, delete                    | 401                                     | allowed           | 401               |
+| ``/admin/v1/*``                 | 401                                     | allowed           | 401               |
 
+``[[access]]`` rules (``mirror.permissions``) replace the built-in permissions: what they do not allow is a 401
+with the Basic challenge for an anonymous client (so that it can log in) and 403 DENIED for a user.
 ``/v2/`` always challenges anonymous callers when an htpasswd file is set: Docker sends credentials only to a
 registry whose ``/v2/`` asked for them, so this is what makes ``docker login`` and an authenticated push work.
-``read_only`` refuses every push and delete with 405 UNSUPPORTED, whoever asks.
+``read_only`` refuses every push and delete with 405 UNSUPPORTED, whoever asks. An address sending wrong
+passwords again and again, or a flood of them, gets 429 TOOMANYREQUESTS (``mirror.credentials``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import hashlib
-import hmac
 import ipaddress
-import logging
-import os
-import secrets
-import time
 from dataclasses import dataclass
-from enum import StrEnum
-from pathlib import Path
 
-import bcrypt
-
+from mirror.credentials import BcryptPool, FailureBrake, Htpasswd, HtpasswdError, parse_htpasswd
 from mirror.metrics import Metrics
 from mirror.oci import errors
+from mirror.permissions import Action, Permissions
 
-log = logging.getLogger(__name__)
-BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
-VERIFIED_TTL = 300.0  # seconds a verified (user, password) pair is trusted without running bcrypt again
-VERIFIED_MAX = 4096
-RELOAD_INTERVAL = 2.0  # seconds between checks of the htpasswd file's mtime
-
-
-class Action(StrEnum):
-    PING = "ping"  # GET /v2/
-    PULL = "pull"
-    PUSH = "push"
-    DELETE = "delete"
-
-
+__all__ = ["Access", "AccessSettings", "Action", "BcryptPool", "Htpasswd", "HtpasswdError", "parse_htpasswd"]
 ANONYMOUS_PUSH = ("loopback", "any", "off")
+# The brake on one client address: after this many failed logins within FAILURE_WINDOW seconds, 429 with
+# Retry-After, without running bcrypt. Read when the Access is built.
+FAILURES_ALLOWED = 5
+FAILURE_WINDOW = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,82 +46,6 @@ class AccessSettings:
     anonymous_push: str = "loopback"  # without an htpasswd file: who may push and delete (ANONYMOUS_PUSH)
     read_only: bool = False
     realm: str = "mirror"
-
-
-class HtpasswdError(Exception):
-    """The htpasswd file cannot be read or holds no usable (bcrypt) entry."""
-
-
-def parse_htpasswd(text: str, source: str = "htpasswd") -> dict[str, bytes]:
-    """``user:hash`` lines; only bcrypt hashes are accepted (what ``htpasswd -B`` writes, and all Distribution
-    accepts). Other entries are skipped with a warning naming the user."""
-    users: dict[str, bytes] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        user, sep, hashed = line.partition(":")
-        if not sep or not user:
-            log.warning("%s line %d is not user:hash; skipped", source, number)
-            continue
-        if not hashed.startswith(BCRYPT_PREFIXES):
-            log.warning("%s: the entry of %r is not bcrypt; recreate it with htpasswd -B", source, user)
-            continue
-        users[user] = hashed.encode()
-    return users
-
-
-class Htpasswd:
-    """An htpasswd file, re-read when it changes, and a short memory of verified passwords: Docker sends Basic
-    credentials with every request, and bcrypt is deliberately slow."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._users: dict[str, bytes] = {}
-        self._mtime = 0.0
-        self._checked = 0.0
-        self._key = secrets.token_bytes(32)
-        self._verified: dict[tuple[str, bytes, bytes], float] = {}
-        self._load_sync()
-
-    def _load_sync(self) -> None:
-        try:
-            mtime = os.stat(self.path).st_mtime
-            users = parse_htpasswd(self.path.read_text(), str(self.path))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise HtpasswdError(f"cannot read htpasswd file {self.path}: {exc}") from exc
-        if not users:
-            raise HtpasswdError(f"htpasswd file {self.path} has no bcrypt entries (create them with htpasswd -B)")
-        self._users, self._mtime = users, mtime
-        self._verified.clear()
-
-    def _reload_sync(self) -> None:
-        try:
-            if os.stat(self.path).st_mtime != self._mtime:
-                self._load_sync()
-                log.info("re-read htpasswd file %s: %d users", self.path, len(self._users))
-        except (OSError, HtpasswdError) as exc:
-            log.error("keeping the previous users: %s", exc)
-
-    async def verify(self, user: str, password: str) -> bool:
-        now = time.monotonic()
-        if now - self._checked > RELOAD_INTERVAL:
-            self._checked = now
-            await asyncio.to_thread(self._reload_sync)
-        hashed = self._users.get(user)
-        secret = password.encode()
-        if hashed is None or len(secret) > 72:  # bcrypt looks at 72 bytes at most; longer is never a match
-            return False
-        key = (user, hashed, hmac.new(self._key, secret, hashlib.sha256).digest())
-        until = self._verified.get(key)
-        if until is not None and until > now:
-            return True
-        if not await asyncio.to_thread(bcrypt.checkpw, secret, hashed):
-            return False
-        if len(self._verified) >= VERIFIED_MAX:
-            self._verified.clear()
-        self._verified[key] = now + VERIFIED_TTL
-        return True
 
 
 def parse_basic(header: str | None) -> tuple[str, str] | None:
@@ -167,12 +78,23 @@ def is_loopback(peer: str | None) -> bool:
     return address.is_loopback
 
 
+WHAT = {Action.PING: "log in", Action.PULL: "pull", Action.PUSH: "push", Action.DELETE: "delete", Action.ADMIN: "use"}
+
+
 class Access:
     """The access decision for one request: the actor's name (None for anonymous), or a registry error."""
 
-    def __init__(self, settings: AccessSettings, htpasswd: Htpasswd | None, metrics: Metrics):
+    def __init__(
+        self,
+        settings: AccessSettings,
+        htpasswd: Htpasswd | None,
+        metrics: Metrics,
+        permissions: Permissions | None = None,
+    ):
         self.settings = settings
         self.htpasswd = htpasswd
+        self.permissions = permissions or Permissions.default(settings.anonymous_pull)
+        self.brake = FailureBrake(FAILURES_ALLOWED, FAILURE_WINDOW)
         self._metrics = metrics
         self._challenge = {"WWW-Authenticate": f'Basic realm="{settings.realm}"'}
 
@@ -180,7 +102,11 @@ class Access:
         self._metrics.auth_requests.labels("unauthorized").inc()
         return errors.Unauthorized(message, headers=dict(self._challenge))
 
-    async def check(self, action: Action, authorization: str | None, peer: str | None) -> str | None:
+    async def check(
+        self, action: Action, authorization: str | None, peer: str | None, name: str | None = None
+    ) -> str | None:
+        """``name``: the repository as the client named it (see ``mirror.permissions``), None for requests about
+        no single repository (``/v2/``, ``_catalog``, the admin API)."""
         writes = action in (Action.PUSH, Action.DELETE)
         if writes and self.settings.read_only:
             self._metrics.auth_requests.labels("read_only").inc()
@@ -188,24 +114,47 @@ class Access:
         if self.htpasswd is None:
             self._check_open(action, peer)
             return None
+        actor = await self._authenticate(self.htpasswd, authorization, peer)
+        if self.permissions.allows(actor, action, name):
+            self._metrics.auth_requests.labels("anonymous" if actor is None else "authenticated").inc()
+            return actor
+        target = "the admin API" if action is Action.ADMIN else (name or "")
+        if actor is None:
+            raise self._unauthorized(f"authentication required to {WHAT[action]} {target}".rstrip())
+        self._metrics.auth_requests.labels("denied").inc()
+        raise errors.Denied(f"{actor} may not {WHAT[action]} {target}".rstrip(), detail={"user": actor})
+
+    async def _authenticate(self, htpasswd: Htpasswd, authorization: str | None, peer: str | None) -> str | None:
+        """The user whose credentials came with the request, None when none came; wrong ones are a 401, and an
+        address that keeps sending wrong ones is braked (429) before bcrypt runs."""
         try:
             credentials = parse_basic(authorization)
         except errors.RegistryError as exc:
             raise self._unauthorized(exc.message) from None
-        if credentials is not None:
-            user, password = credentials
-            if not await self.htpasswd.verify(user, password):
-                raise self._unauthorized("wrong user name or password")
-            self._metrics.auth_requests.labels("authenticated").inc()
-            return user
-        if action is Action.PULL and self.settings.anonymous_pull:
-            self._metrics.auth_requests.labels("anonymous").inc()
+        if credentials is None:
             return None
-        what = {Action.PING: "log in", Action.PULL: "pull", Action.PUSH: "push", Action.DELETE: "delete"}[action]
-        raise self._unauthorized(f"authentication required to {what}")
+        user, password = credentials
+        try:
+            self.brake.check(peer)
+            verified = await htpasswd.verify(user, password)
+        except errors.TooManyRequests:
+            self._metrics.auth_requests.labels("throttled").inc()
+            raise
+        if not verified:
+            self.brake.failed(peer)
+            raise self._unauthorized("wrong user name or password")
+        return user
+
+    def may(self, actor: str | None, action: Action, name: str) -> bool:
+        """For listings: whether the actor of an admitted request may ``action`` the repository ``name``."""
+        return self.htpasswd is None or self.permissions.allows(actor, action, name)
+
+    def close(self) -> None:
+        if self.htpasswd is not None:
+            self.htpasswd.close()
 
     def _check_open(self, action: Action, peer: str | None) -> None:
-        """No htpasswd file: pulls are open; writes follow ``anonymous_push``."""
+        """No htpasswd file: pulls (and the admin API, when it is on) are open; writes follow ``anonymous_push``."""
         mode = self.settings.anonymous_push
         if action in (Action.PUSH, Action.DELETE) and not (mode == "any" or (mode == "loopback" and is_loopback(peer))):
             self._metrics.auth_requests.labels("denied").inc()

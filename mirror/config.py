@@ -245,6 +245,7 @@ def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | No
     if config.anonymous_push not in ANONYMOUS_PUSH:
         raise ConfigError(f"--anonymous-push must be one of {', '.join(ANONYMOUS_PUSH)}")
     cache_config(config)  # validates the [cache] table
+    access_rules(config)  # validates the [[access]] tables
     return config
 
 
@@ -293,11 +294,14 @@ def load(cli_values: Mapping[str, Any], config_path: str | None, environ: Mappin
     known = TOP_KEYS | set(UPSTREAM_KEYS)
     document = read_toml(config_path or environ.get("MIRROR_CONFIG"))
     upstream_tables = document.pop("upstreams", None)
+    access_tables = document.pop("access", None)  # [[access]]: an array of tables, kept in extra (access_rules)
     file_flat = {k.replace("-", "_"): v for k, v in document.items() if not isinstance(v, dict)}
     unknown = set(file_flat) - known
     if unknown:
         raise ConfigError(f"unknown settings in config file: {', '.join(sorted(unknown))}")
     extra = {k: v for k, v in document.items() if isinstance(v, dict)}
+    if access_tables is not None:
+        extra["access"] = access_tables
     merged = {**file_flat, **env_settings(environ, known), **{k: v for k, v in cli_values.items() if v is not None}}
     return build(merged, upstream_tables, extra)
 
@@ -361,3 +365,48 @@ def cache_config(config: Config) -> CacheConfig:
     if cache.flush_interval <= 0:
         raise ConfigError("[cache] flush_interval must be positive")
     return cache
+
+
+# --- repository permissions ([[access]] tables; mirror.permissions) ---------------------------------------------
+ACCESS_ACTIONS = ("pull", "push", "delete", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRule:
+    """One ``[[access]]`` table: these users may do these actions on repositories matching these patterns."""
+
+    users: tuple[str, ...]  # htpasswd users, "*" (any authenticated user), "anonymous"
+    repositories: tuple[str, ...] = ()  # globs: * within a path component, ** across; () for admin-only rules
+    actions: tuple[str, ...] = ()  # ACCESS_ACTIONS; () denies everything on the repositories it matches
+
+
+def _strings(table: Mapping[str, Any], key: str, number: int) -> tuple[str, ...]:
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"[[access]] entry {number}: {key} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def access_rules(config: Config) -> tuple[AccessRule, ...]:
+    """The ``[[access]]`` rules in order; () when there are none (the built-in permissions apply)."""
+    tables = config.extra.get("access", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("access must be an array of tables: [[access]] users = [...] repositories = [...] ...")
+    rules = []
+    for number, table in enumerate(tables, 1):
+        unknown = set(table) - {f.name for f in fields(AccessRule)}
+        if unknown:
+            raise ConfigError(f"unknown keys in [[access]] entry {number}: {', '.join(sorted(unknown))}")
+        rule = AccessRule(*(_strings(table, key, number) for key in ("users", "repositories", "actions")))
+        bad = set(rule.actions) - set(ACCESS_ACTIONS)
+        if bad:
+            raise ConfigError(f"[[access]] entry {number}: unknown actions {', '.join(sorted(bad))} "
+                              f"(use {', '.join(ACCESS_ACTIONS)})")  # fmt: skip
+        if not rule.users:
+            raise ConfigError(f'[[access]] entry {number} needs users (names, "*" or "anonymous")')
+        if not rule.repositories and set(rule.actions) - {"admin"}:
+            raise ConfigError(f"[[access]] entry {number} grants {', '.join(rule.actions)} but names no repositories")
+        rules.append(rule)
+    if rules and config.htpasswd is None:
+        raise ConfigError("[[access]] rules need --htpasswd: without it every client is anonymous (see anonymous_push)")
+    return tuple(rules)

@@ -196,7 +196,7 @@ def test_htpasswd_without_usable_entries_is_a_config_error(tmp_path: Path) -> No
 async def test_htpasswd_is_reread_when_it_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, htpasswd: Path
 ) -> None:
-    monkeypatch.setattr("mirror.auth.RELOAD_INTERVAL", 0.0)
+    monkeypatch.setattr("mirror.credentials.RELOAD_INTERVAL", 0.0)
     users = Htpasswd(htpasswd)
     assert await users.verify(*ALICE)
     assert not await users.verify("carol", "new")
@@ -217,7 +217,7 @@ async def test_verified_passwords_skip_bcrypt(monkeypatch: pytest.MonkeyPatch, h
         calls += 1
         return real(password, hashed)
 
-    monkeypatch.setattr("mirror.auth.bcrypt.checkpw", counting)
+    monkeypatch.setattr("mirror.credentials.bcrypt.checkpw", counting)
     users = Htpasswd(htpasswd)
     for _ in range(5):
         assert await users.verify(*ALICE)

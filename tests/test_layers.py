@@ -53,6 +53,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "push": {"api", "app", "cli", "config"},
     "push_uploads": {"api", "app", "cli", "config"},
     "auth": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config"},
+    "credentials": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config", "auth"},
+    "permissions": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config", "auth"},
     "notify": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config"},
     "api": {"app", "cli", "config"},
     "app": {"cli"},

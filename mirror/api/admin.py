@@ -1,7 +1,9 @@
 """``/readyz`` and the JSON admin API under ``/admin/v1/`` (off unless ``--admin-api``; see ``mirror.admin``).
 
-The admin API can remove content and start upstream fetches: expose it only where operators are (bind the
-mirror to a private interface, or filter ``/admin/`` at the proxy in front). Bad input gets registry error JSON.
+The admin API can remove content and start upstream fetches. With ``--htpasswd`` every call needs credentials and
+the ``admin`` action (``api.access``, ``mirror.permissions``); without it the API is open to whoever reaches it:
+expose it only where operators are (bind the mirror to a private interface, or filter ``/admin/`` at the proxy in
+front). Bad input gets registry error JSON.
 
     GET    /admin/v1/stats                      size, limit, entries, hit ratio, top repositories
     GET    /admin/v1/ls                         repositories, tags, platforms, size, last served
