@@ -34,7 +34,7 @@ from mirror.storage.blobs import BlobStore
 from mirror.storage.eviction import Housekeeper, Limits
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.index import Index
-from mirror.storage.uploads import UploadSessions
+from mirror.storage.uploads import UploadSessions, held_sync
 from mirror.storage.usage import Usage
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
@@ -100,7 +100,7 @@ def build_local(
 ) -> LocalRegistry:
     if LOCAL_REGISTRY in registries:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
-    sessions = UploadSessions(config.data_dir, store)
+    sessions = UploadSessions(config.data_dir, store, config.upload_max_sessions, config.upload_max_sessions_per_client)
     metrics.upload_sessions.set_function(sessions.count_sync)
 
     def upstream_repo(name: str) -> Repo:
@@ -162,6 +162,9 @@ def create_app(config: Config) -> web.Application:
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
 
     local = build_local(config, store, index, metrics, registries)
+    # Upload sessions count against the cache's size; when it is over, idle ones go before cached content.
+    local.uploads.sessions.on_held = usage.uploads_held
+    housekeeper.reclaim = lambda: local.uploads.sessions.sweep(config.upload_idle_when_full)
 
     def resolve(name: str, ns: str | None) -> Repo:
         # Local (pushed) repositories first: they are authoritative for their names (README "Pushing images").
@@ -256,7 +259,7 @@ def build_housekeeping(
     housekeeper = Housekeeper(store, index, usage, limits, busy, evicted, metrics.repos.drain)
     metrics.repos.configure(cache.top_repos, cache.repo_allowlist)
     metrics.cache.source = lambda: CacheSnapshot(
-        usage.total, limits.size, usage.pending, usage.counts(), housekeeper.protected_bytes
+        usage.total + usage.upload_bytes, limits.size, usage.pending, usage.counts(), housekeeper.protected_bytes
     )
     admin = Admin(
         store, index, usage, housekeeper, pull, default_registry, GcSettings(cache.gc_grace, cache.tmp_max_age), live
@@ -317,6 +320,7 @@ async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[A
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, default, live=False)
     try:
         usage.install(*await asyncio.to_thread(usage.load_sync))
+        usage.upload_sessions, usage.upload_bytes = await asyncio.to_thread(held_sync, config.data_dir)
         yield admin
         await housekeeper.flush()
     finally:
