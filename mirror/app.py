@@ -17,7 +17,7 @@ from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
 from mirror.api.admin import ADMIN, READY
 from mirror.api.admin import add_routes as add_admin_routes
-from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, USAGE
+from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, ROUTING, USAGE
 from mirror.api.middleware import add_api_version, registry_errors, request_metrics
 from mirror.api.routes import add_routes
 from mirror.auth import Access, AccessSettings, Htpasswd, HtpasswdError
@@ -85,12 +85,25 @@ def build_upstreams(
         add(registry, wildcard)
         metrics.prime([registry])
 
+    closing: set[asyncio.Task[None]] = set()
+
+    def drop_wildcard(registry: str) -> None:
+        """A wildcard host left the routing table (least recently used, idle): close its client."""
+        policies.pop(registry, None)
+        client = clients.pop(registry, None)
+        if client is not None:
+            task = asyncio.get_running_loop().create_task(client.close())
+            closing.add(task)
+            task.add_done_callback(closing.discard)
+
     routing = Upstreams(
         canonical_registry(config.default_upstream.registry),
         rules,
         add_wildcard,
         wildcard.allow_hosts if wildcard else (),
         RepoRules(wildcard.allow, wildcard.deny) if wildcard else None,
+        idle=lambda registry: registry not in clients or clients[registry].users == 0,
+        drop=drop_wildcard,
     )
     return clients, policies, routing
 
@@ -174,6 +187,7 @@ def create_app(config: Config) -> web.Application:
     app[METRICS] = metrics
     app[PULL] = pull
     app[RESOLVE] = resolve
+    app[ROUTING] = registries
     app[LOCAL] = local
     app[ACCESS] = build_access(config, metrics)
     app[NOTIFY] = build_notifier(config, metrics)
