@@ -34,6 +34,7 @@ from pathlib import Path
 import diskcache
 
 from mirror.oci.reference import Digest
+from mirror.storage.sqlfull import disk_full
 
 LOCAL = 1  # flags bit: pushed to this mirror, not pulled through; eviction never removes it
 KINDS = ("blob", "manifest")
@@ -162,6 +163,7 @@ class Usage:
         return counts
 
     # --- additions (memory at once, disk in a thread) --------------------------------------------------------
+    @disk_full
     def added_sync(self, digest: Digest, size: int, kind: str, repo: str = "", local: bool = False) -> Entry:
         """Record newly stored content on disk; returns the entry to ``remember`` in memory."""
         key = str(digest)
@@ -185,6 +187,7 @@ class Usage:
             if key in self.table:
                 self.table[key].local = True
 
+    @disk_full
     def mark_local_sync(self, keys: Iterable[str]) -> None:
         with self._cache.transact():
             for key in keys:
