@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from mirror import log as log_setup
 from mirror.admin import Admin, GcSettings
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
@@ -164,6 +165,7 @@ def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Applic
 
 
 def create_app(config: Config) -> web.Application:
+    log_setup.quiet_parser_errors()  # one rate-limited line per malformed request, not a traceback each
     metrics = Metrics()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = BlobStore(config.data_dir)

@@ -140,6 +140,8 @@ PUSH_KEYS = {
 }
 TOP_KEYS |= PUSH_KEYS
 ANONYMOUS_PUSH = ("loopback", "any", "off")
+# Tables of the config file besides [[upstreams]] (a misspelt one must not be silently ignored).
+TABLES = {"cache", "notifications"}
 FLOAT_KEYS = {"tag_ttl", "max_stale", "upstream_timeout"}
 
 
@@ -301,6 +303,12 @@ def load(cli_values: Mapping[str, Any], config_path: str | None, environ: Mappin
     if unknown:
         raise ConfigError(f"unknown settings in config file: {', '.join(sorted(unknown))}")
     extra = {k: v for k, v in document.items() if isinstance(v, dict)}
+    unknown = set(extra) - TABLES
+    if unknown:
+        raise ConfigError(
+            f"unknown tables in config file: {', '.join(f'[{t}]' for t in sorted(unknown))} "
+            f"(known: {', '.join(f'[{t}]' for t in sorted(TABLES))}, [[upstreams]])"
+        )
     merged = {**file_flat, **env_settings(environ, known), **{k: v for k, v in cli_values.items() if v is not None}}
     return build(merged, upstream_tables, extra)
 
