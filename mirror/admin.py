@@ -127,7 +127,9 @@ class Admin:
             repos.items(), key=lambda item: -sum(v for k, v in item[1].items() if not k.startswith("bytes_"))
         )
         return {
-            "size_bytes": self.usage.total,
+            "size_bytes": self.usage.total + self.usage.upload_bytes,  # upload sessions count against the limit
+            "upload_bytes": self.usage.upload_bytes,
+            "upload_sessions": self.usage.upload_sessions,
             "limit_bytes": limits.size,
             "high_watermark_bytes": limits.high,
             "low_watermark_bytes": limits.low,

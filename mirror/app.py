@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from mirror import log as log_setup
 from mirror.admin import Admin, GcSettings
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
 from mirror.api.admin import ADMIN, READY
 from mirror.api.admin import add_routes as add_admin_routes
-from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, USAGE
+from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, ROUTING, USAGE
 from mirror.api.middleware import add_api_version, refuse_loops, registry_errors, request_metrics
 from mirror.api.routes import add_routes
 from mirror.auth import Access, AccessSettings, Htpasswd, HtpasswdError
@@ -36,7 +37,7 @@ from mirror.storage.blobs import BlobStore
 from mirror.storage.eviction import Housekeeper, Limits
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.index import Index
-from mirror.storage.uploads import UploadSessions
+from mirror.storage.uploads import UploadSessions, held_sync
 from mirror.storage.usage import Usage
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
@@ -97,12 +98,25 @@ def build_upstreams(
         add(registry, wildcard)
         metrics.prime([registry])
 
+    closing: set[asyncio.Task[None]] = set()
+
+    def drop_wildcard(registry: str) -> None:
+        """A wildcard host left the routing table (least recently used, idle): close its client."""
+        policies.pop(registry, None)
+        client = clients.pop(registry, None)
+        if client is not None:
+            task = asyncio.get_running_loop().create_task(client.close())
+            closing.add(task)
+            task.add_done_callback(closing.discard)
+
     routing = Upstreams(
         canonical_registry(config.default_upstream.registry),
         rules,
         add_wildcard,
         wildcard.allow_hosts if wildcard else (),
         RepoRules(wildcard.allow, wildcard.deny) if wildcard else None,
+        idle=lambda registry: registry not in clients or clients[registry].users == 0,
+        drop=drop_wildcard,
     )
     return clients, policies, routing
 
@@ -112,7 +126,7 @@ def build_local(
 ) -> LocalRegistry:
     if LOCAL_REGISTRY in registries:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
-    sessions = UploadSessions(config.data_dir, store)
+    sessions = UploadSessions(config.data_dir, store, config.upload_max_sessions, config.upload_max_sessions_per_client)
     metrics.upload_sessions.set_function(sessions.count_sync)
 
     def upstream_repo(name: str) -> Repo:
@@ -165,6 +179,7 @@ def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Applic
 
 
 def create_app(config: Config) -> web.Application:
+    log_setup.quiet_parser_errors()  # one rate-limited line per malformed request, not a traceback each
     metrics = Metrics()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = BlobStore(config.data_dir)
@@ -177,6 +192,9 @@ def create_app(config: Config) -> web.Application:
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
 
     local = build_local(config, store, index, metrics, registries)
+    # Upload sessions count against the cache's size; when it is over, idle ones go before cached content.
+    local.uploads.sessions.on_held = usage.uploads_held
+    housekeeper.reclaim = lambda: local.uploads.sessions.sweep(config.upload_idle_when_full)
 
     def resolve(name: str, ns: str | None) -> Repo:
         # Local (pushed) repositories first: they are authoritative for their names (README "Pushing images").
@@ -186,6 +204,7 @@ def create_app(config: Config) -> web.Application:
     app[METRICS] = metrics
     app[PULL] = pull
     app[RESOLVE] = resolve
+    app[ROUTING] = registries
     app[LOCAL] = local
     app[ACCESS] = access = build_access(config, metrics)
     app[NOTIFY] = build_notifier(config, metrics)
@@ -272,7 +291,7 @@ def build_housekeeping(
     housekeeper = Housekeeper(store, index, usage, limits, busy, evicted, metrics.repos.drain)
     metrics.repos.configure(cache.top_repos, cache.repo_allowlist)
     metrics.cache.source = lambda: CacheSnapshot(
-        usage.total, limits.size, usage.pending, usage.counts(), housekeeper.protected_bytes
+        usage.total + usage.upload_bytes, limits.size, usage.pending, usage.counts(), housekeeper.protected_bytes
     )
     admin = Admin(
         store, index, usage, housekeeper, pull, default_registry, GcSettings(cache.gc_grace, cache.tmp_max_age), live
@@ -333,6 +352,7 @@ async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[A
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, default, live=False)
     try:
         usage.install(*await asyncio.to_thread(usage.load_sync))
+        usage.upload_sessions, usage.upload_bytes = await asyncio.to_thread(held_sync, config.data_dir)
         yield admin
         await housekeeper.flush()
     finally:

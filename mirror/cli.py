@@ -94,6 +94,10 @@ def push_options(parser: argparse.ArgumentParser) -> None:
         "pulled through)",
     )
     group.add_argument("--upload-max-age", type=float, metavar="SECONDS", help="idle upload sessions are removed")
+    group.add_argument("--upload-max-sessions", type=int, metavar="N", help="upload sessions open at once (1024)")
+    group.add_argument(
+        "--upload-max-sessions-per-client", type=int, metavar="N", help="upload sessions per client address (64)"
+    )
     group.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM, chain first)")
     group.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     group.add_argument(
@@ -221,6 +225,7 @@ async def cmd_stats(config: Config, args: argparse.Namespace) -> int:
     limit = stats["limit_bytes"]
     print(f"size        {human(stats['size_bytes'])} of {human(limit) if limit else 'no limit'}")
     print(f"entries     {stats['entries'].get('blob', 0)} blobs, {stats['entries'].get('manifest', 0)} manifests")
+    print(f"uploads     {stats['upload_sessions']} sessions holding {human(stats['upload_bytes'])} (in the size)")
     print(f"protected   {human(stats['protected_bytes'])} (pinned or pushed); pins: {', '.join(stats['pins']) or '-'}")
     ratio = stats["hit_ratio"]
     print("hit ratio   " + ", ".join(f"{k} {v:.1%}" if v is not None else f"{k} -" for k, v in ratio.items()))

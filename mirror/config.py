@@ -97,6 +97,9 @@ class Config:
     read_only: bool = False
     push_prefixes: tuple[str, ...] = ()  # names that accept pushes; () = all but library/ and cached names
     upload_max_age: float = 86400.0  # seconds an idle upload session is kept
+    upload_max_sessions: int = 1024  # upload sessions open at once, in all (past it: 429 TOOMANYREQUESTS)
+    upload_max_sessions_per_client: int = 64  # ...and per client address
+    upload_idle_when_full: float = 300.0  # over the cache's high watermark, sessions idle this long are removed
     tls_cert: Path | None = None
     tls_key: Path | None = None
     notifications: NotificationsConfig = field(default_factory=lambda: NotificationsConfig())
@@ -133,12 +136,17 @@ PUSH_KEYS = {
     "read_only",
     "push_prefixes",
     "upload_max_age",
+    "upload_max_sessions",
+    "upload_max_sessions_per_client",
+    "upload_idle_when_full",
     "tls_cert",
     "tls_key",
     "notify_urls",
 }
 TOP_KEYS |= PUSH_KEYS
 ANONYMOUS_PUSH = ("loopback", "any", "off")
+# Tables of the config file besides [[upstreams]] (a misspelt one must not be silently ignored).
+TABLES = {"cache", "notifications"}
 FLOAT_KEYS = {"tag_ttl", "max_stale", "upstream_timeout"}
 
 
@@ -270,8 +278,14 @@ def _push_settings(top: Mapping[str, Any], table: Any) -> dict[str, Any]:
             out[key] = _truthy(top[key])
     if "push_prefixes" in top:
         out["push_prefixes"] = _names(top["push_prefixes"])
-    if "upload_max_age" in top:
-        out["upload_max_age"] = float(top["upload_max_age"])
+    for key in ("upload_max_age", "upload_idle_when_full"):
+        if key in top:
+            out[key] = float(top[key])
+    for key in ("upload_max_sessions", "upload_max_sessions_per_client"):
+        if key in top:
+            out[key] = int(top[key])
+            if out[key] < 1:
+                raise ConfigError(f"{key} must be at least 1")
     table = dict(table or {})
     unknown = set(table) - {"urls", "headers", "timeout", "attempts", "backoff"}
     if unknown:
@@ -300,6 +314,12 @@ def load(cli_values: Mapping[str, Any], config_path: str | None, environ: Mappin
     if unknown:
         raise ConfigError(f"unknown settings in config file: {', '.join(sorted(unknown))}")
     extra = {k: v for k, v in document.items() if isinstance(v, dict)}
+    unknown = set(extra) - TABLES
+    if unknown:
+        raise ConfigError(
+            f"unknown tables in config file: {', '.join(f'[{t}]' for t in sorted(unknown))} "
+            f"(known: {', '.join(f'[{t}]' for t in sorted(TABLES))}, [[upstreams]], [[access]])"
+        )
     if access_tables is not None:
         extra["access"] = access_tables
     merged = {**file_flat, **env_settings(environ, known), **{k: v for k, v in cli_values.items() if v is not None}}

@@ -21,7 +21,7 @@ from mirror.metrics import Metrics
 from mirror.oci import errors
 from mirror.oci.reference import Digest, Repo
 from mirror.storage.blobs import BlobStore, BlobWriter, DigestMismatch, DiskFull, SizeMismatch
-from mirror.storage.uploads import UploadSession, UploadSessions
+from mirror.storage.uploads import TooManySessions, UploadSession, UploadSessions
 
 log = logging.getLogger(__name__)
 BlobArrived = Callable[[Repo, Digest], Awaitable[None]]
@@ -52,8 +52,15 @@ class Uploads:
         self._metrics = metrics
         self.on_blob: BlobArrived = _noop  # set by LocalRegistry: link the blob, make the repository local
 
-    async def start(self, repo: Repo) -> UploadSession:
-        session = await self.sessions.create(repo.path)
+    async def start(self, repo: Repo, client: str = "") -> UploadSession:
+        """A new session for ``client`` (its address); 429 TOOMANYREQUESTS past the per-client or total cap."""
+        try:
+            session = await self.sessions.create(repo.path, client)
+        except TooManySessions as exc:
+            raise errors.TooManyRequests(
+                f"{exc}: finish or cancel some before starting another",
+                detail={"scope": exc.scope, "limit": exc.limit},
+            ) from None
         self._metrics.upload_sessions_started.inc()
         return session
 

@@ -5,11 +5,16 @@ this module is the set of upstreams it routes over: the configured ones, the opt
 matching its ``allow_hosts``, each given its own client on first use), and every upstream's repository
 ``allow``/``deny`` patterns. A registry that is neither configured nor allowed by the wildcard is refused before
 any connection is made.
+
+The wildcard's hosts are a bounded table, least recently used first: a new host past ``MAX_WILDCARD_HOSTS`` takes
+the place of the least recently used host whose client is idle (that client is closed; the host gets a new one
+if it comes back). Only when every one of them is in use is a new host refused (429, retry later).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -18,7 +23,7 @@ from mirror.oci import errors
 from mirror.oci.reference import Repo
 
 log = logging.getLogger(__name__)
-# Hosts the wildcard rule may create clients for; past this the operator's patterns are too wide to be a policy.
+# Wildcard hosts with a client at once; past this the least recently used idle one is dropped.
 MAX_WILDCARD_HOSTS = 256
 
 
@@ -45,7 +50,8 @@ class RepoRules:
 class Upstreams:
     """The registries routing may send a name to. ``add`` is how the composition root builds a client (and its
     tag policy) for a registry; it is called once per configured registry at start and once per wildcard host
-    on first use."""
+    on first use (again after the host was dropped). ``idle`` tells whether a wildcard host's client has no
+    call under way; ``drop`` closes it and forgets its policy."""
 
     def __init__(
         self,
@@ -54,12 +60,17 @@ class Upstreams:
         add: Callable[[str], None],
         wildcard_hosts: tuple[str, ...] = (),
         wildcard_rules: RepoRules | None = None,
+        idle: Callable[[str], bool] = lambda registry: True,
+        drop: Callable[[str], None] = lambda registry: None,
     ):
         self._default = default
         self._rules = rules
         self._add = add
         self._wildcard_hosts = tuple(p.lower() for p in wildcard_hosts)
         self._wildcard_rules = wildcard_rules or RepoRules()
+        self._idle = idle
+        self._drop = drop
+        self._recent: OrderedDict[str, None] = OrderedDict()  # wildcard hosts with a client, oldest use first
 
     def __contains__(self, registry: object) -> bool:
         return isinstance(registry, str) and (registry in self._rules or self._wildcard_allows(registry))
@@ -71,6 +82,11 @@ class Upstreams:
     @property
     def names(self) -> list[str]:
         return list(self._rules)
+
+    @property
+    def wildcard_hosts(self) -> list[str]:
+        """The wildcard hosts that have a client now, least recently used first."""
+        return list(self._recent)
 
     def _wildcard_allows(self, registry: str) -> bool:
         return any(fnmatchcase(registry, p) for p in self._wildcard_hosts)
@@ -84,10 +100,26 @@ class Upstreams:
                     f"registry {repo.registry!r} is not configured as an upstream of this mirror",
                     detail={"registry": repo.registry},
                 )
-            if len(self._rules) >= MAX_WILDCARD_HOSTS:
-                raise errors.Denied(f"this mirror already serves {MAX_WILDCARD_HOSTS} registries; ask its operator")
+            if len(self._recent) >= MAX_WILDCARD_HOSTS:
+                self._make_room()
             log.info("wildcard upstream: first request for %s", repo.registry)
             self._add(repo.registry)
             rules = self._rules[repo.registry] = self._wildcard_rules
+            self._recent[repo.registry] = None
+        elif repo.registry in self._recent:
+            self._recent.move_to_end(repo.registry)
         rules.check(repo)
         return repo
+
+    def _make_room(self) -> None:
+        """Drop the least recently used wildcard host whose client is idle, or refuse (every one is busy)."""
+        victim = next((registry for registry in self._recent if self._idle(registry)), None)
+        if victim is None:
+            raise errors.TooManyRequests(
+                f"all {MAX_WILDCARD_HOSTS} wildcard upstream hosts are in use; retry later",
+                headers={"Retry-After": "1"},
+            )
+        del self._recent[victim]
+        del self._rules[victim]
+        log.info("wildcard upstream: dropped %s, the least recently used of %d hosts", victim, MAX_WILDCARD_HOSTS)
+        self._drop(victim)

@@ -84,6 +84,9 @@ def test_upstream_tables(tmp_path: Path) -> None:
             id="two defaults",
         ),
         pytest.param("", {"tag_ttl": "soon"}, "invalid setting", id="non-numeric ttl"),
+        pytest.param("[storaage]\nx = 1\n", {}, r"unknown tables in config file: \[storaage\]", id="typo in a table"),
+        pytest.param("[cache.pinz]\n", {}, "unknown keys in \\[cache\\]: pinz", id="typo nested in a table"),
+        pytest.param("", {"upload_max_sessions": "0"}, "upload_max_sessions must be", id="no upload sessions"),
     ],
 )
 def test_bad_settings(tmp_path: Path, toml: str, flags: dict[str, str], message: str) -> None:

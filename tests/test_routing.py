@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from mirror import routing as routing_module
+from mirror.api.keys import ROUTING
 from mirror.app import create_app
 from mirror.config import Config, ConfigError, UpstreamConfig, build, load
+from mirror.routing import MAX_WILDCARD_HOSTS
 from tests.fakes.registry import FakeRegistry, sha256
 
 Upstream = tuple[FakeRegistry, TestServer]
@@ -285,3 +289,79 @@ def test_the_readme_upstreams_example_is_a_valid_config(tmp_path: Path) -> None:
     assert config.default_upstream.registry == "docker.io"
     assert by_name["ghcr.io"].allow == ("myorg/*",) and by_name["ghcr.io"].max_connections == 8
     assert by_name["*"].wildcard and by_name["*"].allow_hosts == ("*.corp.example", "quay.io")
+
+
+# --- the wildcard host table: least recently used idle hosts make room -----------------------------------------
+class PrefixUpstream:
+    """One upstream for every wildcard host: the url template puts the host in the path (``/<host>/v2/...``).
+    It answers 404 MANIFEST_UNKNOWN, after waiting for the host's gate if one is set."""
+
+    def __init__(self) -> None:
+        self.hosts: list[str] = []
+        self.gates: dict[str, asyncio.Event] = {}
+        self.arrived: dict[str, asyncio.Event] = {}
+
+    async def handle(self, request: web.Request) -> web.Response:
+        registry = request.path.split("/")[1]
+        self.hosts.append(registry)
+        self.arrived.setdefault(registry, asyncio.Event()).set()
+        if registry in self.gates:
+            await self.gates[registry].wait()
+        return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no"}]}, status=404)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+
+@pytest.fixture
+async def prefix_mirror(aiohttp_server: Any, mirror_over: MirrorOver) -> tuple[TestClient, PrefixUpstream]:
+    upstream = PrefixUpstream()
+    server = await aiohttp_server(upstream.app())
+    mirror = await mirror_over(
+        UpstreamConfig(registry="docker.io", url="http://127.0.0.1:9", default=True),
+        UpstreamConfig(registry="*", url=f"{url(server)}/{{registry}}", allow_hosts=("*.test",)),
+    )
+    return mirror, upstream
+
+
+async def test_wildcard_table_drops_the_least_recently_used_host(
+    prefix_mirror: tuple[TestClient, PrefixUpstream],
+) -> None:
+    """300 distinct allowed hosts: every one reaches its upstream (the 300th too); the table stays at 256."""
+    mirror, upstream = prefix_mirror
+    routing = mirror.app[ROUTING]
+    for i in range(300):
+        resp = await mirror.get(f"/v2/team/app/manifests/1?ns=h{i}.test")
+        assert (resp.status, (await resp.json())["errors"][0]["code"]) == (404, "MANIFEST_UNKNOWN"), i
+        assert len(routing.wildcard_hosts) <= MAX_WILDCARD_HOSTS
+    assert upstream.hosts[-1] == "h299.test" and len(set(upstream.hosts)) == 300
+    assert routing.wildcard_hosts == [f"h{i}.test" for i in range(300 - MAX_WILDCARD_HOSTS, 300)]
+    # A host used again becomes the most recent: it is not the next one dropped.
+    await mirror.get(f"/v2/team/app/manifests/1?ns=h{300 - MAX_WILDCARD_HOSTS}.test")
+    await mirror.get("/v2/team/app/manifests/1?ns=new.test")
+    assert routing.wildcard_hosts[0] == f"h{302 - MAX_WILDCARD_HOSTS}.test"  # h{300 - MAX} was moved
+    assert routing.wildcard_hosts[-2:] == [f"h{300 - MAX_WILDCARD_HOSTS}.test", "new.test"]
+
+
+async def test_wildcard_table_keeps_hosts_in_use(
+    prefix_mirror: tuple[TestClient, PrefixUpstream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Table of 2: with both hosts' requests under way a third host gets 429; once one ends, it takes its place."""
+    monkeypatch.setattr(routing_module, "MAX_WILDCARD_HOSTS", 2)
+    mirror, upstream = prefix_mirror
+    upstream.gates = {"a.test": asyncio.Event(), "b.test": asyncio.Event()}
+    upstream.arrived = {"a.test": asyncio.Event(), "b.test": asyncio.Event()}
+    pending = {h: asyncio.create_task(mirror.get(f"/v2/team/app/manifests/1?ns={h}")) for h in ("a.test", "b.test")}
+    async with asyncio.timeout(10):  # both reached the upstream (a refused one never would)
+        await upstream.arrived["a.test"].wait()
+        await upstream.arrived["b.test"].wait()
+    status, code, _ = await error(await mirror.get("/v2/team/app/manifests/1?ns=c.test"))
+    assert (status, code) == (429, "TOOMANYREQUESTS")
+    upstream.gates["b.test"].set()
+    assert (await pending["b.test"]).status == 404
+    assert (await mirror.get("/v2/team/app/manifests/1?ns=c.test")).status == 404
+    assert mirror.app[ROUTING].wildcard_hosts == ["a.test", "c.test"]
+    upstream.gates["a.test"].set()
+    assert (await pending["a.test"]).status == 404

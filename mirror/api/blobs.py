@@ -13,9 +13,9 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
 from mirror.api import sendfile
+from mirror.api.conditional import blob_range, for_file
 from mirror.api.content import content_for
 from mirror.api.keys import METRICS, RESOLVE, USAGE
-from mirror.api.ranges import parse_range
 from mirror.inflight import Fetch
 from mirror.oci.reference import Digest, Repo
 from mirror.pullthrough import MemoryBlob, StoredBlob, upstream_failure
@@ -58,7 +58,7 @@ class BlobFileResponse(web.FileResponse):
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         try:
-            return await super().prepare(request)  # opens the file and sends it with sendfile
+            return await super().prepare(for_file(request, self._digest_etag))  # opens the file, sendfile
         finally:
             if self._release is not None:
                 self._release()
@@ -125,7 +125,7 @@ async def _get_blob(request: web.Request, repo: Repo, digest: Digest) -> web.Str
     if isinstance(source, StoredBlob) and _etag_matches(request.headers.get(hdrs.IF_NONE_MATCH), digest):
         return web.Response(status=304, headers={**blob_headers(digest), "ETag": f'"{digest}"'})
     if isinstance(source, StoredBlob):
-        rng = parse_range(request.headers.get(hdrs.RANGE), source.size)
+        rng = blob_range(request, digest, source.size)
         count = source.size if rng is None else rng[1] - rng[0]
         if request.method == "GET":
             request.app[METRICS].blob_bytes_served.labels(repo.registry, "cache").inc(count)
@@ -140,7 +140,7 @@ def memory_response(request: web.Request, repo: Repo, digest: Digest, data: byte
     headers["ETag"] = f'"{digest}"'
     if _etag_matches(request.headers.get(hdrs.IF_NONE_MATCH), digest):
         return web.Response(status=304, headers=headers)
-    rng = parse_range(request.headers.get(hdrs.RANGE), len(data))
+    rng = blob_range(request, digest, len(data))
     status, body = 200, data
     if rng is not None:
         status, body = 206, data[rng[0] : rng[1]]
@@ -163,7 +163,7 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
     repeat; the last byte of the answer (whole blob or range) only after the digest is verified. If the fetch
     fails, the connection is cut, so the client sees a short body, never a complete wrong one."""
     assert fetch.size is not None
-    rng = parse_range(request.headers.get(hdrs.RANGE), fetch.size)
+    rng = blob_range(request, digest, fetch.size)
     start, end = rng if rng is not None else (0, fetch.size)
     resp = web.StreamResponse(status=206 if rng else 200, headers=blob_headers(digest))
     resp.content_length = end - start

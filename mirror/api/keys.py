@@ -12,6 +12,7 @@ from mirror.notify import Notifier
 from mirror.oci.reference import Repo
 from mirror.pullthrough import PullThrough
 from mirror.push import LocalRegistry
+from mirror.routing import Upstreams
 from mirror.storage.usage import Usage
 
 # name in the path, ?ns= -> the repository it means (routing lives in oci.reference.route).
@@ -20,6 +21,7 @@ Resolver = Callable[[str, str | None], Repo]
 METRICS = web.AppKey("metrics", Metrics)
 PULL = web.AppKey("pull", PullThrough)
 RESOLVE: web.AppKey[Resolver] = web.AppKey("resolve")
+ROUTING = web.AppKey("routing", Upstreams)  # the upstreams names are routed over (wildcard hosts included)
 
 # Local pushes (mirror.push): pushed repositories, the access policy, webhook notifications.
 LOCAL = web.AppKey("local", LocalRegistry)

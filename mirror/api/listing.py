@@ -17,7 +17,8 @@ def parse_page(request: web.Request) -> tuple[int | None, str | None]:
     raw_n = request.query.get("n")
     n: int | None = None
     if raw_n is not None:
-        if not raw_n.isdigit() or int(raw_n) > MAX_PAGE:
+        # ASCII digits only: str.isdigit() also accepts "²" (int() refuses it) and "٣" (int() reads it as 3).
+        if not (raw_n.isascii() and raw_n.isdigit()) or len(raw_n) > 6 or int(raw_n) > MAX_PAGE:
             raise PaginationInvalid(f"n must be an integer from 0 to {MAX_PAGE}", detail={"n": raw_n[:50]})
         n = int(raw_n)
     last = request.query.get("last")

@@ -11,6 +11,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from mirror.api.keys import METRICS
 from mirror.oci import errors
+from mirror.storage.blobs import DiskFull
 from mirror.upstream.client import LOOP_HEADER
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ async def registry_errors(request: web.Request, handler: Handler) -> web.StreamR
         if exc.status < 400:
             raise
         return error_response(_from_http(exc))
+    except DiskFull as exc:  # the disk filled under any write (the index, the usage table) a handler made
+        log.warning("disk full answering %s %s: %s", request.method, request.path, exc)
+        return error_response(errors.InsufficientStorage("the mirror's disk is full; nothing was stored"))
     except (ConnectionError, TimeoutError) as exc:
         log.debug("client connection lost: %s", exc)
         raise

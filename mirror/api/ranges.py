@@ -10,7 +10,8 @@ import re
 
 from mirror.oci.errors import RangeInvalid
 
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+# ASCII digits only (``\d`` would take "٣", which int() reads as 3 and aiohttp's own parser refuses).
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -73,7 +73,7 @@ async def start_upload(request: web.Request) -> web.Response:
         digest = Digest.parse(request.query["digest"])
         await local.uploads.monolithic(repo, digest, body(request), request.content_length)
         return blob_created(repo, digest)
-    session = await local.uploads.start(repo)
+    session = await local.uploads.start(repo, request.remote or "")
     return web.Response(status=202, headers=upload_headers(repo, session))
 
 

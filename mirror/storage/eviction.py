@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from mirror.oci.reference import Digest
@@ -86,6 +86,10 @@ def plan(
     return chosen
 
 
+async def _nothing() -> None:
+    return None
+
+
 class Housekeeper:
     def __init__(
         self,
@@ -111,6 +115,8 @@ class Housekeeper:
         self._protected_at = float("-inf")
         self.evictions = 0  # eviction runs that removed something
         self.ready = False
+        # Called before an eviction removes content: the composition root makes it drop idle upload sessions.
+        self.reclaim: Callable[[], Awaitable[object]] = _nothing
 
     # --- lifecycle -----------------------------------------------------------------------------------------
     async def start(self, loaded: tuple[dict[str, Entry], int] | None = None) -> None:
@@ -210,6 +216,8 @@ class Housekeeper:
             return report
         target = self.limits.low if target is None else target
         async with self._lock:
+            if self._usage.used() > target:
+                await self.reclaim()
             protected = await self.protected()
             order = await asyncio.to_thread(candidates, list(self._usage.table.items()), protected, self._idle_since())
             started = time.monotonic()

@@ -32,6 +32,7 @@ from typing import Any
 import diskcache
 
 from mirror.oci.reference import Digest, Repo
+from mirror.storage.sqlfull import disk_full
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +65,12 @@ class Index:
     async def get_manifest(self, digest: Digest) -> ManifestRecord | None:
         return await asyncio.to_thread(self.get_manifest_sync, digest)
 
+    @disk_full
+    def put_manifest_sync(self, digest: Digest, record: ManifestRecord) -> None:
+        self._cache.set(("manifest", str(digest)), record)
+
     async def put_manifest(self, digest: Digest, record: ManifestRecord) -> None:
-        await asyncio.to_thread(self._cache.set, ("manifest", str(digest)), record)
+        await asyncio.to_thread(self.put_manifest_sync, digest, record)
 
     async def delete_manifest(self, digest: Digest) -> None:
         await asyncio.to_thread(self._cache.delete, ("manifest", str(digest)))
@@ -75,6 +80,7 @@ class Index:
         value = await asyncio.to_thread(self._cache.get, ("tag", repo.registry, repo.path, tag))
         return value if isinstance(value, TagRecord) else None
 
+    @disk_full
     def _put_tag_sync(self, repo: Repo, tag: str, record: TagRecord) -> None:
         with self._cache.transact():
             self._cache.set(("tag", repo.registry, repo.path, tag), record)
@@ -86,6 +92,7 @@ class Index:
     async def put_tag(self, repo: Repo, tag: str, record: TagRecord) -> None:
         await asyncio.to_thread(self._put_tag_sync, repo, tag, record)
 
+    @disk_full
     def _delete_tag_sync(self, repo: Repo, tag: str) -> None:
         with self._cache.transact():
             self._cache.delete(("tag", repo.registry, repo.path, tag))
@@ -114,6 +121,7 @@ class Index:
         value = self._cache.get(("local-repos",), ())
         return tuple(value) if isinstance(value, tuple) else ()
 
+    @disk_full
     def _add_local_repo_sync(self, name: str) -> None:
         with self._cache.transact():
             repos = self.local_repos_sync()
@@ -123,6 +131,7 @@ class Index:
     async def add_local_repo(self, name: str) -> None:
         await asyncio.to_thread(self._add_local_repo_sync, name)
 
+    @disk_full
     def _link_sync(self, name: str, digest: Digest) -> None:
         with self._cache.transact():
             key = ("pushed", str(digest))
@@ -134,6 +143,7 @@ class Index:
         """Record that a local repository holds a blob or manifest (an upload, a mount, a manifest PUT)."""
         await asyncio.to_thread(self._link_sync, name, digest)
 
+    @disk_full
     def _unlink_sync(self, name: str, digest: Digest) -> bool:
         with self._cache.transact():
             key = ("pushed", str(digest))
@@ -162,6 +172,7 @@ class Index:
     async def linked(self, name: str, digest: Digest) -> bool:
         return name in await asyncio.to_thread(self.pushed_in_sync, digest)
 
+    @disk_full
     def _add_referrer_sync(self, name: str, subject: Digest, descriptor: dict[str, Any]) -> None:
         with self._cache.transact():
             key = ("referrers", name, str(subject))
@@ -172,6 +183,7 @@ class Index:
     async def add_referrer(self, name: str, subject: Digest, descriptor: dict[str, Any]) -> None:
         await asyncio.to_thread(self._add_referrer_sync, name, subject, descriptor)
 
+    @disk_full
     def _remove_referrer_sync(self, name: str, subject: Digest, digest: Digest) -> None:
         with self._cache.transact():
             key = ("referrers", name, str(subject))

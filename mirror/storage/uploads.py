@@ -4,14 +4,20 @@ Layout (inside the data dir, next to ``blobs/``, so that completing an upload is
 
     uploads/
       <uuid>/
-        session.json    {"repo": "my/app", "started": 1700000000.0, "size": 1048576}, rewritten (temp file +
-                        rename) after every acknowledged chunk; its mtime is the session's last activity
+        session.json    {"repo": "my/app", "started": 1700000000.0, "size": 1048576, "client": "192.0.2.7"},
+                        rewritten (temp file + rename) after every acknowledged chunk; its mtime is the
+                        session's last activity
         data            the bytes received so far; on completion verified and renamed into blobs/
 
 ``size`` is what the client was last told (the ``Range`` of its last 202). When a session is reopened after a
 restart, ``data`` is cut back to ``size``: a chunk that was half-written when the mirror died is dropped, and the
 client, which never got a 202 for it, sends it again from the offset it knows. Sessions idle longer than the
 configured age are removed by ``sweep``.
+
+Sessions are bounded: at most ``max_sessions`` in all and ``max_per_client`` per client address (``create``
+raises ``TooManySessions`` past either), and the bytes they hold are reported through ``on_held`` so that the
+usage table counts them against the cache's size (eviction sees them; ``sweep`` with a short age reclaims idle
+sessions first when space is short).
 
 A session's writer (``BlobWriter`` on ``data``) stays open between chunks while the mirror runs, so the digest is
 computed while the bytes stream in; after a restart the writer re-hashes ``data`` once when it is reopened.
@@ -28,6 +34,7 @@ import re
 import shutil
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +52,7 @@ class UploadSession:
     started: float
     size: int  # bytes acknowledged to the client
     directory: Path
+    client: str = ""  # the address that opened it (sessions are capped per client)
 
     @property
     def data_path(self) -> Path:
@@ -55,35 +63,97 @@ def valid_uuid(text: str) -> bool:
     return bool(_UUID_RE.fullmatch(text))
 
 
+class TooManySessions(Exception):
+    """A new session would pass a cap: ``scope`` is "client" (this address holds ``limit``) or "total"."""
+
+    def __init__(self, scope: str, limit: int):
+        super().__init__(f"{limit} upload sessions are open {'from this client' if scope == 'client' else 'in all'}")
+        self.scope = scope
+        self.limit = limit
+
+
+def _held_sync(directory: Path) -> tuple[str, int] | None:
+    """(client, acknowledged size) from a session's record, or None if it has none."""
+    try:
+        record = json.loads((directory / "session.json").read_text())
+        return str(record.get("client", "")), int(record["size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def held_sync(data_dir: Path) -> tuple[int, int]:
+    """(sessions, bytes) the upload sessions under ``data_dir`` hold, read from disk (``mirror stats``)."""
+    count = size = 0
+    with contextlib.suppress(OSError):
+        for entry in (data_dir / "uploads").iterdir():
+            held = _held_sync(entry) if valid_uuid(entry.name) else None
+            if held is not None:
+                count += 1
+                size += held[1]
+    return count, size
+
+
 class UploadSessions:
     """The sessions under ``<data-dir>/uploads``, their open writers and one lock each (chunks of one session
     are applied one at a time, in order)."""
 
-    def __init__(self, data_dir: Path, store: BlobStore):
+    def __init__(self, data_dir: Path, store: BlobStore, max_sessions: int = 1024, max_per_client: int = 64):
         self.root = data_dir / "uploads"
         self.root.mkdir(parents=True, exist_ok=True)
         self._store = store
         self._writers: dict[str, BlobWriter] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.max_sessions = max_sessions
+        self.max_per_client = max_per_client
+        # uuid -> (client, acknowledged bytes) of every session, on the event loop; read from disk by ``sweep``.
+        self._held: dict[str, tuple[str, int]] = {}
+        self.on_held: Callable[[int, int], None] = lambda sessions, size: None  # the usage table's count
+
+    # --- what the sessions hold ------------------------------------------------------------------------------
+    def _hold(self, uuid: str, held: tuple[str, int] | None) -> None:
+        if held is None:
+            self._held.pop(uuid, None)
+        else:
+            self._held[uuid] = held
+        self._report()
+
+    def _report(self) -> None:
+        self.on_held(len(self._held), sum(size for _, size in self._held.values()))
+
+    def _reserve(self, client: str) -> str:
+        """A new session's uuid, counted at once (before any await), or TooManySessions."""
+        if len(self._held) >= self.max_sessions:
+            raise TooManySessions("total", self.max_sessions)
+        if sum(1 for owner, _ in self._held.values() if owner == client) >= self.max_per_client:
+            raise TooManySessions("client", self.max_per_client)
+        uuid = str(uuidlib.uuid4())
+        self._hold(uuid, (client, 0))
+        return uuid
 
     # --- records ---------------------------------------------------------------------------------------------
     def _save_sync(self, session: UploadSession) -> None:
-        record = {"repo": session.repo, "started": session.started, "size": session.size}
+        record = {"repo": session.repo, "started": session.started, "size": session.size, "client": session.client}
         temp = session.directory / "session.json.tmp"
         temp.write_text(json.dumps(record))
         os.replace(temp, session.directory / "session.json")
 
-    def create_sync(self, repo: str, now: float | None = None) -> UploadSession:
-        uuid = str(uuidlib.uuid4())
+    def create_sync(self, repo: str, uuid: str, client: str = "", now: float | None = None) -> UploadSession:
         directory = self.root / uuid
         directory.mkdir()
-        session = UploadSession(uuid, repo, time.time() if now is None else now, 0, directory)
+        session = UploadSession(uuid, repo, time.time() if now is None else now, 0, directory, client)
         (directory / "data").touch()
         self._save_sync(session)
         return session
 
-    async def create(self, repo: str) -> UploadSession:
-        return await asyncio.to_thread(self.create_sync, repo)
+    async def create(self, repo: str, client: str = "") -> UploadSession:
+        """A new session for ``client`` (its address), or TooManySessions past either cap."""
+        uuid = self._reserve(client)
+        try:
+            return await asyncio.to_thread(self.create_sync, repo, uuid, client)
+        except BaseException:
+            self._hold(uuid, None)
+            await asyncio.to_thread(shutil.rmtree, self.root / uuid, True)
+            raise
 
     def load_sync(self, uuid: str) -> UploadSession | None:
         if not valid_uuid(uuid):
@@ -91,8 +161,15 @@ class UploadSessions:
         directory = self.root / uuid
         try:
             record = json.loads((directory / "session.json").read_text())
-            return UploadSession(uuid, str(record["repo"]), float(record["started"]), int(record["size"]), directory)
-        except (OSError, ValueError, KeyError, TypeError):
+            return UploadSession(
+                uuid,
+                str(record["repo"]),
+                float(record["started"]),
+                int(record["size"]),
+                directory,
+                str(record.get("client", "")),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
     async def load(self, uuid: str) -> UploadSession | None:
@@ -102,6 +179,8 @@ class UploadSessions:
         """Record that the client has been told ``size`` bytes are in (also marks the session as active)."""
         session.size = size
         await asyncio.to_thread(self._save_sync, session)
+        if session.uuid in self._held:  # not removed meanwhile
+            self._hold(session.uuid, (session.client, size))
 
     def lock(self, uuid: str) -> asyncio.Lock:
         lock = self._locks.get(uuid)
@@ -140,13 +219,18 @@ class UploadSessions:
         """Drop a session and whatever it holds (cancelled, completed, failed or abandoned)."""
         await asyncio.to_thread(self._remove_sync, uuid)
         self._locks.pop(uuid, None)
+        self._hold(uuid, None)
 
     # --- housekeeping ----------------------------------------------------------------------------------------
-    def sweep_sync(self, max_age: float, now: float | None = None, busy: frozenset[str] = frozenset()) -> list[str]:
+    def sweep_sync(
+        self, max_age: float, now: float | None = None, busy: frozenset[str] = frozenset()
+    ) -> tuple[list[str], dict[str, tuple[str, int]]]:
         """Remove sessions idle for more than ``max_age`` seconds (by the mtime of ``session.json``), and
-        leftovers that are not sessions at all. ``busy`` sessions (a chunk is being received) are kept."""
+        leftovers that are not sessions at all. ``busy`` sessions (a chunk is being received) are kept.
+        Returns the removed names and what the remaining sessions hold."""
         now = time.time() if now is None else now
         removed = []
+        kept: dict[str, tuple[str, int]] = {}
         for entry in self.root.iterdir():
             if entry.name in busy:
                 continue
@@ -160,15 +244,23 @@ class UploadSessions:
                 else:
                     entry.unlink(missing_ok=True)
                 removed.append(entry.name)
+            elif (held := _held_sync(entry)) is not None:
+                kept[entry.name] = held
         if removed:
-            log.info("removed %d abandoned upload sessions", len(removed))
-        return removed
+            log.info("removed %d upload sessions idle for more than %.0f s", len(removed), max_age)
+        return removed, kept
 
     async def sweep(self, max_age: float, now: float | None = None) -> list[str]:
+        """Remove idle sessions (``sweep_sync``) and count what the others hold (sessions found on disk at start
+        included; sessions created while the sweep ran keep their count)."""
         busy = frozenset(uuid for uuid, lock in self._locks.items() if lock.locked())
-        removed = await asyncio.to_thread(self.sweep_sync, max_age, now, busy)
+        removed, kept = await asyncio.to_thread(self.sweep_sync, max_age, now, busy)
         for uuid in removed:
             self._locks.pop(uuid, None)
+            self._held.pop(uuid, None)
+        for uuid, held in kept.items():
+            self._held.setdefault(uuid, held)
+        self._report()
         return removed
 
     def count_sync(self) -> int:

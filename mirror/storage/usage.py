@@ -34,6 +34,7 @@ from pathlib import Path
 import diskcache
 
 from mirror.oci.reference import Digest
+from mirror.storage.sqlfull import disk_full
 
 LOCAL = 1  # flags bit: pushed to this mirror, not pulled through; eviction never removes it
 KINDS = ("blob", "manifest")
@@ -68,6 +69,10 @@ class Usage:
         self.table: dict[str, Entry] = {}
         self.total = 0  # bytes of every entry in ``table``; shared layers count once (one entry per digest)
         self.pending = 0  # bytes of fetches under way (announced Content-Length), not yet in ``total``
+        # Push upload sessions (``storage.uploads``): their bytes are on the same disk, so they count against the
+        # cache's size as well (eviction makes room for them; they are not entries and are never evicted as such).
+        self.upload_sessions = 0
+        self.upload_bytes = 0
         self._dirty: dict[str, float] = {}
         self._leases: Counter[str] = Counter()
         self.on_grow: Callable[[], None] = lambda: None  # the housekeeper's wake-up call
@@ -141,8 +146,15 @@ class Usage:
             self.total -= entry.size
         return entry
 
+    def uploads_held(self, sessions: int, size: int) -> None:
+        """What the upload sessions hold now (``UploadSessions.on_held``); growth may call for an eviction."""
+        grew = size > self.upload_bytes
+        self.upload_sessions, self.upload_bytes = sessions, size
+        if grew:
+            self.on_grow()
+
     def used(self) -> int:
-        return self.total + self.pending
+        return self.total + self.pending + self.upload_bytes
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(KINDS, 0)
@@ -151,6 +163,7 @@ class Usage:
         return counts
 
     # --- additions (memory at once, disk in a thread) --------------------------------------------------------
+    @disk_full
     def added_sync(self, digest: Digest, size: int, kind: str, repo: str = "", local: bool = False) -> Entry:
         """Record newly stored content on disk; returns the entry to ``remember`` in memory."""
         key = str(digest)
@@ -174,6 +187,7 @@ class Usage:
             if key in self.table:
                 self.table[key].local = True
 
+    @disk_full
     def mark_local_sync(self, keys: Iterable[str]) -> None:
         with self._cache.transact():
             for key in keys:

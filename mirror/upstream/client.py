@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from functools import wraps
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urljoin
 
 import aiohttp
@@ -36,6 +37,24 @@ from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnrea
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
 READ_BUFFER = 1 << 20
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _counted(
+    method: Callable[Concatenate[UpstreamClient, _P], Awaitable[_T]],
+) -> Callable[Concatenate[UpstreamClient, _P], Awaitable[_T]]:
+    """Count a call in ``UpstreamClient.users`` while it runs (a client in use is never closed by routing)."""
+
+    @wraps(method)
+    async def counted(self: UpstreamClient, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        self.users += 1
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            self.users -= 1
+
+    return counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +144,7 @@ class UpstreamClient:
         self._tokens_obj: TokenSource | None = None
         self._challenge: Challenge | None = None  # learned from the first 401
         self.quota = Quota(settings.ratelimit_threshold, settings.ratelimit_pause)
+        self.users = 0  # calls under way; a blob download counts until its response is released
 
     @property
     def _session(self) -> aiohttp.ClientSession:
@@ -282,6 +302,7 @@ class UpstreamClient:
             raise UpstreamInvalid("HEAD answer without Docker-Content-Digest")
         return ManifestHead(digest, media_type, size)
 
+    @_counted
     async def head_manifest(self, repo_path: str, ref: str, accept: str) -> ManifestHead:
         """Resolve a tag (or check a digest) without downloading: HEADs do not count against Docker Hub's limit."""
         resp = await self._send(
@@ -292,6 +313,7 @@ class UpstreamClient:
         finally:
             resp.release()
 
+    @_counted
     async def get_manifest(self, repo_path: str, ref: str, accept: str) -> tuple[ManifestHead, bytes]:
         resp = await self._send(
             "GET", f"/v2/{repo_path}/manifests/{ref}", "manifest", self._scope(repo_path), {"Accept": accept}
@@ -314,15 +336,20 @@ class UpstreamClient:
     @asynccontextmanager
     async def blob(self, repo_path: str, digest: Digest) -> AsyncIterator[aiohttp.ClientResponse]:
         """Open a blob download; the caller streams ``resp.content``. The response is released on exit."""
-        resp = await self._send("GET", f"/v2/{repo_path}/blobs/{digest}", "blob", self._scope(repo_path))
+        self.users += 1
         try:
-            if resp.content_length is not None and resp.content_length > self.settings.max_blob_size:
-                size, limit = resp.content_length, self.settings.max_blob_size
-                raise BodyTooLarge(f"blob {digest} of {size} bytes is", limit, "max_blob_size")
-            yield resp
+            resp = await self._send("GET", f"/v2/{repo_path}/blobs/{digest}", "blob", self._scope(repo_path))
+            try:
+                if resp.content_length is not None and resp.content_length > self.settings.max_blob_size:
+                    size, limit = resp.content_length, self.settings.max_blob_size
+                    raise BodyTooLarge(f"blob {digest} of {size} bytes is", limit, "max_blob_size")
+                yield resp
+            finally:
+                resp.release()
         finally:
-            resp.release()
+            self.users -= 1
 
+    @_counted
     async def head_blob(self, repo_path: str, digest: Digest) -> int:
         """The size of a blob the upstream holds (its Content-Length), without downloading it."""
         resp = await self._send("HEAD", f"/v2/{repo_path}/blobs/{digest}", "blob_head", self._scope(repo_path))
@@ -331,6 +358,7 @@ class UpstreamClient:
             raise UpstreamInvalid("blob HEAD answer without Content-Length")
         return resp.content_length
 
+    @_counted
     async def list_tags(self, repo_path: str, params: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
         """One page of ``tags/list`` and the upstream's ``Link`` header, if any."""
         resp = await self._send("GET", f"/v2/{repo_path}/tags/list", "tags", self._scope(repo_path), params=params)
@@ -344,6 +372,7 @@ class UpstreamClient:
             raise UpstreamUnreachable(f"{self.registry}: tags/list answer is not an object")
         return body, resp.headers.get("Link")
 
+    @_counted
     async def referrers(self, repo_path: str, digest: Digest, params: Mapping[str, str]) -> tuple[Any, bool]:
         """The upstream's OCI 1.1 referrers index of ``digest`` (parsed JSON), and whether it applied the
         ``artifactType`` filter (``OCI-Filters-Applied``). An upstream without the API answers 404."""

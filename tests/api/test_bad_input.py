@@ -3,11 +3,15 @@ upstream or a path outside the data directory."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 
+import diskcache
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
+from tests.conftest import MirrorFactory
 from tests.fakes.registry import FakeRegistry
 
 HEX = "b" * 64
@@ -73,6 +77,18 @@ HEX = "b" * 64
         pytest.param("GET", "/v2/alpine/tags/list?n=-1", {}, 400, "PAGINATION_NUMBER_INVALID", id="negative n -> 400"),
         pytest.param(
             "GET",
+            "/v2/alpine/tags/list?n=²",
+            {},
+            400,
+            "PAGINATION_NUMBER_INVALID",
+            id="tags n=² (a digit int() refuses) -> 400",
+        ),
+        pytest.param("GET", "/v2/_catalog?n=²", {}, 400, "PAGINATION_NUMBER_INVALID", id="catalog n=² -> 400"),
+        pytest.param(
+            "GET", "/v2/_catalog?n=٣", {}, 400, "PAGINATION_NUMBER_INVALID", id="catalog n=٣ (a non-ASCII digit) -> 400"
+        ),
+        pytest.param(
+            "GET",
             "/v2/alpine/manifests/latest?ns=quay.io",
             {},
             404,
@@ -127,3 +143,33 @@ async def test_bad_range_on_cached_blob_is_416(mirror_and_fake: tuple[TestClient
     assert resp.status == 206
     assert resp.headers["Content-Range"] == "bytes 3-5/10"
     assert await resp.read() == b"345"
+
+
+def fill_database(directory: Path) -> None:
+    """Make the diskcache database in ``directory`` full: SQLite may not grow it by a page (``max_page_count``, a
+    setting diskcache applies to every connection), and rows of shrinking size fill what room its pages have
+    left, so the next write of a record fails with SQLITE_FULL, "database or disk is full", as on a full disk."""
+    cache = diskcache.Cache(str(directory), size_limit=2**40, eviction_policy="none")
+    pages = cache._sql("PRAGMA page_count").fetchone()[0]
+    cache.close()
+    cache = diskcache.Cache(str(directory), sqlite_max_page_count=pages)
+    n = 0
+    for size in (3000, 1000, 300, 100, 30, 10, 1, 0):
+        with contextlib.suppress(sqlite3.OperationalError):
+            while True:
+                cache.set(("filler", n), b"x" * size)
+                n += 1
+    cache.close()
+
+
+async def test_cold_manifest_on_a_full_disk_is_507(
+    fake_upstream: tuple[FakeRegistry, TestServer], make_mirror: MirrorFactory, tmp_path: Path
+) -> None:
+    fake, server = fake_upstream
+    digest = fake.add_image("library/alpine", "3.19", [b"layer"])
+    fill_database(tmp_path / "data" / "index")
+    mirror = await make_mirror(str(server.make_url("")))
+    for ref in (digest, "3.19"):
+        resp = await mirror.get(f"/v2/alpine/manifests/{ref}")
+        assert resp.status == 507, ref
+        assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
