@@ -286,7 +286,7 @@ def build_housekeeping(
         metrics.evicted_bytes.labels(kind).inc(size)
 
     def busy(key: str) -> bool:
-        return usage.busy(key) or (pull is not None and pull.inflight.get(Digest.parse(key)) is not None)
+        return usage.busy(key) or (pull is not None and pull.inflight.fetching(Digest.parse(key)))
 
     housekeeper = Housekeeper(store, index, usage, limits, busy, evicted, metrics.repos.drain)
     metrics.repos.configure(cache.top_repos, cache.repo_allowlist)

@@ -90,31 +90,39 @@ class Fetch:
 
 
 class InFlight:
-    """The table of blob fetches under way. Owned by the app (no module state)."""
+    """The table of blob fetches under way, one per (upstream registry, digest): a client joins only a fetch from
+    the upstream its name routes to, so content one upstream is sending is never handed to a name of another
+    (``PullThrough._vouch`` holds the same rule for stored content). Owned by the app (no module state)."""
 
     def __init__(self) -> None:
-        self._fetches: dict[Digest, Fetch] = {}
+        self._fetches: dict[tuple[str, Digest], Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._fetches)
 
-    def get(self, digest: Digest) -> Fetch | None:
-        return self._fetches.get(digest)
+    def get(self, registry: str, digest: Digest) -> Fetch | None:
+        return self._fetches.get((registry, digest))
 
-    def join(self, digest: Digest, run: Callable[[Fetch], Awaitable[None]]) -> tuple[Fetch, bool]:
-        """The fetch under way for ``digest``, or a new one started with ``run``. True when this call started it."""
-        fetch = self._fetches.get(digest)
+    def fetching(self, digest: Digest) -> bool:
+        """Whether ``digest`` is being fetched from any upstream (eviction leaves it alone meanwhile)."""
+        return any(key[1] == digest for key in self._fetches)
+
+    def join(self, registry: str, digest: Digest, run: Callable[[Fetch], Awaitable[None]]) -> tuple[Fetch, bool]:
+        """The fetch of ``digest`` from ``registry`` under way, or a new one started with ``run``. True when this
+        call started it."""
+        key = (registry, digest)
+        fetch = self._fetches.get(key)
         if fetch is not None:
             return fetch, False
         fetch = Fetch(digest)
-        self._fetches[digest] = fetch
-        task = asyncio.create_task(self._run(fetch, run), name=f"fetch {digest}")
+        self._fetches[key] = fetch
+        task = asyncio.create_task(self._run(key, fetch, run), name=f"fetch {digest} from {registry}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fetch, True
 
-    async def _run(self, fetch: Fetch, run: Callable[[Fetch], Awaitable[None]]) -> None:
+    async def _run(self, key: tuple[str, Digest], fetch: Fetch, run: Callable[[Fetch], Awaitable[None]]) -> None:
         try:
             await run(fetch)
         except BaseException as exc:  # the fetch's clients receive it; the task itself ends quietly
@@ -123,7 +131,7 @@ class InFlight:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
-            self._fetches.pop(fetch.digest, None)
+            self._fetches.pop(key, None)
             if not fetch.done:
                 fetch.fail(RuntimeError("fetch ended without a result"))
 

@@ -49,6 +49,8 @@ MEMORY_TTL = 30.0  # seconds a tag record stays in memory before the index is re
 MANIFEST_MEMORY_BYTES = 32 << 20
 SMALL_BLOB = 64 << 10
 SMALL_BLOB_MEMORY_BYTES = 32 << 20
+VOUCHED_MEMORY = 1 << 16  # (registry, digest) pairs known to be servable under that registry's names
+EVERY_MANIFEST_TYPE = ", ".join((*DEFAULT_ACCEPT, *sorted(MANIFEST_TYPES - set(DEFAULT_ACCEPT))))
 PULLED_MEMORY = 4096  # repositories remembered as marked pulled-through (a miss costs one idempotent index write)
 
 
@@ -114,6 +116,14 @@ def upstream_failure(exc: BaseException) -> errors.RegistryError:
     return errors.RegistryError(f"fetch failed: {exc!r}")
 
 
+def _unknown(repo: Repo, digest: Digest, kind: str) -> errors.RegistryError:
+    if kind == "blob":
+        return errors.BlobUnknown(f"blob {digest} is not in {repo}", detail={"digest": str(digest)})
+    return errors.ManifestUnknown(
+        f"manifest {digest} is not in {repo}", detail={"name": repo.path, "reference": str(digest)}
+    )
+
+
 def _retryable(exc: BaseException) -> bool:
     """Failures after which a stale answer is better than an error."""
     if isinstance(exc, UpstreamError):
@@ -148,6 +158,7 @@ class PullThrough:
         )
         self._small_blobs: LRUCache[Digest, bytes] = LRUCache(SMALL_BLOB_MEMORY_BYTES, getsizeof=len)
         self._pulled: LRUCache[Repo, bool] = LRUCache(PULLED_MEMORY)  # repositories known to be marked pulled
+        self._vouched: LRUCache[tuple[str, Digest], bool] = LRUCache(VOUCHED_MEMORY)  # see _vouch
         self._coalesce_tag: Coalescer[tuple[TagRecord, ManifestAnswer | None]] = Coalescer()
         self._coalesce_manifest: Coalescer[ManifestAnswer] = Coalescer()
 
@@ -167,6 +178,33 @@ class PullThrough:
             await self._index.mark_pulled(repo)
             self._pulled[repo] = True
 
+    async def _vouch(self, repo: Repo, digest: Digest, kind: str) -> None:
+        """Stored content is answered under a pull-through name only if that name's upstream sent it (or holds
+        it): pushed content stays private to its local repositories, and content of one upstream is never served
+        through another upstream's names by digest. Known pairs are remembered in memory (origins only grow);
+        otherwise the index decides (``Index.may_serve``), and when it cannot, the upstream is asked with a HEAD
+        (HEADs do not count against Docker Hub's pull limit). Raises BLOB_UNKNOWN / MANIFEST_UNKNOWN when the
+        upstream does not hold it."""
+        key = (repo.registry, digest)
+        if self._vouched.get(key) or await self._index.may_serve(digest, repo.registry):
+            self._vouched[key] = True
+            return
+        client = self._client(repo)
+        try:
+            async with asyncio.timeout(self._policy(repo).timeout):
+                if kind == "blob":
+                    await client.head_blob(repo.path, digest)
+                else:
+                    await client.head_manifest(repo.path, str(digest), EVERY_MANIFEST_TYPE)
+        except UpstreamError as exc:
+            if exc.status == 404:
+                raise _unknown(repo, digest, kind) from None
+            raise upstream_failure(exc) from None
+        except (UpstreamUnreachable, UpstreamInvalid, TimeoutError) as exc:
+            raise upstream_failure(exc) from None
+        await self._index.add_origin(digest, repo.registry)
+        self._vouched[key] = True
+
     def _count(self, repo: Repo, kind: str, result: str) -> None:
         self._metrics.cache_requests.labels(repo.registry, kind, result).inc()
         self._metrics.repos.count(str(repo), kind, result)
@@ -176,10 +214,13 @@ class PullThrough:
         """A stored blob (hit), or the fetch a client streams from (miss; joined if one is under way)."""
         hot = self._small_blobs.get(digest)
         if hot is not None:
+            await self._vouch(repo, digest, "blob")
             self._count(repo, "blob", "hit")
             self._usage.touch(digest)
             return MemoryBlob(hot)
         size = await self._store.size(digest)
+        if size is not None:
+            await self._vouch(repo, digest, "blob")
         if size is not None and size > SMALL_BLOB:
             self._count(repo, "blob", "hit")
             self._usage.touch(digest)
@@ -193,7 +234,7 @@ class PullThrough:
                 return MemoryBlob(data)
             await self._store.delete(digest)  # damaged on disk (logged): fetched again below
         client = self._client(repo)
-        fetch, started = self.inflight.join(digest, lambda f: self._fetch_blob(client, repo, f))
+        fetch, started = self.inflight.join(repo.registry, digest, lambda f: self._fetch_blob(client, repo, f))
         self._count(repo, "blob", "miss")
         if not started:
             self._metrics.coalesced_waiters.labels(repo.registry).inc()
@@ -218,11 +259,13 @@ class PullThrough:
         never starts a download."""
         hot = self._small_blobs.get(digest)
         if hot is not None:
+            await self._vouch(repo, digest, "blob")
             return MemoryBlob(hot)
         size = await self._store.size(digest)
         if size is not None:
+            await self._vouch(repo, digest, "blob")
             return StoredBlob(self._store.path(digest), size)
-        fetch = self.inflight.get(digest)
+        fetch = self.inflight.get(repo.registry, digest)
         if fetch is not None and fetch.size is not None:
             return fetch
         try:
@@ -239,6 +282,7 @@ class PullThrough:
         """Runs as the fetch's own task: upstream -> temp file (hashed on the fly) -> verify -> rename."""
         digest = fetch.digest
         if await self._store.size(digest) is not None:  # committed between the caller's check and join()
+            await self._vouch(repo, digest, "blob")
             fetch.finish(self._store.path(digest))
             return
         self._metrics.inflight_fetches.inc()
@@ -258,6 +302,7 @@ class PullThrough:
                 await writer.commit(digest, fetch.size)
             except Exception as exc:
                 raise UpstreamInvalid(f"blob {digest} from {repo}: {exc}") from exc
+            await self._index.add_origin(digest, repo.registry)
             await self._usage.added(digest, fetch.written, "blob", str(repo))
             fetch.finish(self._store.path(digest))
             log.info("cached blob %s (%d bytes) from %s", digest, fetch.written, repo)
@@ -324,6 +369,7 @@ class PullThrough:
     async def _manifest_by_digest(self, repo: Repo, digest: Digest) -> ManifestAnswer:
         stored = await self._stored_manifest(digest)
         if stored is not None:
+            await self._vouch(repo, digest, "manifest")
             self._count(repo, "manifest", "hit")
             self._usage.touch(digest)
             return ManifestAnswer(digest, stored[0], stored[1])
@@ -338,11 +384,7 @@ class PullThrough:
         """GET a manifest upstream, verify it, store it by digest. Raises registry errors."""
         client = self._client(repo)
         # By digest the content is fixed whatever we accept, so accept every type we know.
-        accept = (
-            upstream_accept(accepted)
-            if ":" not in ref
-            else ", ".join((*DEFAULT_ACCEPT, *sorted(MANIFEST_TYPES - set(DEFAULT_ACCEPT))))
-        )
+        accept = upstream_accept(accepted) if ":" not in ref else EVERY_MANIFEST_TYPE
         try:
             async with asyncio.timeout(self._policy(repo).timeout):
                 head, data = await client.get_manifest(repo.path, ref, accept)
@@ -359,6 +401,7 @@ class PullThrough:
         except DiskFull as exc:
             raise upstream_failure(exc) from None
         await self._index.put_manifest(head.digest, ManifestRecord(head.media_type, len(data)))
+        await self._index.add_origin(head.digest, repo.registry)
         await self._usage.added(head.digest, len(data), "manifest", str(repo))
         await self._mark_pulled(repo)
         self._remember(head.digest, head.media_type, data)

@@ -210,10 +210,21 @@ class LocalRegistry:
             raise errors.BlobUnknown(f"blob {digest} is not stored here", detail={"digest": str(digest)})
         return StoredBlob(self._store.path(digest), size)
 
-    async def mount(self, repo: Repo, digest: Digest) -> bool:
-        """Cross-repository mount: link a blob the store already holds. Blobs are content-addressed and verified,
-        so any stored copy is the blob; False when there is none (the client then uploads it)."""
-        if await self._store.size(digest) is None:
+    async def mount(self, repo: Repo, digest: Digest, source: str | None, may_pull: Callable[[str], bool]) -> bool:
+        """Cross-repository mount (``?mount=<digest>&from=<source>``): link a blob the store already holds, if the
+        caller could read it from ``source`` anyway: ``source`` is a local repository holding it, or a pulled-through
+        name whose upstream sent it, and the caller may pull ``source``. False otherwise (the client then uploads
+        the blob, proving it has the bytes): a digest alone never grants access to pushed content."""
+        if source is None or not may_pull(source) or await self._store.size(digest) is None:
+            return False
+        if self.local(source, None) is not None:
+            readable = await self._index.linked(source, digest)
+        else:
+            try:
+                readable = await self._index.may_serve(digest, self._upstream_repo(source).registry)
+            except errors.RegistryError:  # not a name that routes anywhere
+                readable = False
+        if not readable:
             return False
         await self._blob_arrived(repo, digest)
         return True

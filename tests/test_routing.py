@@ -209,9 +209,9 @@ async def test_connection_limit_per_upstream(
     await fetch_all("limited.example/", "team/a")
     assert fake.peak_active == 2
     fake.peak_active = 0
-    await fetch_all("", "team/b")  # the default upstream has no limit (the blobs are cached now: use others)
+    await fetch_all("limited.example/", "team/a")
     assert fake.peak_active <= 1  # cache hits, nothing upstream
-    blobs[:] = [fake.add_blob(os.urandom(1000)) for _ in range(6)]
+    blobs[:] = [fake.add_blob(os.urandom(1000)) for _ in range(6)]  # the default upstream has no limit
     await fetch_all("", "team/b")
     assert fake.peak_active == 6
 

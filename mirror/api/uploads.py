@@ -18,11 +18,13 @@ from collections.abc import AsyncIterable
 
 from aiohttp import web
 
+from mirror.api.access import ACTOR
 from mirror.api.blobs import blob_headers, get_blob
-from mirror.api.keys import LOCAL
+from mirror.api.keys import ACCESS, LOCAL
 from mirror.oci import errors
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
 from mirror.oci.reference import Digest, Repo, validate_name
+from mirror.permissions import Action
 from mirror.push_uploads import upload_headers
 
 # The spec's form is "<start>-<end>"; some clients write "bytes <start>-<end>/<total>" as in RFC 9110.
@@ -67,7 +69,10 @@ async def start_upload(request: web.Request) -> web.Response:
     mount = request.query.get("mount")
     if mount is not None:
         digest = Digest.parse(mount)
-        if await local.mount(repo, digest):
+        access, actor = request.app[ACCESS], request.get(ACTOR)
+        if await local.mount(
+            repo, digest, request.query.get("from"), lambda name: access.may(actor, Action.PULL, name)
+        ):
             return blob_created(repo, digest)
     elif "digest" in request.query:
         digest = Digest.parse(request.query["digest"])

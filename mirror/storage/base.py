@@ -71,6 +71,10 @@ class MetadataIndex(Protocol):
 
     async def mark_pulled(self, repo: Repo) -> None: ...
 
+    async def may_serve(self, digest: Digest, registry: str) -> bool: ...
+
+    async def add_origin(self, digest: Digest, registry: str) -> None: ...
+
 
 class UsageRecorder(Protocol):
     """What the services tell the usage table (``storage.usage``): hits refresh recency, commits add content,

@@ -8,6 +8,11 @@ Keys (tuples, so each kind has its own namespace):
     ("pulled", "<registry>", "<repo>")          -> True: content was pulled through under this name (a tag, a
                                                    manifest or a blob fetched upstream), so a push may not
                                                    shadow it (``push.LocalRegistry.target``)
+    ("origin", "<digest>")                      -> frozenset of the registries a blob or manifest was fetched from
+                                                   (or that confirmed holding it): under a pull-through name of
+                                                   registry R, stored content is served only if R is among them
+                                                   (``PullThrough._vouch``), so pushed content and content of one
+                                                   upstream never leak through another name by digest
 
 Local (pushed) repositories use the same tag keys with the registry ``local``, plus:
 
@@ -115,6 +120,30 @@ class Index:
     async def pulled(self, repo: Repo) -> bool:
         """Whether content was ever pulled through under ``repo`` (tags aside: see ``list_tags``)."""
         return bool(await asyncio.to_thread(self._cache.get, ("pulled", repo.registry, repo.path), False))
+
+    # where stored content came from ----------------------------------------------------------------------
+    def _may_serve_sync(self, digest: Digest, registry: str) -> bool:
+        origins = self._cache.get(("origin", str(digest)), frozenset())
+        if origins:
+            return registry in origins
+        # Nothing recorded: content cached before origins were recorded, or not stored at all (a miss, fetched
+        # from ``registry`` next), unless it was pushed: pushed content is private to its local repositories.
+        return not self.is_pushed_sync(digest)
+
+    async def may_serve(self, digest: Digest, registry: str) -> bool:
+        """Whether stored content ``digest`` may be answered under a pull-through name of ``registry``."""
+        return await asyncio.to_thread(self._may_serve_sync, digest, registry)
+
+    @disk_full
+    def _add_origin_sync(self, digest: Digest, registry: str) -> None:
+        with self._cache.transact():
+            key = ("origin", str(digest))
+            origins = self._cache.get(key, frozenset())
+            if registry not in origins:
+                self._cache.set(key, frozenset(origins) | {registry})
+
+    async def add_origin(self, digest: Digest, registry: str) -> None:
+        await asyncio.to_thread(self._add_origin_sync, digest, registry)
 
     # local (pushed) repositories -------------------------------------------------------------------------
     def local_repos_sync(self) -> tuple[str, ...]:

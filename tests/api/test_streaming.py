@@ -32,7 +32,7 @@ async def test_client_joining_a_fetch_mid_rename_gets_the_whole_blob(
         fetch.advance(len(data))
         fetch.finish(final)
 
-    pull.inflight.join(digest, fetch_that_is_renaming)
+    pull.inflight.join("docker.io", digest, fetch_that_is_renaming)
     get = asyncio.create_task(client.get(f"/v2/library/small/blobs/{digest}"))
     await asyncio.sleep(0.2)  # the handler has sent its headers and found no temp file
     renamed.set()
