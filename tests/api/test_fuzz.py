@@ -16,6 +16,7 @@ name, reference, digest or upload id reached the filesystem. With ``CI=true`` th
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import secrets
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import bcrypt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -296,9 +298,9 @@ def populate(world: World) -> None:
 
 
 @pytest.fixture
-def mirror(tmp_path: Path) -> Iterator[tuple[World, Path]]:
-    import bcrypt
-
+def mirror(tmp_path: Path) -> Iterator[tuple[World, Path, set[str]]]:
+    """The mirror, populated; its data dir; the names beside ``tmp_path`` before it started."""
+    siblings = set(os.listdir(tmp_path.parent))
     data_dir = tmp_path / "srv" / "data"
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_bytes(USER.encode() + b":" + bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)) + b"\n")
@@ -316,7 +318,7 @@ def mirror(tmp_path: Path) -> Iterator[tuple[World, Path]]:
         )  # fmt: skip
         world.port = served.serve(lambda: create_app(config))
         populate(world)
-        yield world, data_dir
+        yield world, data_dir, siblings
     finally:
         served.close()
 
@@ -342,25 +344,27 @@ def send(world: World, req: Request) -> Answer | None:
         return exchange(world.port, req.raw(), TIMEOUT, half_close=req.framing == "long")
     except TimeoutError:
         raise AssertionError(f"no answer within {TIMEOUT} s (a hang)") from None
-    except (ConnectionError, OSError, ValueError) as exc:  # http.client's errors subclass these
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         if req.framing == "long":
             return None
         raise AssertionError(f"connection dropped without an answer: {exc!r}") from None
 
 
-def outside(data_dir: Path, tmp_path: Path) -> list[str]:
-    """Entries written outside the data dir: anything new under ``tmp_path`` (the data dir's two parents), and
-    anything named with ``MARK`` in an ancestor directory of it (where a traversal would land) or the cwd."""
+def outside(data_dir: Path, tmp_path: Path, siblings: set[str]) -> list[str]:
+    """Entries written outside the data dir: anything new under ``tmp_path`` (the data dir's two parents) or beside
+    it, and anything named with ``MARK`` in any ancestor of the data dir (where a traversal lands), in the cwd, or
+    in the data dir itself (names and references never become paths there: only digests and server-made ids)."""
     expected = {tmp_path / "htpasswd", tmp_path / "srv", data_dir}
     found = [str(p) for p in tmp_path.rglob("*") if p not in expected and data_dir not in p.parents]
+    found += [name for name in os.listdir(tmp_path.parent) if name not in siblings | {tmp_path.name}]
     for directory in (*data_dir.parents, Path.cwd()):
         found += [str(directory / name) for name in os.listdir(directory) if MARK in name]
-    found += [str(p) for p in data_dir.rglob(f"*{MARK}*")]  # inside too: a raw name became a path
+    found += [str(p) for p in data_dir.rglob(f"*{MARK}*")]
     return found
 
 
-def test_fuzz_http_surface(mirror: tuple[World, Path], tmp_path: Path) -> None:
-    world, data_dir = mirror
+def test_fuzz_http_surface(mirror: tuple[World, Path, set[str]], tmp_path: Path) -> None:
+    world, data_dir, siblings = mirror
 
     @settings(
         max_examples=500,
@@ -376,4 +380,4 @@ def test_fuzz_http_surface(mirror: tuple[World, Path], tmp_path: Path) -> None:
             assert not problems(req, answer), (problems(req, answer), req)
 
     fuzz()
-    assert outside(data_dir, tmp_path) == []
+    assert outside(data_dir, tmp_path, siblings) == []
