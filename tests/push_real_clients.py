@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.clients import require, run
+from tests.support.netns import NamespaceHost
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -94,21 +95,12 @@ def docker_archive(directory: Path, name: str) -> Path:
     return archive
 
 
-def network_address() -> str | None:
-    """A non-loopback IPv4 address of this machine: Docker verifies TLS for such a registry (loopback registries
-    are treated as insecure), so a push there proves the certificate was checked."""
-    output = run("ip", "-4", "-o", "addr", "show", check=False)
-    for line in output.splitlines():
-        parts = line.split()
-        if len(parts) >= 4 and parts[2] == "inet" and not parts[3].startswith("127."):
-            return parts[3].split("/", 1)[0]
-    return None
-
-
 def self_signed(directory: Path, ip: str) -> tuple[Path, Path]:
+    """A self-signed certificate (and its key) naming only ``ip`` in its subjectAltName: a client that verifies
+    it reached exactly that address."""
     cert, key = directory / "cert.pem", directory / "key.pem"
     run(require("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", str(key),
-        "-out", str(cert), "-subj", f"/CN={ip}", "-addext", f"subjectAltName=IP:{ip},IP:127.0.0.1,DNS:localhost")  # fmt: skip
+        "-out", str(cert), "-subj", f"/CN={ip}", "-addext", f"subjectAltName=IP:{ip}")  # fmt: skip
     return cert, key
 
 
@@ -123,13 +115,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @contextlib.contextmanager
 def mirror_server(
-    data_dir: Path, listen: str, *flags: str, ca: Path | None = None, upstream: str = "http://127.0.0.1:9"
+    data_dir: Path,
+    listen: str,
+    *flags: str,
+    ca: Path | None = None,
+    upstream: str = "http://127.0.0.1:9",
+    host: NamespaceHost | None = None,
 ) -> Iterator[str]:
     """``mirror serve`` as a subprocess (by default with an upstream that is not there: these tests push), until
-    ``/healthz`` answers; its base URL. Terminated on exit."""
+    ``/healthz`` answers; its base URL. Run inside ``host``'s network namespace when given (``listen`` is then
+    on ``host.ip``). Terminated on exit."""
     scheme = "https" if "--tls-cert" in flags else "http"
     argv = [sys.executable, "-m", "mirror", "serve", "--listen", listen, "--data-dir", str(data_dir),
             "--upstream", upstream, *flags]  # fmt: skip
+    if host is not None:
+        argv = host.argv(*argv)
     log = open(data_dir.parent / f"mirror-{listen.replace(':', '-')}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=log)
     log.close()

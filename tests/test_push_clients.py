@@ -24,11 +24,11 @@ from tests.push_real_clients import (
     htpasswd_file,
     manifest_digest,
     mirror_server,
-    network_address,
     oci_layout,
     self_signed,
 )
 from tests.support.clients import Docker, Podman, podman, skopeo, start_dockerd
+from tests.support.netns import namespace_host
 from tests.support.ops import start_registry
 
 pytestmark = pytest.mark.integration
@@ -155,26 +155,26 @@ def test_docker_login_then_push_with_htpasswd(docker: Docker, image: str, tmp_pa
 
 
 def test_docker_push_over_tls_without_insecure_registries(docker: Docker, image: str, tmp_path: Path) -> None:
-    """On a network address (Docker treats loopback registries as insecure, so only there is the certificate
-    really checked): trusted through certs.d, login and push work; an untrusted mirror is refused."""
-    ip = network_address()
-    if ip is None:
-        pytest.skip("this machine has no non-loopback IPv4 address")
-    cert, key = self_signed(tmp_path, ip)
-    htpasswd = htpasswd_file(tmp_path / "htpasswd", USER, PASSWORD)
-    trusted, untrusted = f"{ip}:{free_port()}", f"{ip}:{free_port()}"
-    tls = ("--htpasswd", str(htpasswd), "--tls-cert", str(cert), "--tls-key", str(key))
-    docker.trust(trusted, cert)
-    with (
-        mirror_server(tmp_path / "data", trusted, *tls, ca=cert) as base,
-        mirror_server(tmp_path / "other", untrusted, *tls, ca=cert),
-    ):
-        assert "Login Succeeded" in docker("login", "-u", USER, "--password-stdin", trusted, stdin=f"{PASSWORD}\n")
-        docker("tag", image, f"{trusted}/secure/app:1.0")
-        digest = pushed_digest(docker("push", f"{trusted}/secure/app:1.0"), "1.0")
-        assert manifest_digest(base, "secure/app", "1.0", AUTH, ca=cert) == digest
-        refused = docker("login", "-u", USER, "--password-stdin", untrusted, stdin=f"{PASSWORD}\n", check=False)
-        assert "certificate signed by unknown authority" in refused
+    """The mirror on a test host of its own (a network namespace behind a veth pair: Docker treats loopback
+    registries as insecure, so only on another address is the certificate really checked), no
+    ``insecure-registries``: trusted through certs.d, login and push work; an untrusted mirror is refused."""
+    with namespace_host() as host:
+        cert, key = self_signed(tmp_path, host.ip)
+        htpasswd = htpasswd_file(tmp_path / "htpasswd", USER, PASSWORD)
+        trusted, untrusted = f"{host.ip}:5000", f"{host.ip}:5001"  # the namespace is new: every port is free
+        tls = ("--htpasswd", str(htpasswd), "--tls-cert", str(cert), "--tls-key", str(key))
+        docker.trust(trusted, cert)
+        with (
+            mirror_server(tmp_path / "data", trusted, *tls, ca=cert, host=host) as base,
+            mirror_server(tmp_path / "other", untrusted, *tls, ca=cert, host=host),
+        ):
+            login = docker("login", "-u", USER, "--password-stdin", trusted, stdin=f"{PASSWORD}\n")
+            assert "Login Succeeded" in login
+            docker("tag", image, f"{trusted}/secure/app:1.0")
+            digest = pushed_digest(docker("push", f"{trusted}/secure/app:1.0"), "1.0")
+            assert manifest_digest(base, "secure/app", "1.0", AUTH, ca=cert) == digest
+            refused = docker("login", "-u", USER, "--password-stdin", untrusted, stdin=f"{PASSWORD}\n", check=False)
+            assert "certificate signed by unknown authority" in refused
 
 
 @pytest.fixture
