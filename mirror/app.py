@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import socket
 import ssl
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -318,7 +318,7 @@ async def readiness(config: Config, store: BlobStore, index: Index, housekeeper:
         return "starting"
 
     def check() -> str | None:
-        probe = store.tmp_dir / f".readyz-{os.getpid()}"
+        probe = store.tmp_dir / f".readyz-{uuid.uuid4().hex}"  # one per check: concurrent probes never collide
         try:
             probe.write_bytes(b"ok")
             probe.unlink()

@@ -129,7 +129,7 @@ class Metrics:
         self.auth_requests = Counter(
             "mirror_auth_requests",
             "Access decisions on client requests, by outcome (anonymous, authenticated, unauthorized, denied, "
-            "read_only).",
+            "read_only, throttled: refused without a password check after repeated failures or too many checks).",
             ["outcome"],
             registry=r,
         )

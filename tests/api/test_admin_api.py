@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -55,6 +56,14 @@ async def test_readyz_says_why_the_mirror_is_not_ready(start: Any, tmp_path: Pat
         tmp.unlink()
         tmp.mkdir()
     assert (await client.get("/healthz")).status == 200
+
+
+async def test_concurrent_readiness_probes_all_pass(start: Any) -> None:
+    """Load balancers and kubelets probe at once: each probe writes its own file, so none sees another's vanish."""
+    client = await start(admin_api=False)
+    for _ in range(5):
+        answers = await asyncio.gather(*(client.get("/readyz") for _ in range(16)))
+        assert [r.status for r in answers] == [200] * 16
 
 
 async def test_admin_api_is_off_unless_enabled(start: Any) -> None:
