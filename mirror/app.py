@@ -34,8 +34,9 @@ from mirror.push import LocalRegistry, PushRule
 from mirror.push_uploads import Uploads
 from mirror.routing import RepoRules, Upstreams
 from mirror.storage.blobs import BlobStore
-from mirror.storage.eviction import Housekeeper, Limits
+from mirror.storage.eviction import Limits
 from mirror.storage.gc import Report, reconcile_sync
+from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.index import Index
 from mirror.storage.uploads import UploadSessions, held_sync
 from mirror.storage.usage import Usage
