@@ -340,10 +340,12 @@ async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[A
     ``upstreams`` (prefetch) it also builds the pull-through service; eviction is left to the server, which
     reloads its table when the command is done."""
     metrics = Metrics()
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = BlobStore(config.data_dir)
-    index = Index(config.data_dir)
-    usage = Usage(config.data_dir)
+
+    def open_stores() -> tuple[BlobStore, Index, Usage]:  # directories and SQLite files: off the loop
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        return BlobStore(config.data_dir), Index(config.data_dir), Usage(config.data_dir)
+
+    store, index, usage = await asyncio.to_thread(open_stores)
     clients: dict[str, UpstreamClient] = {}
     pull = None
     if upstreams:
