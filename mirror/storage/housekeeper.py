@@ -116,6 +116,9 @@ class Housekeeper:
         """Write batched last-served times and counters; reload the table if another process changed it."""
         dirty = self._usage.take_dirty()
         counts = self._drain_counts()
+        # The entries as they are before the files are looked at: one added meanwhile (a commit publishes the file
+        # before it adds the entry) is a different object and is not forgotten below.
+        known = {key: self._usage.table.get(key) for key in dirty}
 
         def write() -> tuple[list[str], int]:
             gone = self._usage.flush_sync(dirty) if dirty else []
@@ -129,7 +132,7 @@ class Housekeeper:
             await self.reload()
         else:
             for key in missing:  # removed by another process: their entries went from disk, and go here too
-                if key in self._usage.table:
+                if known[key] is not None and self._usage.table.get(key) is known[key]:
                     self._usage.forget(key)
         if time.monotonic() - self._protected_at > PROTECTED_EVERY:
             await self.protected()  # keeps mirror_cache_protected_bytes current (pins may change from the CLI)
