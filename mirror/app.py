@@ -8,7 +8,6 @@ import logging
 import secrets
 import socket
 import ssl
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -319,10 +318,8 @@ async def readiness(config: Config, store: BlobStore, index: Index, housekeeper:
         return "starting"
 
     def check() -> str | None:
-        probe = store.tmp_dir / f".readyz-{uuid.uuid4().hex}"  # one per check: concurrent probes never collide
         try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            store.probe_sync()
         except OSError as exc:
             return f"data dir {config.data_dir} is not writable: {exc.strerror}"
         try:

@@ -372,6 +372,13 @@ class BlobStore:
                     removed += 1
         return removed
 
+    def probe_sync(self) -> None:
+        """Write and remove a small file where fetches write (readiness); raises OSError if that fails. One file
+        per call: concurrent probes never collide."""
+        probe = self.tmp_dir / f".readyz-{secrets.token_hex(12)}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+
     def free_space_sync(self) -> int:
         """Bytes the data dir's filesystem can still take (for an unprivileged writer)."""
         stats = os.statvfs(self.tmp_dir)
