@@ -29,9 +29,8 @@ from mirror.oci.reference import (
 )
 from mirror.pullthrough import MemoryBlob, PullThrough, StoredBlob, upstream_failure
 from mirror.storage import gc
-from mirror.storage.blobs import BlobStore
-from mirror.storage.eviction import Housekeeper
-from mirror.storage.index import Index
+from mirror.storage.base import BlobStorage, MetadataIndex
+from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.usage import Usage
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
@@ -76,8 +75,8 @@ class GcSettings:
 class Admin:
     def __init__(
         self,
-        store: BlobStore,
-        index: Index,
+        store: BlobStorage,
+        index: MetadataIndex,
         usage: Usage,
         housekeeper: Housekeeper,
         pull: PullThrough | None,
@@ -184,7 +183,7 @@ class Admin:
         platforms = []
         record = self.index.get_manifest_sync(digest)
         if record is not None:
-            data = self.store.path(digest).read_bytes() if self.store.size_sync(digest) is not None else b""
+            data = self.store.read_sync(digest) or b""
             try:
                 manifest = parse_manifest(data, record.media_type) if data else None
             except Exception:

@@ -8,7 +8,6 @@ import logging
 import secrets
 import socket
 import ssl
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -34,8 +33,9 @@ from mirror.push import LocalRegistry, PushRule
 from mirror.push_uploads import Uploads
 from mirror.routing import RepoRules, Upstreams
 from mirror.storage.blobs import BlobStore
-from mirror.storage.eviction import Housekeeper, Limits
+from mirror.storage.eviction import Limits
 from mirror.storage.gc import Report, reconcile_sync
+from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.index import Index
 from mirror.storage.uploads import UploadSessions, held_sync
 from mirror.storage.usage import Usage
@@ -318,10 +318,8 @@ async def readiness(config: Config, store: BlobStore, index: Index, housekeeper:
         return "starting"
 
     def check() -> str | None:
-        probe = store.tmp_dir / f".readyz-{uuid.uuid4().hex}"  # one per check: concurrent probes never collide
         try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            store.probe_sync()
         except OSError as exc:
             return f"data dir {config.data_dir} is not writable: {exc.strerror}"
         try:
@@ -339,10 +337,12 @@ async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[A
     ``upstreams`` (prefetch) it also builds the pull-through service; eviction is left to the server, which
     reloads its table when the command is done."""
     metrics = Metrics()
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = BlobStore(config.data_dir)
-    index = Index(config.data_dir)
-    usage = Usage(config.data_dir)
+
+    def open_stores() -> tuple[BlobStore, Index, Usage]:  # directories and SQLite files: off the loop
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        return BlobStore(config.data_dir), Index(config.data_dir), Usage(config.data_dir)
+
+    store, index, usage = await asyncio.to_thread(open_stores)
     clients: dict[str, UpstreamClient] = {}
     pull = None
     if upstreams:

@@ -3,7 +3,9 @@
 cli -> app -> api -> (pullthrough, push) -> inflight -> (storage, upstream) -> oci; ``oci``, ``metrics``,
 ``config`` and ``log`` import nothing from the package; ``storage`` and ``upstream`` never import each other;
 ``aiohttp.web`` only in ``api/`` and ``app``; ``ClientSession`` only in ``upstream/``; ``diskcache`` only in
-``storage/``; only ``app`` and ``cli`` read ``Config``.
+``storage/``; only ``app`` and ``cli`` read ``Config``. ``storage`` never imports ``aiohttp.web``; eviction, the
+housekeeper, gc and the admin commands reach content files only through the store's protocol
+(``storage.base.BlobStorage``), never with ``os``/``open``/``pathlib`` themselves.
 """
 
 from __future__ import annotations
@@ -90,3 +92,49 @@ def test_the_rules_see_the_package() -> None:
     assert "mirror.storage.blobs" in imports(MODULES["mirror.pullthrough"]) or "mirror.storage.base" in imports(
         MODULES["mirror.pullthrough"]
     )
+
+
+def test_storage_never_imports_aiohttp_web() -> None:
+    for module, tree in MODULES.items():
+        if area(module) == "storage":
+            assert not any(i == "aiohttp.web" or i.startswith("aiohttp.web.") for i in imports(tree)), module
+
+
+# Modules that must reach content through the store's interface, so that an object-storage ``BlobStorage`` can
+# replace the disk without touching them. Import walking cannot see every file access, so this checks what it can:
+# no file-system module imported, no builtin ``open``, no file-system method called on anything, and the store
+# and index taken as their protocols (``storage.base``), never the disk implementations.
+THROUGH_THE_STORE = ("mirror.storage.eviction", "mirror.storage.housekeeper", "mirror.storage.gc", "mirror.admin")
+FILE_MODULES = {"os", "os.path", "shutil", "pathlib", "io", "tempfile", "glob"}
+FILE_METHODS = {
+    "unlink", "remove", "rename", "rmdir", "rmtree", "mkdir", "makedirs", "scandir", "listdir", "iterdir", "walk",
+    "stat", "lstat", "open", "read_bytes", "read_text", "write_bytes", "write_text", "glob", "rglob", "touch",
+    "exists", "is_file", "is_dir", "statvfs", "fsync", "truncate",
+}  # fmt: skip
+DISK_IMPLEMENTATIONS = {"mirror.storage.blobs.BlobStore", "mirror.storage.index.Index"}
+
+
+def file_calls(tree: ast.Module) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Name) and func.id == "open":
+                found.add("open()")
+            elif isinstance(func, ast.Attribute) and func.attr in FILE_METHODS:
+                found.add(f".{func.attr}()")
+    return found
+
+
+@pytest.mark.parametrize("module", THROUGH_THE_STORE)
+def test_content_only_through_the_store(module: str) -> None:
+    imported = imports(MODULES[module])
+    assert not imported & FILE_MODULES, f"{module} imports {sorted(imported & FILE_MODULES)}"
+    assert not file_calls(MODULES[module]), f"{module} touches files: {sorted(file_calls(MODULES[module]))}"
+    assert not imported & DISK_IMPLEMENTATIONS, f"{module} takes {sorted(imported & DISK_IMPLEMENTATIONS)}"
+
+
+def test_the_file_check_sees_file_calls() -> None:
+    tree = ast.parse("import os\nos.unlink(p)\nopen(p)\npath.read_bytes()\n")
+    assert file_calls(tree) == {".unlink()", "open()", ".read_bytes()"}
+    assert "os" in imports(tree)

@@ -1,18 +1,23 @@
-"""The storage seam: what the pull-through (and push) services need from a store, as ``typing.Protocol``s.
+"""The storage seam: what the services, eviction, gc, verify and the admin commands need from a store, as
+``typing.Protocol``s.
 
-``BlobStore`` and ``Index`` (local disk + diskcache) are the implementations today. Another backend (object
-storage, say) implements these two protocols and is chosen in ``app.create_app``; nothing in ``api/`` changes,
-except that a backend whose blobs are not local files answers ``local_path`` with None and is streamed instead of
-sent with sendfile.
+``BlobStore`` and ``Index`` (local disk + diskcache) are the implementations today, each assigned to its protocol
+at the bottom of this module so that mypy checks it. Another backend (object storage, say) implements these
+protocols and is chosen in ``app.create_app``; the callers do not change. Methods named ``*_sync`` do file or
+database work and are called from a thread (or a CLI process), never on the event loop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mirror.oci.reference import Digest, Repo
 from mirror.storage.index import ManifestRecord, TagRecord
+
+if TYPE_CHECKING:
+    from mirror.storage.blobs import StoredFile
 
 
 class BlobWriterLike(Protocol):
@@ -47,6 +52,26 @@ class BlobStorage(Protocol):
 
     async def delete(self, digest: Digest) -> bool: ...
 
+    # --- eviction, gc, verify, admin ----------------------------------------------------------------------
+    def read_sync(self, digest: Digest) -> bytes | None: ...
+
+    def delete_sync(self, digest: Digest) -> bool: ...
+
+    def withdraw(self, digest: Digest) -> None:
+        """On the loop: ``digest`` is absent from now on, until ``remove_withdrawn`` or a new publish."""
+
+    async def remove_withdrawn(self, digests: Iterable[Digest]) -> list[Digest]: ...
+
+    def walk_sync(self) -> Iterator[StoredFile]: ...
+
+    def intact_sync(self, digest: Digest) -> bool | None: ...
+
+    def quarantine_sync(self, location: str, label: str) -> str: ...
+
+    def sweep_tmp_sync(self, max_age: float, dry_run: bool = False) -> int: ...
+
+    def probe_sync(self) -> None: ...
+
     async def check_space(self, size: int | None) -> None: ...
 
     async def free_space(self) -> int: ...
@@ -75,6 +100,21 @@ class MetadataIndex(Protocol):
 
     async def add_origin(self, digest: Digest, registry: str) -> None: ...
 
+    # --- gc, eviction, admin (in a thread) ------------------------------------------------------------------
+    def get_manifest_sync(self, digest: Digest) -> ManifestRecord | None: ...
+
+    def delete_manifest_sync(self, digest: Digest) -> None: ...
+
+    def iter_manifests_sync(self) -> Iterator[tuple[Digest, ManifestRecord]]: ...
+
+    def get_tag_sync(self, registry: str, path: str, tag: str) -> TagRecord | None: ...
+
+    def iter_tags_sync(self) -> Iterator[tuple[str, str, str, TagRecord]]: ...
+
+    def delete_tag_sync(self, registry: str, path: str, tag: str) -> None: ...
+
+    def pushed_digests_sync(self) -> set[str]: ...
+
 
 class UsageRecorder(Protocol):
     """What the services tell the usage table (``storage.usage``): hits refresh recency, commits add content,
@@ -85,3 +125,14 @@ class UsageRecorder(Protocol):
     def expect(self, size: int | None) -> None: ...
 
     async def added(self, digest: Digest, size: int, kind: str, repo: str = "", local: bool = False) -> None: ...
+
+
+if TYPE_CHECKING:  # each implementation assigned to its protocol once, so mypy checks it (never run)
+    from mirror.storage.blobs import BlobStore, BlobWriter
+    from mirror.storage.index import Index
+    from mirror.storage.usage import NullUsage, Usage
+
+    def _implementations(
+        store: BlobStore, writer: BlobWriter, index: Index, usage: Usage, null: NullUsage
+    ) -> tuple[BlobStorage, BlobWriterLike, MetadataIndex, UsageRecorder, UsageRecorder]:
+        return store, writer, index, usage, null

@@ -1,4 +1,6 @@
-"""Content-addressed blob files: the only place bytes are written to the data dir.
+"""Content-addressed blob files: the only module that touches content files (write, publish, read, delete,
+withdraw for eviction, quarantine, walk, temp sweeps). Eviction, gc, verify and the admin commands reach content
+only through ``BlobStore``'s methods, so another implementation of ``base.BlobStorage`` can replace it.
 
 Layout of the data dir::
 
@@ -13,7 +15,8 @@ Layout of the data dir::
         fetch-<random>         upstream fetches and pushes in progress; start-up removes whatever is here
       index/                   diskcache: tags, manifest media types (see index.py)
       usage/                   diskcache: size, kind, last served of every digest; pins (see usage.py)
-      quarantine/              files that failed verification or did not belong here (see gc.py)
+      quarantine/              files that failed verification or did not belong in blobs/ (``quarantine_sync``,
+                               called by gc.py); nothing reads them
       uploads/
         <uuid>/                one push upload session (see uploads.py): session.json + data, the bytes
                                received so far; ``commit`` renames ``data`` into ``blobs/``
@@ -32,13 +35,17 @@ import hashlib
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from mirror.oci.reference import Digest
 
 WRITE_SLICE = 256 << 10  # bytes per write() and hash update inside one BlobWriter.write
+HASH_CHUNK = 1 << 20  # bytes per read when re-hashing a stored file (``intact_sync``)
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +130,7 @@ class BlobWriter:
             raise
         self._file.close()
         self._closed = True
-        final = self._store.path(actual)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.temp_path, final)
+        self._store.publish_sync(self.temp_path, actual)
         return actual
 
     async def commit(self, expected: Digest | None = None, expected_size: int | None = None) -> Digest:
@@ -172,20 +177,43 @@ class BlobWriter:
             self._closed = True
 
 
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """One entry under ``blobs/`` as ``BlobStore.walk_sync`` finds it."""
+
+    key: str  # the digest it is stored under ("sha256:ab12..."); "" when its name or place is not a digest's
+    location: str  # where it is, relative to ``blobs/`` ("sha256/ab/ab12..."): what ``quarantine_sync`` takes
+    size: int | None = None  # None: not looked at (a stray entry where a directory belongs)
+    mtime: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.location.rpartition("/")[2]
+
+
 class BlobStore:
-    """Content-addressed files under ``<data-dir>/blobs``. See the module docstring for the layout."""
+    """Content-addressed files under ``<data-dir>/blobs``. See the module docstring for the layout.
+
+    Eviction removes a file in two steps (``withdraw`` on the event loop, ``remove_withdrawn`` in a thread); a
+    withdrawn digest is absent to ``size``/``read`` at once, and a publish of it cancels its removal.
+    """
 
     def __init__(self, data_dir: Path):
         self.root = data_dir / "blobs"
         self.tmp_dir = data_dir / "tmp"
+        self.quarantine_dir = data_dir / "quarantine"
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._withdrawn: set[Digest] = set()  # added on the loop, discarded by threads holding _publishing
+        self._publishing = threading.Lock()  # a publish and a withdrawn removal of one digest never interleave
 
     def path(self, digest: Digest) -> Path:
         # Digest.parse admits only [a-f0-9] of a fixed length, so this cannot leave ``root``.
         return self.root / digest.algorithm / digest.hex[:2] / digest.hex
 
     def size_sync(self, digest: Digest) -> int | None:
+        if digest in self._withdrawn:
+            return None  # being evicted: a miss, fetched again (and the new publish cancels the removal)
         try:
             return os.stat(self.path(digest)).st_size
         except FileNotFoundError:
@@ -194,25 +222,26 @@ class BlobStore:
     async def size(self, digest: Digest) -> int | None:
         return await asyncio.to_thread(self.size_sync, digest)
 
+    def read_sync(self, digest: Digest) -> bytes | None:
+        """Whole content of a small blob (manifests; layers are streamed), None if it is not stored."""
+        if digest in self._withdrawn:
+            return None
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+
     async def read(self, digest: Digest) -> bytes | None:
         """Whole content of a small blob (manifests only; layers are streamed with sendfile)."""
-
-        def _read() -> bytes | None:
-            try:
-                return self.path(digest).read_bytes()
-            except FileNotFoundError:
-                return None
-
-        return await asyncio.to_thread(_read)
+        return await asyncio.to_thread(self.read_sync, digest)
 
     async def read_verified(self, digest: Digest) -> bytes | None:
         """Whole content of a small blob, checked against its digest (None if missing or damaged on disk), for
         the in-memory cache of small blobs: what is kept in memory was verified when it was read."""
 
         def _read() -> bytes | None:
-            try:
-                data = self.path(digest).read_bytes()
-            except FileNotFoundError:
+            data = self.read_sync(digest)
+            if data is None:
                 return None
             if hashlib.new(digest.algorithm, data).hexdigest() != digest.hex:
                 log.error("blob %s on disk does not match its digest; run `mirror verify`", digest)
@@ -230,28 +259,125 @@ class BlobStore:
         await writer.write(data)
         return await writer.commit(expected, len(data))
 
+    def publish_sync(self, temp_path: Path, digest: Digest) -> None:
+        """Move a complete, verified, fsynced temp file into place: from now on ``digest`` is stored. A removal
+        of ``digest`` withdrawn before (eviction) is cancelled: the new file stays."""
+        final = self.path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with self._publishing:
+            os.replace(temp_path, final)
+            self._withdrawn.discard(digest)
+
+    def delete_sync(self, digest: Digest) -> bool:
+        """Remove a stored blob; False if it was not there. Other OSErrors are raised."""
+        try:
+            self.path(digest).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
     async def delete(self, digest: Digest) -> bool:
-        def _delete() -> bool:
-            try:
-                self.path(digest).unlink()
-                return True
-            except FileNotFoundError:
-                return False
+        return await asyncio.to_thread(self.delete_sync, digest)
 
-        return await asyncio.to_thread(_delete)
+    # --- eviction: withdraw on the loop, remove in a thread ---------------------------------------------------
+    def withdraw(self, digest: Digest) -> None:
+        """Make ``digest`` absent at once (``size``/``read`` answer None) ahead of ``remove_withdrawn``.
 
-    def iter_digests(self) -> Iterator[tuple[Digest, int]]:
-        """Every stored blob with its size (a directory walk: for start-up, gc and verify, not the hot path)."""
+        Called on the event loop, in the same step as the check of the digest's leases: a request that takes a
+        lease before it looks the digest up either took it before this call (eviction saw the lease and skipped
+        the digest) or looks it up after (a miss: it fetches the blob again). No await, no lock, no file work.
+        """
+        self._withdrawn.add(digest)
+
+    def _remove_withdrawn_sync(self, digests: list[Digest]) -> list[Digest]:
+        removed = []
+        for digest in digests:
+            with self._publishing:
+                if digest not in self._withdrawn:
+                    continue  # published again since it was withdrawn: the new file stays
+                try:
+                    self.path(digest).unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("cannot remove %s: %s", digest, exc)
+                    continue
+                finally:
+                    self._withdrawn.discard(digest)
+            removed.append(digest)
+        return removed
+
+    async def remove_withdrawn(self, digests: Iterable[Digest]) -> list[Digest]:
+        """Unlink withdrawn digests in a thread; the ones removed (not published again meanwhile)."""
+        return await asyncio.to_thread(self._remove_withdrawn_sync, list(digests))
+
+    # --- housekeeping: walk, verify, quarantine (synchronous: callers run them in a thread) ---------------------
+    def walk_sync(self) -> Iterator[StoredFile]:
+        """Every entry under ``blobs/``, each file with its size and mtime (for start-up, gc and verify)."""
+        if not self.root.is_dir():
+            return
         for algorithm_dir in self.root.iterdir():
             if not algorithm_dir.is_dir():
+                yield StoredFile("", algorithm_dir.name)
                 continue
             for prefix_dir in algorithm_dir.iterdir():
-                for entry in os.scandir(prefix_dir):
-                    try:
-                        digest = Digest.parse(f"{algorithm_dir.name}:{entry.name}")
-                    except Exception:
-                        continue
-                    yield digest, entry.stat().st_size
+                if not prefix_dir.is_dir():
+                    yield StoredFile("", f"{algorithm_dir.name}/{prefix_dir.name}")
+                    continue
+                yield from self._walk_prefix(algorithm_dir.name, prefix_dir)
+
+    def _walk_prefix(self, algorithm: str, prefix_dir: Path) -> Iterator[StoredFile]:
+        for entry in os.scandir(prefix_dir):
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            key = f"{algorithm}:{entry.name}"
+            try:
+                Digest.parse(key)
+                valid = entry.is_file() and entry.name.startswith(prefix_dir.name)
+            except Exception:
+                valid = False
+            location = f"{algorithm}/{prefix_dir.name}/{entry.name}"
+            yield StoredFile(key if valid else "", location, st.st_size, st.st_mtime)
+
+    def intact_sync(self, digest: Digest) -> bool | None:
+        """Re-hash a stored file: True if it matches its digest, False if damaged, None if it is gone."""
+        hasher = hashlib.new(digest.algorithm)
+        try:
+            with open(self.path(digest), "rb") as fh:
+                while chunk := fh.read(HASH_CHUNK):
+                    hasher.update(chunk)
+        except FileNotFoundError:
+            return None
+        return hasher.hexdigest() == digest.hex
+
+    def quarantine_sync(self, location: str, label: str) -> str:
+        """Move the entry at ``location`` (from ``walk_sync``) out of ``blobs/`` into ``quarantine/`` (same
+        filesystem: a rename), named after ``label``; where it went, for the log."""
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        target = self.quarantine_dir / f"{label.replace(':', '-')}.{int(time.time())}"
+        os.replace(self.root / location, target)
+        return str(target)
+
+    def sweep_tmp_sync(self, max_age: float, dry_run: bool = False) -> int:
+        """Remove temp files untouched for ``max_age`` seconds (0: all of them); how many (would) go."""
+        cutoff = time.time() - max_age
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            with contextlib.suppress(FileNotFoundError):
+                if max_age <= 0 or entry.stat().st_mtime < cutoff:
+                    if not dry_run:
+                        os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+    def probe_sync(self) -> None:
+        """Write and remove a small file where fetches write (readiness); raises OSError if that fails. One file
+        per call: concurrent probes never collide."""
+        probe = self.tmp_dir / f".readyz-{secrets.token_hex(12)}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
 
     def free_space_sync(self) -> int:
         """Bytes the data dir's filesystem can still take (for an unprivileged writer)."""

@@ -1,7 +1,8 @@
 """Consistency and garbage collection of the store: start-up reconciliation, temp sweeps, unreferenced content,
 re-hashing (verify), and what pins and pushes protect. Eviction to the byte cap is in ``eviction.py``.
 
-Everything here is synchronous file and diskcache work, run in a thread (by the housekeeper, the admin API, or a
+Everything here is synchronous work through the store's and the index's ``*_sync`` methods (never a file
+directly, so another ``BlobStorage`` can replace the disk), run in a thread (by the housekeeper, the admin API, or a
 CLI command in its own process). It is safe while ``mirror serve`` runs on the same data dir:
 
 - blob files are only ever created by rename and removed by unlink, so a reader that has a file open keeps
@@ -12,29 +13,24 @@ CLI command in its own process). It is safe while ``mirror serve`` runs on the s
   last-served times every ``flush_interval``, far below any sensible grace);
 - whoever removes entries bumps the usage generation, and the serving process reloads its table.
 
-``quarantine/`` under the data dir receives files that failed verification or do not belong in ``blobs/``,
-for an operator to look at; nothing reads them.
+``BlobStorage.quarantine_sync`` receives files that failed verification or do not belong in the store, for an
+operator to look at; nothing reads them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mirror.oci.manifest import parse_manifest
 from mirror.oci.reference import Digest
-from mirror.storage.blobs import BlobStore
-from mirror.storage.index import Index
+from mirror.storage.base import BlobStorage, MetadataIndex
 from mirror.storage.usage import Entry, Usage
 
 log = logging.getLogger(__name__)
-HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -78,55 +74,7 @@ class Report:
         }
 
 
-def walk_blobs(store: BlobStore) -> Iterator[tuple[str, Path, os.stat_result | None]]:
-    """Every file under ``blobs/`` as (digest string or "" when the name is not a digest, path, stat)."""
-    if not store.root.is_dir():
-        return
-    for algorithm_dir in store.root.iterdir():
-        if not algorithm_dir.is_dir():
-            yield "", algorithm_dir, None
-            continue
-        for prefix_dir in algorithm_dir.iterdir():
-            if not prefix_dir.is_dir():
-                yield "", prefix_dir, None
-                continue
-            for entry in os.scandir(prefix_dir):
-                try:
-                    st = entry.stat()
-                except FileNotFoundError:
-                    continue
-                key = f"{algorithm_dir.name}:{entry.name}"
-                try:
-                    Digest.parse(key)
-                    valid = entry.is_file() and entry.name.startswith(prefix_dir.name)
-                except Exception:
-                    valid = False
-                yield (key if valid else ""), Path(entry.path), st
-
-
-def quarantine_sync(store: BlobStore, path: Path, name: str) -> Path:
-    """Move a file out of ``blobs/`` into ``quarantine/`` (same filesystem: a rename)."""
-    target_dir = store.root.parent / "quarantine"
-    target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / f"{name.replace(':', '-')}.{int(time.time())}"
-    os.replace(path, target)
-    return target
-
-
-def sweep_tmp_sync(store: BlobStore, max_age: float, dry_run: bool = False) -> int:
-    """Remove temp files untouched for ``max_age`` seconds (0: all of them, as at start-up)."""
-    cutoff = time.time() - max_age
-    removed = 0
-    for entry in os.scandir(store.tmp_dir):
-        with contextlib.suppress(FileNotFoundError):
-            if max_age <= 0 or entry.stat().st_mtime < cutoff:
-                if not dry_run:
-                    os.unlink(entry.path)
-                removed += 1
-    return removed
-
-
-def reconcile_sync(store: BlobStore, index: Index, usage: Usage, dry_run: bool = False) -> Report:
+def reconcile_sync(store: BlobStorage, index: MetadataIndex, usage: Usage, dry_run: bool = False) -> Report:
     """Make the usage table and the index agree with the files on disk; the disk wins.
 
     A file without a usage entry gets one (size from the file, last served = its mtime, kind from the index);
@@ -138,20 +86,21 @@ def reconcile_sync(store: BlobStore, index: Index, usage: Usage, dry_run: bool =
     manifests = {str(d): r for d, r in index.iter_manifests_sync()}
     seen: set[str] = set()
     fixes: dict[str, Entry] = {}
-    for key, path, st in walk_blobs(store):
-        if not key:
-            if st is not None and not dry_run:
-                quarantine_sync(store, path, "stray-" + path.name)
-            report.removed.append(Removal(path.name, st.st_size if st else 0, "stray", "stray"))
+    for found in store.walk_sync():
+        if not found.key:
+            if found.size is not None and not dry_run:
+                store.quarantine_sync(found.location, "stray-" + found.name)
+            report.removed.append(Removal(found.name, found.size or 0, "stray", "stray"))
             continue
-        assert st is not None
+        assert found.size is not None
+        key, size = found.key, found.size
         report.checked += 1
         seen.add(key)
         entry = entries.get(key)
         kind = "manifest" if key in manifests else "blob"
-        if entry is None or entry.size != st.st_size or entry.kind != kind:
+        if entry is None or entry.size != size or entry.kind != kind:
             report.records_added += entry is None
-            fixed = Entry(st.st_size, entry.last_served if entry else st.st_mtime, kind)
+            fixed = Entry(size, entry.last_served if entry else found.mtime, kind)
             if entry is not None:
                 fixed.local, fixed.repo = entry.local, entry.repo
             fixes[key] = fixed
@@ -171,12 +120,11 @@ def reconcile_sync(store: BlobStore, index: Index, usage: Usage, dry_run: bool =
 
 
 # --- references: what manifests, pins and pushes keep ------------------------------------------------------------
-def manifest_children(store: BlobStore, digest: Digest, media_type: str) -> list[Digest]:
+def manifest_children(store: BlobStorage, digest: Digest, media_type: str) -> list[Digest]:
     """Digests a stored manifest references (children of an index, config and layers of an image); [] if the
     file is missing or is not a manifest."""
-    try:
-        data = store.path(digest).read_bytes()
-    except FileNotFoundError:
+    data = store.read_sync(digest)
+    if data is None:
         return []
     try:
         manifest = parse_manifest(data, media_type)
@@ -188,7 +136,7 @@ def manifest_children(store: BlobStore, digest: Digest, media_type: str) -> list
     return refs
 
 
-def closure(store: BlobStore, index: Index, roots: Iterable[Digest]) -> set[str]:
+def closure(store: BlobStorage, index: MetadataIndex, roots: Iterable[Digest]) -> set[str]:
     """The roots and everything they reference, recursively (an index -> its manifests -> their blobs)."""
     seen: set[str] = set()
     todo = list(roots)
@@ -215,7 +163,7 @@ def split_image(image: str) -> tuple[str, str, str]:
     return registry, path, tag
 
 
-def pinned_roots(index: Index, pins: Iterable[str]) -> list[Digest]:
+def pinned_roots(index: MetadataIndex, pins: Iterable[str]) -> list[Digest]:
     """The manifest digests pinned images point to now (a tag through its cached tag record)."""
     roots = []
     for image in pins:
@@ -231,7 +179,11 @@ def pinned_roots(index: Index, pins: Iterable[str]) -> list[Digest]:
 
 
 def protected_sync(
-    store: BlobStore, index: Index, usage: Usage, config_pins: Iterable[str], local: Iterable[str] | None = None
+    store: BlobStorage,
+    index: MetadataIndex,
+    usage: Usage,
+    config_pins: Iterable[str],
+    local: Iterable[str] | None = None,
 ) -> set[str]:
     """Digests neither eviction nor gc may remove: pinned images (with all they reference) and pushed content
     with all a pushed manifest references. Pushed is what a local repository holds in the index (the push
@@ -246,8 +198,8 @@ def protected_sync(
 
 # --- gc: unreferenced content ------------------------------------------------------------------------------------
 def collect_sync(
-    store: BlobStore,
-    index: Index,
+    store: BlobStorage,
+    index: MetadataIndex,
     usage: Usage,
     config_pins: Iterable[str] = (),
     grace: float = 3600.0,
@@ -262,7 +214,7 @@ def collect_sync(
     that eviction removed. Tag records whose manifest is gone and that were not confirmed within ``grace`` go too.
     """
     report = reconcile_sync(store, index, usage, dry_run)
-    report.temp_files = sweep_tmp_sync(store, tmp_max_age, dry_run)
+    report.temp_files = store.sweep_tmp_sync(tmp_max_age, dry_run)
     manifests = [d for d, _ in index.iter_manifests_sync()]
     keep = closure(store, index, manifests) | protected_sync(store, index, usage, config_pins)
     now = time.time()
@@ -290,12 +242,10 @@ def collect_sync(
     return report
 
 
-def _unlink(store: BlobStore, key: str) -> bool:
+def _unlink(store: BlobStorage, key: str) -> bool:
     try:
-        os.unlink(store.path(Digest.parse(key)))
+        store.delete_sync(Digest.parse(key))  # False when already gone: the entry goes too
         return True
-    except FileNotFoundError:
-        return True  # already gone: the entry goes too
     except OSError as exc:
         log.warning("cannot remove %s: %s", key, exc)
         return False
@@ -303,8 +253,8 @@ def _unlink(store: BlobStore, key: str) -> bool:
 
 # --- verify ------------------------------------------------------------------------------------------------------
 def verify_sync(
-    store: BlobStore,
-    index: Index,
+    store: BlobStorage,
+    index: MetadataIndex,
     usage: Usage,
     progress: Callable[[int, int, str], None] = lambda done, total, key: None,
 ) -> Report:
@@ -314,22 +264,18 @@ def verify_sync(
     removed, so the next request fetches it again from the upstream.
     """
     report = Report()
-    files = [(key, path, st.st_size) for key, path, st in walk_blobs(store) if key and st is not None]
+    files = [(f.key, f.location, f.size) for f in store.walk_sync() if f.key and f.size is not None]
     total = sum(size for _, _, size in files)
     done = 0
-    for key, path, size in files:
+    for key, location, size in files:
         digest = Digest.parse(key)
-        hasher = hashlib.new(digest.algorithm)
-        try:
-            with open(path, "rb") as fh:
-                while chunk := fh.read(HASH_CHUNK):
-                    hasher.update(chunk)
-        except FileNotFoundError:  # evicted or collected meanwhile
+        intact = store.intact_sync(digest)
+        if intact is None:  # evicted or collected meanwhile
             continue
         report.checked += 1
         done += size
-        if hasher.hexdigest() != digest.hex:
-            target = quarantine_sync(store, path, key)
+        if not intact:
+            target = store.quarantine_sync(location, key)
             log.error("%s does not match its digest: moved to %s", key, target)
             record = index.get_manifest_sync(digest)
             index.delete_manifest_sync(digest)
