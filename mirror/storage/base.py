@@ -9,7 +9,7 @@ sent with sendfile.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from mirror.oci.reference import Digest, Repo
 from mirror.storage.index import ManifestRecord, TagRecord
@@ -50,6 +50,11 @@ class BlobStorage(Protocol):
     async def check_space(self, size: int | None) -> None: ...
 
     async def free_space(self) -> int: ...
+
+    def open_growing(self, temp_path: Path, digest: Digest) -> IO[bytes]:
+        """The growing temp file of a blob being written, or the published blob if it was renamed meanwhile
+        (blocking: called in a thread)."""
+        ...
 
 
 class MetadataIndex(Protocol):

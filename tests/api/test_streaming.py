@@ -8,8 +8,8 @@ import hashlib
 from pathlib import Path
 
 from mirror.api.keys import PULL
-from mirror.inflight import Fetch
 from mirror.oci.reference import Digest
+from mirror.pull.inflight import FetchState
 from tests.conftest import MirrorFactory
 
 
@@ -22,7 +22,7 @@ async def test_client_joining_a_fetch_mid_rename_gets_the_whole_blob(
     digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
     renamed = asyncio.Event()
 
-    async def fetch_that_is_renaming(fetch: Fetch) -> None:
+    async def fetch_that_is_renaming(fetch: FetchState) -> None:
         # The temp file is already gone (renamed), but finish() has not been called yet.
         fetch.begin(len(data), tmp_path / "renamed-away")
         await renamed.wait()
