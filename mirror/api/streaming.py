@@ -78,10 +78,12 @@ class Sender:
 
     def __init__(self, threads: int = SEND_THREADS):
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sendfile")
+        self.closed = False
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """``app.cleanup_ctx``: the threads end with the app."""
         yield
+        self.closed = True
         await asyncio.to_thread(self._executor.shutdown, cancel_futures=True)
 
     async def send_file(self, transport: asyncio.Transport, file: IO[Any], offset: int, count: int) -> None:
