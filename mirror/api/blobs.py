@@ -24,7 +24,7 @@ class BlobFileResponse(web.FileResponse):
     """aiohttp's FileResponse (stat/open in a thread, sendfile, Range) with the digest as ETag, as registries
     send it, instead of aiohttp's mtime-based one."""
 
-    def __init__(self, path: Any, digest: Digest, sender: Sender | None = None, **kwargs: Any):
+    def __init__(self, path: Any, digest: Digest, sender: Sender, **kwargs: Any):
         super().__init__(path, **kwargs)
         self._digest_etag = str(digest)
         self._sender = sender
@@ -39,7 +39,7 @@ class BlobFileResponse(web.FileResponse):
         """aiohttp's own, but with the copying done by the app's worker threads (``api.streaming.Sender``) on
         plain connections."""
         transport = request.transport
-        if transport is None or self._sender is None or not usable(transport):
+        if transport is None or not usable(transport):
             return await super()._sendfile(request, fobj, offset, count)
         writer = await web.StreamResponse.prepare(self, request)
         assert writer is not None
@@ -127,7 +127,7 @@ def file_response(request: web.Request, repo: Repo, digest: Digest, blob: Stored
     if request.method == "GET":
         request.app[METRICS].blob_bytes_served.labels(repo.registry, "cache").inc(count)
         request.app[METRICS].repos.served(str(repo), "cache", count)
-    sender = request.app.get(SENDER)
+    sender = request.app[SENDER]
     return BlobFileResponse(blob.path, digest, sender, headers=blob_headers(digest), chunk_size=1 << 20)
 
 

@@ -79,6 +79,7 @@ class Sender:
     def __init__(self, threads: int = SEND_THREADS):
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sendfile")
         self.closed = False
+        self.loops_without_sendfile: set[type] = set()  # event loop classes without loop.sendfile (uvloop)
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """``app.cleanup_ctx``: the threads end with the app."""
@@ -113,7 +114,6 @@ class Sender:
 
 
 SENDER = web.AppKey("sender", Sender)  # here, not in api.keys: keys is imported by this module
-_NO_SENDFILE: set[type] = set()  # event loop classes without loop.sendfile (uvloop)
 
 
 def blob_headers(digest: Digest) -> dict[str, str]:
@@ -223,17 +223,17 @@ async def send_part(
     """``count`` bytes of the file from ``offset`` to the client: sendfile in the app's threads where the
     connection allows, else the loop's sendfile, else (uvloop has no ``loop.sendfile``) reads of up to 1 MiB in a
     thread, so memory stays bounded."""
-    sender = request.app.get(SENDER)
-    if sender is not None and usable(transport):
+    sender = request.app[SENDER]
+    if usable(transport):
         await sender.send_file(transport, fileobj, offset, count)
         return
     loop = asyncio.get_running_loop()
-    if type(loop) not in _NO_SENDFILE:
+    if type(loop) not in sender.loops_without_sendfile:
         try:
             await loop.sendfile(transport, fileobj, offset, count)
             return
         except NotImplementedError:  # raised before any byte is sent
-            _NO_SENDFILE.add(type(loop))
+            sender.loops_without_sendfile.add(type(loop))
     fd = fileobj.fileno()
     while count > 0:
         data = await asyncio.to_thread(os.pread, fd, min(count, READ_CHUNK), offset)
