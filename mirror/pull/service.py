@@ -87,7 +87,8 @@ class PullThrough:
         self._policies = policies
         self._metrics = metrics
         self._clock = clock
-        self.inflight: FetchCoordinator = inflight or InFlight()
+        # ``is None``, not ``or``: an idle InFlight is falsy (it has a length).
+        self.inflight: FetchCoordinator = InFlight() if inflight is None else inflight
         self._blobs = BlobPuller(self, store, index, self._usage, metrics, self.inflight, cache_size)
         self._tags: SimpleMemoryCache = SimpleMemoryCache(timeout=None)
         self._manifests: LRUCache[Digest, tuple[str, bytes]] = LRUCache(
