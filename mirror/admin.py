@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from mirror.content import MemoryBlob, StoredBlob
 from mirror.oci.errors import NameInvalid
 from mirror.oci.manifest import parse_manifest
 from mirror.oci.mediatypes import INDEX_TYPES
@@ -27,7 +28,8 @@ from mirror.oci.reference import (
     looks_like_host,
     validate_name,
 )
-from mirror.pullthrough import MemoryBlob, PullThrough, StoredBlob, upstream_failure
+from mirror.pull.failures import failure
+from mirror.pull.service import PullThrough
 from mirror.storage import gc
 from mirror.storage.base import BlobStorage, MetadataIndex
 from mirror.storage.housekeeper import Housekeeper
@@ -320,5 +322,5 @@ class Admin:
             return 0
         await source.wait_beyond(1 << 62)
         if source.error is not None:
-            raise upstream_failure(source.error) from source.error
+            raise failure(source.error) from source.error
         return source.written

@@ -18,9 +18,10 @@ from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
 from mirror.api.admin import ADMIN, READY
 from mirror.api.admin import add_routes as add_admin_routes
-from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, ROUTING, USAGE
+from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, ROUTING, STORE, USAGE
 from mirror.api.middleware import add_api_version, refuse_loops, registry_errors, request_metrics
 from mirror.api.routes import add_routes
+from mirror.api.streaming import SENDER, Sender
 from mirror.auth import Access, AccessSettings, Htpasswd, HtpasswdError
 from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, access_rules, cache_config
 from mirror.metrics import CacheSnapshot, Metrics
@@ -28,7 +29,8 @@ from mirror.notify import Endpoint, Notifier
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
 from mirror.oci.reference import Digest, Repo, canonical_registry, route
 from mirror.permissions import Permissions, Rule
-from mirror.pullthrough import PullThrough, TagPolicy
+from mirror.pull.inflight import InFlight
+from mirror.pull.service import PullThrough, TagPolicy
 from mirror.push import LocalRegistry, PushRule
 from mirror.push_uploads import Uploads
 from mirror.routing import RepoRules, Upstreams
@@ -188,7 +190,9 @@ def create_app(config: Config) -> web.Application:
     clients, policies, registries = build_upstreams(config, metrics, loop_id)
     metrics.prime(clients)
     usage = Usage(config.data_dir)
-    pull = PullThrough(store, index, clients, policies, metrics, usage=usage, cache_size=config.cache_size)
+    pull = PullThrough(
+        store, index, clients, policies, metrics, usage=usage, cache_size=config.cache_size, inflight=InFlight()
+    )
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
 
     local = build_local(config, store, index, metrics, registries)
@@ -203,6 +207,9 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[request_metrics, registry_errors, refuse_loops(loop_id), check_access])
     app[METRICS] = metrics
     app[PULL] = pull
+    app[STORE] = store
+    app[SENDER] = sender = Sender()
+    app.cleanup_ctx.append(sender.lifecycle)
     app[RESOLVE] = resolve
     app[ROUTING] = registries
     app[LOCAL] = local

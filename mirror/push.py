@@ -25,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mirror.content import ManifestAnswer, StoredBlob
 from mirror.oci import errors
 from mirror.oci.manifest import Manifest, parse_manifest, sniff_media_type
 from mirror.oci.mediatypes import DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, MANIFEST_TYPES, OCI_INDEX
 from mirror.oci.reference import LOCAL, Digest, Repo, Tag, looks_like_host, validate_name
-from mirror.pullthrough import ManifestAnswer, StoredBlob
 from mirror.push_uploads import Uploads
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index, ManifestRecord, TagRecord

@@ -1,11 +1,14 @@
 """The import direction of STYLE.md, checked by walking every module's imports.
 
-cli -> app -> api -> (pullthrough, push) -> inflight -> (storage, upstream) -> oci; ``oci``, ``metrics``,
+cli -> app -> api -> (pull, push, admin) -> content -> (storage, upstream) -> oci; ``oci``, ``metrics``,
 ``config`` and ``log`` import nothing from the package; ``storage`` and ``upstream`` never import each other;
 ``aiohttp.web`` only in ``api/`` and ``app``; ``ClientSession`` only in ``upstream/``; ``diskcache`` only in
 ``storage/``; only ``app`` and ``cli`` read ``Config``. ``storage`` never imports ``aiohttp.web``; eviction, the
 housekeeper, gc and the admin commands reach content files only through the store's protocol
-(``storage.base.BlobStorage``), never with ``os``/``open``/``pathlib`` themselves.
+(``storage.base.BlobStorage``), never with ``os``/``open``/``pathlib`` themselves. ``api`` reaches the store only
+through the protocols of ``storage.base`` (and its error types). Inside ``pull``, the coordination seam
+(``pull.inflight``) depends on nothing but ``oci``, so another implementation can replace it; the miss path
+(``pull.blobs``) never reaches up into the service.
 """
 
 from __future__ import annotations
@@ -43,23 +46,38 @@ def area(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
+SERVICES = {"content", "pull", "push", "push_uploads", "admin"}
 FORBIDDEN: dict[str, set[str]] = {
-    "oci": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config"},
-    "metrics": {"oci", "storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config"},
-    "config": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "metrics"},
-    "log": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config"},
-    "storage": {"upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config"},
-    "upstream": {"storage", "inflight", "pullthrough", "push", "api", "app", "cli", "config"},
-    "inflight": {"pullthrough", "push", "api", "app", "cli", "config"},
-    "pullthrough": {"api", "app", "cli", "config"},
+    "oci": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config"},
+    "metrics": {"oci", "storage", "upstream", *SERVICES, "api", "app", "cli", "config"},
+    "config": {"storage", "upstream", *SERVICES, "api", "app", "cli", "metrics"},
+    "log": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config"},
+    "storage": {"upstream", *SERVICES, "api", "app", "cli", "config"},
+    "upstream": {"storage", *SERVICES, "api", "app", "cli", "config"},
+    "content": {"storage", "push", "push_uploads", "admin", "api", "app", "cli", "config"},
+    "pull": {"push", "push_uploads", "admin", "api", "app", "cli", "config"},
     "push": {"api", "app", "cli", "config"},
     "push_uploads": {"api", "app", "cli", "config"},
-    "auth": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config"},
-    "credentials": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config", "auth"},
-    "permissions": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config", "auth"},
-    "notify": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config"},
+    "admin": {"api", "app", "cli", "config"},
+    "auth": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config"},
+    "credentials": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config", "auth"},
+    "permissions": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config", "auth"},
+    "notify": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config"},
     "api": {"app", "cli", "config"},
     "app": {"cli"},
+}
+# Finer rules inside an area: module -> the modules (and their submodules) it may not import.
+MODULE_FORBIDDEN: dict[str, set[str]] = {
+    # The coordination seam: a file-lock or Redis-lease implementation must be able to replace it alone.
+    "mirror.pull.inflight": {"mirror.pull", "mirror.storage", "mirror.upstream", "mirror.content", "mirror.metrics"},
+    "mirror.pull.failures": {"mirror.pull"},
+    "mirror.pull.blobs": {"mirror.pull.service"},
+}
+# What ``api`` may import from ``storage``: the protocols, and error types the middleware renders.
+API_FROM_STORAGE = {
+    "mirror.storage.base": None,  # anything
+    "mirror.storage.blobs": {"DiskFull"},
+    "mirror.storage.usage": {"Usage"},  # the lease table behind USAGE; to go behind a storage.base protocol
 }
 LIBRARY_HOMES = {
     "aiohttp.web": {"api", "app"},
@@ -87,11 +105,39 @@ def test_libraries_stay_in_their_layer(module: str) -> None:
                 assert own in homes, f"{module} uses {library}, which belongs in {sorted(homes)}"
 
 
+@pytest.mark.parametrize(
+    "module", sorted(m for m in MODULES if any(m == k or m.startswith(k + ".") for k in MODULE_FORBIDDEN))
+)
+def test_import_direction_inside_an_area(module: str) -> None:
+    forbidden = next(v for k, v in MODULE_FORBIDDEN.items() if module == k or module.startswith(k + "."))
+    for imported in imports(MODULES[module]):
+        for target in forbidden:
+            assert not (imported == target or imported.startswith(target + ".")), f"{module} imports {imported}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if area(m) == "api"))
+def test_api_reaches_the_store_only_through_its_protocols(module: str) -> None:
+    for node in ast.walk(MODULES[module]):
+        if isinstance(node, ast.Import):
+            found = [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found = [(node.module, alias.name) for alias in node.names]
+        else:
+            continue
+        for source, name in found:
+            if not source.startswith("mirror.storage"):
+                continue
+            assert source in API_FROM_STORAGE, f"{module} imports {source}: use the storage.base protocols"
+            allowed = API_FROM_STORAGE[source]
+            assert allowed is None or name in allowed, f"{module} imports {source}.{name}: a storage internal"
+
+
 def test_the_rules_see_the_package() -> None:
-    assert {"mirror.app", "mirror.pullthrough", "mirror.storage.blobs", "mirror.oci.reference"} <= set(MODULES)
-    assert "mirror.storage.blobs" in imports(MODULES["mirror.pullthrough"]) or "mirror.storage.base" in imports(
-        MODULES["mirror.pullthrough"]
-    )
+    expected = {"mirror.app", "mirror.pull.service", "mirror.pull.blobs", "mirror.pull.inflight", "mirror.content"}
+    assert expected | {"mirror.storage.blobs", "mirror.oci.reference"} <= set(MODULES)
+    assert "mirror.storage.base" in imports(MODULES["mirror.pull.blobs"])
+    assert "mirror.pull.inflight.FetchCoordinator" in imports(MODULES["mirror.pull.blobs"])
+    assert any(m.startswith("mirror.storage") for m in imports(MODULES["mirror.api.keys"]))  # the api rule sees
 
 
 def test_storage_never_imports_aiohttp_web() -> None:

@@ -43,7 +43,7 @@ def test_primed_series_exist_at_zero() -> None:
 
 
 def test_admin_is_above_the_services_and_below_the_api() -> None:
-    below = {"oci", "metrics", "config", "log", "storage", "upstream", "inflight", "pullthrough", "push"}
+    below = {"oci", "metrics", "config", "log", "storage", "upstream", "content", "pull", "push"}
     for module, tree in MODULES.items():
         targets = {area(i) for i in imports(tree) if i.startswith("mirror.")}
         if area(module) in below:

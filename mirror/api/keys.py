@@ -10,9 +10,10 @@ from mirror.auth import Access
 from mirror.metrics import Metrics
 from mirror.notify import Notifier
 from mirror.oci.reference import Repo
-from mirror.pullthrough import PullThrough
+from mirror.pull.service import PullThrough
 from mirror.push import LocalRegistry
 from mirror.routing import Upstreams
+from mirror.storage.base import BlobStorage
 from mirror.storage.usage import Usage
 
 # name in the path, ?ns= -> the repository it means (routing lives in oci.reference.route).
@@ -28,3 +29,4 @@ LOCAL = web.AppKey("local", LocalRegistry)
 ACCESS = web.AppKey("access", Access)
 NOTIFY = web.AppKey("notify", Notifier)
 USAGE = web.AppKey("usage", Usage)  # leases: a blob being sent is never evicted
+STORE: web.AppKey[BlobStorage] = web.AppKey("store")  # the blob store, through its protocol only

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from mirror.oci.reference import Digest, Repo
 from mirror.storage.index import ManifestRecord, TagRecord
@@ -75,6 +75,11 @@ class BlobStorage(Protocol):
     async def check_space(self, size: int | None) -> None: ...
 
     async def free_space(self) -> int: ...
+
+    def open_growing(self, temp_path: Path, digest: Digest) -> IO[bytes]:
+        """The growing temp file of a blob being written, or the published blob if it was renamed meanwhile
+        (blocking: called in a thread)."""
+        ...
 
 
 class MetadataIndex(Protocol):

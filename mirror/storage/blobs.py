@@ -409,3 +409,13 @@ class BlobStore:
         if removed:
             log.info("removed %d temp files of interrupted fetches or uploads", removed)
         return removed
+
+    def open_growing(self, temp_path: Path, digest: Digest) -> IO[bytes]:
+        """Open a blob still being written at ``temp_path`` (a client streams it while it grows), or the
+        published blob if the writer committed (renamed) it meanwhile. Raises FileNotFoundError when neither is
+        there (the write failed and was removed, or is between rename and publish). Blocking: call it in a
+        thread. The caller closes the file."""
+        try:
+            return open(temp_path, "rb")  # noqa: SIM115 - closed by the caller
+        except FileNotFoundError:
+            return open(self.path(digest), "rb")  # noqa: SIM115

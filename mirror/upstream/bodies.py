@@ -1,7 +1,7 @@
 """Reading what an upstream sends, within bounds: no answer may take unbounded memory, disk or time.
 
 Small answers (manifests, referrers, tag lists, token answers, error bodies) are read to the end into memory, up
-to a limit each; blobs are streamed to disk (``pullthrough._pump``) under a size bound and a ``Throughput`` floor.
+to a limit each; blobs are streamed to disk (``pull.blobs._pump``) under a size bound and a ``Throughput`` floor.
 The limits follow the OCI distribution spec where it gives one (manifests: "registries SHOULD accept manifests of
 at least 4 MiB") and are generous elsewhere: they are there to stop a hostile or broken upstream, not to ration
 a real one.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mirror.pullthrough import SMALL_BLOB
+from mirror.pull.blobs import SMALL_BLOB
 from tests.fakes.registry import FakeRegistry
 
 HEADERS = ("Content-Type", "Docker-Content-Digest", "Accept-Ranges", "ETag", "Content-Length", "Content-Range")

@@ -8,8 +8,9 @@ import hashlib
 from pathlib import Path
 
 from mirror.api.keys import PULL
-from mirror.inflight import Fetch
+from mirror.api.streaming import SENDER
 from mirror.oci.reference import Digest
+from mirror.pull.inflight import FetchState
 from tests.conftest import MirrorFactory
 
 
@@ -22,7 +23,7 @@ async def test_client_joining_a_fetch_mid_rename_gets_the_whole_blob(
     digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
     renamed = asyncio.Event()
 
-    async def fetch_that_is_renaming(fetch: Fetch) -> None:
+    async def fetch_that_is_renaming(fetch: FetchState) -> None:
         # The temp file is already gone (renamed), but finish() has not been called yet.
         fetch.begin(len(data), tmp_path / "renamed-away")
         await renamed.wait()
@@ -39,3 +40,15 @@ async def test_client_joining_a_fetch_mid_rename_gets_the_whole_blob(
     resp = await asyncio.wait_for(get, 10)
     assert resp.status == 200
     assert await resp.read() == data
+
+
+async def test_sendfile_threads_belong_to_the_app(make_mirror: MirrorFactory) -> None:
+    """The worker threads that run sendfile are the app's, created with it and shut down with it (no module
+    state): two apps never share them, and none outlives its app."""
+    first = await make_mirror("http://127.0.0.1:9")
+    second = await make_mirror("http://127.0.0.1:9")
+    sender = first.server.app[SENDER]
+    assert sender is not second.server.app[SENDER]
+    assert not sender.closed
+    await first.close()
+    assert sender.closed

@@ -101,7 +101,8 @@ async def test_mount_links_only_what_the_source_could_give(push_mirror: MirrorFa
     pushed = await push_blob(client, "team/a", os.urandom(3000))
     public = os.urandom(3000)
     pulled = fake.add_blob(public)
-    assert (await client.get(f"/v2/library/base/blobs/{pulled}")).status == 200
+    resp = await client.get(f"/v2/library/base/blobs/{pulled}")
+    assert resp.status == 200 and await resp.read() == public  # the whole body: the fetch has been committed
 
     async def mount(digest: str, source: str | None) -> int:
         query = f"mount={digest}" + (f"&from={source}" if source else "")

@@ -1,4 +1,8 @@
-"""Single-flight: one upstream fetch per digest, however many clients ask at the same time.
+"""The fetch-coordination seam: one upstream fetch per (upstream, digest), however many clients ask at once.
+
+``FetchCoordinator`` and ``FetchState`` are the seam: the miss path (``pull.blobs``) and the HTTP layer talk to
+them only. ``InFlight`` and ``Fetch`` are the in-process implementation; one that coordinates worker processes
+over a shared data dir (file locks) or replicas (Redis leases) replaces them in ``app.create_app``.
 
 The first request for a missing blob starts a ``Fetch``: a background task, owned here and not by any client,
 that streams the upstream body into a temp file. Every client -- the first one included -- reads that growing
@@ -15,12 +19,73 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from mirror.oci.reference import Digest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class FetchState(Protocol):
+    """One blob fetch, as its task reports it (``begin``, ``advance``, ``finish``, ``fail``) and as every client
+    streaming it follows it (``readable``, the ``wait_*`` methods) and learns its outcome (``final_path`` or
+    ``error``)."""
+
+    @property
+    def digest(self) -> Digest: ...
+
+    @property
+    def size(self) -> int | None: ...  # from the upstream's Content-Length, once it answered
+
+    @property
+    def temp_path(self) -> Path | None: ...  # the growing file, once the upstream answered
+
+    @property
+    def final_path(self) -> Path | None: ...  # set once verified and published in the store
+
+    @property
+    def written(self) -> int: ...
+
+    @property
+    def error(self) -> BaseException | None: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    def readable(self) -> int: ...
+
+    def begin(self, size: int | None, temp_path: Path) -> None: ...
+
+    def advance(self, written: int) -> None: ...
+
+    def finish(self, final_path: Path) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+    async def wait_started(self) -> None: ...
+
+    async def wait_beyond(self, offset: int) -> None: ...
+
+    async def wait_done(self) -> None: ...
+
+
+FetchRun = Callable[[FetchState], Awaitable[None]]  # the fetching task's body: upstream -> temp file -> publish
+
+
+class FetchCoordinator(Protocol):
+    """Start or join the fetch of a digest from one upstream; look one up (a HEAD never starts a fetch), and
+    tell eviction what is being fetched."""
+
+    def join(self, registry: str, digest: Digest, run: FetchRun) -> tuple[FetchState, bool]:
+        """The fetch under way, or a new one running ``run``; True when this call started it."""
+        ...
+
+    def get(self, registry: str, digest: Digest) -> FetchState | None: ...
+
+    def fetching(self, digest: Digest) -> bool: ...
+
+    async def close(self) -> None: ...
 
 
 class Fetch:
@@ -92,7 +157,7 @@ class Fetch:
 class InFlight:
     """The table of blob fetches under way, one per (upstream registry, digest): a client joins only a fetch from
     the upstream its name routes to, so content one upstream is sending is never handed to a name of another
-    (``PullThrough._vouch`` holds the same rule for stored content). Owned by the app (no module state)."""
+    (``PullThrough.vouch`` holds the same rule for stored content). Owned by the app (no module state)."""
 
     def __init__(self) -> None:
         self._fetches: dict[tuple[str, Digest], Fetch] = {}
@@ -108,7 +173,7 @@ class InFlight:
         """Whether ``digest`` is being fetched from any upstream (eviction leaves it alone meanwhile)."""
         return any(key[1] == digest for key in self._fetches)
 
-    def join(self, registry: str, digest: Digest, run: Callable[[Fetch], Awaitable[None]]) -> tuple[Fetch, bool]:
+    def join(self, registry: str, digest: Digest, run: FetchRun) -> tuple[Fetch, bool]:
         """The fetch of ``digest`` from ``registry`` under way, or a new one started with ``run``. True when this
         call started it."""
         key = (registry, digest)
@@ -122,7 +187,7 @@ class InFlight:
         task.add_done_callback(self._tasks.discard)
         return fetch, True
 
-    async def _run(self, key: tuple[str, Digest], fetch: Fetch, run: Callable[[Fetch], Awaitable[None]]) -> None:
+    async def _run(self, key: tuple[str, Digest], fetch: Fetch, run: FetchRun) -> None:
         try:
             await run(fetch)
         except BaseException as exc:  # the fetch's clients receive it; the task itself ends quietly
@@ -139,6 +204,11 @@ class InFlight:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+if TYPE_CHECKING:  # each implementation checked against its protocol by mypy (nothing runs)
+    _fetch: FetchState = Fetch(Digest.parse("sha256:" + "0" * 64))
+    _coordinator: FetchCoordinator = InFlight()
 
 
 class Coalescer(Generic[T]):

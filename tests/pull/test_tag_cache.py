@@ -17,7 +17,7 @@ from mirror.metrics import Metrics
 from mirror.oci import errors
 from mirror.oci.mediatypes import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from mirror.oci.reference import Digest, Repo, Tag
-from mirror.pullthrough import PullThrough, TagPolicy
+from mirror.pull.service import PullThrough, TagPolicy
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
