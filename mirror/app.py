@@ -30,14 +30,14 @@ from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
 from mirror.oci.reference import Digest, Repo, canonical_registry, route
 from mirror.permissions import Permissions, Rule
 from mirror.pullthrough import PullThrough, TagPolicy
-from mirror.push import LocalRegistry, PushRule
-from mirror.push_uploads import Uploads
+from mirror.push.registry import LocalRegistry, PushRule
+from mirror.push.uploads import Uploads
 from mirror.routing import RepoRules, Upstreams
 from mirror.storage.blobs import BlobStore
 from mirror.storage.eviction import Housekeeper, Limits
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.index import Index
-from mirror.storage.uploads import UploadSessions, held_sync
+from mirror.storage.sessions import UploadSessions, held_sync
 from mirror.storage.usage import Usage
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import UpstreamClient, UpstreamSettings

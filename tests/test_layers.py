@@ -51,7 +51,6 @@ FORBIDDEN: dict[str, set[str]] = {
     "inflight": {"pullthrough", "push", "api", "app", "cli", "config"},
     "pullthrough": {"api", "app", "cli", "config"},
     "push": {"api", "app", "cli", "config"},
-    "push_uploads": {"api", "app", "cli", "config"},
     "auth": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config"},
     "credentials": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config", "auth"},
     "permissions": {"storage", "upstream", "inflight", "pullthrough", "push", "api", "app", "cli", "config", "auth"},

@@ -25,7 +25,7 @@ from mirror.oci import errors
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
 from mirror.oci.reference import Digest, Repo, validate_name
 from mirror.permissions import Action
-from mirror.push_uploads import upload_headers
+from mirror.push.uploads import upload_headers
 
 # The spec's form is "<start>-<end>"; some clients write "bytes <start>-<end>/<total>" as in RFC 9110.
 _CONTENT_RANGE_RE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")

@@ -69,7 +69,7 @@ class Usage:
         self.table: dict[str, Entry] = {}
         self.total = 0  # bytes of every entry in ``table``; shared layers count once (one entry per digest)
         self.pending = 0  # bytes of fetches under way (announced Content-Length), not yet in ``total``
-        # Push upload sessions (``storage.uploads``): their bytes are on the same disk, so they count against the
+        # Push upload sessions (``storage.sessions``): their bytes are on the same disk, so they count against the
         # cache's size as well (eviction makes room for them; they are not entries and are never evicted as such).
         self.upload_sessions = 0
         self.upload_bytes = 0

@@ -30,7 +30,7 @@ from mirror.oci.manifest import Manifest, parse_manifest, sniff_media_type
 from mirror.oci.mediatypes import DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, MANIFEST_TYPES, OCI_INDEX
 from mirror.oci.reference import LOCAL, Digest, Repo, Tag, looks_like_host, validate_name
 from mirror.pullthrough import ManifestAnswer, StoredBlob
-from mirror.push_uploads import Uploads
+from mirror.push.uploads import Uploads
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index, ManifestRecord, TagRecord
 from mirror.upstream.client import ManifestHead
