@@ -18,7 +18,6 @@ from mirror.admin import Admin, GcSettings
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
 from mirror.api.admin import ADMIN, READY
-from mirror.api.admin import add_routes as add_admin_routes
 from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, ROUTING, USAGE
 from mirror.api.middleware import add_api_version, refuse_loops, registry_errors, request_metrics
 from mirror.api.routes import add_routes
@@ -212,8 +211,7 @@ def create_app(config: Config) -> web.Application:
     app[USAGE] = usage
     app[ADMIN] = admin
     app[READY] = lambda: readiness(config, store, index, housekeeper)
-    add_routes(app.router)
-    add_admin_routes(app.router, config.admin_api)
+    add_routes(app.router, config.admin_api)
     app.on_response_prepare.append(add_api_version)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -3,8 +3,8 @@
 The mirror runs with a data dir under ``tmp_path``, the admin API on, an htpasswd file, a fake upstream holding a
 small image (pulled through once, so requests hit cached content), a pushed local repository with a referrer, and
 open upload sessions. Requests are raw HTTP/1.1 (names with ``..``, ``%2e``, unicode, thousands of characters, any
-method on any route, mismatched ``Content-Length``), built from the route tables in ``mirror/api/routes.py``,
-``mirror/api/push_routes.py`` and ``mirror/api/admin.py``. Every answer must be:
+method on any route, mismatched ``Content-Length``), built from the route table in ``mirror/api/routes.py``. Every answer
+must be:
 
 - below 500: the fake upstream never fails here, so no 5xx is legitimate (not even 502/503/504/507);
 - for a 4xx, a registry error body ``{"errors": [{"code": ..., "message": ...}]}`` (HEAD answers have no body);
