@@ -121,7 +121,7 @@ def build_upstreams(
 
 
 def build_local(
-    config: Config, store: BlobStore, index: Index, metrics: Metrics, registries: Upstreams
+    config: Config, store: BlobStore, index: Index, usage: Usage, metrics: Metrics, registries: Upstreams
 ) -> LocalRegistry:
     if LOCAL_REGISTRY in registries:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
@@ -131,7 +131,8 @@ def build_local(
     def upstream_repo(name: str) -> Repo:
         return route(name, None, registries)
 
-    return LocalRegistry(store, index, Uploads(store, sessions, metrics), PushRule(config.push_prefixes), upstream_repo)
+    uploads = Uploads(store, sessions, metrics)
+    return LocalRegistry(store, index, uploads, PushRule(config.push_prefixes), upstream_repo, usage)
 
 
 def build_access(config: Config, metrics: Metrics) -> Access:
@@ -190,7 +191,7 @@ def create_app(config: Config) -> web.Application:
     pull = PullThrough(store, index, clients, policies, metrics, usage=usage, cache_size=config.cache_size)
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
 
-    local = build_local(config, store, index, metrics, registries)
+    local = build_local(config, store, index, usage, metrics, registries)
     # Upload sessions count against the cache's size; when it is over, idle ones go before cached content.
     local.uploads.sessions.on_held = usage.uploads_held
     housekeeper.reclaim = lambda: local.uploads.sessions.sweep(config.upload_idle_when_full)

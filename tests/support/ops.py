@@ -309,8 +309,11 @@ def push_blob(registry: str, repo: str, data: bytes) -> str:
     return digest
 
 
-def push_image(registry: str, repo: str, tag: str | None, layers: list[bytes], arch: str = "amd64") -> dict[str, Any]:
-    """An OCI image (config + layers) pushed to ``registry``; returns its digests and sizes."""
+def push_random_image(
+    registry: str, repo: str, tag: str | None, layers: list[bytes], arch: str = "amd64"
+) -> dict[str, Any]:
+    """An OCI image (config + layers of the given bytes, not tar archives) pushed to ``registry``; returns its
+    digests and sizes."""
 
     config = json.dumps(
         {"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": [sha256(b) for b in layers]}}
