@@ -15,8 +15,8 @@ from typing import Any
 from mirror.api.admin import ADMIN
 from mirror.api.keys import USAGE
 from tests.conftest import MirrorFactory
-from tests.push_client import push_image, sha256
-from tests.support.ops import Mirror, push_random_image, run_cli
+from tests.support.ops import Mirror, push_random_image, run_cli, sha256
+from tests.support.pushing import push_image
 
 LAYER = 100_000  # bytes: "pushing 100 kB"
 
