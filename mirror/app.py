@@ -29,7 +29,8 @@ from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
 from mirror.oci.reference import Digest, Repo, canonical_registry, route
 from mirror.permissions import Permissions, Rule
 from mirror.pullthrough import PullThrough, TagPolicy
-from mirror.push.registry import LocalRegistry, PushRule
+from mirror.push.registry import LocalRegistry
+from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
 from mirror.routing import RepoRules, Upstreams
 from mirror.storage.blobs import BlobStore

@@ -6,12 +6,10 @@ Which names are local, and how they relate to pulled-through content (README, "P
   It is authoritative: every read of that name is answered from local content only, the upstream is never asked
   for it, and its content is never evicted. A name addressed with ``?ns=`` or a host prefix always means the
   upstream's repository and is never local: containerd and podman mirror clients never see pushed content.
-- ``PushRule`` decides which bare names accept a first push. With ``push_prefixes`` configured, exactly the names
-  under those prefixes. Without (the default), every name except Docker Hub's official ``library/`` namespace and
-  except names the mirror already serves pulled through from the default upstream (a cached tag, or any manifest
-  or blob fetched upstream under the name, by digest too): a push can never silently shadow an image clients
-  already pull through this mirror. Who may push at all is the access policy's business
-  (``mirror.auth``).
+- ``push.rules.PushRule`` decides which bare names accept a first push; besides, a name the mirror already serves
+  pulled through from the default upstream (a cached tag, or any manifest or blob fetched upstream under the name,
+  by digest too) is refused unless the operator named it: a push can never silently shadow an image clients
+  already pull through this mirror. Who may push at all is the access policy's business (``mirror.auth``).
 
 Blobs live once in the shared ``BlobStore``; a local repository holds the blobs and manifests linked into it in
 the index (``Index.link``). Everything linked is recorded in the usage table at once, as pushed (``local``): the
@@ -32,8 +30,9 @@ from typing import Any
 from mirror.oci import errors
 from mirror.oci.manifest import Manifest, parse_manifest, sniff_media_type
 from mirror.oci.mediatypes import DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, MANIFEST_TYPES, OCI_INDEX
-from mirror.oci.reference import LOCAL, Digest, Repo, Tag, looks_like_host, validate_name
+from mirror.oci.reference import LOCAL, Digest, Repo, Tag, validate_name
 from mirror.pullthrough import ManifestAnswer, StoredBlob
+from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index, ManifestRecord, TagRecord
@@ -51,43 +50,6 @@ FOREIGN_LAYER_TYPES = frozenset(
     }
 )
 GENERIC_TYPES = frozenset({"", "application/json", "application/octet-stream", "text/plain"})
-
-
-class PushRule:
-    """Which bare names accept a first push (see the module docstring)."""
-
-    def __init__(self, prefixes: tuple[str, ...] = ()):
-        self.prefixes = tuple(p.strip() for p in prefixes if p.strip())
-
-    @staticmethod
-    def _under(name: str, prefix: str) -> bool:
-        if prefix == "*":
-            return True
-        prefix = prefix.rstrip("/")
-        return name == prefix or name.startswith(prefix + "/")
-
-    def explicit(self, name: str) -> bool:
-        """The operator named this namespace: pushes are accepted even where they shadow upstream content."""
-        return any(self._under(name, p) for p in self.prefixes)
-
-    def refusal(self, name: str) -> str | None:
-        """Why a first push to ``name`` is refused, or None when the name may become local."""
-        first, sep, _ = name.partition("/")
-        if sep and looks_like_host(first):
-            return (
-                f"{name!r} starts with a registry host: it is pulled through from {first!r}, not pushed; "
-                "push to a name without a host component"
-            )
-        if self.prefixes:
-            if self.explicit(name):
-                return None
-            return f"this mirror accepts pushes only under {', '.join(self.prefixes)} (push_prefixes)"
-        if name == "library" or name.startswith("library/"):
-            return (
-                "library/ is Docker Hub's namespace of official images, which this mirror pulls through; "
-                "list it in push_prefixes to push there"
-            )
-        return None
 
 
 @dataclass(frozen=True, slots=True)
