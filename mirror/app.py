@@ -17,7 +17,6 @@ from mirror.admin import Admin, GcSettings
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
 from mirror.api.admin import ADMIN, READY
-from mirror.api.admin import add_routes as add_admin_routes
 from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, ROUTING, STORE, USAGE
 from mirror.api.middleware import add_api_version, refuse_loops, registry_errors, request_metrics
 from mirror.api.routes import add_routes
@@ -31,15 +30,16 @@ from mirror.oci.reference import Digest, Repo, canonical_registry, route
 from mirror.permissions import Permissions, Rule
 from mirror.pull.inflight import InFlight
 from mirror.pull.service import PullThrough, TagPolicy
-from mirror.push import LocalRegistry, PushRule
-from mirror.push_uploads import Uploads
+from mirror.push.registry import LocalRegistry
+from mirror.push.rules import PushRule
+from mirror.push.uploads import Uploads
 from mirror.routing import RepoRules, Upstreams
 from mirror.storage.blobs import BlobStore
 from mirror.storage.eviction import Limits
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.index import Index
-from mirror.storage.uploads import UploadSessions, held_sync
+from mirror.storage.sessions import UploadSessions, held_sync
 from mirror.storage.usage import Usage
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
@@ -124,7 +124,7 @@ def build_upstreams(
 
 
 def build_local(
-    config: Config, store: BlobStore, index: Index, metrics: Metrics, registries: Upstreams
+    config: Config, store: BlobStore, index: Index, usage: Usage, metrics: Metrics, registries: Upstreams
 ) -> LocalRegistry:
     if LOCAL_REGISTRY in registries:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
@@ -134,7 +134,8 @@ def build_local(
     def upstream_repo(name: str) -> Repo:
         return route(name, None, registries)
 
-    return LocalRegistry(store, index, Uploads(store, sessions, metrics), PushRule(config.push_prefixes), upstream_repo)
+    uploads = Uploads(store, sessions, metrics)
+    return LocalRegistry(store, index, uploads, PushRule(config.push_prefixes), upstream_repo, usage)
 
 
 def build_access(config: Config, metrics: Metrics) -> Access:
@@ -195,7 +196,7 @@ def create_app(config: Config) -> web.Application:
     )
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
 
-    local = build_local(config, store, index, metrics, registries)
+    local = build_local(config, store, index, usage, metrics, registries)
     # Upload sessions count against the cache's size; when it is over, idle ones go before cached content.
     local.uploads.sessions.on_held = usage.uploads_held
     housekeeper.reclaim = lambda: local.uploads.sessions.sweep(config.upload_idle_when_full)
@@ -219,8 +220,7 @@ def create_app(config: Config) -> web.Application:
     app[USAGE] = usage
     app[ADMIN] = admin
     app[READY] = lambda: readiness(config, store, index, housekeeper)
-    add_routes(app.router)
-    add_admin_routes(app.router, config.admin_api)
+    add_routes(app.router, config.admin_api)
     app.on_response_prepare.append(add_api_version)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

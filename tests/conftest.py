@@ -50,7 +50,7 @@ async def mirror_and_fake(
 def push_mirror(aiohttp_client: Any, tmp_path: Path, fake_upstream: tuple[FakeRegistry, TestServer]) -> MirrorFactory:
     """``await push_mirror(**settings)``: a mirror to push to (Config settings as keywords; the fake upstream is its
     default upstream, so tests can count what reaches it)."""
-    from tests.push_client import mirror_config
+    from tests.support.pushing import mirror_config
 
     _, server = fake_upstream
 

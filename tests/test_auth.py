@@ -4,6 +4,7 @@ deletes only with credentials, read-only mode, unauthenticated pushes from loopb
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import shutil
@@ -20,7 +21,8 @@ from mirror.config import ConfigError
 from mirror.metrics import Metrics
 from mirror.oci import errors
 from tests.conftest import MirrorFactory
-from tests.push_client import error_code, free_port, mirror_process, push_image, sha256
+from tests.support.ops import NO_UPSTREAM, Mirror, sha256
+from tests.support.pushing import error_code, push_image
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE = ("alice", "s3cret pass")
@@ -185,7 +187,7 @@ def test_htpasswd_without_usable_entries_is_a_config_error(tmp_path: Path) -> No
     with pytest.raises(HtpasswdError):
         Htpasswd(path)
     from mirror.app import create_app
-    from tests.push_client import mirror_config
+    from tests.support.pushing import mirror_config
 
     with pytest.raises(ConfigError, match="no bcrypt entries"):
         create_app(mirror_config(tmp_path / "data", "http://127.0.0.1:9", htpasswd=path))
@@ -201,7 +203,7 @@ async def test_htpasswd_is_reread_when_it_changes(
     assert await users.verify(*ALICE)
     assert not await users.verify("carol", "new")
     make_htpasswd(htpasswd, ("carol", "new"))
-    stat = htpasswd.stat()
+    stat = await asyncio.to_thread(htpasswd.stat)
     os.utime(htpasswd, (stat.st_atime, stat.st_mtime + 5))  # a changed mtime, even within one clock tick
     assert await users.verify("carol", "new")
 
@@ -241,25 +243,25 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 async def test_tls_with_htpasswd_on_the_mirror_command(tmp_path: Path, htpasswd: Path) -> None:
     cert, key = self_signed(tmp_path)
-    port = free_port()
     context = ssl.create_default_context(cafile=str(cert))
-    base = f"https://127.0.0.1:{port}"
-    args = ["--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data"), "--upstream", "http://127.0.0.1:9",
-            "--htpasswd", str(htpasswd), "--tls-cert", str(cert), "--tls-key", str(key)]  # fmt: skip
-    async with mirror_process(args, f"{base}/healthz", context), aiohttp.ClientSession() as session:
-        async with session.get(f"{base}/v2/", ssl=context) as resp:
-            assert resp.status == 401
-            assert resp.headers["WWW-Authenticate"] == 'Basic realm="mirror"'
-        async with session.get(f"{base}/v2/", ssl=context, headers=GOOD) as resp:
-            assert resp.status == 200
-        data = b"over tls"
-        url = f"{base}/v2/my/app/blobs/uploads/?digest={sha256(data)}"
-        async with session.post(url, data=data, ssl=context, headers=GOOD) as resp:
-            assert resp.status == 201
-        async with session.get(f"{base}/v2/my/app/blobs/{sha256(data)}", ssl=context) as resp:
-            assert await resp.read() == data
-        with pytest.raises(aiohttp.ClientConnectorCertificateError):  # not trusted without the CA
-            await session.get(f"{base}/v2/", ssl=ssl.create_default_context())
+    flags = ("--htpasswd", str(htpasswd), "--tls-cert", str(cert), "--tls-key", str(key))
+    mirror = Mirror(tmp_path / "data", NO_UPSTREAM, *flags, ca=cert)
+    base = mirror.url
+    with mirror:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/v2/", ssl=context) as resp:
+                assert resp.status == 401
+                assert resp.headers["WWW-Authenticate"] == 'Basic realm="mirror"'
+            async with session.get(f"{base}/v2/", ssl=context, headers=GOOD) as resp:
+                assert resp.status == 200
+            data = b"over tls"
+            url = f"{base}/v2/my/app/blobs/uploads/?digest={sha256(data)}"
+            async with session.post(url, data=data, ssl=context, headers=GOOD) as resp:
+                assert resp.status == 201
+            async with session.get(f"{base}/v2/my/app/blobs/{sha256(data)}", ssl=context) as resp:
+                assert await resp.read() == data
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):  # not trusted without the CA
+                await session.get(f"{base}/v2/", ssl=ssl.create_default_context())
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import MirrorFactory
-from tests.push_client import error_code, push_image
+from tests.support.pushing import error_code, push_image
 from tests.test_auth import basic, require
 
 ALICE = ("alice", "correct horse")

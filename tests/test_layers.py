@@ -8,7 +8,8 @@ housekeeper, gc and the admin commands reach content files only through the stor
 (``storage.base.BlobStorage``), never with ``os``/``open``/``pathlib`` themselves. ``api`` reaches the store only
 through the protocols of ``storage.base`` (and its error types). Inside ``pull``, the coordination seam
 (``pull.inflight``) depends on nothing but ``oci``, so another implementation can replace it; the miss path
-(``pull.blobs``) never reaches up into the service.
+(``pull.blobs``) never reaches up into the service. Routes are registered in ``api/routes.py``
+only.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def area(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
-SERVICES = {"content", "pull", "push", "push_uploads", "admin"}
+SERVICES = {"content", "pull", "push", "admin"}
 FORBIDDEN: dict[str, set[str]] = {
     "oci": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config"},
     "metrics": {"oci", "storage", "upstream", *SERVICES, "api", "app", "cli", "config"},
@@ -54,10 +55,11 @@ FORBIDDEN: dict[str, set[str]] = {
     "log": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config"},
     "storage": {"upstream", *SERVICES, "api", "app", "cli", "config"},
     "upstream": {"storage", *SERVICES, "api", "app", "cli", "config"},
-    "content": {"storage", "push", "push_uploads", "admin", "api", "app", "cli", "config"},
-    "pull": {"push", "push_uploads", "admin", "api", "app", "cli", "config"},
-    "push": {"api", "app", "cli", "config"},
-    "push_uploads": {"api", "app", "cli", "config"},
+    "content": {"storage", "push", "admin", "api", "app", "cli", "config"},
+    "pull": {"push", "admin", "api", "app", "cli", "config"},
+    # push/ (local repositories, the chunk protocol) sees stored content and the protocol only: never the HTTP
+    # layer, the pull side's package, who may push (access), the webhooks or the admin commands.
+    "push": {"api", "app", "cli", "config", "pull", "admin", "auth", "credentials", "permissions", "notify", "routing"},
     "admin": {"api", "app", "cli", "config"},
     "auth": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config"},
     "credentials": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config", "auth"},
@@ -138,6 +140,9 @@ def test_the_rules_see_the_package() -> None:
     assert "mirror.storage.base" in imports(MODULES["mirror.pull.blobs"])
     assert "mirror.pull.inflight.FetchCoordinator" in imports(MODULES["mirror.pull.blobs"])
     assert any(m.startswith("mirror.storage") for m in imports(MODULES["mirror.api.keys"]))  # the api rule sees
+    assert {"mirror.push.registry", "mirror.push.uploads", "mirror.storage.sessions", "mirror.api.referrers"} <= set(
+        MODULES
+    )
 
 
 def test_storage_never_imports_aiohttp_web() -> None:
@@ -184,3 +189,20 @@ def test_the_file_check_sees_file_calls() -> None:
     tree = ast.parse("import os\nos.unlink(p)\nopen(p)\npath.read_bytes()\n")
     assert file_calls(tree) == {".unlink()", "open()", ".read_bytes()"}
     assert "os" in imports(tree)
+
+
+ROUTER_METHODS = {"add_route", "add_get", "add_post", "add_put", "add_patch", "add_delete", "add_head", "add_static"}
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_one_route_table(module: str) -> None:
+    """Every route is registered in ``api/routes.py``: one table shows every path and route name."""
+    for node in ast.walk(MODULES[module]):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ROUTER_METHODS:
+            assert module == "mirror.api.routes", f"{module} registers a route ({node.func.attr}, line {node.lineno})"
+
+
+def test_push_layers_within_the_package() -> None:
+    """registry -> uploads -> storage.sessions: the chunk protocol knows nothing of repositories' rules."""
+    assert not any(name.startswith("mirror.push.registry") for name in imports(MODULES["mirror.push.uploads"]))
+    assert not any(name.startswith("mirror.push") for name in imports(MODULES["mirror.storage.sessions"]))

@@ -17,7 +17,8 @@ from mirror.config import NotificationsConfig
 from mirror.metrics import Metrics
 from mirror.notify import EVENTS_TYPE, Endpoint, Event, Notifier, RequestInfo
 from tests.conftest import MirrorFactory
-from tests.push_client import OCI_MANIFEST, push_image, sha256
+from tests.support.ops import OCI_MANIFEST, sha256
+from tests.support.pushing import push_image
 from tests.test_auth import make_htpasswd
 
 

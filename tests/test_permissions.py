@@ -14,7 +14,7 @@ from mirror.config import ConfigError, load
 from mirror.permissions import Action, Permissions, Rule, compile_pattern
 from tests.conftest import MirrorFactory
 from tests.fakes.registry import FakeRegistry
-from tests.push_client import error_code, push_image
+from tests.support.pushing import error_code, push_image
 from tests.test_auth import basic, make_htpasswd
 
 USERS = {"ci": "ci pass", "alice": "alice pass", "bob": "bob pass", "ops": "ops pass"}

@@ -97,19 +97,3 @@ async def prefetch(request: web.Request) -> web.Response:
     if not isinstance(platforms, list) or not all(isinstance(p, str) for p in platforms):
         raise RegistryError("platforms must be a list of strings such as linux/amd64", status=400)
     return web.json_response({"images": await request.app[ADMIN].prefetch(images, platforms)})
-
-
-def add_routes(router: web.UrlDispatcher, admin_api: bool) -> None:
-    router.add_get("/readyz", readyz, name="readyz")
-    if not admin_api:
-        return
-    router.add_get("/admin/v1/stats", stats, name="admin_stats")
-    router.add_get("/admin/v1/ls", ls, name="admin_ls")
-    router.add_get("/admin/v1/pins", pins, name="admin_pins")
-    router.add_put("/admin/v1/pins", pin, name="admin_pin")
-    router.add_delete("/admin/v1/pins", unpin, name="admin_unpin")
-    router.add_get("/admin/v1/evict", evict, name="admin_evict_plan", allow_head=False)
-    router.add_post("/admin/v1/evict", evict, name="admin_evict")
-    router.add_post("/admin/v1/gc", collect, name="admin_gc")
-    router.add_post("/admin/v1/verify", verify, name="admin_verify")
-    router.add_post("/admin/v1/prefetch", prefetch, name="admin_prefetch")

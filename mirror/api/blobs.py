@@ -12,10 +12,10 @@ from aiohttp.abc import AbstractStreamWriter
 
 from mirror.api.conditional import blob_range, for_file
 from mirror.api.content import content_for
-from mirror.api.keys import METRICS, RESOLVE, USAGE
+from mirror.api.keys import LOCAL, METRICS, RESOLVE, USAGE
 from mirror.api.streaming import SENDER, Sender, blob_headers, stream_fetch, usable
 from mirror.content import MemoryBlob, StoredBlob
-from mirror.oci.reference import Digest, Repo
+from mirror.oci.reference import Digest, Repo, validate_name
 from mirror.pull.failures import failure
 from mirror.pull.inflight import FetchState
 
@@ -153,3 +153,37 @@ def _etag_matches(header: str | None, digest: Digest) -> bool:
         return False
     wanted = str(digest)
     return any(tag.strip().removeprefix("W/").strip('"') in (wanted, "*") for tag in header.split(","))
+
+
+# --- HEAD and DELETE of /blobs/<digest>: the local registry first, then the pull-through ----------------------
+# HEAD /v2/<name>/blobs/<digest>    existence ("Layer already exists" before a push)
+# DELETE /v2/<name>/blobs/<digest>  unlink from a local repository: 202
+async def head_blob(request: web.Request) -> web.StreamResponse:
+    """Existence of a blob. For a local repository: linked into it. For a name that may be pushed to but has not
+    been yet: held by the store (a client about to push asks this; the upstream is not asked, as Docker Hub
+    answers 401 for repositories that do not exist there). Otherwise: the pull-through HEAD."""
+    local = request.app[LOCAL]
+    name, ns = request.match_info["name"], request.query.get("ns")
+    repo = local.local(name, ns)
+    if repo is None and not local.pushable(name, ns):
+        return await get_blob(request)
+    digest = Digest.parse(request.match_info["digest"])
+    if repo is not None:
+        stored = await local.blob_head(repo, digest)
+    else:
+        validate_name(name)
+        stored = await local.stored_blob(digest)
+    resp = web.StreamResponse(headers=blob_headers(digest))
+    resp.content_length = stored.size
+    resp.etag = str(digest)
+    await resp.prepare(request)
+    await resp.write_eof()
+    return resp
+
+
+async def delete_blob(request: web.Request) -> web.Response:
+    local = request.app[LOCAL]
+    repo = local.existing(request.match_info["name"], request.query.get("ns"))
+    digest = Digest.parse(request.match_info["digest"])
+    await local.delete_blob(repo, digest)
+    return web.Response(status=202)

@@ -11,7 +11,7 @@ from mirror.metrics import Metrics
 from mirror.notify import Notifier
 from mirror.oci.reference import Repo
 from mirror.pull.service import PullThrough
-from mirror.push import LocalRegistry
+from mirror.push.registry import LocalRegistry
 from mirror.routing import Upstreams
 from mirror.storage.base import BlobStorage
 from mirror.storage.usage import Usage
@@ -24,7 +24,7 @@ PULL = web.AppKey("pull", PullThrough)
 RESOLVE: web.AppKey[Resolver] = web.AppKey("resolve")
 ROUTING = web.AppKey("routing", Upstreams)  # the upstreams names are routed over (wildcard hosts included)
 
-# Local pushes (mirror.push): pushed repositories, the access policy, webhook notifications.
+# Local pushes (mirror.push.registry): pushed repositories, the access policy, webhook notifications.
 LOCAL = web.AppKey("local", LocalRegistry)
 ACCESS = web.AppKey("access", Access)
 NOTIFY = web.AppKey("notify", Notifier)

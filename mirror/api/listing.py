@@ -1,4 +1,10 @@
-"""``GET /v2/<name>/tags/list`` with ``n``/``last`` pagination (OCI distribution spec, "Listing Tags")."""
+"""Listings with ``n``/``last`` pagination:
+
+- ``GET /v2/<name>/tags/list`` (OCI distribution spec, "Listing Tags");
+- ``GET /v2/_catalog`` (Docker registry API, "Listing repositories"): the local (pushed) repositories.
+  Pulled-through repositories are a cache, not a catalog. Only the repositories the caller may pull are listed
+  (``[[access]]`` rules), and pages are cut after that filter.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,11 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from mirror.api.access import ACTOR
 from mirror.api.content import content_for
-from mirror.api.keys import RESOLVE
+from mirror.api.keys import ACCESS, LOCAL, RESOLVE
 from mirror.oci.errors import PaginationInvalid
+from mirror.permissions import Action
 
 MAX_PAGE = 10000
 
@@ -44,3 +52,13 @@ async def list_tags(request: web.Request) -> web.Response:
     if tags and (upstream_link or (n is not None and len(tags) >= n > 0)):
         headers["Link"] = next_link(request, tags[-1], n)
     return web.json_response({"name": repo.path, "tags": tags}, headers=headers)
+
+
+async def catalog(request: web.Request) -> web.Response:
+    n, last = parse_page(request)
+    access, actor = request.app[ACCESS], request.get(ACTOR)
+    every, _ = request.app[LOCAL].catalog(None, last)
+    allowed = [name for name in every if access.may(actor, Action.PULL, name)]
+    names, more = (allowed, False) if n is None else (allowed[:n], len(allowed) > n)
+    headers = {"Link": next_link(request, names[-1], n)} if more and names else {}
+    return web.json_response({"repositories": names}, headers=headers)

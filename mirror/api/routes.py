@@ -1,8 +1,10 @@
-"""The ``/v2/`` route table.
+"""The route table: every path the mirror answers, in one place.
 
-Repository names contain slashes, so every route captures ``{name:.+}`` and the handler turns it, with the
-``?ns=`` parameter, into a ``Repo`` through ``RESOLVE`` (routing rules: ``oci.reference.route``). Route names are
-the ``route`` label of the request metrics: a small, fixed set.
+Repository names contain slashes, so every route captures ``NAME`` (any run of characters up to the next fixed
+segment; the name grammar itself is checked once, by ``oci.reference``) and the handler turns it, with the
+``?ns=`` parameter, into a ``Repo`` through ``RESOLVE`` (pulled through) or ``LOCAL`` (pushed). Route names are
+the ``route`` label of the request metrics and the key of the access policy (``api.access``): a small, fixed set,
+and methods of one path share one name where the policy treats them alike.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mirror.api.blobs import get_blob
+from mirror.api import admin
+from mirror.api.blobs import delete_blob, get_blob, head_blob
 from mirror.api.keys import METRICS
-from mirror.api.listing import list_tags
-from mirror.api.manifests import get_manifest
-from mirror.api.push_routes import add_push_routes
-from mirror.api.uploads import head_blob
+from mirror.api.listing import catalog, list_tags
+from mirror.api.manifests import delete_manifest, get_manifest, put_manifest
+from mirror.api.referrers import get_referrers
+from mirror.api.uploads import cancel_upload, patch_upload, put_upload, start_upload, upload_status
 
 NAME = "{name:[^?#]+?}"
 
@@ -34,7 +37,19 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def add_routes(router: web.UrlDispatcher) -> None:
+def add_routes(router: web.UrlDispatcher, admin_api: bool = False) -> None:
+    """The whole table; the admin API (``/admin/v1/``) only with ``--admin-api``."""
+    add_registry_routes(router)
+    add_push_routes(router)
+    router.add_get("/healthz", healthz, name="healthz")
+    router.add_get("/metrics", metrics, name="metrics")
+    router.add_get("/readyz", admin.readyz, name="readyz")
+    if admin_api:
+        add_admin_routes(router)
+
+
+def add_registry_routes(router: web.UrlDispatcher) -> None:
+    """Reads (OCI distribution spec, "Pull"): pulled through, or answered from a local repository."""
     router.add_get("/v2/", base, name="base")
     router.add_get("/v2", base, name="base_noslash")
     router.add_route("GET", f"/v2/{NAME}/manifests/{{reference}}", get_manifest, name="manifest")
@@ -42,6 +57,31 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_route("GET", f"/v2/{NAME}/blobs/{{digest}}", get_blob, name="blob")
     router.add_route("HEAD", f"/v2/{NAME}/blobs/{{digest}}", head_blob, name="blob_head")
     router.add_get(f"/v2/{NAME}/tags/list", list_tags, name="tags", allow_head=False)
-    add_push_routes(router)
-    router.add_get("/healthz", healthz, name="healthz")
-    router.add_get("/metrics", metrics, name="metrics")
+    router.add_get(f"/v2/{NAME}/referrers/{{digest}}", get_referrers, name="referrers", allow_head=False)
+    router.add_get("/v2/_catalog", catalog, name="catalog", allow_head=False)
+
+
+def add_push_routes(router: web.UrlDispatcher) -> None:
+    """Writes to local repositories (OCI distribution spec, "Push", "Content Management")."""
+    router.add_post(f"/v2/{NAME}/blobs/uploads/", start_upload, name="upload_start")
+    router.add_route("PATCH", f"/v2/{NAME}/blobs/uploads/{{uuid}}", patch_upload, name="upload")
+    router.add_route("PUT", f"/v2/{NAME}/blobs/uploads/{{uuid}}", put_upload, name="upload")
+    router.add_route("GET", f"/v2/{NAME}/blobs/uploads/{{uuid}}", upload_status, name="upload")
+    router.add_route("DELETE", f"/v2/{NAME}/blobs/uploads/{{uuid}}", cancel_upload, name="upload")
+    router.add_route("DELETE", f"/v2/{NAME}/blobs/{{digest}}", delete_blob, name="blob_delete")
+    router.add_route("PUT", f"/v2/{NAME}/manifests/{{reference}}", put_manifest, name="manifest_put")
+    router.add_route("DELETE", f"/v2/{NAME}/manifests/{{reference}}", delete_manifest, name="manifest_delete")
+
+
+def add_admin_routes(router: web.UrlDispatcher) -> None:
+    """The JSON admin API (``api.admin``; the ``admin`` action of the access policy)."""
+    router.add_get("/admin/v1/stats", admin.stats, name="admin_stats")
+    router.add_get("/admin/v1/ls", admin.ls, name="admin_ls")
+    router.add_get("/admin/v1/pins", admin.pins, name="admin_pins")
+    router.add_put("/admin/v1/pins", admin.pin, name="admin_pin")
+    router.add_delete("/admin/v1/pins", admin.unpin, name="admin_unpin")
+    router.add_get("/admin/v1/evict", admin.evict, name="admin_evict_plan", allow_head=False)
+    router.add_post("/admin/v1/evict", admin.evict, name="admin_evict")
+    router.add_post("/admin/v1/gc", admin.collect, name="admin_gc")
+    router.add_post("/admin/v1/verify", admin.verify, name="admin_verify")
+    router.add_post("/admin/v1/prefetch", admin.prefetch, name="admin_prefetch")

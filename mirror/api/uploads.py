@@ -1,4 +1,4 @@
-"""The push side of blobs (OCI distribution spec, "Pushing blobs", "Deleting blobs"):
+"""Blob uploads, ``/v2/<name>/blobs/uploads/`` only (OCI distribution spec, "Pushing blobs"):
 
 POST   /v2/<name>/blobs/uploads/                 202 + session (Location, Range, Docker-Upload-UUID)
 POST   /v2/<name>/blobs/uploads/?digest=<d>       monolithic upload: 201
@@ -7,8 +7,6 @@ PATCH  /v2/<name>/blobs/uploads/<uuid>            a chunk (Content-Range) or a s
 PUT    /v2/<name>/blobs/uploads/<uuid>?digest=<d> last chunk (optional), verify, publish: 201
 GET    /v2/<name>/blobs/uploads/<uuid>            status: 204 + Range
 DELETE /v2/<name>/blobs/uploads/<uuid>            cancel: 204
-HEAD   /v2/<name>/blobs/<digest>                  existence ("Layer already exists")
-DELETE /v2/<name>/blobs/<digest>                  unlink from a local repository: 202
 """
 
 from __future__ import annotations
@@ -19,13 +17,12 @@ from collections.abc import AsyncIterable
 from aiohttp import web
 
 from mirror.api.access import ACTOR
-from mirror.api.blobs import blob_headers, get_blob
 from mirror.api.keys import ACCESS, LOCAL
 from mirror.oci import errors
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
 from mirror.oci.reference import Digest, Repo, validate_name
 from mirror.permissions import Action
-from mirror.push_uploads import upload_headers
+from mirror.push.uploads import upload_headers
 
 # The spec's form is "<start>-<end>"; some clients write "bytes <start>-<end>/<total>" as in RFC 9110.
 _CONTENT_RANGE_RE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
@@ -110,34 +107,3 @@ async def cancel_upload(request: web.Request) -> web.Response:
     repo, uuid = upload_target(request)
     await request.app[LOCAL].uploads.cancel(repo, uuid)
     return web.Response(status=204)
-
-
-async def head_blob(request: web.Request) -> web.StreamResponse:
-    """Existence of a blob. For a local repository: linked into it. For a name that may be pushed to but has not
-    been yet: held by the store (a client about to push asks this; the upstream is not asked, as Docker Hub
-    answers 401 for repositories that do not exist there). Otherwise: the pull-through HEAD."""
-    local = request.app[LOCAL]
-    name, ns = request.match_info["name"], request.query.get("ns")
-    repo = local.local(name, ns)
-    if repo is None and not local.pushable(name, ns):
-        return await get_blob(request)
-    digest = Digest.parse(request.match_info["digest"])
-    if repo is not None:
-        stored = await local.blob_head(repo, digest)
-    else:
-        validate_name(name)
-        stored = await local.stored_blob(digest)
-    resp = web.StreamResponse(headers=blob_headers(digest))
-    resp.content_length = stored.size
-    resp.etag = str(digest)
-    await resp.prepare(request)
-    await resp.write_eof()
-    return resp
-
-
-async def delete_blob(request: web.Request) -> web.Response:
-    local = request.app[LOCAL]
-    repo = local.existing(request.match_info["name"], request.query.get("ns"))
-    digest = Digest.parse(request.match_info["digest"])
-    await local.delete_blob(repo, digest)
-    return web.Response(status=202)

@@ -1,11 +1,11 @@
 """Names, tags and digests: parsed once at the router into frozen value types.
 
-Grammar from the OCI distribution spec ("Pulling manifests"): a repository name is
-``[a-z0-9]+((\\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\\.|_|__|-+)[a-z0-9]+)*)*``, a tag is
-``[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}``. Digests follow the image spec's ``algorithm:encoded`` form; we accept only
-the registered algorithms sha256 and sha512, with lowercase hex of exactly their length. Because every accepted
-string is lowercase alphanumerics with single separators, no name, tag or digest can contain ``..``, ``/`` at
-either end, or anything else that could escape the data directory when used in a path.
+Grammar from the OCI distribution spec ("Pulling manifests"), written once below: a repository name is
+``_COMPONENT``s joined by ``/`` (``_NAME_RE``), a tag matches ``_TAG_RE``. Digests follow the image spec's
+``algorithm:encoded`` form; we accept only the registered algorithms sha256 and sha512, with lowercase hex of
+exactly their length. Because every accepted string is lowercase alphanumerics with single separators, no name,
+tag or digest can contain ``..``, ``/`` at either end, or anything else that could escape the data directory when
+used in a path.
 """
 
 from __future__ import annotations

@@ -79,11 +79,13 @@ def reconcile_sync(store: BlobStorage, index: MetadataIndex, usage: Usage, dry_r
 
     A file without a usage entry gets one (size from the file, last served = its mtime, kind from the index);
     an entry or a manifest record without a file is dropped; a stray file in ``blobs/`` (not named by its
-    digest) is quarantined. A lost index is thereby rebuilt, and a stale one corrected, never trusted.
+    digest) is quarantined; the pushed mark follows the index (what a local repository holds). A lost index is
+    thereby rebuilt, and a stale one corrected, never trusted.
     """
     report = Report(dry_run=dry_run)
     entries, report.generation = usage.load_sync()
     manifests = {str(d): r for d, r in index.iter_manifests_sync()}
+    pushed = index.pushed_digests_sync()
     seen: set[str] = set()
     fixes: dict[str, Entry] = {}
     for found in store.walk_sync():
@@ -98,11 +100,12 @@ def reconcile_sync(store: BlobStorage, index: MetadataIndex, usage: Usage, dry_r
         seen.add(key)
         entry = entries.get(key)
         kind = "manifest" if key in manifests else "blob"
-        if entry is None or entry.size != size or entry.kind != kind:
+        local = key in pushed  # pushed is what a local repository holds in the index (``push.registry``)
+        if entry is None or entry.size != size or entry.kind != kind or entry.local != local:
             report.records_added += entry is None
-            fixed = Entry(size, entry.last_served if entry else found.mtime, kind)
+            fixed = Entry(size, entry.last_served if entry else found.mtime, kind, local)
             if entry is not None:
-                fixed.local, fixed.repo = entry.local, entry.repo
+                fixed.repo = entry.repo
             fixes[key] = fixed
     gone = [key for key in entries if key not in seen]
     lost_manifests = [key for key in manifests if key not in seen]
@@ -187,8 +190,8 @@ def protected_sync(
 ) -> set[str]:
     """Digests neither eviction nor gc may remove: pinned images (with all they reference) and pushed content
     with all a pushed manifest references. Pushed is what a local repository holds in the index (the push
-    service's ``("pushed", digest)`` links) or what was marked local in the usage table (``Usage.mark_local``;
-    ``local`` defaults to the entries on disk)."""
+    registry's ``("pushed", digest)`` links) or what is marked local in the usage table (``push.registry``
+    records pushed content so; ``local`` defaults to the entries on disk)."""
     pins = set(config_pins) | set(usage.pins_sync())
     if local is None:
         local = [k for k, e in usage.entries_sync().items() if e.local]

@@ -69,7 +69,7 @@ class Usage:
         self.table: dict[str, Entry] = {}
         self.total = 0  # bytes of every entry in ``table``; shared layers count once (one entry per digest)
         self.pending = 0  # bytes of fetches under way (announced Content-Length), not yet in ``total``
-        # Push upload sessions (``storage.uploads``): their bytes are on the same disk, so they count against the
+        # Push upload sessions (``storage.sessions``): their bytes are on the same disk, so they count against the
         # cache's size as well (eviction makes room for them; they are not entries and are never evicted as such).
         self.upload_sessions = 0
         self.upload_bytes = 0
@@ -179,21 +179,23 @@ class Usage:
         self.remember(str(digest), entry)
         self.on_grow()
 
-    async def mark_local(self, digests: Iterable[Digest]) -> None:
-        """Pushed content: never evicted. The push service calls this (or ``added(..., local=True)``)."""
+    async def mark_local(self, digests: Iterable[Digest], local: bool = True) -> None:
+        """Mark stored content pushed (never evicted) or, with ``local=False``, no longer pushed. The local
+        registry records pushed content with ``added(..., local=True)`` and calls this with ``local=False`` when
+        no local repository holds a digest any more."""
         keys = [str(d) for d in digests]
-        await asyncio.to_thread(self.mark_local_sync, keys)
+        await asyncio.to_thread(self.mark_local_sync, keys, local)
         for key in keys:
             if key in self.table:
-                self.table[key].local = True
+                self.table[key].local = local
 
     @disk_full
-    def mark_local_sync(self, keys: Iterable[str]) -> None:
+    def mark_local_sync(self, keys: Iterable[str], local: bool = True) -> None:
         with self._cache.transact():
             for key in keys:
                 entry = Entry.from_row(self._cache.get(("entry", key)))
-                if entry is not None and not entry.local:
-                    entry.local = True
+                if entry is not None and entry.local != local:
+                    entry.local = local
                     self._cache.set(("entry", key), entry.row())
 
     # --- batched writes and reloads (the housekeeper) --------------------------------------------------------

@@ -3,8 +3,8 @@
 The mirror runs with a data dir under ``tmp_path``, the admin API on, an htpasswd file, a fake upstream holding a
 small image (pulled through once, so requests hit cached content), a pushed local repository with a referrer, and
 open upload sessions. Requests are raw HTTP/1.1 (names with ``..``, ``%2e``, unicode, thousands of characters, any
-method on any route, mismatched ``Content-Length``), built from the route tables in ``mirror/api/routes.py``,
-``mirror/api/push_routes.py`` and ``mirror/api/admin.py``. Every answer must be:
+method on any route, mismatched ``Content-Length``), built from the route table in ``mirror/api/routes.py``. Every answer
+must be:
 
 - below 500: the fake upstream never fails here, so no 5xx is legitimate (not even 502/503/504/507);
 - for a 4xx, a registry error body ``{"errors": [{"code": ..., "message": ...}]}`` (HEAD answers have no body);
@@ -34,7 +34,8 @@ from hypothesis import strategies as st
 from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
 from tests.fakes.registry import OCI_INDEX, OCI_MANIFEST, FakeRegistry
-from tests.push_client import image_config, image_manifest, sha256
+from tests.support.ops import sha256
+from tests.support.pushing import image_config, image_manifest
 from tests.support.served import Answer, ServingThread, exchange
 
 USER, PASSWORD = "fuzz", "secret"

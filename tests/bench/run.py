@@ -28,7 +28,7 @@ from tests.bench.world import (
     start_world,
     versions,
 )
-from tests.support.images import push_image, push_list, random_files
+from tests.support.images import push_list, push_tar_image, random_files
 from tests.support.ops import push_blob, upstream_requests
 
 GiB = 1024 * MiB
@@ -231,7 +231,7 @@ class Bench:
         for rep in range(self.sizes.reps):
             repo = f"bench/app{rep}"
             images = [
-                push_image(up, repo, None, [random_files(f"layer{i}.bin", self.sizes.layer) for i in range(10)],
+                push_tar_image(up, repo, None, [random_files(f"layer{i}.bin", self.sizes.layer) for i in range(10)],
                            arch=arch, docker=True)
                 for arch in ("amd64", "arm64")
             ]  # fmt: skip

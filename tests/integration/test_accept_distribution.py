@@ -11,7 +11,7 @@ import pytest
 
 from mirror.oci.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from tests.conftest import MirrorFactory
-from tests.support.ops import push_image, start_registry
+from tests.support.ops import push_random_image, start_registry
 
 pytestmark = pytest.mark.integration
 FULL_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
@@ -20,7 +20,7 @@ FULL_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_M
 async def test_accept_against_distribution(make_mirror: MirrorFactory, tmp_path: Path) -> None:
     registry, url = await asyncio.to_thread(start_registry, tmp_path / "registry")
     try:
-        image = await asyncio.to_thread(push_image, url, "test/img", "v1", [os.urandom(1000)])
+        image = await asyncio.to_thread(push_random_image, url, "test/img", "v1", [os.urandom(1000)])
         client = await make_mirror(url, timeout=2.0, tag_ttl=0)
         path = "/v2/test/img/manifests/v1"
         for state in ("cold", "cached"):

@@ -16,7 +16,16 @@ from typing import Any
 
 import pytest
 
-from tests.support.ops import Mirror, blob_files, pull, push_image, run_cli, start_nginx, start_registry, wait_until
+from tests.support.ops import (
+    Mirror,
+    blob_files,
+    pull,
+    push_random_image,
+    run_cli,
+    start_nginx,
+    start_registry,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 BIG = 4 * 2**20
@@ -28,8 +37,8 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     registry, url = start_registry(work / "registry")
     nginx, slow_url = start_nginx(work / "nginx", url, throttle="1m")  # 1 MB/s per download
     try:
-        small = push_image(url, "library/small", "latest", [os.urandom(50_000)])
-        big = push_image(url, "library/big", "latest", [os.urandom(BIG)])
+        small = push_random_image(url, "library/small", "latest", [os.urandom(50_000)])
+        big = push_random_image(url, "library/big", "latest", [os.urandom(BIG)])
         yield {"url": url, "slow_url": slow_url, "small": small, "big": big}
     finally:
         nginx.stop()

@@ -28,7 +28,7 @@ from tests.support.ops import (
     Service,
     free_port,
     pull,
-    push_image,
+    push_random_image,
     record_figures,
     require,
     start_nginx,
@@ -146,9 +146,9 @@ def test_every_dashboard_query_returns_data(tmp_path: Path) -> None:
     try:
         base = os.urandom(64 * 2**10)
         for i in range(6):
-            push_image(registry_url, f"library/app{i}", "latest", [base, os.urandom(512 * 2**10)])
-        push_image(registry_url, "library/big", "latest", [os.urandom(2 * MiB)])
-        push_image(registry_url, "library/flaky", "latest", [os.urandom(32 * 2**10)])
+            push_random_image(registry_url, f"library/app{i}", "latest", [base, os.urandom(512 * 2**10)])
+        push_random_image(registry_url, "library/big", "latest", [os.urandom(2 * MiB)])
+        push_random_image(registry_url, "library/flaky", "latest", [os.urandom(32 * 2**10)])
         mirror = Mirror(
             tmp_path / "data", upstream, "--cache-size", "3MiB", "--tag-ttl", "0", "--upstream-timeout", "5",
             log=tmp_path / "mirror.log",

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.ops import Mirror, blob_files, pull, push_image, run_cli, start_nginx, start_registry
+from tests.support.ops import Mirror, blob_files, pull, push_random_image, run_cli, start_nginx, start_registry
 
 pytestmark = pytest.mark.integration
 MiB = 2**20
@@ -54,9 +54,9 @@ def test_disk_full_during_fetch(small_disk: Path, tmp_path: Path) -> None:
     nginx, slow_url = start_nginx(tmp_path / "nginx", url, throttle="4m")
     mirror = None
     try:
-        small = push_image(url, "library/small", "latest", [os.urandom(100_000)])
-        huge = push_image(url, "library/huge", "latest", [os.urandom(4 * MiB)])
-        mids = [push_image(url, f"library/mid{i}", "latest", [os.urandom(MiB + MiB // 2)]) for i in range(2)]
+        small = push_random_image(url, "library/small", "latest", [os.urandom(100_000)])
+        huge = push_random_image(url, "library/huge", "latest", [os.urandom(4 * MiB)])
+        mids = [push_random_image(url, f"library/mid{i}", "latest", [os.urandom(MiB + MiB // 2)]) for i in range(2)]
         mirror = Mirror(small_disk, slow_url, log=tmp_path / "mirror.log")
         pull(mirror.url, "small", "latest")
 

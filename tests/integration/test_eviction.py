@@ -22,7 +22,7 @@ from tests.support.ops import (
     Mirror,
     blob_files,
     pull,
-    push_image,
+    push_random_image,
     record_figures,
     run_cli,
     start_registry,
@@ -41,7 +41,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, li
     service, url = start_registry(tmp_path_factory.mktemp("registry"))
     try:
         base = os.urandom(BASE)
-        images = [push_image(url, f"library/app{i}", "latest", [base, os.urandom(LAYER)]) for i in range(IMAGES)]
+        images = [push_random_image(url, f"library/app{i}", "latest", [base, os.urandom(LAYER)]) for i in range(IMAGES)]
         yield url, images
     finally:
         service.stop()

@@ -19,8 +19,8 @@ from tests.support.ops import (
     Mirror,
     blob_files,
     pull,
-    push_image,
     push_index,
+    push_random_image,
     run_cli,
     start_registry,
     wait_until,
@@ -34,11 +34,11 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, di
     service, url = start_registry(tmp_path_factory.mktemp("registry"))
     try:
         base = os.urandom(40_000)
-        amd64 = push_image(url, "library/multi", None, [base, os.urandom(300_000)], arch="amd64")
-        arm64 = push_image(url, "library/multi", None, [base, os.urandom(310_000)], arch="arm64")
+        amd64 = push_random_image(url, "library/multi", None, [base, os.urandom(300_000)], arch="amd64")
+        arm64 = push_random_image(url, "library/multi", None, [base, os.urandom(310_000)], arch="arm64")
         index = push_index(url, "library/multi", "1", {"linux/amd64": amd64, "linux/arm64": arm64})
-        single = push_image(url, "library/single", "1", [os.urandom(120_000)])
-        stray = push_image(url, "library/single", "stray", [os.urandom(70_000)])
+        single = push_random_image(url, "library/single", "1", [os.urandom(120_000)])
+        stray = push_random_image(url, "library/single", "stray", [os.urandom(70_000)])
         yield url, {"amd64": amd64, "arm64": arm64, "index": index, "single": single, "stray": stray}
     finally:
         service.stop()

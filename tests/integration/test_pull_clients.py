@@ -30,7 +30,7 @@ from tests.support.clients import (
     start_containerd,
     start_dockerd,
 )
-from tests.support.images import Image, manifest_digest, push_image, push_list, random_files
+from tests.support.images import Image, manifest_digest, push_list, push_tar_image, random_files
 from tests.support.ops import Mirror, Service, push_blob, record_figures, sha256, start_registry, upstream_requests
 
 pytestmark = pytest.mark.integration
@@ -105,20 +105,22 @@ class Images:
 def push_images(world: World, client: str) -> Images:
     """Fresh images for one client (distinct content per run: every client starts cold)."""
     up = world.upstream
-    single = push_image(
+    single = push_tar_image(
         up, f"library/{client}-app", "1.0",
         [{"etc/release": f"{client} app 1.0\n".encode()}, random_files("opt/data.bin", 300 * KiB),
          random_files("opt/more.bin", 200 * KiB)],
         docker=True,
     )  # fmt: skip
     oci = [
-        push_image(up, f"library/{client}-multi", None, [{"etc/arch": arch.encode()}, random_files("a.bin", 64 * KiB)],
+        push_tar_image(up, f"library/{client}-multi", None, [{"etc/arch": arch.encode()}, random_files("a.bin", 64 * KiB)],
                    arch=arch)
         for arch in ("amd64", "arm64")
     ]  # fmt: skip
     index = push_list(up, f"library/{client}-multi", "1.0", oci)
     docker = [
-        push_image(up, f"library/{client}-list", None, [{"etc/arch": f"list {arch}".encode()}], arch=arch, docker=True)
+        push_tar_image(
+            up, f"library/{client}-list", None, [{"etc/arch": f"list {arch}".encode()}], arch=arch, docker=True
+        )
         for arch in ("amd64", "arm64")
     ]
     mlist = push_list(up, f"library/{client}-list", "1.0", docker, docker=True)
@@ -165,7 +167,7 @@ def test_skopeo_cold_and_warm_pull_time_and_16_concurrent_cold_gets(world: World
     """Figures for the notes: a cold and a warm pull of an 8-layer image; 16 concurrent cold GETs of one blob make
     exactly one upstream GET on the real Distribution, and every client receives the verified bytes."""
     layers = [random_files(f"layer{i}.bin", 2 * MiB) for i in range(8)]
-    image = push_image(world.upstream, "library/figures", "1.0", layers, docker=True)
+    image = push_tar_image(world.upstream, "library/figures", "1.0", layers, docker=True)
     timings = {}
     for run in ("cold", "warm"):
         start = time.monotonic()
@@ -303,7 +305,7 @@ def mirror_answered_206(world: World, digest: str) -> bool:
 
 @pytest.mark.parametrize("client", ["containerd", "docker"])
 def test_cut_mid_blob_is_resumed_with_range(client: str, world: World, request: pytest.FixtureRequest) -> None:
-    image = push_image(world.upstream, f"library/cut-{client}", "1.0", [random_files("big.bin", 4 * MiB)])
+    image = push_tar_image(world.upstream, f"library/cut-{client}", "1.0", [random_files("big.bin", 4 * MiB)])
     layer = image.layers[0]
     world.proxy.cuts = 0
     world.proxy.cut_path, world.proxy.cut_after = f"/blobs/{layer}", MiB
@@ -334,7 +336,7 @@ def test_upstream_down_pulls_by_digest_and_by_tag(
     mirror = Mirror(tmp_path / "data", upstream, "--tag-ttl", "0", "--upstream-timeout", "3", log=tmp_path / "m.log")
     host = mirror.url.removeprefix("http://")
     try:
-        image = push_image(upstream, "library/offline", "1.0", [{"etc/offline": b"still here\n"}], docker=True)
+        image = push_tar_image(upstream, "library/offline", "1.0", [{"etc/offline": b"still here\n"}], docker=True)
         skopeo("copy", "--src-tls-verify=false", f"docker://{host}/library/offline:1.0", f"dir:{tmp_path / 'warm'}")
         registry.stop()
 

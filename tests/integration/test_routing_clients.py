@@ -43,7 +43,7 @@ from tests.support.clients import (
     start_containerd,
     start_dockerd,
 )
-from tests.support.images import Image, manifest_digest, push_image, random_files
+from tests.support.images import Image, manifest_digest, push_tar_image, random_files
 from tests.support.ops import Mirror, Service, sha256, start_registry, upstream_requests
 
 pytestmark = pytest.mark.integration
@@ -139,7 +139,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def image_on(registry: str, repo: str, label: str) -> Image:
-    return push_image(
+    return push_tar_image(
         registry, repo, "1.0", [{"etc/origin": f"{label}\n".encode()}, random_files("data.bin", 100 * KiB)], docker=True
     )
 

@@ -16,7 +16,8 @@ from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
 from tests.conftest import MirrorFactory
 from tests.fakes.registry import FakeRegistry
-from tests.push_client import error_code, push_blob, push_image, sha256
+from tests.support.ops import sha256
+from tests.support.pushing import error_code, push_blob, push_image
 from tests.test_auth import basic, make_htpasswd
 
 Upstream = tuple[FakeRegistry, TestServer]

@@ -18,7 +18,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from mirror.oci.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from tests.conftest import MirrorFactory
 from tests.fakes.registry import FakeRegistry
-from tests.push_client import error_code, push_image, sha256
+from tests.support.ops import sha256
+from tests.support.pushing import error_code, push_image
 
 Fake = tuple[FakeRegistry, TestServer]
 FULL_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))

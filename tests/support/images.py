@@ -53,7 +53,7 @@ class Image:
         return [self.config, *self.layers]
 
 
-def push_image(
+def push_tar_image(
     registry: str,
     repo: str,
     tag: str | None,

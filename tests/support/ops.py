@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,9 +20,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.support.netns import NamespaceHost
 
 
 async def eventually(predicate: Callable[[], bool], within: float = 15.0, what: str = "condition") -> None:
@@ -106,10 +110,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def http_ok(url: str, also: tuple[int, ...] = ()) -> bool:
-    """Whether ``url`` answers 200 (or one of the ``also`` statuses)."""
+def http_ok(url: str, also: tuple[int, ...] = (), context: ssl.SSLContext | None = None) -> bool:
+    """Whether ``url`` answers 200 (or one of the ``also`` statuses); ``context`` verifies an https server."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(url, timeout=2, context=context) as resp:
             return bool(resp.status == 200)
     except urllib.error.HTTPError as exc:
         return exc.code in also
@@ -129,9 +133,11 @@ class Service:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def wait_ready(self, url: str, within: float = 30.0, also: tuple[int, ...] = ()) -> None:
+    def wait_ready(
+        self, url: str, within: float = 30.0, also: tuple[int, ...] = (), context: ssl.SSLContext | None = None
+    ) -> None:
         deadline = time.monotonic() + within
-        while not http_ok(url, also):
+        while not http_ok(url, also, context):
             if not self.alive():
                 raise AssertionError(f"{self.args[0]} exited: {self.log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
@@ -139,12 +145,14 @@ class Service:
             time.sleep(0.05)
 
     def kill9(self) -> None:
+        """SIGKILL, as a crash: no cleanup runs."""
         self.proc.kill()
         self.proc.wait(10)
         self._logfile.close()
 
     def stop(self) -> None:
-
+        if self._logfile.closed:
+            return  # stopped already (or killed)
         if self.alive():
             self.proc.terminate()
             try:
@@ -244,18 +252,55 @@ http {{
     return service, url
 
 
+# An upstream that is not there: for tests that only push (a push never asks the upstream).
+NO_UPSTREAM = "http://127.0.0.1:9"
+
+
 class Mirror(Service):
-    def __init__(self, data_dir: Path, upstream: str, *flags: str, log: Path, wrap: list[str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    """``mirror serve`` as a subprocess, returned once ``/readyz`` answers; the one mirror launcher of the suite.
+
+    ``listen`` defaults to a free loopback port; with ``--tls-cert`` among the flags it serves https and ``ca``
+    (the certificate to trust) verifies it; ``host`` runs it inside that network namespace (``listen`` is then on
+    ``host.ip``); ``wrap`` prefixes the command (a memory limit, ``strace``). ``log`` defaults to
+    ``mirror-<listen>.log`` beside the data dir. As a context manager it is stopped on exit."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        upstream: str,
+        *flags: str,
+        log: Path | None = None,
+        wrap: list[str] | None = None,
+        listen: str | None = None,
+        ca: Path | None = None,
+        host: NamespaceHost | None = None,
+    ):
+        self.port = free_port() if listen is None else int(listen.rpartition(":")[2])
+        listen = listen or f"127.0.0.1:{self.port}"
+        scheme = "https" if "--tls-cert" in flags else "http"
+        self.url = f"{scheme}://{listen}"
         self.data_dir = data_dir
         self.upstream = upstream
+        self.context = ssl.create_default_context(cafile=str(ca)) if ca else None
         args = [
-            sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{self.port}",
+            sys.executable, "-m", "mirror", "serve", "--listen", listen,
             "--data-dir", str(data_dir), "--upstream", upstream, *flags,
         ]  # fmt: skip
+        if host is not None:
+            args = host.argv(*args)
+        log = log or data_dir.parent / f"mirror-{listen.replace(':', '-')}.log"
         super().__init__([*(wrap or []), *args], log, env=mirror_env())
-        self.wait_ready(self.url + "/readyz")
+        try:
+            self.wait_ready(self.url + "/readyz", context=self.context)
+        except BaseException:
+            self.stop()
+            raise
+
+    def __enter__(self) -> Mirror:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def metrics(self) -> str:
 
@@ -309,8 +354,11 @@ def push_blob(registry: str, repo: str, data: bytes) -> str:
     return digest
 
 
-def push_image(registry: str, repo: str, tag: str | None, layers: list[bytes], arch: str = "amd64") -> dict[str, Any]:
-    """An OCI image (config + layers) pushed to ``registry``; returns its digests and sizes."""
+def push_random_image(
+    registry: str, repo: str, tag: str | None, layers: list[bytes], arch: str = "amd64"
+) -> dict[str, Any]:
+    """An OCI image (config + layers of the given bytes, not tar archives) pushed to ``registry``; returns its
+    digests and sizes."""
 
     config = json.dumps(
         {"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": [sha256(b) for b in layers]}}

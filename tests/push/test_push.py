@@ -13,10 +13,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import MirrorFactory
-from tests.push_client import (
+from tests.support.ops import OCI_INDEX, OCI_MANIFEST, sha256
+from tests.support.pushing import (
     DOCKER_MANIFEST,
-    OCI_INDEX,
-    OCI_MANIFEST,
     error_code,
     image_config,
     image_index,
@@ -24,7 +23,6 @@ from tests.push_client import (
     push_blob,
     push_image,
     push_manifest,
-    sha256,
 )
 
 REPO = "my/app"

@@ -1,10 +1,10 @@
-"""Real clients for the push tests, run privately: images built in Python as OCI layouts, a private ``dockerd``
-(its own data root, socket and ``/etc/docker``, in a private mount namespace), ``podman`` with private storage
-and configuration, and ``skopeo``. Nothing touches the machine's own Docker or containers configuration."""
+"""Helpers for the push tests: content that hashes to known digests, the push calls a client makes (against an
+in-process mirror, ``aiohttp_client(create_app(...))``), and what the tests with real clients need besides the
+launchers of ``tests.support.ops``: images built in Python as OCI layouts, certificates, htpasswd files, a webhook
+receiver."""
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import http.server
@@ -12,21 +12,121 @@ import io
 import json
 import os
 import ssl
-import subprocess
-import sys
 import tarfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.support.clients import require, run
-from tests.support.netns import NamespaceHost
+from aiohttp.test_utils import TestClient
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+from mirror.config import Config, UpstreamConfig
+from tests.support.clients import require, run
+from tests.support.ops import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, sha256
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
+
+PushMirror = Callable[..., Awaitable[TestClient]]
+
+
+def image_config(arch: str = "amd64") -> bytes:
+    return json.dumps({"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+
+
+def image_manifest(
+    config: bytes,
+    layers: list[bytes],
+    subject: tuple[str, int, str] | None = None,
+    artifact_type: str | None = None,
+    config_type: str = OCI_CONFIG,
+    annotations: dict[str, str] | None = None,
+) -> bytes:
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": config_type, "digest": sha256(config), "size": len(config)},
+        "layers": [{"mediaType": OCI_LAYER, "digest": sha256(b), "size": len(b)} for b in layers],
+    }
+    if artifact_type:
+        doc["artifactType"] = artifact_type
+    if subject is not None:
+        media_type, size, digest = subject
+        doc["subject"] = {"mediaType": media_type, "size": size, "digest": digest}
+    if annotations:
+        doc["annotations"] = annotations
+    return json.dumps(doc).encode()
+
+
+def image_index(children: list[tuple[bytes, str]]) -> bytes:
+    """An OCI index over ``[(manifest bytes, arch)]``."""
+    manifests = [
+        {
+            "mediaType": OCI_MANIFEST,
+            "digest": sha256(body),
+            "size": len(body),
+            "platform": {"architecture": arch, "os": "linux"},
+        }
+        for body, arch in children
+    ]
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}).encode()
+
+
+async def push_blob(client: TestClient, repo: str, data: bytes, **kwargs: Any) -> str:
+    """Monolithic upload; returns the digest."""
+    digest = sha256(data)
+    resp = await client.post(f"/v2/{repo}/blobs/uploads/?digest={digest}", data=data, **kwargs)
+    assert resp.status == 201, await resp.text()
+    return digest
+
+
+async def push_manifest(
+    client: TestClient,
+    repo: str,
+    ref: str,
+    body: bytes,
+    media_type: str = OCI_MANIFEST,
+    headers: dict[str, str] | None = None,
+) -> str:
+    resp = await client.put(
+        f"/v2/{repo}/manifests/{ref}", data=body, headers={"Content-Type": media_type, **(headers or {})}
+    )
+    assert resp.status == 201, await resp.text()
+    return resp.headers["Docker-Content-Digest"]
+
+
+async def push_image(
+    client: TestClient,
+    repo: str,
+    tag: str,
+    layers: list[bytes],
+    arch: str = "amd64",
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    """Config and layers, then the manifest under ``tag``; returns the manifest bytes."""
+    config = image_config(arch)
+    for blob in (config, *layers):
+        await push_blob(client, repo, blob, headers=headers)
+    manifest = image_manifest(config, layers)
+    await push_manifest(client, repo, tag, manifest, headers=headers)
+    return manifest
+
+
+async def error_code(resp: Any) -> str | None:
+    if resp.method == "HEAD":
+        return None
+    body = await resp.json(content_type=None)
+    return body["errors"][0]["code"]
+
+
+def mirror_config(data_dir: Path, upstream_url: str, **settings: Any) -> Config:
+    return Config(
+        data_dir=data_dir,
+        upstreams=(UpstreamConfig(registry="docker.io", url=upstream_url, default=True, timeout=2.0),),
+        **settings,
+    )
 
 
 # --- images ------------------------------------------------------------------------------------------------------
@@ -109,52 +209,7 @@ def htpasswd_file(path: Path, user: str, password: str) -> Path:
     return path
 
 
-# --- the mirror itself, as a process -------------------------------------------------------------------------------
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@contextlib.contextmanager
-def mirror_server(
-    data_dir: Path,
-    listen: str,
-    *flags: str,
-    ca: Path | None = None,
-    upstream: str = "http://127.0.0.1:9",
-    host: NamespaceHost | None = None,
-) -> Iterator[str]:
-    """``mirror serve`` as a subprocess (by default with an upstream that is not there: these tests push), until
-    ``/healthz`` answers; its base URL. Run inside ``host``'s network namespace when given (``listen`` is then
-    on ``host.ip``). Terminated on exit."""
-    scheme = "https" if "--tls-cert" in flags else "http"
-    argv = [sys.executable, "-m", "mirror", "serve", "--listen", listen, "--data-dir", str(data_dir),
-            "--upstream", upstream, *flags]  # fmt: skip
-    if host is not None:
-        argv = host.argv(*argv)
-    log = open(data_dir.parent / f"mirror-{listen.replace(':', '-')}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=log)
-    log.close()
-    base = f"{scheme}://{listen}"
-    context = ssl.create_default_context(cafile=str(ca)) if ca else None
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"mirror exited: {Path(log.name).read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=5, context=context) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("mirror did not start")
-            time.sleep(0.05)  # a starting process, polled with a deadline
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
+# --- reading from a mirror process, receiving its webhooks ------------------------------------------------------
 def get_json(url: str, headers: dict[str, str] | None = None, ca: Path | None = None) -> Any:
     context = ssl.create_default_context(cafile=str(ca)) if ca else None
     request = urllib.request.Request(url, headers=headers or {})

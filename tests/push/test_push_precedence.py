@@ -3,6 +3,7 @@ their names without asking the upstream, and upload sessions and local repositor
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -15,7 +16,8 @@ from mirror.api.keys import LOCAL
 from mirror.oci.reference import Digest
 from tests.conftest import MirrorFactory
 from tests.fakes.registry import FakeRegistry
-from tests.push_client import OCI_MANIFEST, error_code, push_blob, push_image, sha256
+from tests.support.ops import OCI_MANIFEST, sha256
+from tests.support.pushing import error_code, push_blob, push_image
 
 Fake = tuple[FakeRegistry, TestServer]
 
@@ -132,8 +134,7 @@ async def test_upload_session_resumes_after_a_restart(push_mirror: MirrorFactory
 
     # A chunk that was half-written when the mirror died: bytes in the file that were never acknowledged.
     uuid = location.rsplit("/", 1)[1]
-    with open(data_dir / "uploads" / uuid / "data", "ab") as fh:
-        fh.write(b"half a chunk")
+    await asyncio.to_thread(_append, data_dir / "uploads" / uuid / "data", b"half a chunk")
 
     client = await push_mirror(data_dir=data_dir)
     resp = await client.get(location)
@@ -193,3 +194,8 @@ async def test_monolithic_blob_in_one_repo_is_mountable_in_another(push_mirror: 
     resp = await client.post(f"/v2/b/two/blobs/uploads/?mount={digest}&from=a/one")
     assert resp.status == 201
     assert await (await client.get(f"/v2/b/two/blobs/{digest}")).read() == b"shared"
+
+
+def _append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as fh:
+        fh.write(data)

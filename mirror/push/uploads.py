@@ -8,7 +8,7 @@
 Every byte is hashed as it is written (``BlobWriter``); a blob becomes visible only when ``PUT`` names a digest
 that matches, by one rename. A chunk is all or nothing: one that fails half-way (client gone, wrong length, disk
 full) is rolled back, so the session's size is always what the client was last told. Sessions live on disk
-(``storage.uploads``) and resume with the same upload URL after a restart.
+(``storage.sessions``) and resume with the same upload URL after a restart.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mirror.metrics import Metrics
 from mirror.oci import errors
 from mirror.oci.reference import Digest, Repo
 from mirror.storage.blobs import BlobStore, BlobWriter, DigestMismatch, DiskFull, SizeMismatch
-from mirror.storage.uploads import TooManySessions, UploadSession, UploadSessions
+from mirror.storage.sessions import TooManySessions, UploadSession, UploadSessions
 
 log = logging.getLogger(__name__)
 BlobArrived = Callable[[Repo, Digest], Awaitable[None]]
@@ -178,9 +178,12 @@ class Uploads:
         await asyncio.to_thread(writer.detach_sync)
         other = await asyncio.to_thread(self._store.writer, digest.algorithm)
         try:
-            with open(writer.temp_path, "rb") as fh:
+            fh = await asyncio.to_thread(self._store.open_growing, writer.temp_path, digest)
+            try:
                 while chunk := await asyncio.to_thread(fh.read, 1 << 20):
                     await other.write(chunk)
+            finally:
+                await asyncio.to_thread(fh.close)
         except BaseException:
             await other.abort()
             raise

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.push_client import free_port, mirror_process, sha256
+from tests.support.ops import NO_UPSTREAM, Mirror, free_port, sha256
 
 CHUNK = 1 << 20
 DATA = os.urandom(3 * CHUNK)
 
 
-def args(data_dir: Path, port: int) -> list[str]:
-    return ["--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir), "--upstream", "http://127.0.0.1:9"]
+def start(data_dir: Path, port: int) -> Mirror:
+    """The mirror on ``port`` (the same one after a restart: clients keep their upload URLs)."""
+    return Mirror(data_dir, NO_UPSTREAM, listen=f"127.0.0.1:{port}")
 
 
 async def body_then_hang(first: bytes, release: asyncio.Event) -> AsyncIterator[bytes]:
@@ -43,14 +43,13 @@ async def wait_for_file_size(path: Path, size: int) -> None:
 
 
 async def kill_mid_request(
-    proc: asyncio.subprocess.Process, session: aiohttp.ClientSession, method: str, url: str, watch: Path, size: int
+    mirror: Mirror, session: aiohttp.ClientSession, method: str, url: str, watch: Path, size: int
 ) -> None:
     """Send a body that stalls half-way, wait until the mirror has written ``size`` bytes to ``watch``, SIGKILL."""
     release = asyncio.Event()
     request = asyncio.create_task(session.request(method, url, data=body_then_hang(DATA[CHUNK : 2 * CHUNK], release)))
     await wait_for_file_size(watch, size)
-    proc.send_signal(signal.SIGKILL)
-    await proc.wait()
+    mirror.kill9()
     with pytest.raises(aiohttp.ClientError):
         await request
 
@@ -60,7 +59,7 @@ async def test_kill_during_upload_then_resume(tmp_path: Path, method: str) -> No
     data_dir, port = tmp_path / "data", free_port()
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
-        async with mirror_process(args(data_dir, port), f"{base}/healthz") as proc:
+        with start(data_dir, port) as mirror:
             async with session.post(f"{base}/v2/my/app/blobs/uploads/") as resp:
                 location = resp.headers["Location"]
             async with session.patch(
@@ -69,10 +68,10 @@ async def test_kill_during_upload_then_resume(tmp_path: Path, method: str) -> No
                 assert resp.status == 202
             data_file = data_dir / "uploads" / location.rsplit("/", 1)[1] / "data"
             url = f"{base}{location}" + (f"?digest={sha256(DATA)}" if method == "PUT" else "")
-            await kill_mid_request(proc, session, method, url, data_file, CHUNK + 1)
+            await kill_mid_request(mirror, session, method, url, data_file, CHUNK + 1)
         assert data_file.stat().st_size > CHUNK  # half a chunk on disk at the moment of the kill
 
-        async with mirror_process(args(data_dir, port), f"{base}/healthz"):
+        with start(data_dir, port):
             async with session.head(f"{base}/v2/my/app/blobs/{sha256(DATA)}") as resp:
                 assert resp.status == 404  # nothing half-written is visible
             async with session.get(f"{base}{location}") as resp:
@@ -95,15 +94,14 @@ async def test_kill_during_monolithic_upload(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     url = f"{base}/v2/my/app/blobs/uploads/?digest={sha256(DATA)}"
     async with aiohttp.ClientSession() as session:
-        async with mirror_process(args(data_dir, port), f"{base}/healthz") as proc:
+        with start(data_dir, port) as mirror:
             release = asyncio.Event()
             request = asyncio.create_task(session.post(url, data=body_then_hang(DATA[:CHUNK], release)))
             await poll(lambda: any(p.stat().st_size >= CHUNK for p in (data_dir / "tmp").iterdir()))
-            proc.send_signal(signal.SIGKILL)
-            await proc.wait()
+            mirror.kill9()
             with pytest.raises(aiohttp.ClientError):
                 await request
-        async with mirror_process(args(data_dir, port), f"{base}/healthz"):
+        with start(data_dir, port):
             async with session.head(f"{base}/v2/my/app/blobs/{sha256(DATA)}") as resp:
                 assert resp.status == 404
             assert not list((data_dir / "tmp").iterdir())  # the temp file was removed at start-up

@@ -14,7 +14,7 @@ from mirror.api.keys import LOCAL
 from mirror.app import open_admin
 from tests.conftest import MirrorFactory
 from tests.fakes.registry import FakeRegistry
-from tests.push_client import mirror_config
+from tests.support.pushing import mirror_config
 
 REPO = "my/app"
 

@@ -6,19 +6,21 @@ Which names are local, and how they relate to pulled-through content (README, "P
   It is authoritative: every read of that name is answered from local content only, the upstream is never asked
   for it, and its content is never evicted. A name addressed with ``?ns=`` or a host prefix always means the
   upstream's repository and is never local: containerd and podman mirror clients never see pushed content.
-- ``PushRule`` decides which bare names accept a first push. With ``push_prefixes`` configured, exactly the names
-  under those prefixes. Without (the default), every name except Docker Hub's official ``library/`` namespace and
-  except names the mirror already serves pulled through from the default upstream (a cached tag, or any manifest
-  or blob fetched upstream under the name, by digest too): a push can never silently shadow an image clients
-  already pull through this mirror. Who may push at all is the access policy's business
-  (``mirror.auth``).
+- ``push.rules.PushRule`` decides which bare names accept a first push; besides, a name the mirror already serves
+  pulled through from the default upstream (a cached tag, or any manifest or blob fetched upstream under the name,
+  by digest too) is refused unless the operator named it: a push can never silently shadow an image clients
+  already pull through this mirror. Who may push at all is the access policy's business (``mirror.auth``).
 
 Blobs live once in the shared ``BlobStore``; a local repository holds the blobs and manifests linked into it in
-the index (``Index.link``). Deleting unlinks; the bytes go with garbage collection.
+the index (``Index.link``). Everything linked is recorded in the usage table at once, as pushed (``local``): the
+byte cap counts it, ``mirror stats`` shows it, eviction and gc never remove it. Deleting unlinks; content no local
+repository holds any more loses its pushed mark (it becomes ordinary cached content, or garbage), and its bytes go
+with garbage collection. At start-up ``gc.reconcile_sync`` re-marks whatever the index says is pushed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -29,10 +31,12 @@ from mirror.content import ManifestAnswer, StoredBlob
 from mirror.oci import errors
 from mirror.oci.manifest import Manifest, parse_manifest, sniff_media_type
 from mirror.oci.mediatypes import DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, MANIFEST_TYPES, OCI_INDEX
-from mirror.oci.reference import LOCAL, Digest, Repo, Tag, looks_like_host, validate_name
-from mirror.push_uploads import Uploads
+from mirror.oci.reference import LOCAL, Digest, Repo, Tag, validate_name
+from mirror.push.rules import PushRule
+from mirror.push.uploads import Uploads
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index, ManifestRecord, TagRecord
+from mirror.storage.usage import Usage
 from mirror.upstream.client import ManifestHead
 
 log = logging.getLogger(__name__)
@@ -46,43 +50,6 @@ FOREIGN_LAYER_TYPES = frozenset(
     }
 )
 GENERIC_TYPES = frozenset({"", "application/json", "application/octet-stream", "text/plain"})
-
-
-class PushRule:
-    """Which bare names accept a first push (see the module docstring)."""
-
-    def __init__(self, prefixes: tuple[str, ...] = ()):
-        self.prefixes = tuple(p.strip() for p in prefixes if p.strip())
-
-    @staticmethod
-    def _under(name: str, prefix: str) -> bool:
-        if prefix == "*":
-            return True
-        prefix = prefix.rstrip("/")
-        return name == prefix or name.startswith(prefix + "/")
-
-    def explicit(self, name: str) -> bool:
-        """The operator named this namespace: pushes are accepted even where they shadow upstream content."""
-        return any(self._under(name, p) for p in self.prefixes)
-
-    def refusal(self, name: str) -> str | None:
-        """Why a first push to ``name`` is refused, or None when the name may become local."""
-        first, sep, _ = name.partition("/")
-        if sep and looks_like_host(first):
-            return (
-                f"{name!r} starts with a registry host: it is pulled through from {first!r}, not pushed; "
-                "push to a name without a host component"
-            )
-        if self.prefixes:
-            if self.explicit(name):
-                return None
-            return f"this mirror accepts pushes only under {', '.join(self.prefixes)} (push_prefixes)"
-        if name == "library" or name.startswith("library/"):
-            return (
-                "library/ is Docker Hub's namespace of official images, which this mirror pulls through; "
-                "list it in push_prefixes to push there"
-            )
-        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +82,12 @@ class LocalRegistry:
         uploads: Uploads,
         rule: PushRule,
         upstream_repo: Callable[[str], Repo],
+        usage: Usage,
         clock: Callable[[], float] = time.time,
     ):
         self._store = store
         self._index = index
+        self._usage = usage
         self.uploads = uploads
         self._rule = rule
         self._upstream_repo = upstream_repo
@@ -184,9 +153,28 @@ class LocalRegistry:
         self._repos = self._repos | {repo.path}
         log.info("%s is now a local repository: pulls of it are answered from pushed content only", repo.path)
 
-    async def _blob_arrived(self, repo: Repo, digest: Digest) -> None:
-        await self._index.link(repo.path, digest)
+    async def _blob_arrived(self, repo: Repo, digest: Digest, kind: str = "blob") -> None:
+        """A blob (an upload, a mount) or a manifest was stored for ``repo``: link it, make the repository local."""
+        await self._hold(repo, digest, kind)
         await self._claim(repo)
+
+    async def _hold(self, repo: Repo, digest: Digest, kind: str, size: int | None = None) -> None:
+        """Link ``digest`` into ``repo`` and record it in the usage table as pushed, from now on: counted against
+        the byte cap, shown by ``mirror stats``, never evicted."""
+        await self._index.link(repo.path, digest)
+        entry = self._usage.table.get(str(digest))
+        if entry is not None and entry.local:
+            return  # recorded as pushed already (a layer a manifest PUT names after its upload)
+        if size is None:
+            size = await self._store.size(digest)
+        if size is not None:
+            await self._usage.added(digest, size, kind, str(repo), local=True)
+
+    async def _released(self, digest: Digest) -> None:
+        """``digest`` was unlinked from a local repository: once none holds it, it is no longer pushed (eviction
+        and gc may remove it like any cached content)."""
+        if not await asyncio.to_thread(self._index.is_pushed_sync, digest):
+            await self._usage.mark_local([digest], local=False)
 
     # --- blobs -----------------------------------------------------------------------------------------------
     async def _linked_size(self, repo: Repo, digest: Digest) -> int | None:
@@ -232,6 +220,7 @@ class LocalRegistry:
     async def delete_blob(self, repo: Repo, digest: Digest) -> None:
         if not await self._index.unlink(repo.path, digest):
             raise errors.BlobUnknown(f"blob {digest} is not in {repo.path}", detail={"digest": str(digest)})
+        await self._released(digest)
         log.info("deleted blob %s from %s (its bytes go with the next garbage collection)", digest, repo.path)
 
     # --- manifests -------------------------------------------------------------------------------------------
@@ -259,7 +248,7 @@ class LocalRegistry:
         if await self._store.size(digest) is None:
             await self._store.put(data, digest)
         await self._index.put_manifest(digest, ManifestRecord(media_type, len(data)))
-        await self._blob_arrived(repo, digest)
+        await self._blob_arrived(repo, digest, "manifest")
         tag = ref.name if isinstance(ref, Tag) else None
         if tag is not None:
             await self._index.put_tag(repo, tag, TagRecord(digest, media_type, len(data), self._clock()))
@@ -273,24 +262,30 @@ class LocalRegistry:
         """Every child manifest of an index, and the config and every layer of an image, must be here. The
         ``subject`` need not be (OCI 1.1: a referrer may be pushed before its subject)."""
         missing: list[str] = []
+        held: list[tuple[Digest, str, int]] = []
         for child in manifest.children:
-            if await self._index.get_manifest(child.digest) is None or await self._store.size(child.digest) is None:
+            size = await self._store.size(child.digest)
+            if await self._index.get_manifest(child.digest) is None or size is None:
                 missing.append(str(child.digest))
+            else:
+                held.append((child.digest, "manifest", size))
         blobs = [*([manifest.config] if manifest.config else []), *manifest.layers]
         for blob in blobs:
             if blob.media_type in FOREIGN_LAYER_TYPES:
                 continue
-            if await self._store.size(blob.digest) is None:
+            size = await self._store.size(blob.digest)
+            if size is None:
                 missing.append(str(blob.digest))
+            else:
+                held.append((blob.digest, "blob", size))
         if missing:
             kind = "manifests" if manifest.children else "blobs"
             raise errors.ManifestBlobUnknown(
                 f"the manifest references {kind} this registry does not hold: push them first",
                 detail={"missing": missing[:50]},
             )
-        for descriptor in (*manifest.children, *blobs):
-            if descriptor.media_type not in FOREIGN_LAYER_TYPES:
-                await self._index.link(repo.path, descriptor.digest)
+        for digest, kind, size in held:
+            await self._hold(repo, digest, kind, size)
 
     async def _resolve(self, repo: Repo, ref: Tag | Digest) -> tuple[Digest, ManifestRecord]:
         if isinstance(ref, Tag):
@@ -336,6 +331,7 @@ class LocalRegistry:
             if subject is not None:
                 await self._index.remove_referrer(repo.path, subject.digest, digest)
         await self._index.unlink(repo.path, digest)
+        await self._released(digest)
         log.info("deleted manifest %s from %s", digest, repo.path)
         return [DeletedManifest(digest, record.media_type, record.size, None)]
 

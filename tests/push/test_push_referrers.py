@@ -13,17 +13,15 @@ from aiohttp.test_utils import TestClient
 
 from mirror.app import create_app
 from tests.conftest import MirrorFactory
-from tests.push_client import (
+from tests.support.ops import OCI_INDEX, OCI_MANIFEST, sha256
+from tests.support.pushing import (
     EMPTY_CONFIG,
-    OCI_INDEX,
-    OCI_MANIFEST,
     error_code,
     image_manifest,
     mirror_config,
     push_blob,
     push_image,
     push_manifest,
-    sha256,
 )
 
 SBOM = "application/vnd.example.sbom.v1+json"

@@ -16,20 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.push_client import free_port
-from tests.push_real_clients import (
+from tests.support.clients import Docker, Podman, podman, skopeo, start_dockerd
+from tests.support.netns import namespace_host
+from tests.support.ops import NO_UPSTREAM, Mirror, free_port, start_registry
+from tests.support.pushing import (
     WebhookReceiver,
     docker_archive,
     get_json,
     htpasswd_file,
     manifest_digest,
-    mirror_server,
     oci_layout,
     self_signed,
 )
-from tests.support.clients import Docker, Podman, podman, skopeo, start_dockerd
-from tests.support.netns import namespace_host
-from tests.support.ops import start_registry
 
 pytestmark = pytest.mark.integration
 USER, PASSWORD = "alice", "correct horse"
@@ -63,13 +61,13 @@ def leftovers(data_dir: Path) -> list[str]:
 
 def test_docker_push_workflow(docker: Docker, image: str, tmp_path: Path) -> None:
     listen = f"127.0.0.1:{free_port()}"
-    with mirror_server(tmp_path / "data", listen) as base:
+    with Mirror(tmp_path / "data", NO_UPSTREAM, listen=listen) as mirror:
         ref = f"{listen}/my/app"
         docker("tag", image, f"{ref}:1.0")
         first = docker("push", f"{ref}:1.0")
         assert "Pushed" in first
         digest = pushed_digest(first, "1.0")
-        assert manifest_digest(base, "my/app", "1.0") == digest
+        assert manifest_digest(mirror.url, "my/app", "1.0") == digest
         again = docker("push", f"{ref}:1.0")
         assert "Layer already exists" in again and "Pushed" not in again
         assert pushed_digest(again, "1.0") == digest
@@ -78,18 +76,18 @@ def test_docker_push_workflow(docker: Docker, image: str, tmp_path: Path) -> Non
         docker("tag", image, f"{ref}:latest")
         everything = docker("push", "--all-tags", ref)
         assert {pushed_digest(everything, tag) for tag in ("1.0", "2.0", "latest")} == {digest}
-        assert get_json(f"{base}/v2/my/app/tags/list") == {"name": "my/app", "tags": ["1.0", "2.0", "latest"]}
-        assert get_json(f"{base}/v2/_catalog") == {"repositories": ["my/app"]}
+        assert get_json(f"{mirror.url}/v2/my/app/tags/list") == {"name": "my/app", "tags": ["1.0", "2.0", "latest"]}
+        assert get_json(f"{mirror.url}/v2/_catalog") == {"repositories": ["my/app"]}
 
         docker("rmi", f"{ref}:1.0", f"{ref}:2.0", f"{ref}:latest")
         docker("pull", f"{ref}:2.0")
         assert docker("inspect", "--format", "{{index .RepoDigests 0}}", f"{ref}:2.0").strip() == f"{ref}@{digest}"
 
-        request = urllib.request.Request(f"{base}/v2/my/app/manifests/{digest}", method="DELETE")
+        request = urllib.request.Request(f"{mirror.url}/v2/my/app/manifests/{digest}", method="DELETE")
         with urllib.request.urlopen(request) as resp:
             assert resp.status == 202
         assert "manifest unknown" in docker("pull", f"{ref}:1.0", check=False).lower()
-        assert get_json(f"{base}/v2/my/app/tags/list")["tags"] == []
+        assert get_json(f"{mirror.url}/v2/my/app/tags/list")["tags"] == []
 
 
 def test_docker_pushes_an_image_pulled_through_the_mirror(docker: Docker, tmp_path: Path) -> None:
@@ -102,14 +100,14 @@ def test_docker_pushes_an_image_pulled_through_the_mirror(docker: Docker, tmp_pa
     try:
         skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:1.0", f"docker://{upstream}/library/base:1.0")
         listen = f"127.0.0.1:{free_port()}"
-        with mirror_server(tmp_path / "data", listen, upstream=f"http://{upstream}") as base:
+        with Mirror(tmp_path / "data", f"http://{upstream}", listen=listen) as mirror:
             docker("pull", f"{listen}/library/base:1.0")
             docker("tag", f"{listen}/library/base:1.0", f"{listen}/my/app:1.0")
             output = docker("push", f"{listen}/my/app:1.0")
             assert "Pushed" not in output  # mounted from library/base or already there
             assert "Mounted from library/base" in output or "Layer already exists" in output
             digest = pushed_digest(output, "1.0")
-            assert manifest_digest(base, "my/app", "1.0") == digest
+            assert manifest_digest(mirror.url, "my/app", "1.0") == digest
             # Docker Hub's namespace stays pulled through: a push there is refused.
             refused = docker("push", f"{listen}/library/base:1.0", check=False)
             assert "denied" in refused.lower()
@@ -128,20 +126,22 @@ def test_docker_login_then_push_with_htpasswd(docker: Docker, image: str, tmp_pa
     listen = f"127.0.0.1:{free_port()}"
     with (
         WebhookReceiver() as webhook,
-        mirror_server(data_dir, listen, "--htpasswd", str(htpasswd), "--notify-url", webhook.url) as base,
+        Mirror(
+            data_dir, NO_UPSTREAM, "--htpasswd", str(htpasswd), "--notify-url", webhook.url, listen=listen
+        ) as mirror,
     ):
         ref = f"{listen}/team/app:1.0"
         docker("tag", image, ref)
         refused = docker("push", ref, check=False)
         assert "no basic auth credentials" in refused
         assert leftovers(data_dir) == []  # a push that fails auth leaves nothing behind
-        assert get_json(f"{base}/v2/_catalog") == {"repositories": []}
+        assert get_json(f"{mirror.url}/v2/_catalog") == {"repositories": []}
 
         wrong = docker("login", "-u", USER, "--password-stdin", listen, stdin="wrong\n", check=False)
         assert "401 Unauthorized" in wrong
         assert "Login Succeeded" in docker("login", "-u", USER, "--password-stdin", listen, stdin=f"{PASSWORD}\n")
         digest = pushed_digest(docker("push", ref), "1.0")
-        assert manifest_digest(base, "team/app", "1.0", AUTH) == digest
+        assert manifest_digest(mirror.url, "team/app", "1.0", AUTH) == digest
         docker("logout", listen)
         (event,) = webhook.wait_for(1)  # the push event, sent in the background
         assert event["action"] == "push"
@@ -165,14 +165,14 @@ def test_docker_push_over_tls_without_insecure_registries(docker: Docker, image:
         tls = ("--htpasswd", str(htpasswd), "--tls-cert", str(cert), "--tls-key", str(key))
         docker.trust(trusted, cert)
         with (
-            mirror_server(tmp_path / "data", trusted, *tls, ca=cert, host=host) as base,
-            mirror_server(tmp_path / "other", untrusted, *tls, ca=cert, host=host),
+            Mirror(tmp_path / "data", NO_UPSTREAM, *tls, listen=trusted, ca=cert, host=host) as mirror,
+            Mirror(tmp_path / "other", NO_UPSTREAM, *tls, listen=untrusted, ca=cert, host=host),
         ):
             login = docker("login", "-u", USER, "--password-stdin", trusted, stdin=f"{PASSWORD}\n")
             assert "Login Succeeded" in login
             docker("tag", image, f"{trusted}/secure/app:1.0")
             digest = pushed_digest(docker("push", f"{trusted}/secure/app:1.0"), "1.0")
-            assert manifest_digest(base, "secure/app", "1.0", AUTH, ca=cert) == digest
+            assert manifest_digest(mirror.url, "secure/app", "1.0", AUTH, ca=cert) == digest
             refused = docker("login", "-u", USER, "--password-stdin", untrusted, stdin=f"{PASSWORD}\n", check=False)
             assert "certificate signed by unknown authority" in refused
 
@@ -193,30 +193,30 @@ def test_podman_push_and_login(podman_client: Podman, tmp_path: Path) -> None:
     htpasswd = htpasswd_file(tmp_path / "htpasswd", USER, PASSWORD)
     open_listen, auth_listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     with (
-        mirror_server(tmp_path / "open", open_listen) as open_base,
-        mirror_server(tmp_path / "auth", auth_listen, "--htpasswd", str(htpasswd)) as auth_base,
+        Mirror(tmp_path / "open", NO_UPSTREAM, listen=open_listen) as open_mirror,
+        Mirror(tmp_path / "auth", NO_UPSTREAM, "--htpasswd", str(htpasswd), listen=auth_listen) as auth_mirror,
     ):
         digest_file = tmp_path / "digest"
         client("push", "--tls-verify=false", "--digestfile", str(digest_file), image,
                f"docker://{open_listen}/pod/app:1.0")  # fmt: skip
-        assert manifest_digest(open_base, "pod/app", "1.0") == digest_file.read_text().strip()
+        assert manifest_digest(open_mirror.url, "pod/app", "1.0") == digest_file.read_text().strip()
 
         refused = client("push", "--tls-verify=false", image, f"docker://{auth_listen}/pod/app:1.0", check=False)
         assert "unauthorized" in refused.lower()
         assert "Login Succeeded" in client("login", "--tls-verify=false", "-u", USER, "-p", PASSWORD, auth_listen)
         client("push", "--tls-verify=false", "--digestfile", str(digest_file), image,
                f"docker://{auth_listen}/pod/app:1.0")  # fmt: skip
-        assert manifest_digest(auth_base, "pod/app", "1.0", AUTH) == digest_file.read_text().strip()
+        assert manifest_digest(auth_mirror.url, "pod/app", "1.0", AUTH) == digest_file.read_text().strip()
 
 
 def test_skopeo_copy_all_of_a_multi_arch_index_and_delete(tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     index_digest = oci_layout(layout, "multi", ("amd64", "arm64"))
     listen = f"127.0.0.1:{free_port()}"
-    with mirror_server(tmp_path / "data", listen) as base:
+    with Mirror(tmp_path / "data", NO_UPSTREAM, listen=listen) as mirror:
         target = f"docker://{listen}/my/multi:1.0"
         skopeo("copy", "--all", "--preserve-digests", "--dest-tls-verify=false", f"oci:{layout}:multi", target)
-        assert manifest_digest(base, "my/multi", "1.0") == index_digest
+        assert manifest_digest(mirror.url, "my/multi", "1.0") == index_digest
         index = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", target))
         assert [m["platform"]["architecture"] for m in index["manifests"]] == ["amd64", "arm64"]
 
@@ -229,7 +229,7 @@ def test_skopeo_copy_all_of_a_multi_arch_index_and_delete(tmp_path: Path) -> Non
 
         skopeo("delete", "--tls-verify=false", target)
         with pytest.raises(urllib.error.HTTPError) as missing:
-            manifest_digest(base, "my/multi", "1.0")
+            manifest_digest(mirror.url, "my/multi", "1.0")
         assert missing.value.code == 404
 
 

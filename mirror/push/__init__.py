@@ -1,0 +1,1 @@
+"""Local pushes: local repositories and push rules (registry), the blob upload chunk protocol (uploads)."""
