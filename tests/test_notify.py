@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from mirror.config import NotificationsConfig
 from mirror.metrics import Metrics
@@ -55,7 +56,7 @@ class Receiver:
 
 
 @pytest.fixture
-async def receiver(aiohttp_server: Any) -> Receiver:
+async def receiver(aiohttp_server: AiohttpServer) -> Receiver:
     receiver = Receiver()
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpClient
 
 from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
+from tests.conftest import MirrorClient
 from tests.fakes.registry import FakeRegistry, sha256
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -28,8 +30,8 @@ async def upstream() -> Any:
 
 
 @pytest.fixture
-def start(aiohttp_client: Any, tmp_path: Path, upstream: Any) -> Any:
-    async def start(admin_api: bool = True) -> TestClient:
+def start(aiohttp_client: AiohttpClient, tmp_path: Path, upstream: Any) -> Any:
+    async def start(admin_api: bool = True) -> MirrorClient:
         config = Config(
             data_dir=tmp_path / "data",
             upstreams=(UpstreamConfig(registry="docker.io", url=str(upstream[1].make_url("")), default=True),),

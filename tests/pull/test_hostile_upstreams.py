@@ -11,16 +11,19 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpClient
 
 from mirror.app import create_app
 from mirror.config import Config, ConfigError, UpstreamConfig, build
 from mirror.storage.blobs import BlobStore, BlobWriter, DiskFull
+from tests.conftest import MirrorClient
 from tests.fakes.registry import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, FakeRegistry, sha256
 from tests.support.memory import MiB, memory_peak
 
@@ -28,11 +31,11 @@ MEMORY_BOUND = 48 * MiB  # what the mirror may hold at once while hundreds of Mi
 
 
 @pytest.fixture
-def hostile(aiohttp_client: Any, tmp_path: Path, fake_upstream: tuple[FakeRegistry, TestServer]) -> Any:
+def hostile(aiohttp_client: AiohttpClient, tmp_path: Path, fake_upstream: tuple[FakeRegistry, TestServer]) -> Any:
     """``await hostile(upstream={...}, **config)``: a mirror of the fake upstream with these settings."""
     _, server = fake_upstream
 
-    async def make(upstream: dict[str, Any] | None = None, **top: Any) -> TestClient:
+    async def make(upstream: dict[str, Any] | None = None, **top: Any) -> MirrorClient:
         settings = {"timeout": 5.0, **(upstream or {})}
         default = UpstreamConfig(registry="docker.io", url=str(server.make_url("")), default=True, **settings)
         config = Config(data_dir=tmp_path / "data", upstreams=(default,), **top)
@@ -383,7 +386,7 @@ async def test_dripping_manifest_gets_an_error_within_the_upstream_timeout(
         ),
     ],
 )
-def test_limits_config(flat: dict[str, Any], tables: list[dict[str, Any]] | None, expected: tuple[Any, ...]) -> None:
+def test_limits_config(flat: dict[str, Any], tables: list[Mapping[str, Any]] | None, expected: tuple[Any, ...]) -> None:
     config = build(flat, tables, {})
     upstream = config.default_upstream
     assert (config.max_blob_size, upstream.min_rate, upstream.rate_window) == expected

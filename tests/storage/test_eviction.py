@@ -8,11 +8,13 @@ pulls from a Distribution registry is in ``tests/integration/test_eviction.py``.
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpClient
 
 from mirror.api.admin import ADMIN
 from mirror.api.keys import USAGE
@@ -21,6 +23,7 @@ from mirror.config import Config, UpstreamConfig
 from mirror.oci.reference import Digest
 from mirror.storage.eviction import plan
 from mirror.storage.usage import Entry
+from tests.conftest import MirrorClient
 from tests.fakes.registry import FakeRegistry, sha256
 from tests.support.ops import DiskWatch, eventually
 
@@ -38,7 +41,7 @@ def images(fake: FakeRegistry, count: int) -> list[dict[str, Any]]:
     return out
 
 
-async def pull(client: TestClient, image: dict[str, Any]) -> None:
+async def pull(client: MirrorClient, image: dict[str, Any]) -> None:
     resp = await client.get(f"/v2/{image['repo']}/manifests/latest", headers={"Accept": MANIFEST})
     assert resp.status == 200, await resp.text()
     resp = await client.get(f"/v2/{image['repo']}/blobs/{image['layer']}")
@@ -47,7 +50,9 @@ async def pull(client: TestClient, image: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-async def mirror(aiohttp_client: Any, tmp_path: Path) -> tuple[TestClient, FakeRegistry, TestServer]:
+async def mirror(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> AsyncIterator[tuple[MirrorClient, FakeRegistry, TestServer]]:
     fake = FakeRegistry()
     server = TestServer(fake.app())
     await server.start_server()
@@ -62,7 +67,7 @@ async def mirror(aiohttp_client: Any, tmp_path: Path) -> tuple[TestClient, FakeR
     await server.close()
 
 
-def settled(client: TestClient) -> bool:
+def settled(client: MirrorClient) -> bool:
     usage = client.app[USAGE]
     return usage.pending == 0 and usage.used() <= client.app[ADMIN].housekeeper.limits.high
 
@@ -143,7 +148,7 @@ def test_plan_orders_by_last_served_and_skips_protected() -> None:
     assert plan(entries, used=20, target=25, protected=set()) == []
 
 
-async def test_without_a_cache_size_nothing_is_evicted(aiohttp_client: Any, tmp_path: Path) -> None:
+async def test_without_a_cache_size_nothing_is_evicted(aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
     fake = FakeRegistry()
     server = TestServer(fake.app())
     await server.start_server()

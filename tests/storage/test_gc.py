@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpClient
 
 from mirror.api.admin import ADMIN
 from mirror.api.keys import USAGE
 from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
 from mirror.oci.reference import Digest
+from tests.conftest import MirrorClient
 from tests.fakes.registry import FakeRegistry, sha256
 from tests.support.ops import blob_files
 
@@ -35,10 +37,10 @@ async def upstream() -> Any:
 
 
 @pytest.fixture
-def start(aiohttp_client: Any, tmp_path: Path, upstream: Any) -> Any:
+def start(aiohttp_client: AiohttpClient, tmp_path: Path, upstream: Any) -> Any:
     _, server = upstream
 
-    async def start(**cache: Any) -> TestClient:
+    async def start(**cache: Any) -> MirrorClient:
         config = Config(
             data_dir=tmp_path / "data",
             upstreams=(UpstreamConfig(registry="docker.io", url=str(server.make_url("")), default=True),),
@@ -49,7 +51,7 @@ def start(aiohttp_client: Any, tmp_path: Path, upstream: Any) -> Any:
     return start
 
 
-async def pull(client: TestClient, repo: str, layers: list[bytes]) -> None:
+async def pull(client: MirrorClient, repo: str, layers: list[bytes]) -> None:
     resp = await client.get(f"/v2/{repo}/manifests/latest", headers={"Accept": MANIFEST})
     assert resp.status == 200
     for layer in layers:
