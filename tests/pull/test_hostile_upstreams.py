@@ -23,7 +23,7 @@ from pytest_aiohttp import AiohttpClient
 from mirror.app import create_app
 from mirror.config import Config, ConfigError, UpstreamConfig, build
 from mirror.storage.blobs import BlobStore, BlobWriter, DiskFull
-from tests.conftest import MirrorClient
+from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, FakeRegistry, sha256
 from tests.support.memory import MiB, memory_peak
 
@@ -31,7 +31,9 @@ MEMORY_BOUND = 48 * MiB  # what the mirror may hold at once while hundreds of Mi
 
 
 @pytest.fixture
-def hostile(aiohttp_client: AiohttpClient, tmp_path: Path, fake_upstream: tuple[FakeRegistry, TestServer]) -> Any:
+def hostile(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_upstream: tuple[FakeRegistry, TestServer]
+) -> MirrorFactory:
     """``await hostile(upstream={...}, **config)``: a mirror of the fake upstream with these settings."""
     _, server = fake_upstream
 
@@ -81,7 +83,7 @@ def padded_manifest(size: int) -> bytes:
 )
 async def test_large_manifests(
     fake_upstream: tuple[FakeRegistry, TestServer],
-    hostile: Any,
+    hostile: MirrorFactory,
     size: int,
     by_digest: bool,
     digest_header: bool,
@@ -106,7 +108,7 @@ async def test_large_manifests(
 
 
 async def test_large_referrers_index_is_read_whole(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     subject = fake.add_image("library/app", "1", [b"layer"])
@@ -122,7 +124,7 @@ async def test_large_referrers_index_is_read_whole(
 
 # --- unbounded bodies: tags/list, error bodies, token answers ------------------------------------------------------------------
 async def test_endless_tags_list_is_cut_at_the_limit_in_bounded_memory(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     fake.faults.endless_tags = 200 * MiB
@@ -137,7 +139,7 @@ async def test_endless_tags_list_is_cut_at_the_limit_in_bounded_memory(
 
 
 async def test_500_with_a_huge_body_is_read_no_further_than_an_error_needs(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     fake.faults.error_body = 200 * MiB
@@ -152,7 +154,7 @@ async def test_500_with_a_huge_body_is_read_no_further_than_an_error_needs(
 
 
 async def test_endless_token_answer_is_cut_at_the_limit(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     fake.faults.token_auth = True
@@ -176,7 +178,7 @@ async def test_endless_token_answer_is_cut_at_the_limit(
 )
 async def test_endless_blob_without_content_length_is_bounded(
     fake_upstream: tuple[FakeRegistry, TestServer],
-    hostile: Any,
+    hostile: MirrorFactory,
     tmp_path: Path,
     settings: dict[str, Any],
     status: int,
@@ -197,7 +199,7 @@ async def test_endless_blob_without_content_length_is_bounded(
 
 
 async def test_200_mib_chunked_body_streams_to_disk_in_bounded_memory(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any, tmp_path: Path
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory, tmp_path: Path
 ) -> None:
     """All of a 200 MiB body without Content-Length passes through the mirror; it does not match the digest, so
     the client gets a 502 at the end and the temp file goes."""
@@ -216,7 +218,7 @@ async def test_200_mib_chunked_body_streams_to_disk_in_bounded_memory(
 
 
 async def test_content_length_past_max_blob_size_is_refused_before_reading(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any, tmp_path: Path
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory, tmp_path: Path
 ) -> None:
     fake, _ = fake_upstream
     digest = fake.add_blob(os.urandom(2 * MiB))
@@ -229,7 +231,10 @@ async def test_content_length_past_max_blob_size_is_refused_before_reading(
 
 
 async def test_blob_without_content_length_larger_than_the_free_disk_is_507(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake_upstream: tuple[FakeRegistry, TestServer],
+    hostile: MirrorFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake, _ = fake_upstream
     digest = fake.add_blob(os.urandom(8 * MiB))
@@ -244,7 +249,10 @@ async def test_blob_without_content_length_larger_than_the_free_disk_is_507(
 
 
 async def test_disk_filling_during_a_blob_without_content_length_is_507_not_a_plain_500(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake_upstream: tuple[FakeRegistry, TestServer],
+    hostile: MirrorFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake, _ = fake_upstream
     digest = fake.add_blob(os.urandom(3 * MiB))
@@ -263,7 +271,7 @@ async def test_disk_filling_during_a_blob_without_content_length_is_507_not_a_pl
 
 
 async def test_blob_without_content_length_within_bounds_is_served(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     data = os.urandom(3 * MiB)
@@ -284,7 +292,7 @@ async def test_blob_without_content_length_within_bounds_is_served(
     ],
 )
 async def test_redirect_back_to_the_mirror_fails_fast(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any, path: str
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory, path: str
 ) -> None:
     fake, _ = fake_upstream
     manifest = fake.add_image("library/loop", "1", [os.urandom(1000)])
@@ -302,7 +310,7 @@ async def test_redirect_back_to_the_mirror_fails_fast(
 
 # --- drips ------------------------------------------------------------------------------------------------------
 async def test_dripping_blob_is_cut_at_the_minimum_rate(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any, tmp_path: Path
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory, tmp_path: Path
 ) -> None:
     fake, _ = fake_upstream
     digest = fake.add_blob(os.urandom(64 << 10))
@@ -327,7 +335,7 @@ async def test_dripping_blob_is_cut_at_the_minimum_rate(
 
 
 async def test_dripping_blob_without_content_length_gets_a_clear_error(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     digest = fake.add_blob(os.urandom(64 << 10))
@@ -342,7 +350,9 @@ async def test_dripping_blob_without_content_length_gets_a_clear_error(
     assert "below the minimum of 10000 bytes/s" in message
 
 
-async def test_slow_but_moving_blob_is_not_cut(fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any) -> None:
+async def test_slow_but_moving_blob_is_not_cut(
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
+) -> None:
     """About 1 MB/s against a floor of 200 KB/s over half-second windows: the whole blob arrives."""
     fake, _ = fake_upstream
     data = os.urandom(3_000_000)
@@ -356,7 +366,7 @@ async def test_slow_but_moving_blob_is_not_cut(fake_upstream: tuple[FakeRegistry
 
 
 async def test_dripping_manifest_gets_an_error_within_the_upstream_timeout(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     fake.add_manifest("library/slow", OCI_MANIFEST, padded_manifest(20_000), ("1",))

@@ -29,6 +29,7 @@ from tests.support.ops import DiskWatch, eventually
 
 LAYER = 100_000
 LIMIT = 1_000_000
+Mirror = tuple[MirrorClient, FakeRegistry, TestServer]
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
@@ -50,9 +51,7 @@ async def pull(client: MirrorClient, image: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-async def mirror(
-    aiohttp_client: AiohttpClient, tmp_path: Path
-) -> AsyncIterator[tuple[MirrorClient, FakeRegistry, TestServer]]:
+async def mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> AsyncIterator[Mirror]:
     fake = FakeRegistry()
     server = TestServer(fake.app())
     await server.start_server()
@@ -72,7 +71,7 @@ def settled(client: MirrorClient) -> bool:
     return usage.pending == 0 and usage.used() <= client.app[ADMIN].housekeeper.limits.high
 
 
-async def test_least_recently_served_go_first_pins_and_pushes_stay(mirror: Any, tmp_path: Path) -> None:
+async def test_least_recently_served_go_first_pins_and_pushes_stay(mirror: Mirror, tmp_path: Path) -> None:
     client, fake, _ = mirror
     usage = client.app[USAGE]
     admin = client.app[ADMIN]
@@ -108,7 +107,7 @@ async def test_least_recently_served_go_first_pins_and_pushes_stay(mirror: Any, 
     assert fake.count("GET", "blobs") == gets + 1
 
 
-async def test_a_blob_being_read_is_not_evicted(mirror: Any) -> None:
+async def test_a_blob_being_read_is_not_evicted(mirror: Mirror) -> None:
     client, fake, _ = mirror
     usage = client.app[USAGE]
     housekeeper = client.app[ADMIN].housekeeper
@@ -123,7 +122,7 @@ async def test_a_blob_being_read_is_not_evicted(mirror: Any) -> None:
     assert str(oldest) in usage.table
 
 
-async def test_touches_are_batched_and_flushed(mirror: Any) -> None:
+async def test_touches_are_batched_and_flushed(mirror: Mirror) -> None:
     client, fake, _ = mirror
     usage = client.app[USAGE]
     (image,) = images(fake, 1)
