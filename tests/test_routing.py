@@ -11,10 +11,9 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
@@ -58,7 +57,7 @@ def host(server: TestServer) -> str:
     return f"{server.host}:{server.port}"
 
 
-async def error(resp: Any) -> tuple[int, str, str]:
+async def error(resp: ClientResponse) -> tuple[int, str, str]:
     body = await resp.json()
     return resp.status, body["errors"][0]["code"], body["errors"][0]["message"]
 

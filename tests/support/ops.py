@@ -312,7 +312,7 @@ def mirror_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
 
-def run_cli(*args: str, check: bool = True) -> Any:
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """``mirror ARGS`` in its own process (as an operator runs it beside ``mirror serve``)."""
 
     result = subprocess.run(
