@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
 import sys
@@ -127,7 +128,7 @@ def serve(config: Config) -> None:
         except ImportError as exc:
             raise ConfigError("--uvloop needs the uvloop package: pip install 'mirror[fast]'") from exc
         uvloop.install()
-        logging.getLogger(__name__).info("event loop: uvloop %s", uvloop.__version__)
+        logging.getLogger(__name__).info("event loop: uvloop %s", importlib.metadata.version("uvloop"))
     app.run(config)
 
 

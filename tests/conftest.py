@@ -7,27 +7,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
 from tests.fakes.registry import FakeRegistry
 
-MirrorFactory = Callable[..., Awaitable[TestClient]]
+# A client of a mirror application on a real test server (what ``aiohttp_client(create_app(...))`` returns).
+MirrorClient = TestClient[web.Request, web.Application]
+MirrorFactory = Callable[..., Awaitable[MirrorClient]]
 
 
 @pytest.fixture
-async def fake_upstream(aiohttp_server: Any) -> tuple[FakeRegistry, TestServer]:
+async def fake_upstream(aiohttp_server: AiohttpServer) -> tuple[FakeRegistry, TestServer]:
     fake = FakeRegistry()
     server = await aiohttp_server(fake.app())
     return fake, server
 
 
 @pytest.fixture
-def make_mirror(aiohttp_client: Any, tmp_path: Path) -> MirrorFactory:
+def make_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory:
     """``await make_mirror(url, tag_ttl=..., ...)``: a client for a mirror whose default upstream is ``url``."""
 
-    async def make(url: str, data_dir: Path | None = None, **upstream: Any) -> TestClient:
+    async def make(url: str, data_dir: Path | None = None, **upstream: Any) -> MirrorClient:
         config = Config(
             data_dir=data_dir or tmp_path / "data",
             upstreams=(UpstreamConfig(registry="docker.io", url=url, default=True, **upstream),),
@@ -40,21 +44,23 @@ def make_mirror(aiohttp_client: Any, tmp_path: Path) -> MirrorFactory:
 @pytest.fixture
 async def mirror_and_fake(
     fake_upstream: tuple[FakeRegistry, TestServer], make_mirror: MirrorFactory
-) -> tuple[TestClient, FakeRegistry]:
+) -> tuple[MirrorClient, FakeRegistry]:
     fake, server = fake_upstream
     client = await make_mirror(str(server.make_url("")), timeout=2.0)
     return client, fake
 
 
 @pytest.fixture
-def push_mirror(aiohttp_client: Any, tmp_path: Path, fake_upstream: tuple[FakeRegistry, TestServer]) -> MirrorFactory:
+def push_mirror(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_upstream: tuple[FakeRegistry, TestServer]
+) -> MirrorFactory:
     """``await push_mirror(**settings)``: a mirror to push to (Config settings as keywords; the fake upstream is its
     default upstream, so tests can count what reaches it)."""
     from tests.support.pushing import mirror_config
 
     _, server = fake_upstream
 
-    async def make(data_dir: Path | None = None, **settings: Any) -> TestClient:
+    async def make(data_dir: Path | None = None, **settings: Any) -> MirrorClient:
         config = mirror_config(data_dir or tmp_path / "data", str(server.make_url("")), **settings)
         return await aiohttp_client(create_app(config))
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
 
-from tests.conftest import MirrorFactory
+from tests.conftest import MirrorClient, MirrorFactory
 from tests.support.pushing import error_code, push_image
 from tests.test_auth import basic, require
 
@@ -34,7 +33,7 @@ def slow_htpasswd(path: Path, cost: int, *users: tuple[str, str]) -> Path:
     return path
 
 
-async def anonymous_latencies(client: TestClient, until: asyncio.Future[object]) -> list[float]:
+async def anonymous_latencies(client: MirrorClient, until: asyncio.Future[list[int]]) -> list[float]:
     """Anonymous cache hits (ping, manifest, blob) one after another until ``until`` is done."""
     latencies: list[float] = []
     while not until.done() or len(latencies) < 3:

@@ -120,6 +120,7 @@ def test_import_direction_inside_an_area(module: str) -> None:
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if area(m) == "api"))
 def test_api_reaches_the_store_only_through_its_protocols(module: str) -> None:
     for node in ast.walk(MODULES[module]):
+        found: list[tuple[str, str | None]]
         if isinstance(node, ast.Import):
             found = [(alias.name, None) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:

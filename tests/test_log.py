@@ -7,10 +7,10 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage
+from pytest_aiohttp import AiohttpClient
 
 from mirror import log
 from mirror.app import create_app
@@ -47,7 +47,7 @@ def test_text_format_is_one_readable_line(capsys: pytest.CaptureFixture[str]) ->
 
 
 async def test_malformed_requests_log_one_line_at_info_not_a_traceback(
-    aiohttp_client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    aiohttp_client: AiohttpClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Garbage on the socket, many times over: aiohttp answers 400 and the log gets at most one INFO line a
     second for it, no ERROR and no traceback."""

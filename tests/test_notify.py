@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from mirror.config import NotificationsConfig
 from mirror.metrics import Metrics
 from mirror.notify import EVENTS_TYPE, Endpoint, Event, Notifier, RequestInfo
-from tests.conftest import MirrorFactory
+from tests.conftest import MirrorClient, MirrorFactory
 from tests.support.ops import OCI_MANIFEST, sha256
 from tests.support.pushing import push_image
 from tests.test_auth import make_htpasswd
@@ -55,7 +56,7 @@ class Receiver:
 
 
 @pytest.fixture
-async def receiver(aiohttp_server: Any) -> Receiver:
+async def receiver(aiohttp_server: AiohttpServer) -> Receiver:
     receiver = Receiver()
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)
@@ -160,7 +161,7 @@ async def test_a_full_queue_drops_the_oldest(monkeypatch: pytest.MonkeyPatch, re
         await notifier.close()
 
 
-async def drain(client: Any) -> None:
+async def drain(client: MirrorClient) -> None:
     """Wait for the notifier to deliver (or give up on) everything queued."""
     from mirror.api.keys import NOTIFY
 
@@ -168,7 +169,7 @@ async def drain(client: Any) -> None:
         await client.app[NOTIFY].drain()
 
 
-def _counter(client: Any, outcome: str) -> float:
+def _counter(client: MirrorClient, outcome: str) -> float:
     from mirror.api.keys import METRICS
 
     return float(client.app[METRICS].notifications.labels(outcome)._value.get())

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from mirror.config import ConfigError, load
 from mirror.permissions import Action, Permissions, Rule, compile_pattern
-from tests.conftest import MirrorFactory
+from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import FakeRegistry
 from tests.support.pushing import error_code, push_image
 from tests.test_auth import basic, make_htpasswd
@@ -57,7 +56,7 @@ def htpasswd(tmp_path: Path) -> Path:
     return make_htpasswd(tmp_path / "htpasswd", *USERS.items())
 
 
-async def ruled_mirror(push_mirror: MirrorFactory, tmp_path: Path, htpasswd: Path, **settings: Any) -> TestClient:
+async def ruled_mirror(push_mirror: MirrorFactory, tmp_path: Path, htpasswd: Path, **settings: Any) -> MirrorClient:
     """Images pushed under the built-in policy, then a mirror on the same data dir with ``RULES``."""
     data_dir = tmp_path / "data"
     setup = await push_mirror(data_dir=data_dir, htpasswd=htpasswd)
@@ -215,7 +214,7 @@ ADMIN_IDS = [f"{method} {path}" for method, path, _, _ in ADMIN_CALLS]
 @pytest.fixture
 async def admin_mirror(
     push_mirror: MirrorFactory, htpasswd: Path, fake_upstream: tuple[FakeRegistry, Any]
-) -> TestClient:
+) -> MirrorClient:
     fake, _ = fake_upstream
     fake.add_image("library/alpine", "3.19", [b"alpine layer"])
     return await push_mirror(htpasswd=htpasswd, admin_api=True)
@@ -223,7 +222,7 @@ async def admin_mirror(
 
 @pytest.mark.parametrize(("method", "path", "body", "status"), ADMIN_CALLS, ids=ADMIN_IDS)
 async def test_admin_api_needs_credentials_with_htpasswd(
-    admin_mirror: TestClient, method: str, path: str, body: Any, status: int
+    admin_mirror: MirrorClient, method: str, path: str, body: Any, status: int
 ) -> None:
     for headers in ({}, basic("ops", "wrong")):
         resp = await admin_mirror.request(method, path, json=body, headers=headers)

@@ -11,26 +11,27 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from mirror import routing as routing_module
 from mirror.api.keys import ROUTING
 from mirror.app import create_app
 from mirror.config import Config, ConfigError, UpstreamConfig, build, load
 from mirror.routing import MAX_WILDCARD_HOSTS
+from tests.conftest import MirrorClient
 from tests.fakes.registry import FakeRegistry, sha256
 
 Upstream = tuple[FakeRegistry, TestServer]
-MirrorOver = Callable[..., Awaitable[TestClient]]
+MirrorOver = Callable[..., Awaitable[MirrorClient]]
 
 
 @pytest.fixture
-async def make_upstream(aiohttp_server: Any) -> Callable[[], Awaitable[Upstream]]:
+async def make_upstream(aiohttp_server: AiohttpServer) -> Callable[[], Awaitable[Upstream]]:
     async def make() -> Upstream:
         fake = FakeRegistry()
         return fake, await aiohttp_server(fake.app())
@@ -39,10 +40,10 @@ async def make_upstream(aiohttp_server: Any) -> Callable[[], Awaitable[Upstream]
 
 
 @pytest.fixture
-def mirror_over(aiohttp_client: Any, tmp_path: Path) -> MirrorOver:
+def mirror_over(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorOver:
     """``await mirror_over(UpstreamConfig(...), ...)``: a mirror with exactly these upstreams."""
 
-    async def make(*upstreams: UpstreamConfig) -> TestClient:
+    async def make(*upstreams: UpstreamConfig) -> MirrorClient:
         return await aiohttp_client(create_app(Config(data_dir=tmp_path / "data", upstreams=upstreams)))
 
     return make
@@ -56,7 +57,7 @@ def host(server: TestServer) -> str:
     return f"{server.host}:{server.port}"
 
 
-async def error(resp: Any) -> tuple[int, str, str]:
+async def error(resp: ClientResponse) -> tuple[int, str, str]:
     body = await resp.json()
     return resp.status, body["errors"][0]["code"], body["errors"][0]["message"]
 
@@ -316,7 +317,7 @@ class PrefixUpstream:
 
 
 @pytest.fixture
-async def prefix_mirror(aiohttp_server: Any, mirror_over: MirrorOver) -> tuple[TestClient, PrefixUpstream]:
+async def prefix_mirror(aiohttp_server: AiohttpServer, mirror_over: MirrorOver) -> tuple[MirrorClient, PrefixUpstream]:
     upstream = PrefixUpstream()
     server = await aiohttp_server(upstream.app())
     mirror = await mirror_over(
@@ -327,7 +328,7 @@ async def prefix_mirror(aiohttp_server: Any, mirror_over: MirrorOver) -> tuple[T
 
 
 async def test_wildcard_table_drops_the_least_recently_used_host(
-    prefix_mirror: tuple[TestClient, PrefixUpstream],
+    prefix_mirror: tuple[MirrorClient, PrefixUpstream],
 ) -> None:
     """300 distinct allowed hosts: every one reaches its upstream (the 300th too); the table stays at 256."""
     mirror, upstream = prefix_mirror
@@ -346,7 +347,7 @@ async def test_wildcard_table_drops_the_least_recently_used_host(
 
 
 async def test_wildcard_table_keeps_hosts_in_use(
-    prefix_mirror: tuple[TestClient, PrefixUpstream], monkeypatch: pytest.MonkeyPatch
+    prefix_mirror: tuple[MirrorClient, PrefixUpstream], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Table of 2: with both hosts' requests under way a third host gets 429; once one ends, it takes its place."""
     monkeypatch.setattr(routing_module, "MAX_WILDCARD_HOSTS", 2)

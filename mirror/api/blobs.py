@@ -9,6 +9,7 @@ from typing import IO, Any
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import ETag
 
 from mirror.api.conditional import blob_range, for_file
 from mirror.api.content import content_for
@@ -55,11 +56,13 @@ class BlobFileResponse(web.FileResponse):
                 self._release()
 
     @property
-    def etag(self) -> Any:
+    def etag(self) -> ETag | None:
         return super().etag
 
     @etag.setter
-    def etag(self, value: Any) -> None:
+    def etag(self, value: ETag | str | None) -> None:
+        # The parent's setter, called on the property object: mypy types a property read on the class as its
+        # getter's value, so it does not see ``fset``.
         web.FileResponse.etag.fset(self, self._digest_etag)  # type: ignore[attr-defined]
 
 

@@ -47,7 +47,7 @@ def _counted(
     """Count a call in ``UpstreamClient.users`` while it runs (a client in use is never closed by routing)."""
 
     @wraps(method)
-    async def counted(self: UpstreamClient, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    async def counted(self: UpstreamClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         self.users += 1
         try:
             return await method(self, *args, **kwargs)

@@ -5,21 +5,24 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpClient
 
 from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
+from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import FakeRegistry, sha256
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+Upstream = tuple[FakeRegistry, TestServer]
 
 
 @pytest.fixture
-async def upstream() -> Any:
+async def upstream() -> AsyncIterator[Upstream]:
     fake = FakeRegistry()
     server = TestServer(fake.app())
     await server.start_server()
@@ -28,8 +31,8 @@ async def upstream() -> Any:
 
 
 @pytest.fixture
-def start(aiohttp_client: Any, tmp_path: Path, upstream: Any) -> Any:
-    async def start(admin_api: bool = True) -> TestClient:
+def start(aiohttp_client: AiohttpClient, tmp_path: Path, upstream: Upstream) -> MirrorFactory:
+    async def start(admin_api: bool = True) -> MirrorClient:
         config = Config(
             data_dir=tmp_path / "data",
             upstreams=(UpstreamConfig(registry="docker.io", url=str(upstream[1].make_url("")), default=True),),
@@ -41,7 +44,7 @@ def start(aiohttp_client: Any, tmp_path: Path, upstream: Any) -> Any:
     return start
 
 
-async def test_readyz_says_why_the_mirror_is_not_ready(start: Any, tmp_path: Path) -> None:
+async def test_readyz_says_why_the_mirror_is_not_ready(start: MirrorFactory, tmp_path: Path) -> None:
     client = await start(admin_api=False)
     resp = await client.get("/readyz")
     assert (resp.status, await resp.text()) == (200, "ready\n")
@@ -58,7 +61,7 @@ async def test_readyz_says_why_the_mirror_is_not_ready(start: Any, tmp_path: Pat
     assert (await client.get("/healthz")).status == 200
 
 
-async def test_concurrent_readiness_probes_all_pass(start: Any) -> None:
+async def test_concurrent_readiness_probes_all_pass(start: MirrorFactory) -> None:
     """Load balancers and kubelets probe at once: each probe writes its own file, so none sees another's vanish."""
     client = await start(admin_api=False)
     for _ in range(5):
@@ -66,14 +69,14 @@ async def test_concurrent_readiness_probes_all_pass(start: Any) -> None:
         assert [r.status for r in answers] == [200] * 16
 
 
-async def test_admin_api_is_off_unless_enabled(start: Any) -> None:
+async def test_admin_api_is_off_unless_enabled(start: MirrorFactory) -> None:
     client = await start(admin_api=False)
     resp = await client.get("/admin/v1/stats")
     assert resp.status == 404
     assert (await resp.json())["errors"][0]["code"] == "NOT_FOUND"
 
 
-async def test_admin_api_stats_ls_pins_evict_gc_prefetch(start: Any, upstream: Any) -> None:
+async def test_admin_api_stats_ls_pins_evict_gc_prefetch(start: MirrorFactory, upstream: Upstream) -> None:
     fake, _ = upstream
     layers = [os.urandom(3000), os.urandom(5000)]
     digest = fake.add_image("library/web", "1.0", layers)
@@ -131,7 +134,7 @@ async def test_admin_api_stats_ls_pins_evict_gc_prefetch(start: Any, upstream: A
     ],
 )
 async def test_admin_api_bad_input(
-    start: Any, method: str, path: str, body: bytes | None, status: int, code: str
+    start: MirrorFactory, method: str, path: str, body: bytes | None, status: int, code: str
 ) -> None:
     client = await start()
     resp = await client.request(method, path, data=body)

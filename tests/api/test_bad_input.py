@@ -10,9 +10,9 @@ from pathlib import Path
 
 import diskcache
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
-from tests.conftest import MirrorFactory
+from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import FakeRegistry
 
 HEX = "b" * 64
@@ -112,7 +112,7 @@ HEX = "b" * 64
     ],
 )
 async def test_bad_requests(
-    mirror_and_fake: tuple[TestClient, FakeRegistry],
+    mirror_and_fake: tuple[MirrorClient, FakeRegistry],
     tmp_path: Path,
     method: str,
     path: str,
@@ -132,7 +132,7 @@ async def test_bad_requests(
     assert not any(name in ("passwd", "etc") for name in found)
 
 
-async def test_bad_range_on_cached_blob_is_416(mirror_and_fake: tuple[TestClient, FakeRegistry]) -> None:
+async def test_bad_range_on_cached_blob_is_416(mirror_and_fake: tuple[MirrorClient, FakeRegistry]) -> None:
     mirror, fake = mirror_and_fake
     digest = fake.add_blob(b"0123456789")
     assert (await mirror.get(f"/v2/alpine/blobs/{digest}")).status == 200

@@ -4,8 +4,8 @@ is fetched), from a cached file (sendfile), or from memory (small blobs). Every 
 from __future__ import annotations
 
 import pytest
-from aiohttp.test_utils import TestClient
 
+from tests.conftest import MirrorClient
 from tests.fakes.registry import FakeRegistry
 
 DIGEST = "{digest}"  # replaced by the blob's digest
@@ -28,7 +28,7 @@ CASES = [
 @pytest.mark.parametrize("source", ["cold", "file", "memory"])
 @pytest.mark.parametrize(("headers", "status"), CASES)
 async def test_blob_conditionals(
-    mirror_and_fake: tuple[TestClient, FakeRegistry], source: str, headers: dict[str, str], status: int
+    mirror_and_fake: tuple[MirrorClient, FakeRegistry], source: str, headers: dict[str, str], status: int
 ) -> None:
     mirror, fake = mirror_and_fake
     data = bytes(range(256)) * (8 if source == "memory" else 1024)  # memory: small enough to be held there

@@ -7,14 +7,13 @@ import asyncio
 import os
 import socket
 
-from aiohttp.test_utils import TestClient
-
+from tests.conftest import MirrorClient
 from tests.fakes.registry import FakeRegistry
 
 MiB = 1 << 20
 
 
-async def cached_blob(mirror: TestClient, fake: FakeRegistry, size: int) -> tuple[str, bytes]:
+async def cached_blob(mirror: MirrorClient, fake: FakeRegistry, size: int) -> tuple[str, bytes]:
     data = os.urandom(size)
     digest = fake.add_blob(data)
     path = f"/v2/library/big/blobs/{digest}"
@@ -23,7 +22,7 @@ async def cached_blob(mirror: TestClient, fake: FakeRegistry, size: int) -> tupl
     return path, data
 
 
-async def stalled_client(mirror: TestClient, path: str) -> asyncio.StreamWriter:
+async def stalled_client(mirror: MirrorClient, path: str) -> asyncio.StreamWriter:
     """Asks for the blob and then reads nothing: the server's socket fills and stays full."""
     reader, writer = await asyncio.open_connection(mirror.server.host, mirror.server.port)
     writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -33,7 +32,7 @@ async def stalled_client(mirror: TestClient, path: str) -> asyncio.StreamWriter:
     return writer
 
 
-async def test_stalled_clients_do_not_hold_up_the_others(mirror_and_fake: tuple[TestClient, FakeRegistry]) -> None:
+async def test_stalled_clients_do_not_hold_up_the_others(mirror_and_fake: tuple[MirrorClient, FakeRegistry]) -> None:
     mirror, fake = mirror_and_fake
     path, data = await cached_blob(mirror, fake, 32 * MiB)
     stalled = [await stalled_client(mirror, path) for _ in range(12)]  # more than the sending threads
@@ -49,7 +48,7 @@ async def test_stalled_clients_do_not_hold_up_the_others(mirror_and_fake: tuple[
 
 
 async def test_clients_leaving_half_way_leave_no_descriptor_behind(
-    mirror_and_fake: tuple[TestClient, FakeRegistry],
+    mirror_and_fake: tuple[MirrorClient, FakeRegistry],
 ) -> None:
     mirror, fake = mirror_and_fake
     path, data = await cached_blob(mirror, fake, 16 * MiB)

@@ -7,15 +7,15 @@ import os
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from mirror.pull.blobs import SMALL_BLOB
+from tests.conftest import MirrorClient
 from tests.fakes.registry import FakeRegistry
 
 HEADERS = ("Content-Type", "Docker-Content-Digest", "Accept-Ranges", "ETag", "Content-Length", "Content-Range")
 
 
-async def answer(mirror: TestClient, method: str, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+async def answer(mirror: MirrorClient, method: str, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
     resp = await mirror.request(method, path, headers=headers)
     body = await resp.read()
     return resp.status, {h: resp.headers[h] for h in HEADERS if h in resp.headers}, body
@@ -23,7 +23,7 @@ async def answer(mirror: TestClient, method: str, path: str, **headers: str) -> 
 
 @pytest.mark.parametrize("size", [1024, SMALL_BLOB, SMALL_BLOB + 1, 3 * SMALL_BLOB], ids=lambda n: f"{n}B")
 async def test_memory_and_file_answers_look_the_same(
-    mirror_and_fake: tuple[TestClient, FakeRegistry], size: int
+    mirror_and_fake: tuple[MirrorClient, FakeRegistry], size: int
 ) -> None:
     mirror, fake = mirror_and_fake
     data = os.urandom(size)
@@ -55,7 +55,7 @@ async def test_memory_and_file_answers_look_the_same(
 
 
 async def test_a_small_blob_damaged_on_disk_is_fetched_again(
-    mirror_and_fake: tuple[TestClient, FakeRegistry], tmp_path: Path
+    mirror_and_fake: tuple[MirrorClient, FakeRegistry], tmp_path: Path
 ) -> None:
     mirror, fake = mirror_and_fake
     data = os.urandom(2048)

@@ -18,7 +18,7 @@ async def test_client_joining_a_fetch_mid_rename_gets_the_whole_blob(
     make_mirror: MirrorFactory, tmp_path: Path
 ) -> None:
     client = await make_mirror("http://127.0.0.1:9")  # never reached: the fetch below is the only source
-    pull = client.server.app[PULL]
+    pull = client.app[PULL]
     data = b"config bytes " * 12
     digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
     renamed = asyncio.Event()
@@ -47,8 +47,8 @@ async def test_sendfile_threads_belong_to_the_app(make_mirror: MirrorFactory) ->
     state): two apps never share them, and none outlives its app."""
     first = await make_mirror("http://127.0.0.1:9")
     second = await make_mirror("http://127.0.0.1:9")
-    sender = first.server.app[SENDER]
-    assert sender is not second.server.app[SENDER]
+    sender = first.app[SENDER]
+    assert sender is not second.app[SENDER]
     assert not sender.closed
     await first.close()
     assert sender.closed

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import importlib.metadata
 import json
 import os
 import platform
@@ -14,6 +15,7 @@ import sys
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from tests.support.ops import Mirror, Service, free_port, require, start_registry
 
@@ -96,10 +98,12 @@ def _connection(url: str) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=600, blocksize=MiB)
 
 
-def _request(url: str, method: str, path: str, body: object = None, headers: dict[str, str] | None = None) -> str:
+def _request(
+    url: str, method: str, path: str, body: bytes | BinaryIO | None = None, headers: dict[str, str] | None = None
+) -> str:
     conn = _connection(url)
     try:
-        conn.request(method, path, body=body, headers=headers or {})  # type: ignore[arg-type]
+        conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
         resp.read()
         if resp.status >= 300:
@@ -160,10 +164,8 @@ def versions() -> dict[str, str]:
         "kernel": platform.release(),
     }
     try:
-        import uvloop
-
-        found["uvloop"] = uvloop.__version__
-    except ImportError:
+        found["uvloop"] = importlib.metadata.version("uvloop")
+    except importlib.metadata.PackageNotFoundError:
         found["uvloop"] = "not installed"
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     found["mirror"] = head.stdout.strip() or "?"

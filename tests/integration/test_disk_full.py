@@ -72,7 +72,7 @@ def test_disk_full_during_fetch(small_disk: Path, tmp_path: Path) -> None:
 
         def fetch(i: int) -> None:
             try:
-                results[i] = pull(mirror.url, f"mid{i}", "latest")  # type: ignore[union-attr]
+                results[i] = pull(mirror.url, f"mid{i}", "latest")
             except Exception as exc:
                 results[i] = exc
 

@@ -14,7 +14,7 @@ import json
 import os
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +130,7 @@ def push_images(world: World, client: str) -> Images:
     )  # fmt: skip
 
 
-def assert_warm_pull_from_cache(world: World, pull: callable) -> None:  # type: ignore[valid-type]
+def assert_warm_pull_from_cache(world: World, pull: Callable[[], object]) -> None:
     """A second pull (the client's local copy removed first) is served from the mirror's disk: zero blob GETs
     reach the upstream, and the mirror counts blob hits."""
     gets, hits = world.blob_gets(), world.blob_hits()

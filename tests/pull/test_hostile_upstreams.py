@@ -11,16 +11,19 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpClient
 
 from mirror.app import create_app
 from mirror.config import Config, ConfigError, UpstreamConfig, build
 from mirror.storage.blobs import BlobStore, BlobWriter, DiskFull
+from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, FakeRegistry, sha256
 from tests.support.memory import MiB, memory_peak
 
@@ -28,11 +31,13 @@ MEMORY_BOUND = 48 * MiB  # what the mirror may hold at once while hundreds of Mi
 
 
 @pytest.fixture
-def hostile(aiohttp_client: Any, tmp_path: Path, fake_upstream: tuple[FakeRegistry, TestServer]) -> Any:
+def hostile(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_upstream: tuple[FakeRegistry, TestServer]
+) -> MirrorFactory:
     """``await hostile(upstream={...}, **config)``: a mirror of the fake upstream with these settings."""
     _, server = fake_upstream
 
-    async def make(upstream: dict[str, Any] | None = None, **top: Any) -> TestClient:
+    async def make(upstream: dict[str, Any] | None = None, **top: Any) -> MirrorClient:
         settings = {"timeout": 5.0, **(upstream or {})}
         default = UpstreamConfig(registry="docker.io", url=str(server.make_url("")), default=True, **settings)
         config = Config(data_dir=tmp_path / "data", upstreams=(default,), **top)
@@ -78,7 +83,7 @@ def padded_manifest(size: int) -> bytes:
 )
 async def test_large_manifests(
     fake_upstream: tuple[FakeRegistry, TestServer],
-    hostile: Any,
+    hostile: MirrorFactory,
     size: int,
     by_digest: bool,
     digest_header: bool,
@@ -103,7 +108,7 @@ async def test_large_manifests(
 
 
 async def test_large_referrers_index_is_read_whole(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     subject = fake.add_image("library/app", "1", [b"layer"])
@@ -119,7 +124,7 @@ async def test_large_referrers_index_is_read_whole(
 
 # --- unbounded bodies: tags/list, error bodies, token answers ------------------------------------------------------------------
 async def test_endless_tags_list_is_cut_at_the_limit_in_bounded_memory(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     fake.faults.endless_tags = 200 * MiB
@@ -134,7 +139,7 @@ async def test_endless_tags_list_is_cut_at_the_limit_in_bounded_memory(
 
 
 async def test_500_with_a_huge_body_is_read_no_further_than_an_error_needs(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     fake.faults.error_body = 200 * MiB
@@ -149,7 +154,7 @@ async def test_500_with_a_huge_body_is_read_no_further_than_an_error_needs(
 
 
 async def test_endless_token_answer_is_cut_at_the_limit(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     fake.faults.token_auth = True
@@ -173,7 +178,7 @@ async def test_endless_token_answer_is_cut_at_the_limit(
 )
 async def test_endless_blob_without_content_length_is_bounded(
     fake_upstream: tuple[FakeRegistry, TestServer],
-    hostile: Any,
+    hostile: MirrorFactory,
     tmp_path: Path,
     settings: dict[str, Any],
     status: int,
@@ -194,7 +199,7 @@ async def test_endless_blob_without_content_length_is_bounded(
 
 
 async def test_200_mib_chunked_body_streams_to_disk_in_bounded_memory(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any, tmp_path: Path
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory, tmp_path: Path
 ) -> None:
     """All of a 200 MiB body without Content-Length passes through the mirror; it does not match the digest, so
     the client gets a 502 at the end and the temp file goes."""
@@ -213,7 +218,7 @@ async def test_200_mib_chunked_body_streams_to_disk_in_bounded_memory(
 
 
 async def test_content_length_past_max_blob_size_is_refused_before_reading(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any, tmp_path: Path
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory, tmp_path: Path
 ) -> None:
     fake, _ = fake_upstream
     digest = fake.add_blob(os.urandom(2 * MiB))
@@ -226,7 +231,10 @@ async def test_content_length_past_max_blob_size_is_refused_before_reading(
 
 
 async def test_blob_without_content_length_larger_than_the_free_disk_is_507(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake_upstream: tuple[FakeRegistry, TestServer],
+    hostile: MirrorFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake, _ = fake_upstream
     digest = fake.add_blob(os.urandom(8 * MiB))
@@ -241,7 +249,10 @@ async def test_blob_without_content_length_larger_than_the_free_disk_is_507(
 
 
 async def test_disk_filling_during_a_blob_without_content_length_is_507_not_a_plain_500(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake_upstream: tuple[FakeRegistry, TestServer],
+    hostile: MirrorFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake, _ = fake_upstream
     digest = fake.add_blob(os.urandom(3 * MiB))
@@ -260,7 +271,7 @@ async def test_disk_filling_during_a_blob_without_content_length_is_507_not_a_pl
 
 
 async def test_blob_without_content_length_within_bounds_is_served(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     data = os.urandom(3 * MiB)
@@ -281,7 +292,7 @@ async def test_blob_without_content_length_within_bounds_is_served(
     ],
 )
 async def test_redirect_back_to_the_mirror_fails_fast(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any, path: str
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory, path: str
 ) -> None:
     fake, _ = fake_upstream
     manifest = fake.add_image("library/loop", "1", [os.urandom(1000)])
@@ -299,7 +310,7 @@ async def test_redirect_back_to_the_mirror_fails_fast(
 
 # --- drips ------------------------------------------------------------------------------------------------------
 async def test_dripping_blob_is_cut_at_the_minimum_rate(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any, tmp_path: Path
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory, tmp_path: Path
 ) -> None:
     fake, _ = fake_upstream
     digest = fake.add_blob(os.urandom(64 << 10))
@@ -324,7 +335,7 @@ async def test_dripping_blob_is_cut_at_the_minimum_rate(
 
 
 async def test_dripping_blob_without_content_length_gets_a_clear_error(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     digest = fake.add_blob(os.urandom(64 << 10))
@@ -339,7 +350,9 @@ async def test_dripping_blob_without_content_length_gets_a_clear_error(
     assert "below the minimum of 10000 bytes/s" in message
 
 
-async def test_slow_but_moving_blob_is_not_cut(fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any) -> None:
+async def test_slow_but_moving_blob_is_not_cut(
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
+) -> None:
     """About 1 MB/s against a floor of 200 KB/s over half-second windows: the whole blob arrives."""
     fake, _ = fake_upstream
     data = os.urandom(3_000_000)
@@ -353,7 +366,7 @@ async def test_slow_but_moving_blob_is_not_cut(fake_upstream: tuple[FakeRegistry
 
 
 async def test_dripping_manifest_gets_an_error_within_the_upstream_timeout(
-    fake_upstream: tuple[FakeRegistry, TestServer], hostile: Any
+    fake_upstream: tuple[FakeRegistry, TestServer], hostile: MirrorFactory
 ) -> None:
     fake, _ = fake_upstream
     fake.add_manifest("library/slow", OCI_MANIFEST, padded_manifest(20_000), ("1",))
@@ -383,7 +396,7 @@ async def test_dripping_manifest_gets_an_error_within_the_upstream_timeout(
         ),
     ],
 )
-def test_limits_config(flat: dict[str, Any], tables: list[dict[str, Any]] | None, expected: tuple[Any, ...]) -> None:
+def test_limits_config(flat: dict[str, Any], tables: list[Mapping[str, Any]] | None, expected: tuple[Any, ...]) -> None:
     config = build(flat, tables, {})
     upstream = config.default_upstream
     assert (config.max_blob_size, upstream.min_rate, upstream.rate_window) == expected

@@ -7,14 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
-from tests.conftest import MirrorFactory
+from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import FakeRegistry
 from tests.support.ops import sha256
 from tests.support.pushing import error_code, push_blob, push_image
@@ -70,7 +70,7 @@ async def test_pushed_blob_the_upstream_also_holds_is_served_and_remembered(
 
 @pytest.mark.parametrize("while_fetching", [False, True], ids=["once stored", "while it is being fetched"])
 async def test_content_of_one_upstream_is_not_served_through_another(
-    aiohttp_server: Any, aiohttp_client: Any, tmp_path: Path, while_fetching: bool
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, tmp_path: Path, while_fetching: bool
 ) -> None:
     one, two = FakeRegistry(), FakeRegistry()
     servers = [await aiohttp_server(fake.app()) for fake in (one, two)]
@@ -78,7 +78,7 @@ async def test_content_of_one_upstream_is_not_served_through_another(
         UpstreamConfig(registry="docker.io", url=str(servers[0].make_url("")), default=True, timeout=2.0),
         UpstreamConfig(registry="private.example", url=str(servers[1].make_url("")), timeout=2.0),
     )
-    client: TestClient = await aiohttp_client(create_app(Config(data_dir=tmp_path / "data", upstreams=upstreams)))
+    client: MirrorClient = await aiohttp_client(create_app(Config(data_dir=tmp_path / "data", upstreams=upstreams)))
     secret = os.urandom(200_000)
     digest = two.add_blob(secret)
     if while_fetching:

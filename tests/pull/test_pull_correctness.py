@@ -13,10 +13,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
 from mirror.oci.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
-from tests.conftest import MirrorFactory
+from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import FakeRegistry
 from tests.support.ops import sha256
 from tests.support.pushing import error_code, push_image
@@ -131,7 +131,7 @@ async def test_pulled_by_digest_survives_a_restart_and_yields_to_push_prefixes(
     await push_image(explicit, "test/img3", "v1", [b"ours"])
 
 
-async def _read_range(client: TestClient, path: str, last: int) -> tuple[int, bytes, bool]:
+async def _read_range(client: MirrorClient, path: str, last: int) -> tuple[int, bytes, bool]:
     """Status, body received, and whether the body came complete (no cut)."""
     resp = await client.get(path, headers={"Range": f"bytes=0-{last}"})
     parts: list[bytes] = []

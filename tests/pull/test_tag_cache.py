@@ -7,7 +7,7 @@ off and on; the TTL and stale rules themselves are what is under test.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from tests.fakes.registry import FakeRegistry
 
 REPO = Repo("docker.io", "library/app")
 ANY = frozenset({"*/*"})
+MakePull = Callable[..., PullThrough]
 
 
 class Clock:
@@ -43,7 +44,7 @@ def clock() -> Clock:
 @pytest.fixture
 async def make_pull(
     fake_upstream: tuple[FakeRegistry, TestServer], tmp_path: Path, clock: Clock
-) -> AsyncIterator[object]:
+) -> AsyncIterator[MakePull]:
     _, server = fake_upstream
     made: list[tuple[PullThrough, UpstreamClient, Index]] = []
 
@@ -65,7 +66,9 @@ async def make_pull(
         index.close()
 
 
-async def test_within_ttl_no_upstream_request(fake_upstream: tuple[FakeRegistry, TestServer], make_pull, clock) -> None:
+async def test_within_ttl_no_upstream_request(
+    fake_upstream: tuple[FakeRegistry, TestServer], make_pull: MakePull, clock: Clock
+) -> None:
     fake, _ = fake_upstream
     digest = fake.add_image("library/app", "1", [b"a"])
     pull = make_pull(tag_ttl=60)
@@ -79,7 +82,7 @@ async def test_within_ttl_no_upstream_request(fake_upstream: tuple[FakeRegistry,
 
 
 async def test_after_ttl_unchanged_digest_costs_one_head(
-    fake_upstream: tuple[FakeRegistry, TestServer], make_pull, clock
+    fake_upstream: tuple[FakeRegistry, TestServer], make_pull: MakePull, clock: Clock
 ) -> None:
     fake, _ = fake_upstream
     fake.add_image("library/app", "1", [b"a"])
@@ -93,7 +96,7 @@ async def test_after_ttl_unchanged_digest_costs_one_head(
 
 
 async def test_after_ttl_moved_tag_serves_new_digest(
-    fake_upstream: tuple[FakeRegistry, TestServer], make_pull, clock
+    fake_upstream: tuple[FakeRegistry, TestServer], make_pull: MakePull, clock: Clock
 ) -> None:
     fake, _ = fake_upstream
     fake.add_image("library/app", "1", [b"old"])
@@ -106,7 +109,9 @@ async def test_after_ttl_moved_tag_serves_new_digest(
     assert str((await pull.manifest(REPO, Tag("1"), ANY)).digest) == new
 
 
-async def test_ttl_zero_revalidates_every_time(fake_upstream: tuple[FakeRegistry, TestServer], make_pull) -> None:
+async def test_ttl_zero_revalidates_every_time(
+    fake_upstream: tuple[FakeRegistry, TestServer], make_pull: MakePull
+) -> None:
     fake, _ = fake_upstream
     fake.add_image("library/app", "1", [b"a"])
     pull = make_pull(tag_ttl=0)
@@ -125,7 +130,12 @@ async def test_ttl_zero_revalidates_every_time(fake_upstream: tuple[FakeRegistry
     ],
 )
 async def test_stale_window(
-    fake_upstream: tuple[FakeRegistry, TestServer], make_pull, clock, max_stale: float, age: float, served_stale: bool
+    fake_upstream: tuple[FakeRegistry, TestServer],
+    make_pull: MakePull,
+    clock: Clock,
+    max_stale: float,
+    age: float,
+    served_stale: bool,
 ) -> None:
     fake, _ = fake_upstream
     digest = fake.add_image("library/app", "1", [b"a"])
@@ -142,7 +152,7 @@ async def test_stale_window(
 
 
 async def test_tag_deleted_upstream_is_forgotten(
-    fake_upstream: tuple[FakeRegistry, TestServer], make_pull, clock
+    fake_upstream: tuple[FakeRegistry, TestServer], make_pull: MakePull, clock: Clock
 ) -> None:
     fake, _ = fake_upstream
     fake.add_image("library/app", "1", [b"a"])
@@ -158,7 +168,7 @@ async def test_tag_deleted_upstream_is_forgotten(
 
 
 async def test_manifest_by_digest_never_revalidated(
-    fake_upstream: tuple[FakeRegistry, TestServer], make_pull, clock
+    fake_upstream: tuple[FakeRegistry, TestServer], make_pull: MakePull, clock: Clock
 ) -> None:
     fake, _ = fake_upstream
     digest = Digest.parse(fake.add_image("library/app", None, [b"a"]))
@@ -172,7 +182,7 @@ async def test_manifest_by_digest_never_revalidated(
 
 
 async def test_index_and_platform_manifests_cached_as_asked(
-    fake_upstream: tuple[FakeRegistry, TestServer], make_pull
+    fake_upstream: tuple[FakeRegistry, TestServer], make_pull: MakePull
 ) -> None:
     """A multi-arch index is stored byte-exact with its media type; platform manifests are fetched only when a
     client asks for them, never eagerly."""
@@ -191,7 +201,7 @@ async def test_index_and_platform_manifests_cached_as_asked(
     assert fake.count("GET", "manifests") == 2
 
 
-async def test_accept_goes_upstream(fake_upstream: tuple[FakeRegistry, TestServer], make_pull) -> None:
+async def test_accept_goes_upstream(fake_upstream: tuple[FakeRegistry, TestServer], make_pull: MakePull) -> None:
     """The client's Accept is what the upstream sees; a cached tag whose media type the client does not accept is
     resolved upstream again rather than handed out."""
     fake, _ = fake_upstream

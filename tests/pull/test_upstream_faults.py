@@ -13,9 +13,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
-from tests.conftest import MirrorFactory
+from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import FakeRegistry, sha256
 
 
@@ -32,7 +32,7 @@ async def error_code(resp: aiohttp.ClientResponse) -> str:
     return str(body["errors"][0]["code"])
 
 
-async def test_bearer_token_handshake_then_token_reused(mirror_and_fake: tuple[TestClient, FakeRegistry]) -> None:
+async def test_bearer_token_handshake_then_token_reused(mirror_and_fake: tuple[MirrorClient, FakeRegistry]) -> None:
     mirror, fake = mirror_and_fake
     fake.faults.token_auth = True
     digest = fake.add_image("library/alpine", "3.19", [os.urandom(1000)])
@@ -71,7 +71,7 @@ async def test_basic_auth_with_credentials(
     assert resp.headers["Docker-Content-Digest"] == digest
 
 
-async def test_429_without_cache_passes_retry_after(mirror_and_fake: tuple[TestClient, FakeRegistry]) -> None:
+async def test_429_without_cache_passes_retry_after(mirror_and_fake: tuple[MirrorClient, FakeRegistry]) -> None:
     mirror, fake = mirror_and_fake
     fake.add_image("library/nginx", "latest", [b"x"])
     fake.faults.rate_limited = "42"
@@ -109,7 +109,7 @@ async def test_stale_if_error_serves_last_known_tag(
     assert "mirror_stale_served_total{" in metrics
 
 
-async def test_unknown_tag_with_upstream_down_is_503(mirror_and_fake: tuple[TestClient, FakeRegistry]) -> None:
+async def test_unknown_tag_with_upstream_down_is_503(mirror_and_fake: tuple[MirrorClient, FakeRegistry]) -> None:
     mirror, fake = mirror_and_fake
     fake.faults.down = True
     resp = await mirror.get("/v2/redis/manifests/never-seen")
@@ -185,7 +185,7 @@ async def test_broken_blob_never_served_whole_nor_cached(
     assert sha256(await resp.read()) == digest
 
 
-async def test_blob_redirect_followed_without_authorization(mirror_and_fake: tuple[TestClient, FakeRegistry]) -> None:
+async def test_blob_redirect_followed_without_authorization(mirror_and_fake: tuple[MirrorClient, FakeRegistry]) -> None:
     mirror, fake = mirror_and_fake
     fake.faults.token_auth = True
     fake.faults.redirect_blobs = True
@@ -197,7 +197,7 @@ async def test_blob_redirect_followed_without_authorization(mirror_and_fake: tup
     assert fake.storage_auth_headers == [None], "the upstream's token leaked to the redirect target"
 
 
-async def test_concurrent_cold_gets_make_one_upstream_fetch(mirror_and_fake: tuple[TestClient, FakeRegistry]) -> None:
+async def test_concurrent_cold_gets_make_one_upstream_fetch(mirror_and_fake: tuple[MirrorClient, FakeRegistry]) -> None:
     mirror, fake = mirror_and_fake
     data = os.urandom(4 << 20)
     digest = fake.add_blob(data)
@@ -216,7 +216,7 @@ async def test_concurrent_cold_gets_make_one_upstream_fetch(mirror_and_fake: tup
     assert "mirror_coalesced_waiters_total" in metrics
 
 
-async def test_range_resume_during_a_miss(mirror_and_fake: tuple[TestClient, FakeRegistry]) -> None:
+async def test_range_resume_during_a_miss(mirror_and_fake: tuple[MirrorClient, FakeRegistry]) -> None:
     """A client resuming with ``Range: bytes=N-`` while the blob is still arriving gets a 206 of the rest."""
     mirror, fake = mirror_and_fake
     data = os.urandom(2 << 20)

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 
-from tests.conftest import MirrorFactory
+from tests.conftest import MirrorClient, MirrorFactory
 from tests.support.ops import OCI_INDEX, OCI_MANIFEST, sha256
 from tests.support.pushing import (
     DOCKER_MANIFEST,
@@ -32,7 +31,7 @@ MISSING = sha256(b"never pushed")
 
 @dataclass
 class Pushed:
-    client: TestClient
+    client: MirrorClient
     layer: str  # digest of a pushed layer
     manifest: bytes
     digest: str  # digest of the manifest tagged 1.0

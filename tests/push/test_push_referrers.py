@@ -9,10 +9,10 @@ from urllib.parse import quote
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from mirror.app import create_app
-from tests.conftest import MirrorFactory
+from tests.conftest import MirrorClient, MirrorFactory
 from tests.support.ops import OCI_INDEX, OCI_MANIFEST, sha256
 from tests.support.pushing import (
     EMPTY_CONFIG,
@@ -29,7 +29,7 @@ SBOM_QUERY = "?artifactType=" + quote(SBOM, safe="")  # clients encode the "+"
 SIGNATURE = "application/vnd.example.signature.v1"
 
 
-async def push_artifact(client: TestClient, subject: bytes, artifact_type: str, payload: bytes) -> tuple[str, Any]:
+async def push_artifact(client: MirrorClient, subject: bytes, artifact_type: str, payload: bytes) -> tuple[str, Any]:
     """An artifact manifest (empty config, one layer) whose subject is ``subject``; returns (digest, response)."""
     await push_blob(client, "my/app", b"{}")
     await push_blob(client, "my/app", payload)
@@ -123,7 +123,12 @@ async def test_upstream_without_the_api_gives_404(push_mirror: MirrorFactory) ->
     ],
 )
 async def test_referrers_pass_through(
-    aiohttp_server: Any, aiohttp_client: Any, tmp_path: Any, upstream_filters: bool, query: str, expected: list[str]
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    tmp_path: Any,
+    upstream_filters: bool,
+    query: str,
+    expected: list[str],
 ) -> None:
     """An upstream with the referrers API (Distribution 2.8 has none, so an in-process one shows it)."""
     seen: list[str] = []

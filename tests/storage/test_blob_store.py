@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -152,8 +152,8 @@ async def housekeeping(tmp_path: Path) -> AsyncIterator[Setup]:
     store, index, usage = BlobStore(tmp_path), Index(tmp_path), Usage(tmp_path)
     started: list[Housekeeper] = []
 
-    def make(**kwargs: object) -> Housekeeper:
-        housekeeper = Housekeeper(store, index, usage, Limits(size=10_000), **kwargs)  # type: ignore[arg-type]
+    def make(busy: Callable[[str], bool] = lambda key: False) -> Housekeeper:
+        housekeeper = Housekeeper(store, index, usage, Limits(size=10_000), busy=busy)
         started.append(housekeeper)
         return housekeeper
 
@@ -203,9 +203,9 @@ async def test_a_digest_fetched_again_during_eviction_keeps_its_file_and_entry(
     (digest,) = await stored(store, usage, b"c" * 100)
     remove = store.remove_withdrawn
 
-    async def fetched_meanwhile(digests: object) -> list[Digest]:
+    async def fetched_meanwhile(digests: Iterable[Digest]) -> list[Digest]:
         await store.put(b"c" * 100, digest)  # a request saw the miss and published it again
-        return await remove(digests)  # type: ignore[arg-type]
+        return await remove(digests)
 
     monkeypatch.setattr(store, "remove_withdrawn", fetched_meanwhile)
     housekeeper = make()

@@ -38,6 +38,7 @@ class FullFile:
 async def test_disk_full_while_writing_removes_the_temp_file(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     writer = store.writer()
+    # A stand-in for the open temp file that fails like a full disk; it is not a BufferedWriter, only duck-types one.
     writer._file = FullFile(writer._file)  # type: ignore[assignment]
     with pytest.raises(DiskFull):
         await writer.write(b"x" * 1000)

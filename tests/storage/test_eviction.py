@@ -8,11 +8,13 @@ pulls from a Distribution registry is in ``tests/integration/test_eviction.py``.
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpClient
 
 from mirror.api.admin import ADMIN
 from mirror.api.keys import USAGE
@@ -21,11 +23,13 @@ from mirror.config import Config, UpstreamConfig
 from mirror.oci.reference import Digest
 from mirror.storage.eviction import plan
 from mirror.storage.usage import Entry
+from tests.conftest import MirrorClient
 from tests.fakes.registry import FakeRegistry, sha256
 from tests.support.ops import DiskWatch, eventually
 
 LAYER = 100_000
 LIMIT = 1_000_000
+Mirror = tuple[MirrorClient, FakeRegistry, TestServer]
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
@@ -38,7 +42,7 @@ def images(fake: FakeRegistry, count: int) -> list[dict[str, Any]]:
     return out
 
 
-async def pull(client: TestClient, image: dict[str, Any]) -> None:
+async def pull(client: MirrorClient, image: dict[str, Any]) -> None:
     resp = await client.get(f"/v2/{image['repo']}/manifests/latest", headers={"Accept": MANIFEST})
     assert resp.status == 200, await resp.text()
     resp = await client.get(f"/v2/{image['repo']}/blobs/{image['layer']}")
@@ -47,7 +51,7 @@ async def pull(client: TestClient, image: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-async def mirror(aiohttp_client: Any, tmp_path: Path) -> tuple[TestClient, FakeRegistry, TestServer]:
+async def mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> AsyncIterator[Mirror]:
     fake = FakeRegistry()
     server = TestServer(fake.app())
     await server.start_server()
@@ -62,12 +66,12 @@ async def mirror(aiohttp_client: Any, tmp_path: Path) -> tuple[TestClient, FakeR
     await server.close()
 
 
-def settled(client: TestClient) -> bool:
+def settled(client: MirrorClient) -> bool:
     usage = client.app[USAGE]
     return usage.pending == 0 and usage.used() <= client.app[ADMIN].housekeeper.limits.high
 
 
-async def test_least_recently_served_go_first_pins_and_pushes_stay(mirror: Any, tmp_path: Path) -> None:
+async def test_least_recently_served_go_first_pins_and_pushes_stay(mirror: Mirror, tmp_path: Path) -> None:
     client, fake, _ = mirror
     usage = client.app[USAGE]
     admin = client.app[ADMIN]
@@ -103,7 +107,7 @@ async def test_least_recently_served_go_first_pins_and_pushes_stay(mirror: Any, 
     assert fake.count("GET", "blobs") == gets + 1
 
 
-async def test_a_blob_being_read_is_not_evicted(mirror: Any) -> None:
+async def test_a_blob_being_read_is_not_evicted(mirror: Mirror) -> None:
     client, fake, _ = mirror
     usage = client.app[USAGE]
     housekeeper = client.app[ADMIN].housekeeper
@@ -118,7 +122,7 @@ async def test_a_blob_being_read_is_not_evicted(mirror: Any) -> None:
     assert str(oldest) in usage.table
 
 
-async def test_touches_are_batched_and_flushed(mirror: Any) -> None:
+async def test_touches_are_batched_and_flushed(mirror: Mirror) -> None:
     client, fake, _ = mirror
     usage = client.app[USAGE]
     (image,) = images(fake, 1)
@@ -143,7 +147,7 @@ def test_plan_orders_by_last_served_and_skips_protected() -> None:
     assert plan(entries, used=20, target=25, protected=set()) == []
 
 
-async def test_without_a_cache_size_nothing_is_evicted(aiohttp_client: Any, tmp_path: Path) -> None:
+async def test_without_a_cache_size_nothing_is_evicted(aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
     fake = FakeRegistry()
     server = TestServer(fake.app())
     await server.start_server()

@@ -8,25 +8,30 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpClient
 
 from mirror.api.admin import ADMIN
 from mirror.api.keys import USAGE
 from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
 from mirror.oci.reference import Digest
+from mirror.storage.index import Index
+from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import FakeRegistry, sha256
 from tests.support.ops import blob_files
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+Upstream = tuple[FakeRegistry, TestServer]
 
 
 @pytest.fixture
-async def upstream() -> Any:
+async def upstream() -> AsyncIterator[Upstream]:
     fake = FakeRegistry()
     server = TestServer(fake.app())
     await server.start_server()
@@ -35,10 +40,10 @@ async def upstream() -> Any:
 
 
 @pytest.fixture
-def start(aiohttp_client: Any, tmp_path: Path, upstream: Any) -> Any:
+def start(aiohttp_client: AiohttpClient, tmp_path: Path, upstream: Upstream) -> MirrorFactory:
     _, server = upstream
 
-    async def start(**cache: Any) -> TestClient:
+    async def start(**cache: Any) -> MirrorClient:
         config = Config(
             data_dir=tmp_path / "data",
             upstreams=(UpstreamConfig(registry="docker.io", url=str(server.make_url("")), default=True),),
@@ -49,7 +54,7 @@ def start(aiohttp_client: Any, tmp_path: Path, upstream: Any) -> Any:
     return start
 
 
-async def pull(client: TestClient, repo: str, layers: list[bytes]) -> None:
+async def pull(client: MirrorClient, repo: str, layers: list[bytes]) -> None:
     resp = await client.get(f"/v2/{repo}/manifests/latest", headers={"Accept": MANIFEST})
     assert resp.status == 200
     for layer in layers:
@@ -57,7 +62,9 @@ async def pull(client: TestClient, repo: str, layers: list[bytes]) -> None:
         assert await resp.read() == layer
 
 
-async def test_startup_rebuilds_a_lost_index_and_drops_stale_records(start: Any, upstream: Any, tmp_path: Path) -> None:
+async def test_startup_rebuilds_a_lost_index_and_drops_stale_records(
+    start: MirrorFactory, upstream: Upstream, tmp_path: Path
+) -> None:
     fake, _ = upstream
     layers = [os.urandom(5000), os.urandom(7000)]
     fake.add_image("library/a", "latest", layers)
@@ -86,7 +93,7 @@ async def test_startup_rebuilds_a_lost_index_and_drops_stale_records(start: Any,
 
 
 async def test_gc_removes_unreferenced_blobs_old_temp_files_and_dangling_tags(
-    start: Any, upstream: Any, tmp_path: Path
+    start: MirrorFactory, upstream: Upstream, tmp_path: Path
 ) -> None:
     fake, _ = upstream
     kept, dropped = [os.urandom(3000)], [os.urandom(4000), os.urandom(6000)]
@@ -124,7 +131,7 @@ async def test_gc_removes_unreferenced_blobs_old_temp_files_and_dangling_tags(
 
 
 async def test_verify_quarantines_a_corrupted_blob_and_it_is_fetched_again(
-    start: Any, upstream: Any, tmp_path: Path
+    start: MirrorFactory, upstream: Upstream, tmp_path: Path
 ) -> None:
     fake, _ = upstream
     layers = [os.urandom(20000), os.urandom(1000)]
@@ -147,19 +154,22 @@ async def test_verify_quarantines_a_corrupted_blob_and_it_is_fetched_again(
     assert fake.count("GET", "blobs") == gets + 1
 
 
-async def test_pushed_content_is_neither_evicted_nor_collected(start: Any, upstream: Any, tmp_path: Path) -> None:
+async def test_pushed_content_is_neither_evicted_nor_collected(
+    start: MirrorFactory, upstream: Upstream, tmp_path: Path
+) -> None:
     fake, _ = upstream
     layers = [os.urandom(4000)]
     manifest = fake.add_image("library/p", "latest", layers)
     client = await start()
     await pull(client, "library/p", layers)
     admin = client.app[ADMIN]
-    # What the push service's Index.link records for content in a local repository (branch ``push``).
+    index = admin.index
+    assert isinstance(index, Index)  # the disk index, whose link/unlink the push service calls
     for digest in (manifest, sha256(layers[0])):
-        admin.index._cache.set(("pushed", digest), frozenset({"team/app"}))
+        await index.link("team/app", Digest.parse(digest))
     report = await admin.housekeeper.evict(target=0)
     assert report.removed == [] and set(blob_files(tmp_path / "data")) >= {manifest, sha256(layers[0])}
     await admin.index.delete_manifest(Digest.parse(manifest))  # unreferenced now, but still pushed
     assert (await admin.gc())["removed"] == []
-    admin.index._cache.set(("pushed", sha256(layers[0])), frozenset())  # unlinked: collectable again
+    await index.unlink("team/app", Digest.parse(sha256(layers[0])))  # unlinked: collectable again
     assert [r["digest"] for r in (await admin.gc())["removed"]] == [sha256(layers[0])]

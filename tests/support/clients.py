@@ -150,7 +150,7 @@ def wait_for_daemon(proc: subprocess.Popen[bytes], log: Path, ready: Callable[[]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"{proc.args} exited:\n{log.read_text()[-3000:]}")
+            raise AssertionError(f"{proc.args!r} exited:\n{log.read_text()[-3000:]}")
         if ready():
             return
         time.sleep(0.1)  # a starting daemon (another process), polled with a deadline

@@ -75,8 +75,11 @@ def push_tar_image(
     layer_type, config_type, manifest_type = (
         (DOCKER_LAYER, DOCKER_CONFIG, DOCKER_MANIFEST) if docker else (OCI_LAYER, OCI_CONFIG, OCI_MANIFEST)
     )
-    descs = [{"mediaType": layer_type, "digest": push_blob(registry, repo, gz), "size": len(gz)} for gz, _ in blobs]
-    config_desc = {"mediaType": config_type, "digest": push_blob(registry, repo, config), "size": len(config)}
+    layer_digests = [push_blob(registry, repo, gz) for gz, _ in blobs]
+    config_digest = push_blob(registry, repo, config)
+    sizes = {config_digest: len(config)} | {d: len(gz) for d, (gz, _) in zip(layer_digests, blobs, strict=True)}
+    descs = [{"mediaType": layer_type, "digest": d, "size": sizes[d]} for d in layer_digests]
+    config_desc = {"mediaType": config_type, "digest": config_digest, "size": len(config)}
     body = json.dumps({"schemaVersion": 2, "mediaType": manifest_type, "config": config_desc, "layers": descs}).encode()
     digest = sha256(body)
     with _request("PUT", f"{registry}/v2/{repo}/manifests/{tag or digest}", body, {"Content-Type": manifest_type}):
@@ -84,11 +87,7 @@ def push_tar_image(
     files: dict[str, bytes] = {}
     for layer in layers:
         files.update(layer)
-    sizes = {d["digest"]: d["size"] for d in [config_desc, *descs]}
-    return Image(
-        repo, digest, len(body), manifest_type, str(config_desc["digest"]), [d["digest"] for d in descs], files, arch,
-        sizes,
-    )  # fmt: skip
+    return Image(repo, digest, len(body), manifest_type, config_digest, layer_digests, files, arch, sizes)
 
 
 def push_list(registry: str, repo: str, tag: str, images: list[Image], docker: bool = False) -> str:

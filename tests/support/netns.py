@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from tests.support.ops import require
 
-PREFIX = ipaddress.ip_network("10.251.0.0/16")
+PREFIX = ipaddress.IPv4Network("10.251.0.0/16")
 
 
 @dataclass(frozen=True)

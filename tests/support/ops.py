@@ -312,7 +312,7 @@ def mirror_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
 
-def run_cli(*args: str, check: bool = True) -> Any:
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """``mirror ARGS`` in its own process (as an operator runs it beside ``mirror serve``)."""
 
     result = subprocess.run(
@@ -418,13 +418,13 @@ def pull(mirror: str, name: str, ref: str) -> dict[str, Any]:
     doc = json.loads(body)
     if media_type == OCI_INDEX:
         return pull(mirror, name, doc["manifests"][0]["digest"])
-    received = {"manifest": sha256(body), "blobs": {}}
+    blobs: dict[str, int] = {}
     for desc in [doc["config"], *doc["layers"]]:
         with _request("GET", f"{mirror}/v2/{name}/blobs/{desc['digest']}") as resp:
             data = resp.read()
         assert sha256(data) == desc["digest"], f"{desc['digest']}: wrong bytes served"
-        received["blobs"][desc["digest"]] = len(data)
-    return received
+        blobs[desc["digest"]] = len(data)
+    return {"manifest": sha256(body), "blobs": blobs}
 
 
 def record_figures(name: str, **values: Any) -> None:

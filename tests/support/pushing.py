@@ -20,16 +20,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from mirror.config import Config, UpstreamConfig
-from tests.support.clients import require, run
-from tests.support.ops import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, sha256
+from tests.support.clients import run
+from tests.support.ops import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, require, sha256
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
 
-PushMirror = Callable[..., Awaitable[TestClient]]
+PushMirror = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
 def image_config(arch: str = "amd64") -> bytes:
@@ -74,7 +75,7 @@ def image_index(children: list[tuple[bytes, str]]) -> bytes:
     return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}).encode()
 
 
-async def push_blob(client: TestClient, repo: str, data: bytes, **kwargs: Any) -> str:
+async def push_blob(client: TestClient[web.Request, web.Application], repo: str, data: bytes, **kwargs: Any) -> str:
     """Monolithic upload; returns the digest."""
     digest = sha256(data)
     resp = await client.post(f"/v2/{repo}/blobs/uploads/?digest={digest}", data=data, **kwargs)
@@ -83,7 +84,7 @@ async def push_blob(client: TestClient, repo: str, data: bytes, **kwargs: Any) -
 
 
 async def push_manifest(
-    client: TestClient,
+    client: TestClient[web.Request, web.Application],
     repo: str,
     ref: str,
     body: bytes,
@@ -98,7 +99,7 @@ async def push_manifest(
 
 
 async def push_image(
-    client: TestClient,
+    client: TestClient[web.Request, web.Application],
     repo: str,
     tag: str,
     layers: list[bytes],
@@ -114,11 +115,12 @@ async def push_image(
     return manifest
 
 
-async def error_code(resp: Any) -> str | None:
+async def error_code(resp: ClientResponse) -> str | None:
+    """The OCI error code of an error answer (``None`` for a HEAD, which has no body)."""
     if resp.method == "HEAD":
         return None
     body = await resp.json(content_type=None)
-    return body["errors"][0]["code"]
+    return str(body["errors"][0]["code"])
 
 
 def mirror_config(data_dir: Path, upstream_url: str, **settings: Any) -> Config:
