@@ -16,7 +16,7 @@ from mirror.routing import Upstreams
 from mirror.storage.base import BlobStorage
 from mirror.storage.usage import Usage
 
-# name in the path, ?ns= -> the repository it means (routing lives in oci.reference.route).
+# name in the path, ?ns= -> the repository it means (``routing.Router.resolve``).
 Resolver = Callable[[str, str | None], Repo]
 
 METRICS = web.AppKey("metrics", Metrics)
