@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from mirror import log as log_setup
+from mirror.access import Access, AccessSettings, Htpasswd, HtpasswdError
 from mirror.admin import Admin, GcSettings
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
@@ -21,7 +22,6 @@ from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, ROUTI
 from mirror.api.middleware import add_api_version, refuse_loops, registry_errors, request_metrics
 from mirror.api.routes import add_routes
 from mirror.api.streaming import SENDER, Sender
-from mirror.auth import Access, AccessSettings, Htpasswd, HtpasswdError
 from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, access_rules, cache_config
 from mirror.metrics import CacheSnapshot, Metrics
 from mirror.notify import Endpoint, Notifier

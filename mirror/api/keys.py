@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from mirror.auth import Access
+from mirror.access import Access
 from mirror.metrics import Metrics
 from mirror.notify import Notifier
 from mirror.oci.reference import Repo

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import MirrorFactory
 from tests.support.pushing import error_code, push_image
-from tests.test_auth import basic, require
+from tests.test_access import basic, require
 
 ALICE = ("alice", "correct horse")
 FLOOD = 120
@@ -52,7 +52,7 @@ async def test_wrong_password_flood_does_not_stall_anonymous_pulls(
 ) -> None:
     # One client address sends everything here; the per-address brake is lifted so that the flood reaches bcrypt
     # (the bounded executor is what is under test).
-    monkeypatch.setattr("mirror.auth.FAILURES_ALLOWED", 10**6, raising=False)
+    monkeypatch.setattr("mirror.access.FAILURES_ALLOWED", 10**6, raising=False)
     htpasswd = slow_htpasswd(tmp_path / "htpasswd", 11, ALICE)
     client = await push_mirror(htpasswd=htpasswd)
     await push_image(client, "my/app", "1.0", [b"layer"], headers=basic(*ALICE))
@@ -139,7 +139,7 @@ async def test_password_checks_past_the_bound_are_refused_at_once(
 
     import bcrypt
 
-    monkeypatch.setattr("mirror.auth.FAILURES_ALLOWED", 10**6, raising=False)
+    monkeypatch.setattr("mirror.access.FAILURES_ALLOWED", 10**6, raising=False)
     release = threading.Event()
 
     def blocked(password: bytes, hashed: bytes) -> bool:
