@@ -14,6 +14,7 @@ from mirror.api.keys import ACCESS
 # The actor (user name) of an authenticated request, or None; the notifications report it.
 ACTOR: web.RequestKey[str | None] = web.RequestKey("actor", str)
 
+
 def repository_name(request: web.Request) -> str | None:
     """The repository as the client named it, which is what permission rules match: the path's ``<name>``, after
     containerd's ``?ns=<host>`` when there is one (so ``/v2/org/app/...?ns=ghcr.io`` is ``ghcr.io/org/app``, the
