@@ -1,7 +1,7 @@
 """The access middleware: every registry and admin request is classified (ping, pull, push, delete, admin) by its
-route name (``mirror.access.ACTIONS``) and checked against the access policy (``mirror.access``), with the repository name the client used, before
-its handler runs. A refused push leaves nothing behind: the check comes before the handler reads a byte of the
-body."""
+route name (``mirror.access.ACTIONS``) and checked against the access policy (``mirror.access``), with the
+repository name the client used, before its handler runs. A refused push leaves nothing behind: the check comes
+before the handler reads a byte of the body."""
 
 from __future__ import annotations
 
