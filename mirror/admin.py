@@ -15,21 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from mirror.content import MemoryBlob, StoredBlob
-from mirror.oci.errors import NameInvalid
 from mirror.oci.manifest import parse_manifest
 from mirror.oci.mediatypes import INDEX_TYPES
-from mirror.oci.reference import (
-    DOCKER_HUB,
-    Digest,
-    Repo,
-    Tag,
-    canonical_registry,
-    docker_hub_path,
-    looks_like_host,
-    validate_name,
-)
+from mirror.oci.reference import DOCKER_HUB, Digest, Repo, Tag, format_image_ref
 from mirror.pull.failures import failure
 from mirror.pull.service import PullThrough
+from mirror.routing import image as parse_image
 from mirror.storage import gc
 from mirror.storage.base import BlobStorage, MetadataIndex
 from mirror.storage.housekeeper import Housekeeper
@@ -40,32 +31,6 @@ Progress = Callable[[int, int, str], None]  # (done, total, what)
 
 def _no_progress(done: int, total: int, what: str) -> None:
     pass
-
-
-def normalize_image(text: str, default_registry: str = DOCKER_HUB) -> tuple[str, Repo, Tag | Digest]:
-    """``alpine`` -> ``docker.io/library/alpine:latest``; ``ghcr.io/o/a@sha256:..`` stays; as string and parts."""
-    text = text.strip()
-    name, at, digest_text = text.partition("@")
-    tag = "latest"
-    slash, colon = name.rfind("/"), name.rfind(":")
-    if colon > slash:
-        name, tag = name[:colon], name[colon + 1 :]
-    first, sep, rest = name.partition("/")
-    if sep and looks_like_host(first):
-        registry, path = canonical_registry(first), rest
-    else:
-        registry, path = default_registry, name
-    if not path:
-        raise NameInvalid(f"not an image reference: {text[:200]!r}")
-    validate_name(path)
-    if registry == DOCKER_HUB:
-        path = docker_hub_path(path)
-    repo = Repo(registry, validate_name(path))
-    if at:
-        digest = Digest.parse(digest_text)
-        return f"{repo}@{digest}", repo, digest
-    parsed = Tag.parse(tag)
-    return f"{repo}:{parsed}", repo, parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,12 +173,12 @@ class Admin:
         return {"pins": sorted(pins), "config_pins": sorted(self.housekeeper.limits.pins)}
 
     async def pin(self, image: str) -> dict[str, Any]:
-        name, _, _ = normalize_image(image, self.default_registry)
+        name = format_image_ref(*parse_image(image, self.default_registry))
         added = await asyncio.to_thread(self.usage.pin_sync, name)
         return {"image": name, "pinned": True, "changed": added}
 
     async def unpin(self, image: str) -> dict[str, Any]:
-        name, _, _ = normalize_image(image, self.default_registry)
+        name = format_image_ref(*parse_image(image, self.default_registry))
         removed = await asyncio.to_thread(self.usage.unpin_sync, name)
         return {"image": name, "pinned": False, "changed": removed}
 
@@ -274,7 +239,8 @@ class Admin:
         wanted = set(platforms)
         results = []
         for image in images:
-            name, repo, ref = normalize_image(image, self.default_registry)
+            repo, ref = parse_image(image, self.default_registry)
+            name = format_image_ref(repo, ref)
             started = time.monotonic()
             blobs = await self._image_blobs(repo, ref, wanted)
             total = sum(size for _, size in blobs)

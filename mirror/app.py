@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from mirror import log as log_setup
+from mirror.access import Access, AccessSettings, Htpasswd, HtpasswdError
 from mirror.admin import Admin, GcSettings
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
@@ -21,19 +22,18 @@ from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, ROUTI
 from mirror.api.middleware import add_api_version, refuse_loops, registry_errors, request_metrics
 from mirror.api.routes import add_routes
 from mirror.api.streaming import SENDER, Sender
-from mirror.auth import Access, AccessSettings, Htpasswd, HtpasswdError
 from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, access_rules, cache_config
 from mirror.metrics import CacheSnapshot, Metrics
 from mirror.notify import Endpoint, Notifier
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
-from mirror.oci.reference import Digest, Repo, canonical_registry, route
+from mirror.oci.reference import Digest, canonical_registry
 from mirror.permissions import Permissions, Rule
 from mirror.pull.inflight import InFlight
 from mirror.pull.service import PullThrough, TagPolicy
 from mirror.push.registry import LocalRegistry
 from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
-from mirror.routing import RepoRules, Upstreams
+from mirror.routing import RepoRules, Router, Upstreams
 from mirror.storage.blobs import BlobStore
 from mirror.storage.eviction import Limits
 from mirror.storage.gc import Report, reconcile_sync
@@ -124,18 +124,14 @@ def build_upstreams(
 
 
 def build_local(
-    config: Config, store: BlobStore, index: Index, usage: Usage, metrics: Metrics, registries: Upstreams
+    config: Config, store: BlobStore, index: Index, usage: Usage, metrics: Metrics, router: Router
 ) -> LocalRegistry:
-    if LOCAL_REGISTRY in registries:
+    if LOCAL_REGISTRY in router.upstreams:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
     sessions = UploadSessions(config.data_dir, store, config.upload_max_sessions, config.upload_max_sessions_per_client)
     metrics.upload_sessions.set_function(sessions.count_sync)
-
-    def upstream_repo(name: str) -> Repo:
-        return route(name, None, registries)
-
     uploads = Uploads(store, sessions, metrics)
-    return LocalRegistry(store, index, uploads, PushRule(config.push_prefixes), upstream_repo, usage)
+    return LocalRegistry(store, index, uploads, PushRule(config.push_prefixes), router.upstream, usage)
 
 
 def build_access(config: Config, metrics: Metrics) -> Access:
@@ -196,14 +192,12 @@ def create_app(config: Config) -> web.Application:
     )
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
 
-    local = build_local(config, store, index, usage, metrics, registries)
+    router = Router(registries)
+    local = build_local(config, store, index, usage, metrics, router)
+    router.local = local.local  # pushed repositories take precedence over routing
     # Upload sessions count against the cache's size; when it is over, idle ones go before cached content.
     local.uploads.sessions.on_held = usage.uploads_held
     housekeeper.reclaim = lambda: local.uploads.sessions.sweep(config.upload_idle_when_full)
-
-    def resolve(name: str, ns: str | None) -> Repo:
-        # Local (pushed) repositories first: they are authoritative for their names (README "Pushing images").
-        return local.local(name, ns) or registries.admit(route(name, ns, registries))
 
     app = web.Application(middlewares=[request_metrics, registry_errors, refuse_loops(loop_id), check_access])
     app[METRICS] = metrics
@@ -211,7 +205,7 @@ def create_app(config: Config) -> web.Application:
     app[STORE] = store
     app[SENDER] = sender = Sender()
     app.cleanup_ctx.append(sender.lifecycle)
-    app[RESOLVE] = resolve
+    app[RESOLVE] = router.resolve
     app[ROUTING] = registries
     app[LOCAL] = local
     app[ACCESS] = access = build_access(config, metrics)

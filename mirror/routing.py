@@ -1,8 +1,13 @@
-"""Which upstream a pulled-through name goes to, and whether the operator lets it through.
+"""The only code that turns a client's name into a repository (``Repo``).
 
-``oci.reference.route`` reads the three dialects (``?ns=``, a host prefix in the path, the default upstream);
-this module is the set of upstreams it routes over: the configured ones, the optional wildcard rule (hosts
-matching its ``allow_hosts``, each given its own client on first use), and every upstream's repository
+``Router.resolve`` is the name of every registry request: local (pushed) repositories first, then ``route`` (the
+three dialects: ``?ns=``, a host prefix in the path, the default upstream; Docker Hub's ``library/`` rule) and the
+upstreams' rules (``Upstreams.admit``). ``Router.upstream`` is routing without local precedence (where a bare name
+would be pulled through from: what the push rules check). ``image`` reads an image reference such as
+``alpine:3.19`` the same way, for the admin commands.
+
+``Upstreams`` is the set of upstreams names are routed over: the configured ones, the optional wildcard rule
+(hosts matching its ``allow_hosts``, each given its own client on first use), and every upstream's repository
 ``allow``/``deny`` patterns. A registry that is neither configured nor allowed by the wildcard is refused before
 any connection is made.
 
@@ -18,13 +23,85 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Protocol
 
 from mirror.oci import errors
-from mirror.oci.reference import Repo
+from mirror.oci.reference import (
+    DOCKER_HUB,
+    Digest,
+    Repo,
+    Tag,
+    canonical_registry,
+    docker_hub_path,
+    looks_like_host,
+    parse_image_ref,
+    validate_name,
+)
 
 log = logging.getLogger(__name__)
 # Wildcard hosts with a client at once; past this the least recently used idle one is dropped.
 MAX_WILDCARD_HOSTS = 256
+
+
+class Registries(Protocol):
+    """What ``route`` needs to know about the configured upstreams."""
+
+    def __contains__(self, registry: object) -> bool: ...
+
+    @property
+    def default(self) -> str: ...
+
+
+def _split_host(name: str, default: str) -> tuple[str, str]:
+    """A host-like first component names the registry (the rest is the path); else the name is on ``default``."""
+    first, sep, rest = name.partition("/")
+    if sep and looks_like_host(first):
+        return canonical_registry(first), rest
+    return default, name
+
+
+def _repo(registry: str, path: str) -> Repo:
+    validate_name(path)
+    if registry == DOCKER_HUB:
+        path = docker_hub_path(path)
+    return Repo(registry, validate_name(path))
+
+
+def route(name: str, ns: str | None, registries: Registries) -> Repo:
+    """Map the name in a ``/v2/<name>/...`` path (plus containerd's ``?ns=``) to a repository on an upstream.
+
+    Order: ``?ns=<host>`` (containerd ``hosts.toml`` mirrors), then a host-like first path component naming a
+    configured upstream (podman ``registries.conf`` mirror locations with a path, containerd ``override_path``),
+    else the default upstream (Docker's ``registry-mirrors`` sends bare names). A named registry that is not
+    configured is refused, so the mirror never fetches from an arbitrary host.
+    """
+    if ns:
+        if not looks_like_host(ns) and ns != DOCKER_HUB:
+            raise errors.NameInvalid(f"invalid ns parameter {ns[:100]!r}")
+        registry, path = canonical_registry(ns), name
+    else:
+        registry, path = _split_host(name, registries.default)
+    if registry not in registries:
+        raise errors.NameUnknown(
+            f"registry {registry!r} is not configured as an upstream of this mirror",
+            detail={"registry": registry},
+        )
+    return _repo(registry, path)
+
+
+def image(text: str, default_registry: str = DOCKER_HUB) -> tuple[Repo, Tag | Digest]:
+    """An image reference as an operator writes it: ``alpine`` is ``docker.io/library/alpine`` at ``latest``,
+    ``ghcr.io/o/a@sha256:..`` stays. The registry need not be configured (a pin may name any image);
+    ``oci.reference.format_image_ref`` writes the normalized form back."""
+    text = text.strip()
+    name, tag, digest = parse_image_ref(text)
+    registry, path = _split_host(name, default_registry)
+    if not path:
+        raise errors.NameInvalid(f"not an image reference: {text[:200]!r}")
+    repo = _repo(registry, path)
+    if digest is not None:
+        return repo, Digest.parse(digest)
+    return repo, Tag.parse("latest" if tag is None else tag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,3 +200,29 @@ class Upstreams:
         del self._rules[victim]
         log.info("wildcard upstream: dropped %s, the least recently used of %d hosts", victim, MAX_WILDCARD_HOSTS)
         self._drop(victim)
+
+
+# The local repository a read of ``name`` (with ``?ns=``) means, or None when it is pulled through.
+LocalNames = Callable[[str, str | None], Repo | None]
+
+
+def _nothing_local(name: str, ns: str | None) -> Repo | None:
+    return None
+
+
+class Router:
+    """Name -> ``Repo`` for every request. ``local`` is the local registry's lookup of pushed repositories; the
+    composition root sets it once the local registry exists (which itself needs ``upstream``)."""
+
+    def __init__(self, upstreams: Upstreams, local: LocalNames = _nothing_local):
+        self.upstreams = upstreams
+        self.local = local
+
+    def resolve(self, name: str, ns: str | None) -> Repo:
+        """Local (pushed) repositories first: they are authoritative for their names (README "Pushing images");
+        else the upstream the name routes to, if its rules let it through."""
+        return self.local(name, ns) or self.upstreams.admit(route(name, ns, self.upstreams))
+
+    def upstream(self, name: str) -> Repo:
+        """Where a bare name would be pulled through from, ignoring local repositories and the upstream's rules."""
+        return route(name, None, self.upstreams)

@@ -9,7 +9,9 @@ housekeeper, gc and the admin commands reach content files only through the stor
 through the protocols of ``storage.base`` (and its error types). Inside ``pull``, the coordination seam
 (``pull.inflight``) depends on nothing but ``oci``, so another implementation can replace it; the miss path
 (``pull.blobs``) never reaches up into the service. Routes are registered in ``api/routes.py``
-only.
+only. The name router (``routing``) and the access policy (``access``, with ``credentials`` and ``permissions``)
+import only the protocol's vocabulary; names are read (host prefix, ``library/``) by the router only, and the
+route -> action table is policy, kept out of the HTTP layer.
 """
 
 from __future__ import annotations
@@ -59,11 +61,24 @@ FORBIDDEN: dict[str, set[str]] = {
     "pull": {"push", "admin", "api", "app", "cli", "config"},
     # push/ (local repositories, the chunk protocol) sees stored content and the protocol only: never the HTTP
     # layer, the pull side's package, who may push (access), the webhooks or the admin commands.
-    "push": {"api", "app", "cli", "config", "pull", "admin", "auth", "credentials", "permissions", "notify", "routing"},
+    "push": {
+        "api",
+        "app",
+        "cli",
+        "config",
+        "pull",
+        "admin",
+        "access",
+        "credentials",
+        "permissions",
+        "notify",
+        "routing",
+    },
     "admin": {"api", "app", "cli", "config"},
-    "auth": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config"},
-    "credentials": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config", "auth"},
-    "permissions": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config", "auth"},
+    "access": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config", "routing"},
+    "credentials": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config", "access"},
+    "permissions": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config", "access"},
+    "routing": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config", "access"},
     "notify": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config"},
     "api": {"app", "cli", "config"},
     "app": {"cli"},
@@ -201,6 +216,47 @@ def test_one_route_table(module: str) -> None:
     for node in ast.walk(MODULES[module]):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ROUTER_METHODS:
             assert module == "mirror.api.routes", f"{module} registers a route ({node.func.attr}, line {node.lineno})"
+
+
+# Whole areas that may import only these modules of the package (and their submodules): the name router and the
+# access policy are pure decisions over the protocol's vocabulary, so a cluster or another front end reuses them.
+ONLY_FROM: dict[str, set[str]] = {
+    "mirror.routing": {"mirror.oci"},
+    "mirror.access": {"mirror.oci", "mirror.metrics", "mirror.credentials", "mirror.permissions"},
+    "mirror.credentials": {"mirror.oci"},
+    "mirror.permissions": set(),
+}
+
+
+@pytest.mark.parametrize("module", sorted(ONLY_FROM))
+def test_routing_and_access_import_only_the_vocabulary(module: str) -> None:
+    allowed = ONLY_FROM[module]
+    for imported in imports(MODULES[module]):
+        if imported.startswith("mirror."):
+            assert any(imported == a or imported.startswith(a + ".") for a in allowed), f"{module} imports {imported}"
+
+
+# Reading a name: the host prefix and Docker Hub's ``library/`` rule are applied by the router only (the push rule
+# only asks whether a name starts with a host, to refuse it). Everyone else takes the ``Repo`` it returns.
+NAME_RULES = {"mirror.oci.reference.docker_hub_path": {"mirror.routing"}, "mirror.routing.route": {"mirror.routing"}}
+NAME_RULES["mirror.oci.reference.looks_like_host"] = {"mirror.routing", "mirror.push.rules"}
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_names_are_read_by_the_router_only(module: str) -> None:
+    for imported in imports(MODULES[module]):
+        homes = NAME_RULES.get(imported)
+        assert homes is None or module in homes, f"{module} imports {imported}: resolve names through mirror.routing"
+
+
+def test_the_policy_table_is_not_in_the_http_layer() -> None:
+    """Which route does what is policy (``mirror.access.ACTIONS``); ``api.access`` only looks the route up."""
+    assert "mirror.access.ACTIONS" in imports(MODULES["mirror.api.access"])
+    for module, tree in MODULES.items():
+        assigned = {
+            t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)
+        }
+        assert "ACTIONS" not in assigned or module == "mirror.access", f"{module} defines ACTIONS"
 
 
 def test_push_layers_within_the_package() -> None:

@@ -1,47 +1,18 @@
 """The access middleware: every registry and admin request is classified (ping, pull, push, delete, admin) by its
-route and checked against the access policy (``mirror.auth``), with the repository name the client used, before
-its handler runs. A refused push leaves nothing behind: the check comes before the handler reads a byte of the
-body."""
+route name (``mirror.access.ACTIONS``) and checked against the access policy (``mirror.access``), with the
+repository name the client used, before its handler runs. A refused push leaves nothing behind: the check comes
+before the handler reads a byte of the body."""
 
 from __future__ import annotations
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from mirror.access import ACTIONS
 from mirror.api.keys import ACCESS
-from mirror.permissions import Action
 
 # The actor (user name) of an authenticated request, or None; the notifications report it.
 ACTOR: web.RequestKey[str | None] = web.RequestKey("actor", str)
-
-# Route name -> what the request does. Routes not listed (/healthz, /metrics, unknown paths) are not checked.
-ACTIONS = {
-    "base": Action.PING,
-    "base_noslash": Action.PING,
-    "manifest": Action.PULL,
-    "manifest_head": Action.PULL,
-    "blob": Action.PULL,
-    "blob_head": Action.PULL,
-    "tags": Action.PULL,
-    "referrers": Action.PULL,
-    "catalog": Action.PULL,
-    "upload_start": Action.PUSH,
-    "upload": Action.PUSH,
-    "manifest_put": Action.PUSH,
-    "manifest_delete": Action.DELETE,
-    "blob_delete": Action.DELETE,
-    # The admin API (``api.admin``; routed only with --admin-api).
-    "admin_stats": Action.ADMIN,
-    "admin_ls": Action.ADMIN,
-    "admin_pins": Action.ADMIN,
-    "admin_pin": Action.ADMIN,
-    "admin_unpin": Action.ADMIN,
-    "admin_evict_plan": Action.ADMIN,
-    "admin_evict": Action.ADMIN,
-    "admin_gc": Action.ADMIN,
-    "admin_verify": Action.ADMIN,
-    "admin_prefetch": Action.ADMIN,
-}
 
 
 def repository_name(request: web.Request) -> str | None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from mirror.auth import Access
+from mirror.access import Access
 from mirror.metrics import Metrics
 from mirror.notify import Notifier
 from mirror.oci.reference import Repo
@@ -16,7 +16,7 @@ from mirror.routing import Upstreams
 from mirror.storage.base import BlobStorage
 from mirror.storage.usage import Usage
 
-# name in the path, ?ns= -> the repository it means (routing lives in oci.reference.route).
+# name in the path, ?ns= -> the repository it means (``routing.Router.resolve``).
 Resolver = Callable[[str, str | None], Repo]
 
 METRICS = web.AppKey("metrics", Metrics)

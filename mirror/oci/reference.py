@@ -13,9 +13,8 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Protocol
 
-from mirror.oci.errors import DigestInvalid, ManifestInvalid, ManifestUnknown, NameInvalid, NameUnknown
+from mirror.oci.errors import DigestInvalid, ManifestInvalid, ManifestUnknown, NameInvalid
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -129,41 +128,19 @@ def looks_like_host(component: str) -> bool:
     return ("." in component or ":" in component or component == "localhost") and bool(_HOST_RE.fullmatch(component))
 
 
-class Registries(Protocol):
-    """What routing needs to know about the configured upstreams."""
+def parse_image_ref(text: str) -> tuple[str, str | None, str | None]:
+    """``name[:tag][@digest]`` -> (name, tag, digest) as text, nothing validated; a part that is absent is None
+    (``alpine@`` has the digest ``""``). The tag is a ``:`` after the last ``/``, so ``host:5000/app`` has none.
+    Both readings of an image reference use it: ``routing.image`` (what an operator types) and
+    ``storage.gc`` (pins, stored as ``format_image_ref`` writes them)."""
+    name, at, digest = text.partition("@")
+    tag: str | None = None
+    slash, colon = name.rfind("/"), name.rfind(":")
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1 :]
+    return name, tag, digest if at else None
 
-    def __contains__(self, registry: object) -> bool: ...
 
-    @property
-    def default(self) -> str: ...
-
-
-def route(name: str, ns: str | None, registries: Registries) -> Repo:
-    """Map the name in a ``/v2/<name>/...`` path (plus containerd's ``?ns=``) to a repository on an upstream.
-
-    Order: ``?ns=<host>`` (containerd ``hosts.toml`` mirrors), then a host-like first path component naming a
-    configured upstream (podman ``registries.conf`` mirror locations with a path, containerd ``override_path``),
-    else the default upstream (Docker's ``registry-mirrors`` sends bare names). A named registry that is not
-    configured is refused, so the mirror never fetches from an arbitrary host.
-    """
-    registry: str
-    path: str
-    if ns:
-        if not looks_like_host(ns) and ns != DOCKER_HUB:
-            raise NameInvalid(f"invalid ns parameter {ns[:100]!r}")
-        registry, path = canonical_registry(ns), name
-    else:
-        first, sep, rest = name.partition("/")
-        if sep and looks_like_host(first):
-            registry, path = canonical_registry(first), rest
-        else:
-            registry, path = registries.default, name
-    if registry not in registries:
-        raise NameUnknown(
-            f"registry {registry!r} is not configured as an upstream of this mirror",
-            detail={"registry": registry},
-        )
-    validate_name(path)
-    if registry == DOCKER_HUB:
-        path = docker_hub_path(path)
-    return Repo(registry, validate_name(path))
+def format_image_ref(repo: Repo, ref: Tag | Digest) -> str:
+    """The normalized image reference: ``docker.io/library/alpine:3.19`` or ``ghcr.io/o/a@sha256:...``."""
+    return f"{repo}@{ref}" if isinstance(ref, Digest) else f"{repo}:{ref}"

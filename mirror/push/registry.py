@@ -9,7 +9,7 @@ Which names are local, and how they relate to pulled-through content (README, "P
 - ``push.rules.PushRule`` decides which bare names accept a first push; besides, a name the mirror already serves
   pulled through from the default upstream (a cached tag, or any manifest or blob fetched upstream under the name,
   by digest too) is refused unless the operator named it: a push can never silently shadow an image clients
-  already pull through this mirror. Who may push at all is the access policy's business (``mirror.auth``).
+  already pull through this mirror. Who may push at all is the access policy's business (``mirror.access``).
 
 Blobs live once in the shared ``BlobStore``; a local repository holds the blobs and manifests linked into it in
 the index (``Index.link``). Everything linked is recorded in the usage table at once, as pushed (``local``): the

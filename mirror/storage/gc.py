@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mirror.oci.manifest import parse_manifest
-from mirror.oci.reference import Digest
+from mirror.oci.reference import Digest, parse_image_ref
 from mirror.storage.base import BlobStorage, MetadataIndex
 from mirror.storage.usage import Entry, Usage
 
@@ -157,13 +157,12 @@ def closure(store: BlobStorage, index: MetadataIndex, roots: Iterable[Digest]) -
 
 def split_image(image: str) -> tuple[str, str, str]:
     """``docker.io/library/alpine:3.19`` -> (registry, path, "3.19"); ``...@sha256:...`` -> (..., "sha256:...").
-    Images are stored normalized (see ``admin.normalize_image``)."""
-    name, at, digest = image.partition("@")
-    registry, _, rest = name.partition("/")
-    if at:
-        return registry, rest, digest
-    path, _, tag = rest.rpartition(":") if ":" in rest else (rest, "", "latest")
-    return registry, path, tag
+    Images are stored normalized (``oci.reference.format_image_ref``)."""
+    name, tag, digest = parse_image_ref(image)
+    registry, _, path = name.partition("/")
+    if digest is not None:
+        return registry, path, digest
+    return registry, path, "latest" if tag is None else tag
 
 
 def pinned_roots(index: MetadataIndex, pins: Iterable[str]) -> list[Digest]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mirror.oci.errors import DigestInvalid, ManifestInvalid, ManifestUnknown, NameInvalid, NameUnknown, RegistryError
-from mirror.oci.reference import Digest, Repo, Tag, lookup_reference, parse_reference, route, validate_name
+from mirror.oci.reference import Digest, Repo, Tag, lookup_reference, parse_reference, validate_name
+from mirror.routing import route
 
 HEX64 = "a" * 64
 

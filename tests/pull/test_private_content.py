@@ -18,7 +18,7 @@ from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import FakeRegistry
 from tests.support.ops import sha256
 from tests.support.pushing import error_code, push_blob, push_image
-from tests.test_auth import basic, make_htpasswd
+from tests.test_access import basic, make_htpasswd
 
 Upstream = tuple[FakeRegistry, TestServer]
 

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mirror.auth import Access, AccessSettings, Action, Htpasswd, HtpasswdError, is_loopback, parse_htpasswd
+from mirror.access import Access, AccessSettings, Action, Htpasswd, HtpasswdError, is_loopback, parse_htpasswd
 from mirror.config import ConfigError
 from mirror.metrics import Metrics
 from mirror.oci import errors

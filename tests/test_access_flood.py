@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import MirrorClient, MirrorFactory
 from tests.support.pushing import error_code, push_image
-from tests.test_auth import basic, require
+from tests.test_access import basic, require
 
 ALICE = ("alice", "correct horse")
 FLOOD = 120
@@ -51,7 +51,7 @@ async def test_wrong_password_flood_does_not_stall_anonymous_pulls(
 ) -> None:
     # One client address sends everything here; the per-address brake is lifted so that the flood reaches bcrypt
     # (the bounded executor is what is under test).
-    monkeypatch.setattr("mirror.auth.FAILURES_ALLOWED", 10**6, raising=False)
+    monkeypatch.setattr("mirror.access.FAILURES_ALLOWED", 10**6, raising=False)
     htpasswd = slow_htpasswd(tmp_path / "htpasswd", 11, ALICE)
     client = await push_mirror(htpasswd=htpasswd)
     await push_image(client, "my/app", "1.0", [b"layer"], headers=basic(*ALICE))
@@ -138,7 +138,7 @@ async def test_password_checks_past_the_bound_are_refused_at_once(
 
     import bcrypt
 
-    monkeypatch.setattr("mirror.auth.FAILURES_ALLOWED", 10**6, raising=False)
+    monkeypatch.setattr("mirror.access.FAILURES_ALLOWED", 10**6, raising=False)
     release = threading.Event()
 
     def blocked(password: bytes, hashed: bytes) -> bool:

@@ -1,4 +1,8 @@
-"""Who may do what: the access decision for every registry and admin request.
+"""Inbound credentials and who may do what: the access decision for every registry and admin request.
+
+The policy is here: ``ACTIONS`` classifies each route by what it does, ``Access.check`` decides; the aiohttp
+middleware that applies it to a request is ``api.access``. Its helpers: ``mirror.credentials`` (the htpasswd file,
+bcrypt's executor, the brake on wrong passwords) and ``mirror.permissions`` (``[[access]]`` rules).
 
 Off by default, as ``registry:2`` is: without ``--htpasswd`` anyone may pull (and use the admin API, when
 ``--admin-api`` turns it on), and pushes and deletes are accepted from loopback clients only
@@ -78,6 +82,35 @@ def is_loopback(peer: str | None) -> bool:
     return address.is_loopback
 
 
+# Route name (``api/routes.py``) -> what the request does. Routes not listed (/healthz, /metrics, unknown paths)
+# are not checked.
+ACTIONS = {
+    "base": Action.PING,
+    "base_noslash": Action.PING,
+    "manifest": Action.PULL,
+    "manifest_head": Action.PULL,
+    "blob": Action.PULL,
+    "blob_head": Action.PULL,
+    "tags": Action.PULL,
+    "referrers": Action.PULL,
+    "catalog": Action.PULL,
+    "upload_start": Action.PUSH,
+    "upload": Action.PUSH,
+    "manifest_put": Action.PUSH,
+    "manifest_delete": Action.DELETE,
+    "blob_delete": Action.DELETE,
+    # The admin API (``api.admin``; routed only with --admin-api).
+    "admin_stats": Action.ADMIN,
+    "admin_ls": Action.ADMIN,
+    "admin_pins": Action.ADMIN,
+    "admin_pin": Action.ADMIN,
+    "admin_unpin": Action.ADMIN,
+    "admin_evict_plan": Action.ADMIN,
+    "admin_evict": Action.ADMIN,
+    "admin_gc": Action.ADMIN,
+    "admin_verify": Action.ADMIN,
+    "admin_prefetch": Action.ADMIN,
+}
 WHAT = {Action.PING: "log in", Action.PULL: "pull", Action.PUSH: "push", Action.DELETE: "delete", Action.ADMIN: "use"}
 
 
