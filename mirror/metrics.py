@@ -104,7 +104,7 @@ class Metrics:
             ["upstream", "reason"],
             registry=r,
         )
-        # --- local pushes (mirror.push, mirror.auth, mirror.notify) ---------------------------------------------
+        # --- local pushes (mirror.push, mirror.access, mirror.notify) -------------------------------------------
         self.upload_sessions = Gauge(
             "mirror_upload_sessions",
             "Push upload sessions open on disk (started, not yet completed, cancelled or expired).",

@@ -5,9 +5,7 @@ deletes only with credentials, read-only mode, unauthenticated pushes from loopb
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
-import shutil
 import ssl
 import subprocess
 from pathlib import Path
@@ -21,34 +19,12 @@ from mirror.config import ConfigError
 from mirror.metrics import Metrics
 from mirror.oci import errors
 from tests.conftest import MirrorFactory
-from tests.support.ops import NO_UPSTREAM, Mirror, sha256
+from tests.support.credentials import basic, make_htpasswd
+from tests.support.ops import NO_UPSTREAM, Mirror, require, sha256
 from tests.support.pushing import error_code, push_image
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE = ("alice", "s3cret pass")
-
-
-def require(tool: str) -> str:
-    """The path of a tool the test drives; missing fails under CI=true and skips elsewhere."""
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{tool} is not installed (CI=true: missing components fail)")
-        pytest.skip(f"{tool} is not installed")
-    return path
-
-
-def make_htpasswd(path: Path, *users: tuple[str, str]) -> Path:
-    """Write entries with the real ``htpasswd -B`` (Debian apache2-utils), at bcrypt cost 5 to keep tests fast."""
-    tool = require("htpasswd")
-    for number, (user, password) in enumerate(users):
-        flags = "-bBC" if path.exists() or number else "-cbBC"
-        subprocess.run([tool, flags, "5", str(path), user, password], check=True, capture_output=True)
-    return path
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
 @pytest.fixture

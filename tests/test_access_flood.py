@@ -18,8 +18,9 @@ import aiohttp
 import pytest
 
 from tests.conftest import MirrorClient, MirrorFactory
+from tests.support.credentials import basic
+from tests.support.ops import require
 from tests.support.pushing import error_code, push_image
-from tests.test_access import basic, require
 
 ALICE = ("alice", "correct horse")
 FLOOD = 120

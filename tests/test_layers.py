@@ -93,7 +93,7 @@ MODULE_FORBIDDEN: dict[str, set[str]] = {
 # What ``api`` may import from ``storage``: the protocols, and error types the middleware renders.
 API_FROM_STORAGE = {
     "mirror.storage.base": None,  # anything
-    "mirror.storage.blobs": {"DiskFull"},
+    "mirror.storage.writer": {"DiskFull"},
     "mirror.storage.usage": {"Usage"},  # the lease table behind USAGE; to go behind a storage.base protocol
 }
 LIBRARY_HOMES = {

@@ -18,9 +18,9 @@ from mirror.config import NotificationsConfig
 from mirror.metrics import Metrics
 from mirror.notify import EVENTS_TYPE, Endpoint, Event, Notifier, RequestInfo
 from tests.conftest import MirrorClient, MirrorFactory
+from tests.support.credentials import make_htpasswd
 from tests.support.ops import OCI_MANIFEST, sha256
 from tests.support.pushing import push_image
-from tests.test_access import make_htpasswd
 
 
 @dataclass

@@ -13,8 +13,8 @@ from mirror.config import ConfigError, load
 from mirror.permissions import Action, Permissions, Rule, compile_pattern
 from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import FakeRegistry
+from tests.support.credentials import basic, make_htpasswd
 from tests.support.pushing import error_code, push_image
-from tests.test_access import basic, make_htpasswd
 
 USERS = {"ci": "ci pass", "alice": "alice pass", "bob": "bob pass", "ops": "ops pass"}
 # The README's examples together: CI pushes to ci/*, team A (alice) owns team-a/*, everyone pulls, only CI reads

@@ -11,7 +11,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from mirror.api.keys import METRICS
 from mirror.oci import errors
-from mirror.storage.blobs import DiskFull
+from mirror.storage.writer import DiskFull
 from mirror.upstream.client import LOOP_HEADER
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Repository names contain slashes, so every route captures ``NAME`` (any run of characters up to the next fixed
 segment; the name grammar itself is checked once, by ``oci.reference``) and the handler turns it, with the
 ``?ns=`` parameter, into a ``Repo`` through ``RESOLVE`` (pulled through) or ``LOCAL`` (pushed). Route names are
-the ``route`` label of the request metrics and the key of the access policy (``api.access``): a small, fixed set,
+the ``route`` label of the request metrics and the key of the access policy (``access.ACTIONS``): a small, fixed set,
 and methods of one path share one name where the policy treats them alike.
 """
 

@@ -24,7 +24,7 @@ from mirror.oci.reference import Digest, Repo
 from mirror.pull.failures import failure, upstream_errors
 from mirror.pull.inflight import FetchCoordinator, FetchState
 from mirror.storage.base import BlobStorage, BlobWriterLike, MetadataIndex, UsageRecorder
-from mirror.storage.blobs import DiskFull
+from mirror.storage.writer import DiskFull
 from mirror.upstream.bodies import BodyTooLarge, Throughput
 from mirror.upstream.client import UpstreamClient
 from mirror.upstream.errors import UpstreamInvalid

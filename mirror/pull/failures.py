@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import aiohttp
 
 from mirror.oci import errors
-from mirror.storage.blobs import DiskFull
+from mirror.storage.writer import DiskFull
 from mirror.upstream.bodies import TooSlow
 from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
 

@@ -20,8 +20,9 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from mirror.metrics import Metrics
 from mirror.oci import errors
 from mirror.oci.reference import Digest, Repo
-from mirror.storage.blobs import BlobStore, BlobWriter, DigestMismatch, DiskFull, SizeMismatch
+from mirror.storage.blobs import BlobStore
 from mirror.storage.sessions import TooManySessions, UploadSession, UploadSessions
+from mirror.storage.writer import BlobWriter, DigestMismatch, DiskFull, SizeMismatch
 
 log = logging.getLogger(__name__)
 BlobArrived = Callable[[Repo, Digest], Awaitable[None]]

@@ -133,9 +133,10 @@ class UsageRecorder(Protocol):
 
 
 if TYPE_CHECKING:  # each implementation assigned to its protocol once, so mypy checks it (never run)
-    from mirror.storage.blobs import BlobStore, BlobWriter
+    from mirror.storage.blobs import BlobStore
     from mirror.storage.index import Index
     from mirror.storage.usage import NullUsage, Usage
+    from mirror.storage.writer import BlobWriter
 
     def _implementations(
         store: BlobStore, writer: BlobWriter, index: Index, usage: Usage, null: NullUsage

@@ -38,7 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirror.storage.blobs import BlobStore, BlobWriter
+from mirror.storage.blobs import BlobStore
+from mirror.storage.writer import BlobWriter
 
 log = logging.getLogger(__name__)
 # Only ids the mirror itself hands out (uuid4, lower case) are ever turned into paths.

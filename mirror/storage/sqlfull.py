@@ -12,7 +12,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import ParamSpec, TypeVar
 
-from mirror.storage.blobs import DiskFull
+from mirror.storage.writer import DiskFull
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")

@@ -7,7 +7,7 @@ import pytest
 
 from mirror.oci import errors
 from mirror.pull.failures import failure, upstream_errors
-from mirror.storage.blobs import DiskFull
+from mirror.storage.writer import DiskFull
 from mirror.upstream.bodies import BodyTooLarge, TooSlow
 from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
 

@@ -22,7 +22,8 @@ from pytest_aiohttp import AiohttpClient
 
 from mirror.app import create_app
 from mirror.config import Config, ConfigError, UpstreamConfig, build
-from mirror.storage.blobs import BlobStore, BlobWriter, DiskFull
+from mirror.storage.blobs import BlobStore
+from mirror.storage.writer import BlobWriter, DiskFull
 from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, FakeRegistry, sha256
 from tests.support.memory import MiB, memory_peak

@@ -16,9 +16,9 @@ from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
 from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import FakeRegistry
+from tests.support.credentials import basic, make_htpasswd
 from tests.support.ops import sha256
 from tests.support.pushing import error_code, push_blob, push_image
-from tests.test_access import basic, make_htpasswd
 
 Upstream = tuple[FakeRegistry, TestServer]
 

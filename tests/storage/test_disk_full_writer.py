@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from mirror.storage.blobs import BlobStore, DiskFull
+from mirror.storage.blobs import BlobStore
+from mirror.storage.writer import DiskFull
 
 
 class FullFile:
