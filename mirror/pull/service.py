@@ -114,7 +114,7 @@ class PullThrough:
 
     async def mark_pulled(self, repo: Repo) -> None:
         """Record that content was fetched upstream under ``repo``: from then on a push may not shadow the name
-        (``push.LocalRegistry.target``), whether the pull was by tag or by digest only."""
+        (``push.registry.LocalRegistry.target``), whether the pull was by tag or by digest only."""
         if repo not in self._pulled:
             await self._index.mark_pulled(repo)
             self._pulled[repo] = True

@@ -7,11 +7,11 @@ Keys (tuples, so each kind has its own namespace):
     ("tags", "<registry>", "<repo>")            -> sorted tuple of cached tag names (the tags/list fallback)
     ("pulled", "<registry>", "<repo>")          -> True: content was pulled through under this name (a tag, a
                                                    manifest or a blob fetched upstream), so a push may not
-                                                   shadow it (``push.LocalRegistry.target``)
+                                                   shadow it (``push.registry.LocalRegistry.target``)
     ("origin", "<digest>")                      -> frozenset of the registries a blob or manifest was fetched from
                                                    (or that confirmed holding it): under a pull-through name of
                                                    registry R, stored content is served only if R is among them
-                                                   (``PullThrough._vouch``), so pushed content and content of one
+                                                   (``pull.service.PullThrough.vouch``), so pushed content and content of one
                                                    upstream never leak through another name by digest
 
 Local (pushed) repositories use the same tag keys with the registry ``local``, plus:
