@@ -127,7 +127,9 @@ class PullThrough:
         (HEADs do not count against Docker Hub's pull limit). Raises BLOB_UNKNOWN / MANIFEST_UNKNOWN when the
         upstream does not hold it."""
         key = (repo.registry, digest)
-        if self._vouched.get(key) or await self._index.may_serve(digest, repo.registry):
+        if key in self._vouched:  # the hot path: a dict lookup (recency is not refreshed; a miss costs one read)
+            return
+        if await self._index.may_serve(digest, repo.registry):
             self._vouched[key] = True
             return
         client = self.client(repo)
