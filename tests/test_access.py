@@ -20,7 +20,8 @@ from mirror.metrics import Metrics
 from mirror.oci import errors
 from tests.conftest import MirrorFactory
 from tests.support.credentials import basic, make_htpasswd
-from tests.support.ops import NO_UPSTREAM, Mirror, require, sha256
+from tests.support.ops import NO_UPSTREAM, Mirror, require
+from tests.support.plain_http import sha256
 from tests.support.pushing import error_code, push_image
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from mirror.metrics import Metrics
 from mirror.notify import EVENTS_TYPE, Endpoint, Event, Notifier, RequestInfo
 from tests.conftest import MirrorClient, MirrorFactory
 from tests.support.credentials import make_htpasswd
-from tests.support.ops import OCI_MANIFEST, sha256
+from tests.support.plain_http import OCI_MANIFEST, sha256
 from tests.support.pushing import push_image
 
 

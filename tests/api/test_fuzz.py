@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
 from tests.fakes.registry import OCI_INDEX, OCI_MANIFEST, FakeRegistry
-from tests.support.ops import sha256
+from tests.support.plain_http import sha256
 from tests.support.pushing import image_config, image_manifest
 from tests.support.served import Answer, ServingThread, exchange
 

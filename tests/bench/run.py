@@ -29,7 +29,8 @@ from tests.bench.world import (
     versions,
 )
 from tests.support.images import push_list, push_tar_image, random_files
-from tests.support.ops import push_blob, upstream_requests
+from tests.support.ops import upstream_requests
+from tests.support.plain_http import push_blob
 
 GiB = 1024 * MiB
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"

@@ -11,7 +11,8 @@ import pytest
 
 from mirror.oci.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from tests.conftest import MirrorFactory
-from tests.support.ops import push_random_image, start_registry
+from tests.support.ops import start_registry
+from tests.support.plain_http import push_random_image
 
 pytestmark = pytest.mark.integration
 FULL_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))

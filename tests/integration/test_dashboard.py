@@ -27,14 +27,13 @@ from tests.support.ops import (
     Mirror,
     Service,
     free_port,
-    pull,
-    push_random_image,
     record_figures,
     require,
     start_nginx,
     start_registry,
     wait_until,
 )
+from tests.support.plain_http import pull, push_random_image
 
 pytestmark = pytest.mark.integration
 DASHBOARD = REPO_ROOT / "grafana" / "dashboards" / "mirror.json"

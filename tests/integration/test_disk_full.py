@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.ops import Mirror, blob_files, pull, push_random_image, run_cli, start_nginx, start_registry
+from tests.support.ops import Mirror, blob_files, run_cli, start_nginx, start_registry
+from tests.support.plain_http import pull, push_random_image
 
 pytestmark = pytest.mark.integration
 MiB = 2**20

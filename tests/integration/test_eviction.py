@@ -17,17 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.ops import (
-    DiskWatch,
-    Mirror,
-    blob_files,
-    pull,
-    push_random_image,
-    record_figures,
-    run_cli,
-    start_registry,
-    wait_until,
-)
+from tests.support.ops import DiskWatch, Mirror, blob_files, record_figures, run_cli, start_registry, wait_until
+from tests.support.plain_http import pull, push_random_image
 
 pytestmark = pytest.mark.integration
 LIMIT = 2 * 2**20  # --cache-size 2MiB; watermarks 0.95 / 0.85 (the defaults)

@@ -15,16 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.ops import (
-    Mirror,
-    blob_files,
-    pull,
-    push_index,
-    push_random_image,
-    run_cli,
-    start_registry,
-    wait_until,
-)
+from tests.support.ops import Mirror, blob_files, run_cli, start_registry, wait_until
+from tests.support.plain_http import pull, push_index, push_random_image
 
 pytestmark = pytest.mark.integration
 

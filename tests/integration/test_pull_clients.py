@@ -31,7 +31,8 @@ from tests.support.clients import (
     start_dockerd,
 )
 from tests.support.images import Image, manifest_digest, push_list, push_tar_image, random_files
-from tests.support.ops import Mirror, Service, push_blob, record_figures, sha256, start_registry, upstream_requests
+from tests.support.ops import Mirror, Service, record_figures, start_registry, upstream_requests
+from tests.support.plain_http import push_blob, sha256
 
 pytestmark = pytest.mark.integration
 KiB = 1024

@@ -44,7 +44,8 @@ from tests.support.clients import (
     start_dockerd,
 )
 from tests.support.images import Image, manifest_digest, push_tar_image, random_files
-from tests.support.ops import Mirror, Service, sha256, start_registry, upstream_requests
+from tests.support.ops import Mirror, Service, start_registry, upstream_requests
+from tests.support.plain_http import sha256
 
 pytestmark = pytest.mark.integration
 KiB = 1024

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.ops import Mirror, Service, push_blob, sha256, start_registry
+from tests.support.ops import Mirror, Service, start_registry
+from tests.support.plain_http import push_blob, sha256
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20

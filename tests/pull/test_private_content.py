@@ -17,7 +17,7 @@ from mirror.config import Config, UpstreamConfig
 from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import FakeRegistry
 from tests.support.credentials import basic, make_htpasswd
-from tests.support.ops import sha256
+from tests.support.plain_http import sha256
 from tests.support.pushing import error_code, push_blob, push_image
 
 Upstream = tuple[FakeRegistry, TestServer]

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from mirror.oci.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from tests.conftest import MirrorClient, MirrorFactory
 from tests.fakes.registry import FakeRegistry
-from tests.support.ops import sha256
+from tests.support.plain_http import sha256
 from tests.support.pushing import error_code, push_image
 
 Fake = tuple[FakeRegistry, TestServer]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import MirrorClient, MirrorFactory
-from tests.support.ops import OCI_INDEX, OCI_MANIFEST, sha256
+from tests.support.plain_http import OCI_INDEX, OCI_MANIFEST, sha256
 from tests.support.pushing import (
     DOCKER_MANIFEST,
     error_code,

@@ -11,7 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support.ops import NO_UPSTREAM, Mirror, free_port, sha256
+from tests.support.ops import NO_UPSTREAM, Mirror, free_port
+from tests.support.plain_http import sha256
 
 CHUNK = 1 << 20
 DATA = os.urandom(3 * CHUNK)

@@ -16,7 +16,7 @@ from mirror.api.keys import LOCAL
 from mirror.oci.reference import Digest
 from tests.conftest import MirrorFactory
 from tests.fakes.registry import FakeRegistry
-from tests.support.ops import OCI_MANIFEST, sha256
+from tests.support.plain_http import OCI_MANIFEST, sha256
 from tests.support.pushing import error_code, push_blob, push_image
 
 Fake = tuple[FakeRegistry, TestServer]

@@ -13,7 +13,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from mirror.app import create_app
 from tests.conftest import MirrorClient, MirrorFactory
-from tests.support.ops import OCI_INDEX, OCI_MANIFEST, sha256
+from tests.support.plain_http import OCI_INDEX, OCI_MANIFEST, sha256
 from tests.support.pushing import (
     EMPTY_CONFIG,
     error_code,

@@ -15,7 +15,8 @@ from typing import Any
 from mirror.api.admin import ADMIN
 from mirror.api.keys import USAGE
 from tests.conftest import MirrorFactory
-from tests.support.ops import Mirror, push_random_image, run_cli, sha256
+from tests.support.ops import Mirror, run_cli
+from tests.support.plain_http import push_random_image, sha256
 from tests.support.pushing import push_image
 
 LAYER = 100_000  # bytes: "pushing 100 kB"

@@ -11,7 +11,7 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 
-from tests.support.ops import OCI_INDEX, OCI_MANIFEST, _request, push_blob, sha256
+from tests.support.plain_http import OCI_INDEX, OCI_MANIFEST, _request, push_blob, sha256
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"

@@ -25,7 +25,8 @@ from aiohttp.test_utils import TestClient
 
 from mirror.config import Config, UpstreamConfig
 from tests.support.clients import run
-from tests.support.ops import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, require, sha256
+from tests.support.ops import require
+from tests.support.plain_http import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, sha256
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
