@@ -99,6 +99,11 @@ ACTIONS = {
     "manifest_put": Action.PUSH,
     "manifest_delete": Action.DELETE,
     "blob_delete": Action.DELETE,
+    # The web page (``api.ui``; routed unless --ui off): whoever may pull may look.
+    "ui_root": Action.PULL,
+    "ui_noslash": Action.PULL,
+    "ui_overview": Action.PULL,
+    "ui_missing": Action.PULL,
     # The admin API (``api.admin``; routed only with --admin-api).
     "admin_stats": Action.ADMIN,
     "admin_ls": Action.ADMIN,

@@ -15,6 +15,7 @@ from aiohttp import web
 from mirror import log as log_setup
 from mirror.access import Access, AccessSettings, Htpasswd, HtpasswdError
 from mirror.admin import Admin, GcSettings
+from mirror.api import ui
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
 from mirror.api.admin import ADMIN, READY
@@ -214,7 +215,9 @@ def create_app(config: Config) -> web.Application:
     app[USAGE] = usage
     app[ADMIN] = admin
     app[READY] = lambda: readiness(config, store, index, housekeeper)
-    add_routes(app.router, config.admin_api)
+    add_routes(app.router, config.admin_api, config.ui)
+    if config.ui:
+        ui.setup(app)
     app.on_response_prepare.append(add_api_version)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -66,6 +66,9 @@ def serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin-api", action="store_const", const="true", help="serve the JSON admin API at /admin/v1/"
     )
+    parser.add_argument(
+        "--ui", choices=("on", "off"), help="the web page at /ui/ (default on; off removes it, and the / redirect)"
+    )
     push_options(parser)
 
 

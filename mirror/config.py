@@ -89,6 +89,7 @@ class Config:
     cache_size: int = 0  # bytes of pulled-through content to keep; 0 = no limit (see CacheConfig)
     max_blob_size: int = DEFAULT_MAX_BLOB_SIZE  # larger blobs are refused (announced) or cut (unannounced)
     admin_api: bool = False  # serve the JSON admin API under /admin/v1/
+    ui: bool = True  # serve the web page under /ui/ (and redirect / there)
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections other modules own (push, cache, ...)
     # Local pushes, access control, TLS and webhooks (README "Pushing images").
     htpasswd: Path | None = None  # bcrypt htpasswd file: Basic auth on; None: auth off
@@ -126,7 +127,7 @@ UPSTREAM_KEYS = {
     "max_stale": "max_stale",
     "upstream_timeout": "timeout",
 }
-TOP_KEYS = {"add_upstream", "listen", "data_dir", "log_level", "log_format", "uvloop", "cache_size", "admin_api"}
+TOP_KEYS = {"add_upstream", "listen", "data_dir", "log_level", "log_format", "uvloop", "cache_size", "admin_api", "ui"}
 TOP_KEYS.add("max_blob_size")
 # Local pushes and access (strings from flags/environment are converted in _push_settings).
 PUSH_KEYS = {
@@ -231,7 +232,7 @@ def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | No
         top = {k: v for k, v in flat.items() if k in TOP_KEYS and k != "add_upstream"}
         if "data_dir" in top:
             top["data_dir"] = Path(top["data_dir"])
-        for flag in ("uvloop", "admin_api"):
+        for flag in ("uvloop", "admin_api", "ui"):
             if flag in top:
                 top[flag] = _truthy(top[flag])
         top.update(_push_settings(top, extra.get("notifications")))

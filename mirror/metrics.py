@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -158,6 +159,30 @@ class Metrics:
         r.register(self.cache)
         self.repos = RepoStats()
         r.register(self.repos)
+        self.per_minute = RequestRate()  # registry requests per minute over the last hour, for the web page
+
+    def upstream_summary(self) -> dict[str, dict[str, float | None]]:
+        """Per upstream, what the web page shows of its health: pulls left in its quota window (None until it
+        announced one), stale answers served, requests that failed (unreachable or an error) and 429s. Read from
+        the counters above, so the page and ``/metrics`` cannot disagree."""
+        out: dict[str, dict[str, float | None]] = {}
+
+        def add(upstream: str, key: str, value: float) -> None:
+            row = out.setdefault(upstream, {"pulls_left": None, "pull_limit": None})
+            row[key] = (row.get(key) or 0.0) + value
+
+        for sample in _samples(self.upstream_requests):
+            add(sample.labels["upstream"], FAILURES.get(sample.labels["outcome"], "other"), sample.value)
+        for sample in _samples(self.stale_served):
+            add(sample.labels["upstream"], "stale_served", sample.value)
+        for gauge, key in ((self.ratelimit_remaining, "pulls_left"), (self.ratelimit_limit, "pull_limit")):
+            for sample in _samples(gauge):
+                add(sample.labels["upstream"], key, sample.value)
+        for row in out.values():
+            row.pop("other", None)
+            for key in ("errors", "rate_limited", "stale_served"):
+                row.setdefault(key, 0.0)
+        return dict(sorted(out.items()))
 
     def prime(self, upstreams: Iterable[str]) -> None:
         """Create the usual label sets at zero, so that the first scrape already has every series: Prometheus's
@@ -181,6 +206,49 @@ class Metrics:
                 self.stale_served.labels(upstream, reason)
             for reason in ("low_quota", "rate_limited"):
                 self.ratelimit_deferred.labels(upstream, reason)
+
+
+# Upstream request outcomes the web page counts, and under which heading.
+FAILURES = {"unreachable": "errors", "error": "errors", "rate_limited": "rate_limited"}
+
+
+def _samples(metric: Counter | Gauge) -> Iterator[Sample]:
+    """The current values of a labelled counter (its ``_total`` samples) or gauge."""
+    for family in metric.collect():
+        for sample in family.samples:
+            if not sample.name.endswith("_created"):
+                yield sample
+
+
+class RequestRate:
+    """Requests per minute over the last ``slots`` minutes: a ring of counters indexed by the minute. Counting is
+    an increment (and, once a minute, zeroing the slots that passed); memory is fixed."""
+
+    def __init__(self, slots: int = 60):
+        self.slots = slots
+        self._counts = [0] * slots
+        self._minute = 0  # the minute (monotonic clock // 60) the newest slot holds
+
+    def count(self, now: float) -> None:
+        minute = int(now // 60)
+        if minute != self._minute:
+            self._advance(minute)
+        self._counts[minute % self.slots] += 1
+
+    def last(self, now: float) -> list[int]:
+        """The counts, oldest minute first; the last one is the current (partial) minute."""
+        minute = int(now // 60)
+        if minute != self._minute:
+            self._advance(minute)
+        start = minute + 1
+        return [self._counts[(start + i) % self.slots] for i in range(self.slots)]
+
+    def _advance(self, minute: int) -> None:
+        for passed in range(self._minute + 1, min(minute, self._minute + self.slots) + 1):
+            self._counts[passed % self.slots] = 0
+        if minute - self._minute > self.slots:
+            self._counts = [0] * self.slots
+        self._minute = minute
 
 
 @dataclass(frozen=True, slots=True)

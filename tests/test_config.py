@@ -105,3 +105,20 @@ def test_missing_password_file_is_a_config_error(tmp_path: Path) -> None:
     config = load({"upstream_username": "u", "upstream_password_file": str(tmp_path / "missing")}, None, {})
     with pytest.raises(ConfigError, match="password file"):
         config.default_upstream.secret()
+
+
+@pytest.mark.parametrize(
+    ("toml", "flags", "ui"),
+    [
+        ("", [], True),
+        ("ui = false\n", [], False),
+        ("ui = false\n", ["--ui", "on"], True),
+        ("", ["--ui", "off"], False),
+    ],
+    ids=["on by default", "ui = false in TOML -> off", "--ui on beats the file", "--ui off -> off"],
+)
+def test_the_web_page_setting(tmp_path: Path, toml: str, flags: list[str], ui: bool) -> None:
+    file = tmp_path / "mirror.toml"
+    file.write_text(toml)
+    args = build_parser().parse_args(["serve", "--config", str(file), *flags])
+    assert config_from(args).ui is ui

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from mirror.metrics import Metrics, RepoStats
+from mirror.metrics import Metrics, RepoStats, RequestRate
 from tests.test_layers import MODULES, area, imports
 
 
@@ -50,3 +50,34 @@ def test_admin_is_above_the_services_and_below_the_api() -> None:
             assert "admin" not in targets, f"{module} imports mirror.admin"
         if area(module) == "admin":
             assert not targets & {"api", "app", "cli", "config"}, f"{module} imports {targets}"
+
+
+def test_requests_per_minute_keep_the_last_hour_in_sixty_slots() -> None:
+    rate = RequestRate()
+    start = 6_000_000.0  # a monotonic clock reading, at a minute boundary
+    for minute, count in ((0, 3), (1, 1), (5, 2)):
+        for _ in range(count):
+            rate.count(start + 60 * minute + 30)
+    counts = rate.last(start + 5 * 60 + 59)
+    assert len(counts) == 60
+    assert counts[-6:] == [3, 1, 0, 0, 0, 2]  # oldest first; the last is the current minute
+    assert sum(counts) == 6
+    assert rate.last(start + 60 * 60 + 1)[-1:] == [0] and sum(rate.last(start + 60 * 60 + 1)) == 3  # minute 0 left
+    assert rate.last(start + 3 * 3600) == [0] * 60  # a long idle spell clears the ring
+    rate.count(start + 3 * 3600)
+    assert rate.last(start + 3 * 3600)[-1] == 1 and len(rate._counts) == 60  # memory stays fixed
+
+
+def test_upstream_summary_reads_the_counters() -> None:
+    metrics = Metrics()
+    metrics.prime(["docker.io"])
+    metrics.upstream_requests.labels("docker.io", "blob", "unreachable").inc(2)
+    metrics.upstream_requests.labels("docker.io", "manifest", "error").inc()
+    metrics.upstream_requests.labels("docker.io", "manifest", "rate_limited").inc(4)
+    metrics.upstream_requests.labels("docker.io", "manifest", "ok").inc(9)
+    metrics.stale_served.labels("docker.io", "rate_limited").inc()
+    metrics.ratelimit_remaining.labels("docker.io").set(57)
+    metrics.ratelimit_limit.labels("docker.io").set(100)
+    assert metrics.upstream_summary() == {
+        "docker.io": {"pulls_left": 57, "pull_limit": 100, "errors": 3, "rate_limited": 4, "stale_served": 1}
+    }

@@ -12,7 +12,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mirror.api import admin
+from mirror.api import admin, ui
 from mirror.api.blobs import delete_blob, get_blob, head_blob
 from mirror.api.keys import METRICS
 from mirror.api.listing import catalog, list_tags
@@ -37,8 +37,9 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def add_routes(router: web.UrlDispatcher, admin_api: bool = False) -> None:
-    """The whole table; the admin API (``/admin/v1/``) only with ``--admin-api``."""
+def add_routes(router: web.UrlDispatcher, admin_api: bool = False, web_page: bool = False) -> None:
+    """The whole table; the admin API (``/admin/v1/``) only with ``--admin-api``, the web page (``/ui/``)
+    unless ``--ui off``."""
     add_registry_routes(router)
     add_push_routes(router)
     router.add_get("/healthz", healthz, name="healthz")
@@ -46,6 +47,8 @@ def add_routes(router: web.UrlDispatcher, admin_api: bool = False) -> None:
     router.add_get("/readyz", admin.readyz, name="readyz")
     if admin_api:
         add_admin_routes(router)
+    if web_page:
+        add_ui_routes(router)
 
 
 def add_registry_routes(router: web.UrlDispatcher) -> None:
@@ -85,3 +88,11 @@ def add_admin_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/admin/v1/gc", admin.collect, name="admin_gc")
     router.add_post("/admin/v1/verify", admin.verify, name="admin_verify")
     router.add_post("/admin/v1/prefetch", admin.prefetch, name="admin_prefetch")
+
+
+def add_ui_routes(router: web.UrlDispatcher) -> None:
+    """The web page (``api.ui``); any other path under ``/ui/`` is its HTML 404 page."""
+    router.add_get("/", ui.root, name="ui_root", allow_head=False)
+    router.add_get("/ui/", ui.overview, name="ui_overview")
+    router.add_get("/ui", ui.root, name="ui_noslash", allow_head=False)
+    router.add_get("/ui/{tail:.*}", ui.missing, name="ui_missing")
