@@ -103,6 +103,8 @@ ACTIONS = {
     "ui_root": Action.PULL,
     "ui_noslash": Action.PULL,
     "ui_overview": Action.PULL,
+    "ui_inflight": Action.PULL,
+    "ui_script": Action.PULL,
     "ui_missing": Action.PULL,
     # The admin API (``api.admin``; routed only with --admin-api).
     "admin_stats": Action.ADMIN,

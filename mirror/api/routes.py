@@ -95,4 +95,6 @@ def add_ui_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/", ui.root, name="ui_root", allow_head=False)
     router.add_get("/ui/", ui.overview, name="ui_overview")
     router.add_get("/ui", ui.root, name="ui_noslash", allow_head=False)
+    router.add_get("/ui/inflight.json", ui.inflight_json, name="ui_inflight")
+    router.add_get("/ui/live.js", ui.script, name="ui_script")
     router.add_get("/ui/{tail:.*}", ui.missing, name="ui_missing")

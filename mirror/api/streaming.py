@@ -147,6 +147,7 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
     if fileobj is None:
         transport.abort()
         return resp
+    fetch.clients += 1
     try:
         offset = start
         while offset < end:
@@ -162,6 +163,7 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
                 request.app[METRICS].repos.served(str(repo), "upstream", available - offset)
                 offset = available
     finally:
+        fetch.clients -= 1
         await asyncio.to_thread(fileobj.close)
     await resp.write_eof()
     return resp

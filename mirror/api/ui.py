@@ -5,6 +5,8 @@ without JavaScript.
     GET /           303 to /ui/
     GET /ui/        the overview: hit ratios, bytes saved, cache fill and watermarks, upstream health, and
                     registry requests per minute over the last hour
+    GET /ui/inflight.json   the blob fetches under way (what the overview's live part polls)
+    GET /ui/live.js the page's one script: it polls inflight.json once a second and redraws the progress bars
     GET /ui/...     any other page: a 404 page (HTML)
 
 The overview's figures are the admin commands' (``Admin.stats``, the same dict ``/admin/v1/stats`` answers) and
@@ -15,6 +17,7 @@ human form, so a test (or a script) reads exactly what is shown.
 from __future__ import annotations
 
 import time
+from importlib import resources
 from typing import Any
 
 import aiohttp_jinja2
@@ -22,11 +25,13 @@ import jinja2
 from aiohttp import web
 
 from mirror.api.admin import ADMIN
-from mirror.api.keys import METRICS
+from mirror.api.keys import METRICS, PULL
 
 CHART_WIDTH, CHART_HEIGHT = 600, 120  # the SVG's viewBox; it scales to the page's width
 # Nothing but the mirror itself: the browser refuses any other origin, and scripts other than the mirror's files.
 POLICY = "default-src 'self'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"
+MAX_SHOWN = 100  # fetches listed at most (a herd of cold pulls does not make a page of megabytes)
+SCRIPT = web.AppKey("ui_script", bytes)
 
 
 def setup(app: web.Application) -> None:
@@ -38,6 +43,7 @@ def setup(app: web.Application) -> None:
         undefined=jinja2.StrictUndefined,
         filters={"size": human_size, "percent": percent},
     )
+    app[SCRIPT] = resources.files("mirror.api").joinpath("static/live.js").read_bytes()  # once, at start-up
 
 
 async def root(request: web.Request) -> web.Response:
@@ -53,8 +59,38 @@ async def overview(request: web.Request) -> web.Response:
         "fill": fill(stats),
         "upstreams": metrics.upstream_summary(),
         "chart": chart(metrics.per_minute.last(time.monotonic())),
+        "inflight": in_flight(request),
     }
     return page("overview.html", request, context)
+
+
+async def inflight_json(request: web.Request) -> web.Response:
+    return web.json_response({"fetches": in_flight(request)}, headers={"Cache-Control": "no-store"})
+
+
+async def script(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[SCRIPT], content_type="text/javascript", headers={"Cache-Control": "no-cache"})
+
+
+def in_flight(request: web.Request) -> list[dict[str, Any]]:
+    """The blob fetches under way in this process: repository, size, bytes so far, average speed, clients."""
+    now = time.monotonic()
+    rows = []
+    for registry, fetch in request.app[PULL].inflight.under_way():
+        elapsed = max(now - fetch.started_at, 1e-3)
+        rows.append(
+            {
+                "digest": str(fetch.digest),
+                "upstream": registry,
+                "repo": fetch.repo,
+                "size": fetch.size,
+                "written": fetch.written,
+                "speed": round(fetch.written / elapsed),
+                "clients": fetch.clients,
+            }
+        )
+    rows.sort(key=lambda row: (row["repo"], row["digest"]))
+    return rows[:MAX_SHOWN]
 
 
 async def missing(request: web.Request) -> web.Response:

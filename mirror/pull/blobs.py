@@ -93,7 +93,9 @@ class BlobPuller:
                 return self._hit(repo, digest, MemoryBlob(data))
             await self._store.delete(digest)  # damaged on disk (logged): fetched again below
         client = self._names.client(repo)
-        fetch, started = self._inflight.join(repo.registry, digest, lambda f: self._fetch(client, repo, f))
+        fetch, started = self._inflight.join(
+            repo.registry, digest, lambda f: self._fetch(client, repo, f), f"{repo.registry}/{repo.path}"
+        )
         self._names.count(repo, "blob", "miss")
         if not started:
             self._metrics.coalesced_waiters.labels(repo.registry).inc()

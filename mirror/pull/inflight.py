@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
@@ -53,6 +54,14 @@ class FetchState(Protocol):
     @property
     def done(self) -> bool: ...
 
+    @property
+    def repo(self) -> str: ...  # the repository of the request that started it (for the web page)
+
+    @property
+    def started_at(self) -> float: ...  # time.monotonic() when it started
+
+    clients: int  # clients streaming it now (``api.streaming`` counts them in and out)
+
     def readable(self) -> int: ...
 
     def begin(self, size: int | None, temp_path: Path) -> None: ...
@@ -77,11 +86,15 @@ class FetchCoordinator(Protocol):
     """Start or join the fetch of a digest from one upstream; look one up (a HEAD never starts a fetch), and
     tell eviction what is being fetched."""
 
-    def join(self, registry: str, digest: Digest, run: FetchRun) -> tuple[FetchState, bool]:
-        """The fetch under way, or a new one running ``run``; True when this call started it."""
+    def join(self, registry: str, digest: Digest, run: FetchRun, repo: str = "") -> tuple[FetchState, bool]:
+        """The fetch under way, or a new one running ``run`` (for ``repo``); True when this call started it."""
         ...
 
     def get(self, registry: str, digest: Digest) -> FetchState | None: ...
+
+    def under_way(self) -> list[tuple[str, FetchState]]:
+        """Every fetch of this process under way, with its upstream registry (for the web page)."""
+        ...
 
     def fetching(self, digest: Digest) -> bool: ...
 
@@ -91,8 +104,11 @@ class FetchCoordinator(Protocol):
 class Fetch:
     """The state of one blob being fetched, shared by its task and every client reading it."""
 
-    def __init__(self, digest: Digest):
+    def __init__(self, digest: Digest, repo: str = ""):
         self.digest = digest
+        self.repo = repo
+        self.started_at = time.monotonic()
+        self.clients = 0
         self.size: int | None = None  # from the upstream's Content-Length, once it answered
         self.temp_path: Path | None = None
         self.final_path: Path | None = None  # set once verified and renamed into the store
@@ -173,14 +189,17 @@ class InFlight:
         """Whether ``digest`` is being fetched from any upstream (eviction leaves it alone meanwhile)."""
         return any(key[1] == digest for key in self._fetches)
 
-    def join(self, registry: str, digest: Digest, run: FetchRun) -> tuple[Fetch, bool]:
+    def under_way(self) -> list[tuple[str, FetchState]]:
+        return [(registry, fetch) for (registry, _), fetch in self._fetches.items()]
+
+    def join(self, registry: str, digest: Digest, run: FetchRun, repo: str = "") -> tuple[Fetch, bool]:
         """The fetch of ``digest`` from ``registry`` under way, or a new one started with ``run``. True when this
         call started it."""
         key = (registry, digest)
         fetch = self._fetches.get(key)
         if fetch is not None:
             return fetch, False
-        fetch = Fetch(digest)
+        fetch = Fetch(digest, repo)
         self._fetches[key] = fetch
         task = asyncio.create_task(self._run(key, fetch, run), name=f"fetch {digest} from {registry}")
         self._tasks.add(task)

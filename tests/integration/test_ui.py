@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,7 +24,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Error, Page, Request, s
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.credentials import basic, make_htpasswd
-from tests.support.ops import NO_UPSTREAM, Mirror, require, start_registry
+from tests.support.ops import NO_UPSTREAM, Mirror, require, start_nginx, start_registry
 from tests.support.plain_http import pull, push_random_image
 
 pytestmark = pytest.mark.integration
@@ -68,10 +69,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
         registry.stop()
 
 
-def visit(browser: Browser, url: str, shots: Path, name: str, **context: Any) -> Iterator[Visit]:
+def visit(
+    browser: Browser, url: str, shots: Path, name: str, sizes: tuple[str, ...] = tuple(SIZES), **context: Any
+) -> Iterator[Visit]:
     """Open ``url`` at each width; yields a ``Visit`` per width after checking requests, console and layout."""
     origin = urllib.parse.urlsplit(url).netloc
-    for width_name, (width, height) in SIZES.items():
+    for width_name in sizes:
+        width, height = SIZES[width_name]
         ctx = browser.new_context(viewport={"width": width, "height": height}, **context)
         page = ctx.new_page()
         errors: list[str] = []
@@ -202,3 +206,37 @@ def test_pages_need_credentials_without_anonymous_pull(browser: Browser, tmp_pat
         for shown in visit(browser, mirror.url + "/ui/", tmp_path, "login", http_credentials=credentials):
             assert shown.status == 200 and not shown.console_errors, shown.console_errors
             assert shown.page.locator("h1").text_content() == "Overview"
+
+
+def test_a_cold_pull_shows_a_progress_bar_that_advances_and_goes(browser: Browser, tmp_path: Path) -> None:
+    registry, url = start_registry(tmp_path / "registry")
+    nginx, slow_url = start_nginx(tmp_path / "nginx", url, throttle="1m")  # 1 MB/s: a 4 MB layer takes ~4 s
+    try:
+        push_random_image(url, "library/big", "1.0", [os.urandom(4_000_000)])
+        with Mirror(tmp_path / "data", slow_url) as mirror:
+            for shown in visit(browser, mirror.url + "/ui/", tmp_path, "inflight", sizes=("phone",)):
+                page = shown.page
+                assert page.is_visible("#inflight-empty")
+                puller = threading.Thread(target=pull, args=(mirror.url, "big", "1.0"))
+                puller.start()
+                try:
+                    bar = page.wait_for_selector("#inflight progress[max]", timeout=20_000)
+                    assert bar is not None
+                    first = float(bar.get_attribute("value") or 0)
+                    assert page.text_content("#inflight td") == "docker.io/library/big"
+                    page.wait_for_function(  # the bar advances without a reload...
+                        "v => (document.querySelector('#inflight progress') || {value: Infinity}).value > v",
+                        arg=first,
+                        timeout=20_000,
+                    )
+                    assert page.text_content("#inflight td:last-child") == "1"  # the puller streaming it
+                    page.screenshot(path=str(tmp_path / "inflight-phone-busy.png"), full_page=True)
+                    assert not page.evaluate("document.documentElement.scrollWidth > window.innerWidth")
+                    page.wait_for_selector("#inflight tr", state="detached", timeout=30_000)  # ...and goes when done
+                    assert page.is_visible("#inflight-empty")
+                finally:
+                    puller.join(60)
+                assert not shown.console_errors, shown.console_errors
+    finally:
+        nginx.stop()
+        registry.stop()

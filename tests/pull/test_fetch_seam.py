@@ -32,8 +32,8 @@ class Recording:
         self.inner = InFlight()
         self.calls: list[str] = []
 
-    def join(self, registry: str, digest: Digest, run: FetchRun) -> tuple[FetchState, bool]:
-        fetch, started = self.inner.join(registry, digest, run)
+    def join(self, registry: str, digest: Digest, run: FetchRun, repo: str = "") -> tuple[FetchState, bool]:
+        fetch, started = self.inner.join(registry, digest, run, repo)
         self.calls.append("start" if started else "join")
         return fetch, started
 
@@ -43,6 +43,9 @@ class Recording:
 
     def fetching(self, digest: Digest) -> bool:
         return self.inner.fetching(digest)
+
+    def under_way(self) -> list[tuple[str, FetchState]]:
+        return self.inner.under_way()
 
     async def close(self) -> None:
         await self.inner.close()
