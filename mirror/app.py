@@ -29,7 +29,8 @@ from mirror.notify import Endpoint, Notifier
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
 from mirror.oci.reference import Digest, canonical_registry
 from mirror.permissions import Permissions, Rule
-from mirror.pull.inflight import InFlight
+from mirror.pull.filelock import FileLocks
+from mirror.pull.inflight import FetchCoordinator, InFlight
 from mirror.pull.service import PullThrough, TagPolicy
 from mirror.push.registry import LocalRegistry
 from mirror.push.rules import PushRule
@@ -37,6 +38,7 @@ from mirror.push.uploads import Uploads
 from mirror.routing import RepoRules, Router, Upstreams
 from mirror.storage.blobs import BlobStore
 from mirror.storage.eviction import Limits
+from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.index import Index
@@ -178,6 +180,17 @@ def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Applic
     return lifecycle
 
 
+def coordination(config: Config, store: BlobStore) -> tuple[FetchCoordinator, Callable[[], int]]:
+    """The fetch coordinator, and the start-up cleaning of ``tmp/`` that fits it: alone on the data dir, every
+    temp file is a leftover; sharing it, only those of fetches no process holds are."""
+    if config.coordination == "process":
+        return InFlight(), store.clean_tmp
+    if config.coordination == "files":
+        locks = FetchLocks(store)
+        return FileLocks(locks), locks.clean_sync
+    raise ConfigError(f"coordination must be process or files, got {config.coordination!r}")
+
+
 def create_app(config: Config) -> web.Application:
     log_setup.quiet_parser_errors()  # one rate-limited line per malformed request, not a traceback each
     metrics = Metrics()
@@ -188,8 +201,9 @@ def create_app(config: Config) -> web.Application:
     clients, policies, registries = build_upstreams(config, metrics, loop_id)
     metrics.prime(clients)
     usage = Usage(config.data_dir)
+    inflight, clean_tmp = coordination(config, store)
     pull = PullThrough(
-        store, index, clients, policies, metrics, usage=usage, cache_size=config.cache_size, inflight=InFlight()
+        store, index, clients, policies, metrics, usage=usage, cache_size=config.cache_size, inflight=inflight
     )
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
 
@@ -221,7 +235,7 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(add_api_version)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await asyncio.to_thread(store.clean_tmp)
+        await asyncio.to_thread(clean_tmp)
         report = await asyncio.to_thread(reconcile_logged, store, index, usage)
         await housekeeper.start((report.table, report.generation))
         log.info(

@@ -104,6 +104,9 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     notifications: NotificationsConfig = field(default_factory=lambda: NotificationsConfig())
+    # Internal (no flag or key yet): "process" coordinates blob fetches inside this process; "files" across
+    # processes sharing the data dir (pull.filelock), for the workers to come.
+    coordination: str = "process"
 
     @property
     def host_port(self) -> tuple[str, int]:

@@ -87,6 +87,14 @@ FORBIDDEN: dict[str, set[str]] = {
 MODULE_FORBIDDEN: dict[str, set[str]] = {
     # The coordination seam: a file-lock or Redis-lease implementation must be able to replace it alone.
     "mirror.pull.inflight": {"mirror.pull", "mirror.storage", "mirror.upstream", "mirror.content", "mirror.metrics"},
+    # Its file-lock implementation: the seam, oci and the store's lock files (storage.fetchlocks), nothing more.
+    "mirror.pull.filelock": {
+        "mirror.pull.service",
+        "mirror.pull.blobs",
+        "mirror.upstream",
+        "mirror.content",
+        "mirror.metrics",
+    },
     "mirror.pull.failures": {"mirror.pull"},
     "mirror.pull.blobs": {"mirror.pull.service"},
 }
@@ -191,6 +199,13 @@ def file_calls(tree: ast.Module) -> set[str]:
             elif isinstance(func, ast.Attribute) and func.attr in FILE_METHODS:
                 found.add(f".{func.attr}()")
     return found
+
+
+@pytest.mark.parametrize("module", ["mirror.pull.inflight", "mirror.pull.filelock"])
+def test_fetch_coordinators_leave_file_work_to_the_store(module: str) -> None:
+    """The file locks of ``pull.filelock`` are taken, read and removed by ``storage.fetchlocks``."""
+    assert file_calls(MODULES[module]) == set(), module
+    assert not {"os", "os.path", "shutil", "io", "tempfile", "fcntl"} & imports(MODULES[module]), module
 
 
 @pytest.mark.parametrize("module", THROUGH_THE_STORE)

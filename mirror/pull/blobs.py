@@ -142,7 +142,7 @@ class BlobPuller:
             fetch.finish(self._store.path(digest))
             return
         self._metrics.inflight_fetches.inc()
-        writer = await asyncio.to_thread(self._store.writer, digest.algorithm)
+        writer = await asyncio.to_thread(self._store.fetch_writer, repo.registry, digest)
         expected: int | None = None
         try:
             # A Content-Length past max_blob_size is refused by client.blob before any byte is read.

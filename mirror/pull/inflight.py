@@ -1,8 +1,8 @@
 """The fetch-coordination seam: one upstream fetch per (upstream, digest), however many clients ask at once.
 
 ``FetchCoordinator`` and ``FetchState`` are the seam: the miss path (``pull.blobs``) and the HTTP layer talk to
-them only. ``InFlight`` and ``Fetch`` are the in-process implementation; one that coordinates worker processes
-over a shared data dir (file locks) or replicas (Redis leases) replaces them in ``app.create_app``.
+them only. ``InFlight`` and ``Fetch`` are the in-process implementation; ``pull.filelock`` coordinates processes
+sharing a data dir (file locks), and one for replicas (Redis leases) will follow; ``app.create_app`` picks one.
 
 The first request for a missing blob starts a ``Fetch``: a background task, owned here and not by any client,
 that streams the upstream body into a temp file. Every client -- the first one included -- reads that growing
@@ -175,7 +175,8 @@ class InFlight:
     the upstream its name routes to, so content one upstream is sending is never handed to a name of another
     (``PullThrough.vouch`` holds the same rule for stored content). Owned by the app (no module state)."""
 
-    def __init__(self) -> None:
+    def __init__(self, new_fetch: Callable[[Digest, str], Fetch] = Fetch) -> None:
+        self._new_fetch = new_fetch  # the state of a new fetch (another coordinator may extend ``Fetch``)
         self._fetches: dict[tuple[str, Digest], Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -199,7 +200,7 @@ class InFlight:
         fetch = self._fetches.get(key)
         if fetch is not None:
             return fetch, False
-        fetch = Fetch(digest, repo)
+        fetch = self._new_fetch(digest, repo)
         self._fetches[key] = fetch
         task = asyncio.create_task(self._run(key, fetch, run), name=f"fetch {digest} from {registry}")
         self._tasks.add(task)

@@ -12,7 +12,10 @@ Layout of the data dir::
                                received; visible only once complete, verified and fsynced
         sha512/...
       tmp/
-        fetch-<random>         upstream fetches and pushes in progress; start-up removes whatever is here
+        fetch-<random>         manifests being stored; start-up removes whatever is here
+        fetch-<alg>-<hex>-<r>  an upstream fetch of that digest from upstream <r> (a hash of its name), named by
+                               its key so that other processes sharing the data dir find it (fetchlocks.py)
+        lock-<alg>-<hex>-<r>   that fetch's lock file (fetchlocks.py), removed by its holder
       index/                   diskcache: tags, manifest media types (see index.py)
       usage/                   diskcache: size, kind, last served of every digest; pins (see usage.py)
       quarantine/              files that failed verification or did not belong in blobs/ (``quarantine_sync``,
@@ -44,6 +47,7 @@ from typing import IO
 from mirror.oci.reference import Digest
 from mirror.storage.writer import BlobWriter, DiskFull
 
+LOCK_PREFIX = "lock-"  # lock files of fetches in tmp/ (fetchlocks.py)
 HASH_CHUNK = 1 << 20  # bytes per read when re-hashing a stored file (``intact_sync``)
 
 log = logging.getLogger(__name__)
@@ -124,6 +128,23 @@ class BlobStore:
 
     def writer(self, algorithm: str = "sha256") -> BlobWriter:
         return BlobWriter(self, algorithm)
+
+    def fetch_key(self, registry: str, digest: Digest) -> str:
+        """The name of the fetch of ``digest`` from ``registry`` in ``tmp/``, the same in every process."""
+        upstream = hashlib.sha256(registry.encode()).hexdigest()[:16]
+        return f"{digest.algorithm}-{digest.hex}-{upstream}"
+
+    def fetch_temp_path(self, registry: str, digest: Digest) -> Path:
+        return self.tmp_dir / f"fetch-{self.fetch_key(registry, digest)}"
+
+    def fetch_writer(self, registry: str, digest: Digest) -> BlobWriter:
+        """The writer of an upstream fetch, at the temp path named by its key (``fetch_temp_path``). The caller
+        holds the key (the in-process single flight, or its file lock), so a file already there is a leftover
+        of an interrupted fetch of the same key: it is removed first. Blocking: call it in a thread."""
+        path = self.fetch_temp_path(registry, digest)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return BlobWriter(self, digest.algorithm, name=path.name)
 
     async def put(self, data: bytes, expected: Digest | None = None) -> Digest:
         """Store a small blob held in memory (a manifest), verified like any other."""
@@ -237,6 +258,8 @@ class BlobStore:
         cutoff = time.time() - max_age
         removed = 0
         for entry in os.scandir(self.tmp_dir):
+            if entry.name.startswith(LOCK_PREFIX):
+                continue  # a lock file is removed by its holder only (fetchlocks.py): removing it would break it
             with contextlib.suppress(FileNotFoundError):
                 if max_age <= 0 or entry.stat().st_mtime < cutoff:
                     if not dry_run:

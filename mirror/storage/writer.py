@@ -58,9 +58,12 @@ class BlobWriter:
     concurrent reader of ``temp_path`` may read up to that offset.
     """
 
-    def __init__(self, store: Publisher, algorithm: str = "sha256", temp_path: Path | None = None):
-        """A new temp file under ``tmp/``; or, with ``temp_path`` (a push upload's data file, which lives outside
-        ``tmp/`` so that it survives a restart), that file reopened for appending, its bytes so far re-hashed."""
+    def __init__(
+        self, store: Publisher, algorithm: str = "sha256", temp_path: Path | None = None, name: str | None = None
+    ):
+        """A new temp file under ``tmp/`` (named ``name``, or at random); or, with ``temp_path`` (a push upload's
+        data file, which lives outside ``tmp/`` so that it survives a restart), that file reopened for appending,
+        its bytes so far re-hashed."""
         self._store = store
         self._hasher = hashlib.new(algorithm)
         self._algorithm = algorithm
@@ -68,7 +71,7 @@ class BlobWriter:
         self._closed = False
         self._file: IO[bytes]
         if temp_path is None:
-            self.temp_path = store.tmp_dir / f"fetch-{secrets.token_hex(12)}"
+            self.temp_path = store.tmp_dir / (name or f"fetch-{secrets.token_hex(12)}")
             self._file = open(self.temp_path, "xb")  # noqa: SIM115 - closed in commit/abort
         else:
             self.temp_path = temp_path

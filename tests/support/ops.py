@@ -251,6 +251,7 @@ http {{
     return service, url
 
 
+COORDINATED = "tests.support.coordinated"  # the entry of mirrors that share one data dir (``Mirror(entry=...)``)
 # An upstream that is not there: for tests that only push (a push never asks the upstream).
 NO_UPSTREAM = "http://127.0.0.1:9"
 
@@ -261,7 +262,8 @@ class Mirror(Service):
     ``listen`` defaults to a free loopback port; with ``--tls-cert`` among the flags it serves https and ``ca``
     (the certificate to trust) verifies it; ``host`` runs it inside that network namespace (``listen`` is then on
     ``host.ip``); ``wrap`` prefixes the command (a memory limit, ``strace``). ``log`` defaults to
-    ``mirror-<listen>.log`` beside the data dir. As a context manager it is stopped on exit."""
+    ``mirror-<listen>.log`` beside the data dir; ``entry`` is the module run (``COORDINATED``: fetches coordinated
+    with the other mirrors on the data dir). As a context manager it is stopped on exit."""
 
     def __init__(
         self,
@@ -273,6 +275,7 @@ class Mirror(Service):
         listen: str | None = None,
         ca: Path | None = None,
         host: NamespaceHost | None = None,
+        entry: str = "mirror",
     ):
         self.port = free_port() if listen is None else int(listen.rpartition(":")[2])
         listen = listen or f"127.0.0.1:{self.port}"
@@ -282,7 +285,7 @@ class Mirror(Service):
         self.upstream = upstream
         self.context = ssl.create_default_context(cafile=str(ca)) if ca else None
         args = [
-            sys.executable, "-m", "mirror", "serve", "--listen", listen,
+            sys.executable, "-m", entry, "serve", "--listen", listen,
             "--data-dir", str(data_dir), "--upstream", upstream, *flags,
         ]  # fmt: skip
         if host is not None:

@@ -1,0 +1,195 @@
+"""Locks of upstream fetches across processes sharing one data dir: the file side of ``pull.filelock``.
+
+Every fetch has a key (``BlobStore.fetch_key``: digest and upstream) and two files in ``tmp/``::
+
+    lock-<key>    exclusive ``flock`` of whoever fetches it; the kernel releases it when that process dies. Once
+                  the upstream answered, the holder writes "<size or -> <inode of the temp file>" into it.
+    fetch-<key>   the temp file the holder writes (``BlobStore.fetch_writer``), renamed into ``blobs/`` when
+                  verified, removed when the fetch fails
+
+Rules that make the outcome readable from the files alone:
+- The holder publishes or removes the temp file *before* it releases the lock, so whoever takes the lock next
+  finds either the published blob (success) or no blob (failure); a temp file found then is a dead holder's
+  leftover, and the new holder removes it.
+- The holder removes the lock file before it releases the lock. A lock is taken on an open file and is valid
+  only if that file is still the one at the path (same inode); otherwise it is dropped and taken again, so two
+  processes can never both hold a key.
+- Nothing else removes lock files (``BlobStore.sweep_tmp_sync`` leaves them alone).
+
+Every method blocks (file work, never a wait for the lock: ``LOCK_NB``): call them in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mirror.oci.reference import Digest
+from mirror.storage.blobs import LOCK_PREFIX, BlobStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A fetch another process holds, as its files show it."""
+
+    announced: bool  # the holder's upstream answered (size and temp file known)
+    size: int | None  # the upstream's Content-Length
+    inode: int | None  # the temp file the holder writes
+    written: int  # bytes in that temp file now
+
+
+class Followed:
+    """The temp file a follower streams, held open: its inode cannot be reused for another file meanwhile, so
+    comparing inodes tells reliably whether the file at the path (or the one published) is still this one."""
+
+    def __init__(self, fd: int, inode: int):
+        self._fd = fd
+        self.inode = inode
+
+    def written_sync(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def close_sync(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    size: int
+    inode: int
+
+
+class FetchLock:
+    """The held lock of one fetch. ``release_sync`` drops it (also when the fetch failed)."""
+
+    def __init__(self, fd: int, lock_path: Path, temp_path: Path, final_path: Path):
+        self._fd = fd
+        self.lock_path = lock_path
+        self.temp_path = temp_path
+        self.final_path = final_path
+
+    def published_sync(self) -> Published | None:
+        """The published blob, if a holder before us (or we) published it."""
+        try:
+            st = os.stat(self.final_path)
+        except FileNotFoundError:
+            return None
+        return Published(st.st_size, st.st_ino)
+
+    def discard_leftover_sync(self) -> None:
+        """Remove a temp file left by a holder that died (we hold the key: nobody writes it)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.temp_path.unlink()
+
+    def announce_sync(self, size: int | None) -> None:
+        """Tell followers the upstream answered: its size and which temp file holds the bytes."""
+        inode = os.stat(self.temp_path).st_ino
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{'-' if size is None else size} {inode}\n".encode(), 0)
+
+    def release_sync(self) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.lock_path.unlink()
+        os.close(self._fd)  # releases the flock
+        self._fd = -1
+
+
+class FetchLocks:
+    """The fetch locks of one store's ``tmp/``."""
+
+    def __init__(self, store: BlobStore):
+        self._store = store
+
+    def _paths(self, registry: str, digest: Digest) -> tuple[Path, Path]:
+        key = self._store.fetch_key(registry, digest)
+        return self._store.tmp_dir / f"{LOCK_PREFIX}{key}", self._store.fetch_temp_path(registry, digest)
+
+    def temp_path(self, registry: str, digest: Digest) -> Path:
+        return self._store.fetch_temp_path(registry, digest)
+
+    def acquire_sync(self, registry: str, digest: Digest) -> FetchLock | None:
+        """The key's lock if nobody holds it (a leftover temp file is removed then), else None."""
+        lock_path, temp_path = self._paths(registry, digest)
+        fd, _ = self._try(lock_path)
+        if fd is None:
+            return None
+        lock = FetchLock(fd, lock_path, temp_path, self._store.path(digest))
+        lock.discard_leftover_sync()
+        return lock
+
+    def follow_sync(self, registry: str, digest: Digest, inode: int) -> Followed | None:
+        """Open the announced temp file to follow it; None if the file there is not (or no longer) that one."""
+        try:
+            fd = os.open(self._store.fetch_temp_path(registry, digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        if os.fstat(fd).st_ino != inode:
+            os.close(fd)
+            return None
+        return Followed(fd, inode)
+
+    def progress_sync(self, registry: str, digest: Digest, followed: Followed | None = None) -> FetchLock | Progress:
+        """The key's lock if its holder released it (or died), else how far the holder's fetch is: the bytes in
+        ``followed`` when the announcement still names it."""
+        lock_path, temp_path = self._paths(registry, digest)
+        fd, announcement = self._try(lock_path)
+        if fd is not None:
+            return FetchLock(fd, lock_path, temp_path, self._store.path(digest))
+        size_text, _, inode_text = announcement.strip().partition(" ")
+        if not inode_text.isdigit() or not (size_text == "-" or size_text.isdigit()):
+            return Progress(False, None, None, 0)
+        size, inode = None if size_text == "-" else int(size_text), int(inode_text)
+        written = followed.written_sync() if followed is not None and followed.inode == inode else 0
+        return Progress(True, size, inode, written)
+
+    def _try(self, lock_path: Path) -> tuple[int | None, str]:
+        """Take the lock at ``lock_path`` without waiting: (fd, "") when taken, else (None, the holder's
+        announcement)."""
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 64, 0).decode(errors="replace")
+                os.close(fd)
+                return None, text
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                current = os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                current = -1
+            if current == os.fstat(fd).st_ino:
+                return fd, ""
+            os.close(fd)  # its holder removed that file on release: take the lock on the one there now
+
+    def clean_sync(self) -> int:
+        """At start-up: remove the temp files of fetches nobody holds (their process died), leaving those of
+        fetches other processes run; how many went."""
+        removed = 0
+        for entry in os.scandir(self._store.tmp_dir):
+            if not entry.name.startswith(LOCK_PREFIX):
+                continue
+            fd, _ = self._try(Path(entry.path))
+            if fd is None:
+                continue
+            key = entry.name[len(LOCK_PREFIX) :]
+            lock = FetchLock(fd, Path(entry.path), self._store.tmp_dir / f"fetch-{key}", Path(os.devnull))
+            with contextlib.suppress(FileNotFoundError):
+                lock.temp_path.unlink()
+                removed += 1
+            lock.release_sync()
+        if removed:
+            log.info("removed %d temp files of interrupted fetches", removed)
+        return removed
