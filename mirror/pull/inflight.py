@@ -198,8 +198,10 @@ class InFlight:
         call started it."""
         key = (registry, digest)
         fetch = self._fetches.get(key)
-        if fetch is not None:
+        if fetch is not None and fetch.error is None:
             return fetch, False
+        # None, or one that failed and is still winding down (its task cleaning up): a new client gets a new fetch,
+        # never a dead one that would cut it right after the headers.
         fetch = self._new_fetch(digest, repo)
         self._fetches[key] = fetch
         task = asyncio.create_task(self._run(key, fetch, run), name=f"fetch {digest} from {registry}")
@@ -216,7 +218,8 @@ class InFlight:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
-            self._fetches.pop(key, None)
+            if self._fetches.get(key) is fetch:  # a failed fetch may have been replaced already
+                del self._fetches[key]
             if not fetch.done:
                 fetch.fail(RuntimeError("fetch ended without a result"))
 

@@ -97,3 +97,32 @@ async def test_a_head_looks_up_the_fetch_and_never_starts_one(
     assert await pull.blob_head(REPO, digest) == len(b"config")  # the size the upstream announces
     assert coordinator.calls == ["get"]
     assert fake.count("GET", "blobs") == 0
+
+
+async def test_a_failed_fetch_still_winding_down_is_never_joined(tmp_path: Path) -> None:
+    """Between a fetch failing and its task leaving the table, a new client must get a new fetch: joining the
+    dead one would cut it right after the headers."""
+    inflight = InFlight()
+    digest = Digest.parse("sha256:" + "1" * 64)
+    failed, winding_down, second_may_end = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def fails_then_lingers(fetch: FetchState) -> None:
+        fetch.begin(10, tmp_path / "temp")
+        fetch.advance(5)
+        fetch.fail(RuntimeError("upstream cut"))
+        failed.set()
+        await winding_down.wait()  # cleanup still running: the fetch is still in the table
+
+    async def runs(fetch: FetchState) -> None:
+        await second_may_end.wait()
+
+    first, _ = inflight.join("docker.io", digest, fails_then_lingers)
+    await failed.wait()
+    second, started = inflight.join("docker.io", digest, runs)
+    assert started and second is not first and second.error is None
+    winding_down.set()
+    for _ in range(10):  # let the first task finish its clean-up
+        await asyncio.sleep(0)
+    assert inflight.get("docker.io", digest) is second  # the first task's clean-up left the new fetch in place
+    second_may_end.set()
+    await inflight.close()
