@@ -82,7 +82,8 @@ async def test_over_the_watermark_idle_sessions_go_first(
     fake, _ = fake_upstream
     client = await push_mirror(admin_api=True, cache_size=10_000)
     digest = fake.add_blob(b"c" * 4000)
-    assert (await client.get(f"/v2/library/alpine/blobs/{digest}")).status == 200
+    resp = await client.get(f"/v2/library/alpine/blobs/{digest}")
+    assert resp.status == 200 and len(await resp.read()) == 4000  # read whole: the blob is no longer leased
     idle = (await client.post(f"/v2/{REPO}/blobs/uploads/")).headers["Location"]
     assert (await client.patch(idle, data=b"i" * 3000)).status == 202
     long_ago = time.time() - 600
