@@ -21,19 +21,11 @@ import pytest
 import yaml
 
 from mirror.config import cache_config, load
+from tests.support.ops import require
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 YAML_FILES = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml"), *(ROOT / "grafana").rglob("*.yml")])
-
-
-def need(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{binary} is not installed (CI=true: a missing component fails)")
-        pytest.skip(f"{binary} is not installed")
-    return path
 
 
 def load_yaml(path: Path) -> list[Any]:
@@ -126,7 +118,7 @@ def test_dockerfile_is_slim_non_root_with_healthcheck_and_volume() -> None:
 
 
 def test_prometheus_config_and_alerts_pass_promtool(tmp_path: Path) -> None:
-    promtool = need("promtool")
+    promtool = require("promtool")
     config = tmp_path / "prometheus.yml"
     shutil.copy(DEPLOY / "prometheus" / "prometheus.yml", config)
     shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
@@ -136,7 +128,7 @@ def test_prometheus_config_and_alerts_pass_promtool(tmp_path: Path) -> None:
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
-    analyze = need("systemd-analyze")
+    analyze = require("systemd-analyze")
     unit = tmp_path / "mirror.service"
     # verify insists that ExecStart's binary exists: point it at this Python, with the same arguments.
     text = (DEPLOY / "systemd" / "mirror.service").read_text()
