@@ -272,7 +272,7 @@ def write(tmp_path: Path, text: str) -> str:
 
 
 def test_access_tables_are_read_from_the_config_file(tmp_path: Path, htpasswd: Path) -> None:
-    from mirror.config import access_rules
+    from mirror.config.access import access_rules
 
     text = f'htpasswd = "{htpasswd}"\n\n[[access]]\nusers = ["ci"]\nrepositories = ["ci/*"]\nactions = ["push"]\n'
     config = load({}, write(tmp_path, text), environ={})
@@ -304,7 +304,7 @@ def test_access_tables_need_htpasswd(tmp_path: Path) -> None:
 
 
 def test_the_readme_examples_mean_what_they_say(tmp_path: Path, htpasswd: Path) -> None:
-    from mirror.config import access_rules
+    from mirror.config.access import access_rules
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.partition("### Repository permissions")[2]

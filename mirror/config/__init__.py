@@ -257,6 +257,8 @@ def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | No
     if config.anonymous_push not in ANONYMOUS_PUSH:
         raise ConfigError(f"--anonymous-push must be one of {', '.join(ANONYMOUS_PUSH)}")
     cache_config(config)  # validates the [cache] table
+    from mirror.config.access import access_rules  # here, not at the top: that module builds on this one
+
     access_rules(config)  # validates the [[access]] tables
     return config
 
@@ -389,48 +391,3 @@ def cache_config(config: Config) -> CacheConfig:
     if cache.flush_interval <= 0:
         raise ConfigError("[cache] flush_interval must be positive")
     return cache
-
-
-# --- repository permissions ([[access]] tables; mirror.permissions) ---------------------------------------------
-ACCESS_ACTIONS = ("pull", "push", "delete", "admin")
-
-
-@dataclass(frozen=True, slots=True)
-class AccessRule:
-    """One ``[[access]]`` table: these users may do these actions on repositories matching these patterns."""
-
-    users: tuple[str, ...]  # htpasswd users, "*" (any authenticated user), "anonymous"
-    repositories: tuple[str, ...] = ()  # globs: * within a path component, ** across; () for admin-only rules
-    actions: tuple[str, ...] = ()  # ACCESS_ACTIONS; () denies everything on the repositories it matches
-
-
-def _strings(table: Mapping[str, Any], key: str, number: int) -> tuple[str, ...]:
-    value = table.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"[[access]] entry {number}: {key} must be a list of non-empty strings")
-    return tuple(value)
-
-
-def access_rules(config: Config) -> tuple[AccessRule, ...]:
-    """The ``[[access]]`` rules in order; () when there are none (the built-in permissions apply)."""
-    tables = config.extra.get("access", [])
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        raise ConfigError("access must be an array of tables: [[access]] users = [...] repositories = [...] ...")
-    rules = []
-    for number, table in enumerate(tables, 1):
-        unknown = set(table) - {f.name for f in fields(AccessRule)}
-        if unknown:
-            raise ConfigError(f"unknown keys in [[access]] entry {number}: {', '.join(sorted(unknown))}")
-        rule = AccessRule(*(_strings(table, key, number) for key in ("users", "repositories", "actions")))
-        bad = set(rule.actions) - set(ACCESS_ACTIONS)
-        if bad:
-            raise ConfigError(f"[[access]] entry {number}: unknown actions {', '.join(sorted(bad))} "
-                              f"(use {', '.join(ACCESS_ACTIONS)})")  # fmt: skip
-        if not rule.users:
-            raise ConfigError(f'[[access]] entry {number} needs users (names, "*" or "anonymous")')
-        if not rule.repositories and set(rule.actions) - {"admin"}:
-            raise ConfigError(f"[[access]] entry {number} grants {', '.join(rule.actions)} but names no repositories")
-        rules.append(rule)
-    if rules and config.htpasswd is None:
-        raise ConfigError("[[access]] rules need --htpasswd: without it every client is anonymous (see anonymous_push)")
-    return tuple(rules)
