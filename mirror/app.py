@@ -20,7 +20,7 @@ from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
 from mirror.api.admin import ADMIN, READY
 from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, ROUTING, STORE, USAGE
-from mirror.api.middleware import add_api_version, refuse_loops, registry_errors, request_metrics
+from mirror.api.middleware import add_api_version, local_names, refuse_loops, registry_errors, request_metrics
 from mirror.api.routes import add_routes
 from mirror.api.streaming import SENDER, Sender
 from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, cache_config
@@ -38,6 +38,7 @@ from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
 from mirror.routing import RepoRules, Router, Upstreams
 from mirror.storage.blobs import BlobStore
+from mirror.storage.counter import SharedCounter
 from mirror.storage.eviction import Limits
 from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.gc import Report, reconcile_sync
@@ -135,7 +136,9 @@ def build_local(
     sessions = UploadSessions(config.data_dir, store, config.upload_max_sessions, config.upload_max_sessions_per_client)
     metrics.upload_sessions.set_function(sessions.count_sync)
     uploads = Uploads(store, sessions, metrics)
-    return LocalRegistry(store, index, uploads, PushRule(config.push_prefixes), router.upstream, usage)
+    # Several processes on the data dir: a push through one makes its name local for all (``local_names``).
+    changes = SharedCounter(config.data_dir / "local-repos.count") if config.coordination == "files" else None
+    return LocalRegistry(store, index, uploads, PushRule(config.push_prefixes), router.upstream, usage, changes=changes)
 
 
 def build_access(config: Config, metrics: Metrics) -> Access:
@@ -218,7 +221,8 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     local.uploads.sessions.on_held = usage.uploads_held
     housekeeper.reclaim = lambda: local.uploads.sessions.sweep(config.upload_idle_when_full)
 
-    app = web.Application(middlewares=[request_metrics, registry_errors, refuse_loops(loop_id), check_access])
+    shared = [local_names] if config.coordination == "files" else []
+    app = web.Application(middlewares=[request_metrics, registry_errors, refuse_loops(loop_id), *shared, check_access])
     app[METRICS] = metrics
     app[PULL] = pull
     app[STORE] = store

@@ -9,7 +9,7 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from mirror.api.keys import METRICS
+from mirror.api.keys import LOCAL, METRICS
 from mirror.oci import errors
 from mirror.storage.writer import DiskFull
 from mirror.upstream.client import LOOP_HEADER
@@ -71,6 +71,16 @@ def refuse_loops(loop_id: str) -> Middleware:
         return await handler(request)
 
     return refuse
+
+
+@web.middleware
+async def local_names(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With other processes on the data dir: if one of them made a repository local (a first push) since this
+    process read the names, read them again before the request is routed (a memory read when nothing changed)."""
+    local = request.app[LOCAL]
+    if local.stale():
+        await local.refresh()
+    return await handler(request)
 
 
 @web.middleware

@@ -35,6 +35,7 @@ from mirror.oci.reference import LOCAL, Digest, Repo, Tag, validate_name
 from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
 from mirror.storage.blobs import BlobStore
+from mirror.storage.counter import SharedCounter
 from mirror.storage.index import Index, ManifestRecord, TagRecord
 from mirror.storage.usage import Usage
 from mirror.upstream.client import ManifestHead
@@ -84,6 +85,7 @@ class LocalRegistry:
         upstream_repo: Callable[[str], Repo],
         usage: Usage,
         clock: Callable[[], float] = time.time,
+        changes: SharedCounter | None = None,
     ):
         self._store = store
         self._index = index
@@ -93,11 +95,26 @@ class LocalRegistry:
         self._upstream_repo = upstream_repo
         self._clock = clock
         self._repos: frozenset[str] = frozenset()
+        # With other processes on the data dir (workers): bumped by whichever of them makes a repository local,
+        # so the others read the names again before they route a request (``stale``/``refresh``).
+        self._changes = changes
+        self._seen = 0
+        self._refreshing = asyncio.Lock()
         uploads.on_blob = self._blob_arrived
 
     def load(self) -> None:
-        """Read the names of local repositories (blocking; called once at start-up, in a thread)."""
-        self._repos = frozenset(self._index.local_repos_sync())
+        """Read the names of local repositories (blocking; called at start-up, in a thread)."""
+        self._seen = self._changes.value() if self._changes is not None else 0
+        self._repos = self._repos | frozenset(self._index.local_repos_sync())  # names are only ever added
+
+    def stale(self) -> bool:
+        """Whether another process made a repository local since this one read the names (a memory read)."""
+        return self._changes is not None and self._changes.value() != self._seen
+
+    async def refresh(self) -> None:
+        async with self._refreshing:
+            if self.stale():
+                await asyncio.to_thread(self.load)
 
     # --- names -----------------------------------------------------------------------------------------------
     def local(self, name: str, ns: str | None) -> Repo | None:
@@ -151,6 +168,8 @@ class LocalRegistry:
             return
         await self._index.add_local_repo(repo.path)
         self._repos = self._repos | {repo.path}
+        if self._changes is not None:
+            await asyncio.to_thread(self._changes.bump_sync)
         log.info("%s is now a local repository: pulls of it are answered from pushed content only", repo.path)
 
     async def _blob_arrived(self, repo: Repo, digest: Digest, kind: str = "blob") -> None:
