@@ -8,9 +8,12 @@ its counters stay; every metric the dashboard queries is still there, with the l
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -18,11 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.multiprocess import mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
+from mirror.metrics import Metrics
 from tests.integration.test_dashboard import dashboard_queries
-from tests.support.ops import COORDINATED, Mirror, start_nginx, start_registry, wait_until
+from tests.support.ops import COORDINATED, Mirror, mirror_env, start_nginx, start_registry, wait_until
 from tests.support.plain_http import pull, push_blob, push_random_image
 
 pytestmark = pytest.mark.integration
@@ -236,3 +240,38 @@ def test_every_metric_the_dashboard_queries_is_exported_with_the_same_labels(
     finally:
         alone.stop()
         host.stop()
+
+
+LATE = """
+import os, sys
+import mirror.app  # the package first, as a supervisor imports it before it sets the variable for its workers
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+from mirror.metrics import Metrics
+metrics = Metrics()
+metrics.http_requests.labels("blob", "GET", "200").inc(3)
+metrics.inflight_fetches.inc()
+"""
+
+
+@pytest.mark.parametrize("setting", ["before import", "after import"])
+def test_the_variable_counts_when_metrics_are_built_not_when_imported(tmp_path: Path, setting: str) -> None:
+    env = shared(tmp_path)
+    code = (
+        LATE if setting == "after import" else LATE.replace('os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]', "")
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, env["PROMETHEUS_MULTIPROC_DIR"]],
+        check=True,
+        env={**mirror_env(), **(env if setting == "before import" else {})},
+        timeout=60,
+    )
+    files = MultiProcessCollector.merge(glob.glob(f"{env['PROMETHEUS_MULTIPROC_DIR']}/*.db"))  # type: ignore[no-untyped-call]  # unannotated
+    values = {(s.name, s.labels.get("route", "")): s.value for family in files for s in family.samples}
+    assert values[("mirror_http_requests_total", "blob")] == 3
+    assert values[("mirror_inflight_fetches", "")] == 1
+
+
+def test_a_missing_directory_is_refused_when_metrics_are_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "absent"))
+    with pytest.raises(ValueError, match="is not a directory"):
+        Metrics()
