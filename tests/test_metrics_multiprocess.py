@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -21,10 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.metrics import Metrics
+from mirror.metrics.collectors import REPO_REQUESTS, REPO_SERVED, top_repos
 from tests.integration.test_dashboard import dashboard_queries
 from tests.support.ops import COORDINATED, Mirror, mirror_env, start_nginx, start_registry, wait_until
 from tests.support.plain_http import pull, push_blob, push_random_image
@@ -247,6 +250,7 @@ import os, sys
 import mirror.app  # the package first, as a supervisor imports it before it sets the variable for its workers
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
 from mirror.metrics import Metrics
+from mirror.metrics.collectors import REPO_REQUESTS, REPO_SERVED, top_repos
 metrics = Metrics()
 metrics.http_requests.labels("blob", "GET", "200").inc(3)
 metrics.inflight_fetches.inc()
@@ -275,3 +279,44 @@ def test_a_missing_directory_is_refused_when_metrics_are_built(tmp_path: Path, m
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "absent"))
     with pytest.raises(ValueError, match="is not a directory"):
         Metrics()
+
+
+SUMMARY = """
+import json, sys
+from mirror.metrics import Metrics
+from mirror.metrics.collectors import REPO_REQUESTS, REPO_SERVED, top_repos
+metrics = Metrics()
+metrics.prime(["docker.io"])
+metrics.upstream_requests.labels("docker.io", "blob", sys.argv[1]).inc(2)
+metrics.ratelimit_remaining.labels("docker.io").set(float(sys.argv[2]))
+print(json.dumps(metrics.upstream_summary()["docker.io"]))
+"""
+
+
+def test_the_web_pages_upstream_figures_are_the_hosts(tmp_path: Path) -> None:
+    env = {**mirror_env(), **shared(tmp_path)}
+
+    def process(outcome: str, remaining: int) -> dict[str, float]:
+        run = subprocess.run(
+            [sys.executable, "-c", SUMMARY, outcome, str(remaining)], env=env, capture_output=True, check=True
+        )
+        return dict(json.loads(run.stdout))
+
+    process("unreachable", 50)
+    process("rate_limited", 40)
+    seen = process("error", 30)  # this one's own counts and the two others', the latest quota announced
+    assert (seen["errors"], seen["rate_limited"], seen["pulls_left"]) == (4, 2, 30)
+
+
+def test_the_top_repositories_are_picked_from_the_sums_of_every_process() -> None:
+    requests = CounterMetricFamily(REPO_REQUESTS, "", labels=["repo", "kind", "result"])
+    served = CounterMetricFamily(REPO_SERVED, "", labels=["repo", "source"])
+    for repo, hits in (("a", 5), ("b", 3), ("c", 4), ("kept", 1)):
+        requests.add_metric([repo, "blob", "hit"], hits)
+        served.add_metric([repo, "cache"], 10 * hits)
+    other = CounterMetricFamily("mirror_http_requests", "", labels=["route"])
+    other.add_metric(["blob"], 7)
+    cut = {f.name: f for f in top_repos([requests, served, other], 2, frozenset({"kept", "absent"}))}
+    assert [s.labels["repo"] for s in cut[REPO_REQUESTS].samples] == ["a", "c", "kept"]
+    assert [s.labels["repo"] for s in cut[REPO_SERVED].samples] == ["a", "c", "kept"]
+    assert [s.value for s in cut["mirror_http_requests"].samples] == [7]
