@@ -134,7 +134,7 @@ def build_local(
     if LOCAL_REGISTRY in router.upstreams:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
     sessions = UploadSessions(config.data_dir, store, config.upload_max_sessions, config.upload_max_sessions_per_client)
-    metrics.upload_sessions.set_function(sessions.count_sync)
+    metrics.upload_sessions.source = sessions.count_sync
     uploads = Uploads(store, sessions, metrics)
     # Several processes on the data dir: a push through one makes its name local for all (``local_names``).
     changes = SharedCounter(config.data_dir / "local-repos.count") if config.coordination == "files" else None
@@ -329,6 +329,8 @@ def build_housekeeping(
     metrics.cache.source = lambda: CacheSnapshot(
         usage.total + usage.upload_bytes, limits.size, usage.pending, usage.counts(), housekeeper.protected_bytes
     )
+    if metrics.shared_dir is not None:  # several processes: each one's fetches under way, summed at the scrape
+        usage.on_pending = metrics.cache_pending.set
     admin = Admin(
         store, index, usage, housekeeper, pull, default_registry, GcSettings(cache.gc_grace, cache.tmp_max_age), live
     )

@@ -100,6 +100,8 @@ MODULE_FORBIDDEN: dict[str, set[str]] = {
         "mirror.metrics",
     },
     "mirror.pull.failures": {"mirror.pull"},
+    # The host-wide (multiprocess) mode sits on top of the collectors, which know nothing of it.
+    "mirror.metrics.collectors": {"mirror.metrics.host"},
     "mirror.pull.blobs": {"mirror.pull.service"},
 }
 # What ``api`` may import from ``storage``: the protocols, and error types the middleware renders.

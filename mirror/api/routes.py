@@ -9,6 +9,8 @@ and methods of one path share one name where the policy treats them alike.
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -33,7 +35,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    """``/metrics``: this process's metrics, or with several processes on the host (``PROMETHEUS_MULTIPROC_DIR``)
+    every process's, read from their files in a thread."""
+    metrics = request.app[METRICS]
+    registry = metrics.host()  # on the loop: copies what lives in this process's memory
+    if metrics.shared_dir is None:
+        body = generate_latest(registry)
+    else:
+        body = await asyncio.to_thread(generate_latest, registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -16,6 +16,7 @@ human form, so a test (or a script) reads exactly what is shown.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from importlib import resources
 from typing import Any
@@ -57,7 +58,7 @@ async def overview(request: web.Request) -> web.Response:
         "page": "overview",
         "stats": stats,
         "fill": fill(stats),
-        "upstreams": metrics.upstream_summary(),
+        "upstreams": await asyncio.to_thread(metrics.upstream_summary),  # reads files with several processes
         "chart": chart(metrics.per_minute.last(time.monotonic())),
         "inflight": in_flight(request),
     }

@@ -76,6 +76,7 @@ class Usage:
         self._dirty: dict[str, float] = {}
         self._leases: Counter[str] = Counter()
         self.on_grow: Callable[[], None] = lambda: None  # the housekeeper's wake-up call
+        self.on_pending: Callable[[int], None] = lambda pending: None  # ``pending`` changed (a host-wide gauge)
         self.generation = 0  # the disk generation ``table`` was loaded at
 
     def close(self) -> None:
@@ -128,6 +129,7 @@ class Usage:
         """A fetch of ``size`` bytes started (positive) or ended (negative): eviction makes room ahead of it."""
         if size:
             self.pending = max(0, self.pending + size)
+            self.on_pending(self.pending)
             if size > 0:
                 self.on_grow()
 

@@ -272,7 +272,8 @@ class Mirror(Service):
     (the certificate to trust) verifies it; ``host`` runs it inside that network namespace (``listen`` is then on
     ``host.ip``); ``wrap`` prefixes the command (a memory limit, ``strace``). ``log`` defaults to
     ``mirror-<listen>.log`` beside the data dir; ``entry`` is the module run (``COORDINATED``: fetches coordinated
-    with the other mirrors on the data dir). As a context manager it is stopped on exit."""
+    with the other mirrors on the data dir); ``env`` adds to its environment. As a context manager it is stopped
+    on exit."""
 
     def __init__(
         self,
@@ -285,6 +286,7 @@ class Mirror(Service):
         ca: Path | None = None,
         host: NamespaceHost | None = None,
         entry: str = "mirror",
+        env: dict[str, str] | None = None,
     ):
         self.port = free_port() if listen is None else int(listen.rpartition(":")[2])
         listen = listen or f"127.0.0.1:{self.port}"
@@ -300,7 +302,7 @@ class Mirror(Service):
         if host is not None:
             args = host.argv(*args)
         log = log or data_dir.parent / f"mirror-{listen.replace(':', '-')}.log"
-        super().__init__([*(wrap or []), *args], log, env=mirror_env())
+        super().__init__([*(wrap or []), *args], log, env={**mirror_env(), **(env or {})})
         try:
             self.wait_ready(self.url + "/readyz", context=self.context)
         except BaseException:

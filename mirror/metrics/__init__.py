@@ -4,25 +4,40 @@ Conventions: prefix ``mirror_``, base units (``_bytes``, ``_seconds``), counters
 label sets (never a label per digest or per tag). Names say which way bytes flow: ``served`` is mirror -> client,
 ``fetched`` is upstream -> mirror. "Bytes saved" is ``mirror_blob_bytes_served_total{source="cache"}``.
 
-A ``Metrics`` object owns its own ``CollectorRegistry`` so that several apps (tests) never share state.
+A ``Metrics`` object owns its own ``CollectorRegistry`` so that several apps (tests) never share state. With
+``PROMETHEUS_MULTIPROC_DIR`` set, the values are kept in files shared by the processes of one host and
+``/metrics`` answers for all of them (``metrics.host``); each gauge says below how its processes' values combine.
 """
 
 from __future__ import annotations
 
-from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
+
+from mirror.metrics.collectors import (
+    PENDING,
+    PENDING_HELP,
+    CacheCollector,
+    CacheSnapshot,
+    RepoStats,
+    RequestRate,
+    SessionsCollector,
+    SharedRepoCounters,
+)
+from mirror.metrics.host import HostCollector, host_registry, shared_dir, use_value_class
+
+__all__ = ["CacheSnapshot", "Metrics", "RepoStats", "RequestRate"]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
     def __init__(self) -> None:
+        self.shared_dir = shared_dir()  # None: this process alone (values in memory)
+        use_value_class(self.shared_dir is not None)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.http_requests = Counter(
@@ -75,10 +90,13 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        # livesum: each process counts the fetches it runs (one process per digest on a shared data dir), and a
+        # dead process runs none.
         self.inflight_fetches = Gauge(
             "mirror_inflight_fetches",
             "Blob fetches from upstreams under way.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.stale_served = Counter(
             "mirror_stale_served",
@@ -86,17 +104,21 @@ class Metrics:
             ["upstream", "reason"],
             registry=r,
         )
+        # mostrecent: the upstream's announcement, the same whichever process heard it, so the latest one is the
+        # truth (a sum would count one quota N times); a process that exited heard it too, so not "live".
         self.ratelimit_limit = Gauge(
             "mirror_upstream_ratelimit_limit",
             "Pull quota the upstream announced (ratelimit-limit header).",
             ["upstream"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.ratelimit_remaining = Gauge(
             "mirror_upstream_ratelimit_remaining",
             "Pulls left in the upstream's window (ratelimit-remaining header).",
             ["upstream"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.ratelimit_deferred = Counter(
             "mirror_ratelimit_deferred",
@@ -106,11 +128,9 @@ class Metrics:
             registry=r,
         )
         # --- local pushes (mirror.push, mirror.access, mirror.notify) -------------------------------------------
-        self.upload_sessions = Gauge(
-            "mirror_upload_sessions",
-            "Push upload sessions open on disk (started, not yet completed, cancelled or expired).",
-            registry=r,
-        )
+        # Counted on disk at the scrape (the sessions directory, shared): no process writes it.
+        self.upload_sessions = SessionsCollector()
+        r.register(self.upload_sessions)
         self.upload_sessions_started = Counter(
             "mirror_upload_sessions_started",
             "Push upload sessions started (POST without a digest).",
@@ -155,34 +175,58 @@ class Metrics:
         for kind in ("blob", "manifest"):  # present from the start, so dashboards show 0 rather than nothing
             self.evictions.labels(kind)
             self.evicted_bytes.labels(kind)
-        self.cache = CacheCollector()
+        # The cache's fill is read from the usage table at the scrape (on disk, shared: the scraping process's copy
+        # is the host's), except the bytes of fetches under way: each process has its own, summed (livesum).
+        self.cache = CacheCollector(pending=self.shared_dir is None)
         r.register(self.cache)
-        self.repos = RepoStats()
+        self.cache_pending = Gauge(PENDING, PENDING_HELP, registry=None, multiprocess_mode="livesum")
+        self.repos = RepoStats(shared=SharedRepoCounters.create() if self.shared_dir else None)
         r.register(self.repos)
         self.per_minute = RequestRate()  # registry requests per minute over the last hour, for the web page
+
+    def host(self) -> CollectorRegistry:
+        """What ``/metrics`` renders. One process: its registry. Several: every process's files and the figures
+        read at the scrape; call this on the event loop (it copies what lives there), render the result in a
+        thread (it reads files)."""
+        if self.shared_dir is None:
+            return self.registry
+        return host_registry(self.shared_dir, self.repos, [self.cache.frozen(), self.upload_sessions])
 
     def upstream_summary(self) -> dict[str, dict[str, float | None]]:
         """Per upstream, what the web page shows of its health: pulls left in its quota window (None until it
         announced one), stale answers served, requests that failed (unreachable or an error) and 429s. Read from
-        the counters above, so the page and ``/metrics`` cannot disagree."""
+        the counters above (of every process, as ``/metrics``), so the page and ``/metrics`` cannot disagree. Reads
+        files in the multiprocess mode: call it in a thread."""
         out: dict[str, dict[str, float | None]] = {}
+        families = self._families(
+            self.upstream_requests, self.stale_served, self.ratelimit_remaining, self.ratelimit_limit
+        )
 
         def add(upstream: str, key: str, value: float) -> None:
             row = out.setdefault(upstream, {"pulls_left": None, "pull_limit": None})
             row[key] = (row.get(key) or 0.0) + value
 
-        for sample in _samples(self.upstream_requests):
+        for sample in _samples(families, self.upstream_requests):
             add(sample.labels["upstream"], FAILURES.get(sample.labels["outcome"], "other"), sample.value)
-        for sample in _samples(self.stale_served):
+        for sample in _samples(families, self.stale_served):
             add(sample.labels["upstream"], "stale_served", sample.value)
         for gauge, key in ((self.ratelimit_remaining, "pulls_left"), (self.ratelimit_limit, "pull_limit")):
-            for sample in _samples(gauge):
+            for sample in _samples(families, gauge):
                 add(sample.labels["upstream"], key, sample.value)
         for row in out.values():
             row.pop("other", None)
             for key in ("errors", "rate_limited", "stale_served"):
                 row.setdefault(key, 0.0)
         return dict(sorted(out.items()))
+
+    def _families(self, *metrics: Counter | Gauge) -> dict[str, Metric]:
+        """The families of ``metrics`` by name: this process's own, or in the multiprocess mode every process's."""
+        names = {_name(metric) for metric in metrics}
+        if self.shared_dir is None:
+            found: Iterable[Metric] = (family for metric in metrics for family in metric.collect())
+        else:
+            found = HostCollector(self.shared_dir, self.repos, ()).collect()
+        return {family.name: family for family in found if family.name in names}
 
     def prime(self, upstreams: Iterable[str]) -> None:
         """Create the usual label sets at zero, so that the first scrape already has every series: Prometheus's
@@ -212,143 +256,14 @@ class Metrics:
 FAILURES = {"unreachable": "errors", "error": "errors", "rate_limited": "rate_limited"}
 
 
-def _samples(metric: Counter | Gauge) -> Iterator[Sample]:
+def _name(metric: Counter | Gauge) -> str:
+    """A metric's family name (a counter's without ``_total``), as its files name it."""
+    return next(iter(metric.describe())).name
+
+
+def _samples(families: dict[str, Metric], metric: Counter | Gauge) -> Iterator[Sample]:
     """The current values of a labelled counter (its ``_total`` samples) or gauge."""
-    for family in metric.collect():
-        for sample in family.samples:
-            if not sample.name.endswith("_created"):
-                yield sample
-
-
-class RequestRate:
-    """Requests per minute over the last ``slots`` minutes: a ring of counters indexed by the minute. Counting is
-    an increment (and, once a minute, zeroing the slots that passed); memory is fixed."""
-
-    def __init__(self, slots: int = 60):
-        self.slots = slots
-        self._counts = [0] * slots
-        self._minute = 0  # the minute (monotonic clock // 60) the newest slot holds
-
-    def count(self, now: float) -> None:
-        minute = int(now // 60)
-        if minute != self._minute:
-            self._advance(minute)
-        self._counts[minute % self.slots] += 1
-
-    def last(self, now: float) -> list[int]:
-        """The counts, oldest minute first; the last one is the current (partial) minute."""
-        minute = int(now // 60)
-        if minute != self._minute:
-            self._advance(minute)
-        start = minute + 1
-        return [self._counts[(start + i) % self.slots] for i in range(self.slots)]
-
-    def _advance(self, minute: int) -> None:
-        for passed in range(self._minute + 1, min(minute, self._minute + self.slots) + 1):
-            self._counts[passed % self.slots] = 0
-        if minute - self._minute > self.slots:
-            self._counts = [0] * self.slots
-        self._minute = minute
-
-
-@dataclass(frozen=True, slots=True)
-class CacheSnapshot:
-    size: int  # bytes stored (each digest once)
-    limit: int  # --cache-size; 0 = no limit
-    pending: int  # bytes of fetches under way
-    entries: dict[str, int] = field(default_factory=dict)  # by kind
-    pinned: int = 0  # bytes protected by pins and pushes
-
-
-class CacheCollector(Collector):
-    """Cache fill gauges, read at scrape time from whatever ``source`` the app wires in (the usage table)."""
-
-    def __init__(self) -> None:
-        self.source: Callable[[], CacheSnapshot] | None = None
-
-    def collect(self) -> Iterator[Metric]:
-        if self.source is None:
-            return
-        snap = self.source()
-        yield GaugeMetricFamily("mirror_cache_size_bytes", "Bytes of content in the cache.", value=snap.size)
-        yield GaugeMetricFamily(
-            "mirror_cache_limit_bytes", "The configured --cache-size (0: no limit).", value=snap.limit
-        )
-        yield GaugeMetricFamily(
-            "mirror_cache_pending_bytes",
-            "Bytes of upstream fetches under way, not yet in the cache.",
-            value=snap.pending,
-        )
-        yield GaugeMetricFamily(
-            "mirror_cache_protected_bytes", "Bytes eviction may not remove (pinned or pushed).", value=snap.pinned
-        )
-        entries = GaugeMetricFamily("mirror_cache_entries", "Digests in the cache, by kind.", labels=["kind"])
-        for kind, count in sorted(snap.entries.items()):
-            entries.add_metric([kind], count)
-        yield entries
-
-
-class RepoStats(Collector):
-    """Per-repository hit/miss and byte counters with bounded label cardinality.
-
-    Every repository is counted in memory (at most ``max_tracked``; the least active are dropped past that),
-    but only the ``top`` most requested ones plus an allowlist are exported as ``repo`` labels: the scrape stays
-    small however many repositories clients pull. ``drain`` hands the increments since the last call to the
-    usage table, which keeps totals across restarts for ``mirror stats``.
-    """
-
-    def __init__(self, top: int = 20, allowlist: Iterable[str] = (), max_tracked: int = 10000):
-        self.top = top
-        self.allowlist = frozenset(allowlist)
-        self.max_tracked = max_tracked
-        self._requests: dict[str, Tally[tuple[str, str]]] = {}
-        self._bytes: dict[str, Tally[str]] = {}
-        self._deltas: Tally[tuple[str, str]] = Tally()
-
-    def configure(self, top: int, allowlist: Iterable[str]) -> None:
-        self.top = top
-        self.allowlist = frozenset(allowlist)
-
-    def count(self, repo: str, kind: str, result: str) -> None:
-        self._requests.setdefault(repo, Tally())[(kind, result)] += 1
-        self._deltas[(repo, f"{kind}_{result}")] += 1
-        if len(self._requests) > 2 * self.max_tracked:
-            self._prune()
-
-    def served(self, repo: str, source: str, size: int) -> None:
-        self._bytes.setdefault(repo, Tally())[source] += size
-        self._deltas[(repo, f"bytes_{source}")] += size
-
-    def drain(self) -> dict[tuple[str, str], int]:
-        deltas, self._deltas = dict(self._deltas), Tally()
-        return deltas
-
-    def _prune(self) -> None:
-        keep = set(self._ranked()[: self.max_tracked]) | self.allowlist
-        self._requests = {r: c for r, c in self._requests.items() if r in keep}
-        self._bytes = {r: c for r, c in self._bytes.items() if r in keep}
-
-    def _ranked(self) -> list[str]:
-        return sorted(self._requests, key=lambda r: sum(self._requests[r].values()), reverse=True)
-
-    def exported(self) -> list[str]:
-        return sorted(set(self._ranked()[: self.top]) | (self.allowlist & set(self._requests)))
-
-    def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
-            "mirror_repo_cache_requests",
-            "Cache lookups by repository (top repositories and the allowlist only), kind and result.",
-            labels=["repo", "kind", "result"],
-        )
-        served = CounterMetricFamily(
-            "mirror_repo_blob_bytes_served",
-            "Blob bytes sent to clients by repository (top repositories and the allowlist only) and source.",
-            labels=["repo", "source"],
-        )
-        for repo in self.exported():
-            for (kind, result), value in sorted(self._requests[repo].items()):
-                requests.add_metric([repo, kind, result], value)
-            for source, value in sorted(self._bytes.get(repo, Tally()).items()):
-                served.add_metric([repo, source], value)
-        yield requests
-        yield served
+    family = families.get(_name(metric))
+    for sample in family.samples if family else ():
+        if not sample.name.endswith("_created"):
+            yield sample
