@@ -1,5 +1,5 @@
 """The Grafana dashboard, proven against the real metrics: a real Prometheus (Debian ``prometheus``) scrapes a
-mirror that served a scripted pull session, and every PromQL expression of ``grafana/dashboards/mirror.json``
+mirror with two workers (``--workers 2``: one scrape answers for both) that served a scripted pull session, and every PromQL expression of ``grafana/dashboards/mirror.json``
 is evaluated through Prometheus's HTTP API. Each must parse and return data.
 
 The session (real registry, nginx in front adding Docker Hub's ``ratelimit-*`` headers and two fault switches,
@@ -150,7 +150,7 @@ def test_every_dashboard_query_returns_data(tmp_path: Path) -> None:
         push_random_image(registry_url, "library/flaky", "latest", [os.urandom(32 * 2**10)])
         mirror = Mirror(
             tmp_path / "data", upstream, "--cache-size", "3MiB", "--tag-ttl", "0", "--upstream-timeout", "5",
-            log=tmp_path / "mirror.log",
+            "--workers", "2", log=tmp_path / "mirror.log",
         )  # fmt: skip
         services.append(mirror)
         prometheus_service, prometheus = start_prometheus(tmp_path / "prometheus", mirror.url.removeprefix("http://"))
