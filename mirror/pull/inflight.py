@@ -62,6 +62,10 @@ class FetchState(Protocol):
 
     clients: int  # clients streaming it now (``api.streaming`` counts them in and out)
 
+    # Set by a coordinator before the fetching task runs: ``temp_path`` holds the first bytes of this blob from a
+    # fetch that was interrupted (its process died) and the task continues from them (``pull.resume``).
+    resume: bool
+
     def readable(self) -> int: ...
 
     def begin(self, size: int | None, temp_path: Path) -> None: ...
@@ -109,6 +113,7 @@ class Fetch:
         self.repo = repo
         self.started_at = time.monotonic()
         self.clients = 0
+        self.resume = False
         self.size: int | None = None  # from the upstream's Content-Length, once it answered
         self.temp_path: Path | None = None
         self.final_path: Path | None = None  # set once verified and renamed into the store

@@ -137,11 +137,14 @@ class BlobStore:
     def fetch_temp_path(self, registry: str, digest: Digest) -> Path:
         return self.tmp_dir / f"fetch-{self.fetch_key(registry, digest)}"
 
-    def fetch_writer(self, registry: str, digest: Digest) -> BlobWriter:
+    def fetch_writer(self, registry: str, digest: Digest, resume: bool = False) -> BlobWriter:
         """The writer of an upstream fetch, at the temp path named by its key (``fetch_temp_path``). The caller
         holds the key (the in-process single flight, or its file lock), so a file already there is a leftover
-        of an interrupted fetch of the same key: it is removed first. Blocking: call it in a thread."""
+        of an interrupted fetch of the same key: it is removed first, or with ``resume`` reopened to continue
+        it (its bytes re-hashed: ``written`` says how many). Blocking: call it in a thread."""
         path = self.fetch_temp_path(registry, digest)
+        if resume:
+            return BlobWriter(self, digest.algorithm, temp_path=path)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         return BlobWriter(self, digest.algorithm, name=path.name)

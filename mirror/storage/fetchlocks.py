@@ -10,7 +10,7 @@ Every fetch has a key (``BlobStore.fetch_key``: digest and upstream) and two fil
 Rules that make the outcome readable from the files alone:
 - The holder publishes or removes the temp file *before* it releases the lock, so whoever takes the lock next
   finds either the published blob (success) or no blob (failure); a temp file found then is a dead holder's
-  leftover, and the new holder removes it.
+  leftover: the new holder continues it (a follower that streamed it, ``left_behind_sync``) or removes it.
 - The holder removes the lock file before it releases the lock. A lock is taken on an open file and is valid
   only if that file is still the one at the path (same inode); otherwise it is dropped and taken again, so two
   processes can never both hold a key.
@@ -83,6 +83,14 @@ class FetchLock:
         except FileNotFoundError:
             return None
         return Published(st.st_size, st.st_ino)
+
+    def left_behind_sync(self, inode: int) -> bool:
+        """Whether the temp file of ``inode`` is still at the key's path: with the lock free, its holder died
+        mid-blob and its bytes are there to be continued."""
+        try:
+            return os.stat(self.temp_path).st_ino == inode
+        except FileNotFoundError:
+            return False
 
     def discard_leftover_sync(self) -> None:
         """Remove a temp file left by a holder that died (we hold the key: nobody writes it)."""

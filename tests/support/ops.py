@@ -204,12 +204,13 @@ def upstream_requests(registry_log: Path, method: str, path_part: str = "") -> i
 
 
 def start_nginx(
-    workdir: Path, upstream: str, directives: str = "", locations: str = "", throttle: str = ""
+    workdir: Path, upstream: str, directives: str = "", locations: str = "", throttle: str = "", log: bool = False
 ) -> tuple[Service, str]:
     """nginx as a reverse proxy in front of ``upstream``: ``directives`` go into its catch-all location (e.g.
     Docker Hub's ratelimit headers);
     ``locations`` are more ``location`` blocks (fault switches for one repository); ``throttle`` (``1m``) limits
-    every download to that many bytes per second (nginx only throttles buffered proxying)."""
+    every download to that many bytes per second (nginx only throttles buffered proxying); with ``log`` every
+    request is logged to ``workdir/logs/access.log`` as ``METHOD URI STATUS range=RANGE`` (``nginx_requests``)."""
     binary = require("nginx")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +226,7 @@ error_log {workdir}/logs/error.log warn;
 {"user root;" if os.geteuid() == 0 else ""}
 events {{ worker_connections 256; }}
 http {{
-  access_log off;
+  {NGINX_LOG_FORMAT + f"access_log {workdir}/logs/access.log ranges;" if log else "access_log off;"}
   client_body_temp_path {workdir}/tmp/body;
   proxy_temp_path {workdir}/tmp/proxy;
   fastcgi_temp_path {workdir}/tmp/fastcgi;
@@ -249,6 +250,20 @@ http {{
     url = f"http://127.0.0.1:{port}"
     service.wait_ready(url + "/v2/")
     return service, url
+
+
+NGINX_LOG_FORMAT = "log_format ranges '$request_method $uri $status range=$http_range';"
+
+
+def nginx_requests(workdir: Path, path_part: str) -> list[tuple[str, int, str]]:
+    """(method, status, Range header) of each request whose path contains ``path_part`` that the nginx started
+    in ``workdir`` with ``log`` served."""
+    found = []
+    for line in (workdir / "logs" / "access.log").read_text(errors="replace").splitlines():
+        method, uri, status, rng = line.split(" ", 3)
+        if path_part in uri:
+            found.append((method, int(status), rng.removeprefix("range=")))
+    return found
 
 
 COORDINATED = "tests.support.coordinated"  # the entry of mirrors that share one data dir (``Mirror(entry=...)``)
