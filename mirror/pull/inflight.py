@@ -10,7 +10,9 @@ file up to ``written`` and waits for more, so the first bytes reach clients as s
 disconnects never cuts the fetch short for the others. The last bytes are released only after the digest is
 verified (see ``Fetch.readable``), so no client ever receives a complete body whose digest is wrong.
 
-Small objects (manifests, tag revalidations) use ``Coalescer``: concurrent callers share one awaited result.
+Small objects (manifests, tag revalidations) use ``Coalescer``: concurrent callers share one awaited result. Across
+processes sharing a data dir, ``RefLocking`` (``storage.reflocks``) lets one process at a time ask the upstream
+about a ref; alone on the data dir, ``ProcessOnly`` (the coalescing is all there is to do).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
@@ -264,3 +267,23 @@ class Coalescer(Generic[T]):
             task = asyncio.ensure_future(_call())
             self._pending[key] = task
         return await asyncio.shield(task), joined
+
+
+class RefLocking(Protocol):
+    """Host-wide exclusion of the upstream requests about one ref (a tag, a manifest by digest): inside the block,
+    no other process sharing the data dir asks the upstream about ``key``; False when that could not be had within
+    ``within`` seconds (the block runs anyway). The caller re-reads what another holder may have stored."""
+
+    def hold(self, key: str, within: float) -> AbstractAsyncContextManager[bool]: ...
+
+
+class ProcessOnly:
+    """``RefLocking`` of a process alone on its data dir: nobody else asks, nothing to wait for."""
+
+    @asynccontextmanager
+    async def hold(self, key: str, within: float) -> AsyncIterator[bool]:
+        yield True
+
+
+if TYPE_CHECKING:
+    _ref_locking: RefLocking = ProcessOnly()

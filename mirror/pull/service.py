@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from aiocache import SimpleMemoryCache
@@ -33,9 +34,10 @@ from mirror.oci.mediatypes import DEFAULT_ACCEPT, MANIFEST_TYPES, accepts, names
 from mirror.oci.reference import Digest, Repo, Tag
 from mirror.pull.blobs import BlobPuller, Names, blob_unknown
 from mirror.pull.failures import UPSTREAM_FAILURES, failure, retryable, upstream_errors
-from mirror.pull.inflight import Coalescer, FetchCoordinator, InFlight
+from mirror.pull.inflight import Coalescer, FetchCoordinator, InFlight, ProcessOnly, RefLocking
 from mirror.storage.base import BlobStorage, MetadataIndex, UsageRecorder
 from mirror.storage.index import ManifestRecord, TagRecord
+from mirror.storage.reflocks import RefLocks
 from mirror.storage.usage import NullUsage
 from mirror.upstream.client import ManifestHead, UpstreamClient
 from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
@@ -79,6 +81,7 @@ class PullThrough:
         usage: UsageRecorder | None = None,
         cache_size: int = 0,  # the cache's cap (0: none): a blob without Content-Length may not grow past it
         inflight: FetchCoordinator | None = None,  # the coordination of blob fetches (default: in-process)
+        ref_locks: RefLocking | None = None,  # of manifest and tag requests across processes (default: none)
     ):
         self._store = store
         self._usage: UsageRecorder = usage or NullUsage()
@@ -98,6 +101,7 @@ class PullThrough:
         self._vouched: LRUCache[tuple[str, Digest], bool] = LRUCache(VOUCHED_MEMORY)  # see vouch
         self._coalesce_tag: Coalescer[tuple[TagRecord, ManifestAnswer | None]] = Coalescer()
         self._coalesce_manifest: Coalescer[ManifestAnswer] = Coalescer()
+        self._ref_locks: RefLocking = ref_locks or ProcessOnly()
 
     async def close(self) -> None:
         await self.inflight.close()
@@ -199,10 +203,20 @@ class PullThrough:
             return ManifestAnswer(digest, stored[0], stored[1])
         self.count(repo, "manifest", "miss")
         answer, _ = await self._coalesce_manifest.run(
-            (repo.registry, digest), lambda: self._fetch_manifest(repo, str(digest), frozenset())
+            (repo.registry, digest), lambda: self._fetch_manifest_once(repo, digest)
         )
         await self.mark_pulled(repo)  # a joined caller may have asked under another name
         return answer
+
+    async def _fetch_manifest_once(self, repo: Repo, digest: Digest) -> ManifestAnswer:
+        """``_fetch_manifest`` by digest once for the whole host: under the digest's lock, and not at all when
+        another process stored the manifest while this one waited for it."""
+        async with self._ref_locks.hold(f"manifest {repo.registry} {digest}", self.timeout(repo)):
+            stored = await self._stored_manifest(digest)
+            if stored is not None:
+                await self.vouch(repo, digest, "manifest")
+                return ManifestAnswer(digest, *stored)
+            return await self._fetch_manifest(repo, str(digest), frozenset())
 
     async def _fetch_manifest(self, repo: Repo, ref: str, accepted: frozenset[str]) -> ManifestAnswer:
         """GET a manifest upstream, verify it, store it by digest. Raises registry errors."""
@@ -226,9 +240,11 @@ class PullThrough:
 
     # --- tags ------------------------------------------------------------------------------------------------
     async def _tag_record(self, repo: Repo, tag: Tag) -> TagRecord | None:
+        """The tag's record: from memory within the tag's TTL, else from the index (another process sharing the
+        data dir may have revalidated it since)."""
         key = (repo.registry, repo.path, tag.name)
         record = await self._tags.get(key)
-        if isinstance(record, TagRecord):
+        if isinstance(record, TagRecord) and self._clock() - record.checked_at < self._policy(repo).tag_ttl:
             return record
         record = await self._index.get_tag(repo, tag.name)
         if record is not None:
@@ -260,7 +276,7 @@ class PullThrough:
         try:
             (fresh, answer), _ = await self._coalesce_tag.run(
                 (repo.registry, repo.path, tag.name, accepted, want_body and record is None),
-                lambda: self._revalidate(repo, tag, accepted, record if usable else None, want_body),
+                lambda: self._revalidate_once(repo, tag, accepted, record if usable else None, want_body),
             )
         except errors.RegistryError as exc:
             cause = exc.__cause__ or exc.__context__
@@ -275,6 +291,20 @@ class PullThrough:
                 return record, None, True
             raise
         return fresh, answer, False
+
+    async def _revalidate_once(
+        self, repo: Repo, tag: Tag, accepted: frozenset[str], known: TagRecord | None, want_body: bool
+    ) -> tuple[TagRecord, ManifestAnswer | None]:
+        """``_revalidate`` once for the whole host: under the tag's lock, and not at all when the index shows that
+        another process revalidated the tag while this one waited for it."""
+        async with self._ref_locks.hold(f"tag {repo.registry} {repo.path} {tag.name}", self.timeout(repo)):
+            record = await self._index.get_tag(repo, tag.name)
+            fresh = record is not None and self._clock() - record.checked_at < self._policy(repo).tag_ttl
+            if record is not None and fresh and accepts(accepted, record.media_type):
+                await self._tags.set((repo.registry, repo.path, tag.name), record, ttl=MEMORY_TTL)
+                self.count(repo, "tag", "hit")
+                return record, None
+            return await self._revalidate(repo, tag, accepted, known, want_body)
 
     async def _revalidate(
         self, repo: Repo, tag: Tag, accepted: frozenset[str], known: TagRecord | None, want_body: bool
@@ -358,3 +388,5 @@ if TYPE_CHECKING:  # the service offers the read interface and the rules the mis
 
     def _checks(service: PullThrough) -> tuple[Content, Names]:
         return service, service
+
+    _ref_locks: RefLocking = RefLocks(Path())

@@ -106,10 +106,38 @@ class FetchLock:
     def release_sync(self) -> None:
         if self._fd < 0:
             return
-        with contextlib.suppress(FileNotFoundError):
-            self.lock_path.unlink()
-        os.close(self._fd)  # releases the flock
+        release_lock_sync(self.lock_path, self._fd)
         self._fd = -1
+
+
+def try_lock_sync(lock_path: Path) -> tuple[int | None, str]:
+    """Take the lock at ``lock_path`` without waiting: (fd, "") when taken, else (None, the holder's announcement).
+    A lock taken on a file that its holder removed meanwhile (on release) is dropped and taken on the one there."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 64, 0).decode(errors="replace")
+            os.close(fd)
+            return None, text
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            current = -1
+        if current == os.fstat(fd).st_ino:
+            return fd, ""
+        os.close(fd)  # its holder removed that file on release: take the lock on the one there now
+
+
+def release_lock_sync(lock_path: Path, fd: int) -> None:
+    """Let go of a lock ``try_lock_sync`` took: its file is removed first, then closed (which releases it)."""
+    with contextlib.suppress(FileNotFoundError):
+        lock_path.unlink()
+    os.close(fd)
 
 
 class FetchLocks:
@@ -161,26 +189,7 @@ class FetchLocks:
         return Progress(True, size, inode, written)
 
     def _try(self, lock_path: Path) -> tuple[int | None, str]:
-        """Take the lock at ``lock_path`` without waiting: (fd, "") when taken, else (None, the holder's
-        announcement)."""
-        while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = os.pread(fd, 64, 0).decode(errors="replace")
-                os.close(fd)
-                return None, text
-            except BaseException:
-                os.close(fd)
-                raise
-            try:
-                current = os.stat(lock_path).st_ino
-            except FileNotFoundError:
-                current = -1
-            if current == os.fstat(fd).st_ino:
-                return fd, ""
-            os.close(fd)  # its holder removed that file on release: take the lock on the one there now
+        return try_lock_sync(lock_path)
 
     def clean_sync(self) -> int:
         """At start-up: remove the temp files of fetches nobody holds (their process died), leaving those of

@@ -18,9 +18,9 @@ import pytest
 
 from mirror.storage.blobs import BlobStore
 from tests.support.ops import (
-    COORDINATED,
     Mirror,
     blob_files,
+    coordinated_mirrors,
     eventually,
     nginx_requests,
     record_figures,
@@ -55,15 +55,6 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         registry.stop()
 
 
-def two_mirrors(data: Path, url: str) -> tuple[Mirror, Mirror]:
-    first = Mirror(data, url, entry=COORDINATED)
-    try:
-        return first, Mirror(data, url, entry=COORDINATED)
-    except BaseException:
-        first.stop()
-        raise
-
-
 def blob_url(mirror: Mirror, repo: str, digest: str) -> str:
     return f"{mirror.url}/v2/{repo}/blobs/{digest}"
 
@@ -84,7 +75,7 @@ def leftovers(data: Path) -> list[str]:
 async def test_32_cold_gets_over_two_processes_make_one_upstream_get(upstream: dict[str, Any], tmp_path: Path) -> None:
     data = os.urandom(BIG)
     digest = push_blob(upstream["url"], "library/herd", data)
-    first, second = two_mirrors(tmp_path / "data", upstream["herd"])
+    first, second = coordinated_mirrors(tmp_path / "data", upstream["herd"])
     try:
         async with aiohttp.ClientSession() as session:
 
@@ -116,7 +107,7 @@ async def test_kill_9_of_the_fetching_process_is_continued_by_the_other_with_a_r
     data = os.urandom(BIG)
     digest = push_blob(upstream["url"], "library/crash", data)
     store = tmp_path / "data"
-    leader, follower = two_mirrors(store, upstream["slow"])
+    leader, follower = coordinated_mirrors(store, upstream["slow"])
     received = [0] * 9
     try:
         async with aiohttp.ClientSession() as session:

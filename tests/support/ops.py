@@ -204,13 +204,20 @@ def upstream_requests(registry_log: Path, method: str, path_part: str = "") -> i
 
 
 def start_nginx(
-    workdir: Path, upstream: str, directives: str = "", locations: str = "", throttle: str = "", log: bool = False
+    workdir: Path,
+    upstream: str,
+    directives: str = "",
+    locations: str = "",
+    throttle: str = "",
+    log: bool = False,
+    http: str = "",
 ) -> tuple[Service, str]:
     """nginx as a reverse proxy in front of ``upstream``: ``directives`` go into its catch-all location (e.g.
     Docker Hub's ratelimit headers);
     ``locations`` are more ``location`` blocks (fault switches for one repository); ``throttle`` (``1m``) limits
     every download to that many bytes per second (nginx only throttles buffered proxying); with ``log`` every
-    request is logged to ``workdir/logs/access.log`` as ``METHOD URI STATUS range=RANGE`` (``nginx_requests``)."""
+    request is logged to ``workdir/logs/access.log`` as ``METHOD URI STATUS range=RANGE`` (``nginx_requests``);
+    ``http`` goes into the ``http`` block (e.g. a ``limit_req_zone`` for ``directives`` to use)."""
     binary = require("nginx")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -232,6 +239,7 @@ http {{
   fastcgi_temp_path {workdir}/tmp/fastcgi;
   uwsgi_temp_path {workdir}/tmp/uwsgi;
   scgi_temp_path {workdir}/tmp/scgi;
+  {http}
   server {{
     listen 127.0.0.1:{port};
     client_max_body_size 0;
@@ -267,6 +275,7 @@ def nginx_requests(workdir: Path, path_part: str) -> list[tuple[str, int, str]]:
 
 
 COORDINATED = "tests.support.coordinated"  # the entry of mirrors that share one data dir (``Mirror(entry=...)``)
+
 # An upstream that is not there: for tests that only push (a push never asks the upstream).
 NO_UPSTREAM = "http://127.0.0.1:9"
 
@@ -323,6 +332,19 @@ class Mirror(Service):
 
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
             return str(resp.read().decode())
+
+
+def coordinated_mirrors(data_dir: Path, upstream: str, *flags: str, count: int = 2) -> list[Mirror]:
+    """``count`` mirrors sharing ``data_dir`` (``COORDINATED``); stop each."""
+    mirrors: list[Mirror] = []
+    try:
+        for _ in range(count):
+            mirrors.append(Mirror(data_dir, upstream, *flags, entry=COORDINATED))
+    except BaseException:
+        for mirror in mirrors:
+            mirror.stop()
+        raise
+    return mirrors
 
 
 def mirror_env() -> dict[str, str]:
