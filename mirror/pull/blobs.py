@@ -131,6 +131,9 @@ class BlobPuller:
         fetch = self._inflight.get(repo.registry, digest)
         if fetch is not None and fetch.size is not None:
             return fetch
+        announced = await self._inflight.announced(repo.registry, digest)  # fetched by another process
+        if announced is not None:
+            return announced
         with upstream_errors(not_found=lambda: blob_unknown(repo, digest)):
             async with asyncio.timeout(self._names.timeout(repo)):
                 return await self._names.client(repo).head_blob(repo.path, digest)

@@ -79,6 +79,10 @@ class FileLocks:
     def fetching(self, digest: Digest) -> bool:
         return self._inflight.fetching(digest)
 
+    async def announced(self, registry: str, digest: Digest) -> int | None:
+        """The size another process's fetch of the key announced (its lock held, its upstream answered)."""
+        return await asyncio.to_thread(self._locks.announced_sync, registry, digest)
+
     async def close(self) -> None:
         await self._inflight.close()
 

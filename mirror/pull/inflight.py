@@ -99,6 +99,11 @@ class FetchCoordinator(Protocol):
 
     def get(self, registry: str, digest: Digest) -> FetchState | None: ...
 
+    async def announced(self, registry: str, digest: Digest) -> int | None:
+        """The size of a fetch of ``digest`` from ``registry`` that another process (or replica) runs, as it
+        announced it; None when there is none, or it announced no size. What a HEAD answers from."""
+        ...
+
     def under_way(self) -> list[tuple[str, FetchState]]:
         """Every fetch of this process under way, with its upstream registry (for the web page)."""
         ...
@@ -197,6 +202,9 @@ class InFlight:
     def fetching(self, digest: Digest) -> bool:
         """Whether ``digest`` is being fetched from any upstream (eviction leaves it alone meanwhile)."""
         return any(key[1] == digest for key in self._fetches)
+
+    async def announced(self, registry: str, digest: Digest) -> int | None:
+        return None  # alone: there is nobody else
 
     def under_way(self) -> list[tuple[str, FetchState]]:
         return [(registry, fetch) for (registry, _), fetch in self._fetches.items()]

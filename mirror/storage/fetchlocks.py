@@ -188,6 +188,25 @@ class FetchLocks:
         written = followed.written_sync() if followed is not None and followed.inode == inode else 0
         return Progress(True, size, inode, written)
 
+    def announced_sync(self, registry: str, digest: Digest) -> int | None:
+        """The size in the announcement of the key's fetch while some process holds its lock; None when nobody
+        holds it (a dead holder's announcement stays in the file), or none or no size was announced. The lock is
+        tested with a shared lock taken and dropped at once: a process trying to lead meanwhile follows instead,
+        and takes the lock at its next look."""
+        lock_path, _ = self._paths(registry, digest)
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            size_text, _, inode_text = os.pread(fd, 64, 0).decode(errors="replace").strip().partition(" ")
+            return int(size_text) if size_text.isdigit() and inode_text.isdigit() else None
+        finally:
+            os.close(fd)  # (drops the shared lock if it was taken)
+        return None
+
     def _try(self, lock_path: Path) -> tuple[int | None, str]:
         return try_lock_sync(lock_path)
 
