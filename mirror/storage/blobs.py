@@ -16,6 +16,7 @@ Layout of the data dir::
         fetch-<alg>-<hex>-<r>  an upstream fetch of that digest from upstream <r> (a hash of its name), named by
                                its key so that other processes sharing the data dir find it (fetchlocks.py)
         lock-<alg>-<hex>-<r>   that fetch's lock file (fetchlocks.py), removed by its holder
+        lock-ref-<hash>        the lock of upstream requests about one tag or manifest (reflocks.py), likewise
       index/                   diskcache: tags, manifest media types (see index.py)
       usage/                   diskcache: size, kind, last served of every digest; pins (see usage.py)
       quarantine/              files that failed verification or did not belong in blobs/ (``quarantine_sync``,
