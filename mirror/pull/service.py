@@ -209,22 +209,31 @@ class PullThrough:
         return answer
 
     async def _fetch_manifest_once(self, repo: Repo, digest: Digest) -> ManifestAnswer:
-        """``_fetch_manifest`` by digest once for the whole host: under the digest's lock, and not at all when
-        another process stored the manifest while this one waited for it."""
-        async with self._ref_locks.hold(f"manifest {repo.registry} {digest}", self.timeout(repo)):
+        """``_fetch_manifest`` by digest once for the host: under its lock, unless another process stored it."""
+        began = time.monotonic()
+        async with self._ref_locks.hold(f"manifest {repo.registry} {digest}", self.timeout(repo)) as held:
             stored = await self._stored_manifest(digest)
             if stored is not None:
                 await self.vouch(repo, digest, "manifest")
                 return ManifestAnswer(digest, *stored)
-            return await self._fetch_manifest(repo, str(digest), frozenset())
+            return await self._fetch_manifest(repo, str(digest), frozenset(), self._left(repo, began, held))
 
-    async def _fetch_manifest(self, repo: Repo, ref: str, accepted: frozenset[str]) -> ManifestAnswer:
-        """GET a manifest upstream, verify it, store it by digest. Raises registry errors."""
+    def _left(self, repo: Repo, began: float, held: bool) -> float:
+        """What is left of a client's wait on the upstream begun at ``began``, after waiting for another process's
+        request; none if that took the whole wait (UpstreamUnavailable: a stale answer if there is one)."""
+        if not held:
+            raise errors.UpstreamUnavailable("another process has been asking the upstream for it the whole time")
+        return max(0.001, self.timeout(repo) - (time.monotonic() - began))
+
+    async def _fetch_manifest(
+        self, repo: Repo, ref: str, accepted: frozenset[str], within: float | None = None
+    ) -> ManifestAnswer:
+        """GET a manifest upstream (within ``within`` s, else the timeout), verify and store it. Raises registry errors."""
         client = self.client(repo)
         # By digest the content is fixed whatever we accept, so accept every type we know.
         accept = upstream_accept(accepted) if ":" not in ref else EVERY_MANIFEST_TYPE
         with upstream_errors(not_found=lambda: _manifest_unknown(repo, ref)):
-            async with asyncio.timeout(self.timeout(repo)):
+            async with asyncio.timeout(self.timeout(repo) if within is None else within):
                 head, data = await client.get_manifest(repo.path, ref, accept)
         with upstream_errors():  # DiskFull: 507
             await self._store.put(data, head.digest)
@@ -240,8 +249,7 @@ class PullThrough:
 
     # --- tags ------------------------------------------------------------------------------------------------
     async def _tag_record(self, repo: Repo, tag: Tag) -> TagRecord | None:
-        """The tag's record: from memory within the tag's TTL, else from the index (another process sharing the
-        data dir may have revalidated it since)."""
+        """From memory within the tag's TTL, else the index (another process may have revalidated it since)."""
         key = (repo.registry, repo.path, tag.name)
         record = await self._tags.get(key)
         if isinstance(record, TagRecord) and self._clock() - record.checked_at < self._policy(repo).tag_ttl:
@@ -295,34 +303,34 @@ class PullThrough:
     async def _revalidate_once(
         self, repo: Repo, tag: Tag, accepted: frozenset[str], known: TagRecord | None, want_body: bool
     ) -> tuple[TagRecord, ManifestAnswer | None]:
-        """``_revalidate`` once for the whole host: under the tag's lock, and not at all when the index shows that
-        another process revalidated the tag while this one waited for it."""
-        async with self._ref_locks.hold(f"tag {repo.registry} {repo.path} {tag.name}", self.timeout(repo)):
+        """``_revalidate`` once for the host: under the tag's lock, unless another process just revalidated it."""
+        began = time.monotonic()
+        async with self._ref_locks.hold(f"tag {repo.registry} {repo.path} {tag.name}", self.timeout(repo)) as held:
             record = await self._index.get_tag(repo, tag.name)
             fresh = record is not None and self._clock() - record.checked_at < self._policy(repo).tag_ttl
             if record is not None and fresh and accepts(accepted, record.media_type):
                 await self._tags.set((repo.registry, repo.path, tag.name), record, ttl=MEMORY_TTL)
                 self.count(repo, "tag", "hit")
                 return record, None
-            return await self._revalidate(repo, tag, accepted, known, want_body)
+            return await self._revalidate(repo, tag, accepted, known, want_body, self._left(repo, began, held))
 
     async def _revalidate(
-        self, repo: Repo, tag: Tag, accepted: frozenset[str], known: TagRecord | None, want_body: bool
+        self, repo: Repo, tag: Tag, accepted: frozenset[str], known: TagRecord | None, want_body: bool, within: float
     ) -> tuple[TagRecord, ManifestAnswer | None]:
-        """Ask the upstream what the tag points to now: HEAD when we hold a candidate, GET when a body is needed
-        anyway (a cold GET by tag costs one request instead of two)."""
+        """Ask the upstream what the tag points to now, within ``within`` seconds: HEAD when we hold a candidate,
+        GET when a body is needed anyway (a cold GET by tag costs one request instead of two)."""
         client = self.client(repo)
         answer: ManifestAnswer | None = None
         if want_body and known is None:
-            answer = await self._fetch_manifest(repo, tag.name, accepted)
+            answer = await self._fetch_manifest(repo, tag.name, accepted, within)
             head = ManifestHead(answer.digest, answer.media_type, len(answer.data))
             self.count(repo, "tag", "miss")
         else:
             try:
-                async with asyncio.timeout(self.timeout(repo)):
+                async with asyncio.timeout(within):
                     head = await client.head_manifest(repo.path, tag.name, upstream_accept(accepted))
             except UpstreamInvalid:  # no digest in the HEAD answer: fall back to a GET
-                answer = await self._fetch_manifest(repo, tag.name, accepted)
+                answer = await self._fetch_manifest(repo, tag.name, accepted, within)
                 head = ManifestHead(answer.digest, answer.media_type, len(answer.data))
             except UPSTREAM_FAILURES as exc:  # the one 404 with a side effect: see _tag_not_found
                 if isinstance(exc, UpstreamError) and exc.status == 404:

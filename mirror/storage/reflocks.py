@@ -11,8 +11,9 @@ holder's file at start-up like any other lock file nobody holds.
 
 A lock is tried without blocking, in a thread; while another process holds it, it is tried again every ``poll``
 seconds (a thread blocked in ``flock`` could not be stopped, and nothing a task could await tells of a release by
-another process), for at most ``within`` seconds: past that the caller goes ahead without it. The lock saves
-upstream requests; it guards no data (each process verifies what it stores).
+another process), for at most ``within`` seconds: past that the block runs without it and the caller decides (the
+pull service answers as for an upstream that was slow past its timeout). The lock saves upstream requests; it
+guards no data (each process verifies what it stores).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class RefLocks:
     @asynccontextmanager
     async def hold(self, key: str, within: float) -> AsyncIterator[bool]:
         """Hold ``key``'s lock inside the block: True, or False when another process held it for ``within``
-        seconds (the block runs anyway)."""
+        seconds (the block runs without it)."""
         path = self.path(key)
         deadline = time.monotonic() + within
         fd, _ = await asyncio.to_thread(try_lock_sync, path)
@@ -54,7 +55,7 @@ class RefLocks:
             await asyncio.sleep(self._poll)  # another process holds it: see the module docstring
             fd, _ = await asyncio.to_thread(try_lock_sync, path)
         if fd is None:
-            log.info("going ahead without the lock of %s: another process held it for %.1f s", key, within)
+            log.info("another process held the lock of %s for %.1f s", key, within)
         try:
             yield fd is not None
         finally:

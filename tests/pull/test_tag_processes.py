@@ -14,7 +14,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from pytest_aiohttp import AiohttpClient
 
+from mirror.app import create_app
+from mirror.config import Config, UpstreamConfig
+from mirror.storage.reflocks import RefLocks
+from tests.support.lockholder import hold, killed
 from tests.support.ops import Mirror, coordinated_mirrors, start_nginx, start_registry, upstream_requests
 from tests.support.plain_http import OCI_INDEX, OCI_MANIFEST, push_random_image
 
@@ -104,3 +109,39 @@ async def test_a_tag_revalidated_by_one_process_is_served_new_by_the_other_past_
     finally:
         one.stop()
         two.stop()
+
+
+async def test_a_client_waits_no_longer_than_the_timeout_for_another_process_s_revalidation(
+    upstream: dict[str, Any], aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """Another process holds the tag's lock (revalidating it, slowly) for longer than the upstream timeout: the
+    client gets the stale answer at the timeout, as if it had asked the upstream itself and it had been slow; the
+    timeout is not spent twice (once waiting for the lock, once on a request of its own)."""
+    repo, timeout = "library/heldtag", 1.0
+    old = push_random_image(upstream["url"], repo, "latest", [os.urandom(1000)])["manifest"]
+    config = Config(
+        data_dir=tmp_path / "data",
+        coordination="files",
+        upstreams=(UpstreamConfig(url=upstream["url"], default=True, tag_ttl=0.2, timeout=timeout),),
+    )
+    client = await aiohttp_client(create_app(config))
+    accept = {"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
+    async with client.get(f"/v2/{repo}/manifests/latest", headers=accept) as resp:
+        assert resp.status == 200 and resp.headers["Docker-Content-Digest"] == old
+    expires = time.time() + 0.2
+    new = push_random_image(upstream["url"], repo, "latest", [os.urandom(1000)])["manifest"]
+    before = asked(upstream["log"], repo, "latest")
+    holder = await hold(RefLocks(tmp_path / "data" / "tmp").path(f"tag docker.io {repo} latest"))
+    try:
+        await past(expires)
+        began = time.monotonic()
+        async with client.get(f"/v2/{repo}/manifests/latest", headers=accept) as resp:
+            waited = time.monotonic() - began
+            assert resp.status == 200 and resp.headers["Docker-Content-Digest"] == old
+            assert resp.headers["X-Mirror-Stale"] == "true"
+        assert timeout <= waited < 1.8 * timeout, waited
+        assert asked(upstream["log"], repo, "latest") == before
+    finally:
+        await killed(holder)
+    async with client.get(f"/v2/{repo}/manifests/latest", headers=accept) as resp:  # the lock free: revalidated
+        assert resp.status == 200 and resp.headers["Docker-Content-Digest"] == new
