@@ -129,7 +129,7 @@ async def test_kill_9_of_the_fetching_process_is_continued_by_the_other_with_a_r
             at_kill = min(received[1:])
             began = time.monotonic()
             outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
-            record_figures("filelock resume", seconds_after_kill=round(time.monotonic() - began, 3))
+            after_kill = round(time.monotonic() - began, 3)
         assert isinstance(outcomes[0], aiohttp.ClientError), "the dead process's own client is cut"
         assert outcomes[1:] == [digest.partition(":")[2]] * 8, "every client of the other process completes"
         assert received[1:] == [BIG] * 8
@@ -140,6 +140,7 @@ async def test_kill_9_of_the_fetching_process_is_continued_by_the_other_with_a_r
         status, rng = ranged[0]
         start = int(rng.removeprefix("bytes=").removesuffix("-"))
         assert status == 206 and rng == f"bytes={start}-" and at_kill <= start < BIG, ranged
+        record_figures("filelock resume", blob=BIG, range_start=start, seconds_after_kill=after_kill)
         assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 2
         # No byte fetched twice by the one that took over: it received the rest only.
         assert metric(follower, "mirror_upstream_bytes_fetched_total") == BIG - start
