@@ -44,6 +44,7 @@ from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.index import Index
+from mirror.storage.reflocks import RefLocks
 from mirror.storage.sessions import UploadSessions, held_sync
 from mirror.storage.usage import Usage
 from mirror.upstream.auth import Credentials
@@ -209,9 +210,12 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     metrics.prime(clients)
     usage = Usage(config.data_dir)
     inflight, clean_tmp = coordination(config, store)
+    # Sharing the data dir, manifest and tag requests are made once for its processes too.
+    ref_locks = RefLocks(store.tmp_dir) if config.coordination == "files" else None
     pull = PullThrough(
-        store, index, clients, policies, metrics, usage=usage, cache_size=config.cache_size, inflight=inflight
-    )
+        store, index, clients, policies, metrics, usage=usage, cache_size=config.cache_size, inflight=inflight,
+        ref_locks=ref_locks,
+    )  # fmt: skip
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
 
     router = Router(registries)

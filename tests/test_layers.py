@@ -102,6 +102,8 @@ MODULE_FORBIDDEN: dict[str, set[str]] = {
     "mirror.pull.failures": {"mirror.pull"},
     # The host-wide (multiprocess) mode sits on top of the collectors, which know nothing of it.
     "mirror.metrics.collectors": {"mirror.metrics.host"},
+    # Continuing an interrupted fetch: the answer and the writer only, never the service, the miss path or a store.
+    "mirror.pull.resume": {"mirror.pull", "mirror.content", "mirror.storage.blobs", "mirror.upstream.client"},
     "mirror.pull.blobs": {"mirror.pull.service"},
 }
 # What ``api`` may import from ``storage``: the protocols, and error types the middleware renders.
@@ -186,7 +188,13 @@ def test_storage_never_imports_aiohttp_web() -> None:
 # replace the disk without touching them. Import walking cannot see every file access, so this checks what it can:
 # no file-system module imported, no builtin ``open``, no file-system method called on anything, and the store
 # and index taken as their protocols (``storage.base``), never the disk implementations.
-THROUGH_THE_STORE = ("mirror.storage.eviction", "mirror.storage.housekeeper", "mirror.storage.gc", "mirror.admin")
+THROUGH_THE_STORE = (
+    "mirror.storage.eviction",
+    "mirror.storage.housekeeper",
+    "mirror.storage.gc",
+    "mirror.admin",
+    "mirror.pull.resume",
+)
 FILE_MODULES = {"os", "os.path", "shutil", "pathlib", "io", "tempfile", "glob"}
 FILE_METHODS = {
     "unlink", "remove", "rename", "rmdir", "rmtree", "mkdir", "makedirs", "scandir", "listdir", "iterdir", "walk",

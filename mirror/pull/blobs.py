@@ -23,6 +23,7 @@ from mirror.oci import errors
 from mirror.oci.reference import Digest, Repo
 from mirror.pull.failures import failure, upstream_errors
 from mirror.pull.inflight import FetchCoordinator, FetchState
+from mirror.pull.resume import continue_body
 from mirror.storage.base import BlobStorage, BlobWriterLike, MetadataIndex, UsageRecorder
 from mirror.storage.writer import DiskFull
 from mirror.upstream.bodies import BodyTooLarge, Throughput
@@ -130,30 +131,29 @@ class BlobPuller:
         fetch = self._inflight.get(repo.registry, digest)
         if fetch is not None and fetch.size is not None:
             return fetch
+        announced = await self._inflight.announced(repo.registry, digest)  # fetched by another process
+        if announced is not None:
+            return announced
         with upstream_errors(not_found=lambda: blob_unknown(repo, digest)):
             async with asyncio.timeout(self._names.timeout(repo)):
                 return await self._names.client(repo).head_blob(repo.path, digest)
 
     async def _fetch(self, client: UpstreamClient, repo: Repo, fetch: FetchState) -> None:
-        """Runs as the fetch's own task: upstream -> temp file (hashed on the fly) -> verify -> publish -> record."""
+        """Runs as the fetch's own task: upstream -> temp file (hashed on the fly) -> verify -> publish -> record.
+        With ``fetch.resume`` it continues the temp file an interrupted fetch left (``pull.resume``)."""
         digest = fetch.digest
         if await self._store.size(digest) is not None:  # committed between the caller's check and join()
             await self._names.vouch(repo, digest, "blob")
             fetch.finish(self._store.path(digest))
             return
         self._metrics.inflight_fetches.inc()
-        writer = await asyncio.to_thread(self._store.fetch_writer, repo.registry, digest)
+        writer = await asyncio.to_thread(self._store.fetch_writer, repo.registry, digest, fetch.resume)
         expected: int | None = None
         try:
-            # A Content-Length past max_blob_size is refused by client.blob before any byte is read.
-            async with client.blob(repo.path, digest) as resp:
-                await self._store.check_space(resp.content_length)  # DiskFull -> a clear 507, not a cut body
-                bound = await self._size_bound(client, resp.content_length)
-                self._usage.expect(expected := resp.content_length)
-                fetch.begin(resp.content_length, writer.temp_path)
-                floor = Throughput(client.settings.min_rate, client.settings.rate_window)
-                fetched = self._metrics.upstream_bytes_fetched.labels(repo.registry)
-                await _pump(resp.content, writer, fetch, fetched, floor, bound)
+            if fetch.resume:
+                fetch.advance(writer.written)  # what the file holds (its clients may have seen less of it)
+            if not (fetch.resume and writer.written == fetch.size):  # else only the digest check was left to do
+                expected = await self._receive(client, repo, fetch, writer)
             try:
                 await writer.commit(digest, fetch.size)
             except Exception as exc:
@@ -170,6 +170,31 @@ class BlobPuller:
         finally:
             self._usage.expect(-expected if expected else None)
             self._metrics.inflight_fetches.dec()
+
+    async def _receive(
+        self, client: UpstreamClient, repo: Repo, fetch: FetchState, writer: BlobWriterLike
+    ) -> int | None:
+        """The upstream's body into ``writer`` (from ``writer.written`` on when resuming); the bytes expected,
+        which the caller un-expects once the blob is recorded (here if this fails)."""
+        fetched = self._metrics.upstream_bytes_fetched.labels(repo.registry)
+        # A Content-Length past max_blob_size is refused by client.blob before any byte is read.
+        async with client.blob(repo.path, fetch.digest, writer.written) as resp:
+            if fetch.resume:
+                assert fetch.size is not None  # only a fetch of a known size is resumed (pull.filelock)
+                rest: int | None = await continue_body(resp, writer, fetch.size, fetched)
+            else:
+                rest = resp.content_length
+            await self._store.check_space(rest)  # DiskFull -> a clear 507, not a cut body
+            bound = await self._size_bound(client, rest)
+            self._usage.expect(rest)
+            try:
+                fetch.begin(fetch.size if fetch.resume else resp.content_length, writer.temp_path)
+                floor = Throughput(client.settings.min_rate, client.settings.rate_window)
+                await _pump(resp.content, writer, fetch, fetched, floor, bound)
+            except BaseException:
+                self._usage.expect(-rest if rest else None)
+                raise
+        return rest
 
     async def _size_bound(self, client: UpstreamClient, announced: int | None) -> tuple[int, Exception]:
         """How far a body may grow, and the error past that: its Content-Length (aiohttp reads no further), or

@@ -11,9 +11,12 @@ one task per key coordinates with the other processes. That task:
    its ``Fetch`` on the leader's temp file, whose size is how far its clients may read (minus the last byte, as
    for any fetch); when the lock comes free, the outcome is on disk: the published blob (success, if it is the
    file it followed), or no blob (the leader failed or died).
-3. A follower that took the free lock before anything was announced runs the fetch itself (take-over from
-   scratch). One whose clients were already reading fails them: their connections are cut (never a complete
-   wrong body). Resuming from the bytes on disk with an upstream Range request is still to come.
+3. A follower that takes the free lock and finds the temp file it followed still there knows its holder died
+   mid-blob (a holder that fails removes its temp file first): it takes the fetch over and continues that file
+   with an upstream Range request (``pull.resume``), its clients streaming on where they are and the other
+   processes' followers following it as before. One that took the free lock before anything was announced runs
+   the fetch itself (from scratch). Otherwise (the file it followed is gone or was not the one published) its
+   clients are cut: never a complete wrong body.
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ class FileLocks:
     def fetching(self, digest: Digest) -> bool:
         return self._inflight.fetching(digest)
 
+    async def announced(self, registry: str, digest: Digest) -> int | None:
+        """The size another process's fetch of the key announced (its lock held, its upstream answered)."""
+        return await asyncio.to_thread(self._locks.announced_sync, registry, digest)
+
     async def close(self) -> None:
         await self._inflight.close()
 
@@ -102,6 +109,13 @@ class FileLocks:
             if inode is not None:  # else nothing was begun: the miss path serves the stored blob
                 fetch.advance(published.size)
             fetch.finish(lock.final_path)
+            return
+        resumable = published is None and inode is not None and fetch.size is not None
+        if resumable and inode is not None and await asyncio.to_thread(lock.left_behind_sync, inode):
+            # Its holder died mid-blob, leaving the file our clients read: continue it here.
+            log.info("resuming the fetch of blob %s another process left at %d bytes", fetch.digest, fetch.written)
+            fetch.resume = True
+            await self._lead(lock, fetch, run)
             return
         await asyncio.to_thread(lock.discard_leftover_sync)
         if published is None and inode is None:  # nobody's clients read anything yet: fetch it here

@@ -10,7 +10,9 @@ file up to ``written`` and waits for more, so the first bytes reach clients as s
 disconnects never cuts the fetch short for the others. The last bytes are released only after the digest is
 verified (see ``Fetch.readable``), so no client ever receives a complete body whose digest is wrong.
 
-Small objects (manifests, tag revalidations) use ``Coalescer``: concurrent callers share one awaited result.
+Small objects (manifests, tag revalidations) use ``Coalescer``: concurrent callers share one awaited result. Across
+processes sharing a data dir, ``RefLocking`` (``storage.reflocks``) lets one process at a time ask the upstream
+about a ref; alone on the data dir, ``ProcessOnly`` (the coalescing is all there is to do).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
@@ -62,6 +65,10 @@ class FetchState(Protocol):
 
     clients: int  # clients streaming it now (``api.streaming`` counts them in and out)
 
+    # Set by a coordinator before the fetching task runs: ``temp_path`` holds the first bytes of this blob from a
+    # fetch that was interrupted (its process died) and the task continues from them (``pull.resume``).
+    resume: bool
+
     def readable(self) -> int: ...
 
     def begin(self, size: int | None, temp_path: Path) -> None: ...
@@ -92,6 +99,11 @@ class FetchCoordinator(Protocol):
 
     def get(self, registry: str, digest: Digest) -> FetchState | None: ...
 
+    async def announced(self, registry: str, digest: Digest) -> int | None:
+        """The size of a fetch of ``digest`` from ``registry`` that another process (or replica) runs, as it
+        announced it; None when there is none, or it announced no size. What a HEAD answers from."""
+        ...
+
     def under_way(self) -> list[tuple[str, FetchState]]:
         """Every fetch of this process under way, with its upstream registry (for the web page)."""
         ...
@@ -109,6 +121,7 @@ class Fetch:
         self.repo = repo
         self.started_at = time.monotonic()
         self.clients = 0
+        self.resume = False
         self.size: int | None = None  # from the upstream's Content-Length, once it answered
         self.temp_path: Path | None = None
         self.final_path: Path | None = None  # set once verified and renamed into the store
@@ -190,6 +203,9 @@ class InFlight:
         """Whether ``digest`` is being fetched from any upstream (eviction leaves it alone meanwhile)."""
         return any(key[1] == digest for key in self._fetches)
 
+    async def announced(self, registry: str, digest: Digest) -> int | None:
+        return None  # alone: there is nobody else
+
     def under_way(self) -> list[tuple[str, FetchState]]:
         return [(registry, fetch) for (registry, _), fetch in self._fetches.items()]
 
@@ -259,3 +275,23 @@ class Coalescer(Generic[T]):
             task = asyncio.ensure_future(_call())
             self._pending[key] = task
         return await asyncio.shield(task), joined
+
+
+class RefLocking(Protocol):
+    """Host-wide exclusion of the upstream requests about one ref (a tag, a manifest by digest): inside the block,
+    no other process sharing the data dir asks the upstream about ``key``; False when that could not be had within
+    ``within`` seconds (the block runs anyway). The caller re-reads what another holder may have stored."""
+
+    def hold(self, key: str, within: float) -> AbstractAsyncContextManager[bool]: ...
+
+
+class ProcessOnly:
+    """``RefLocking`` of a process alone on its data dir: nobody else asks, nothing to wait for."""
+
+    @asynccontextmanager
+    async def hold(self, key: str, within: float) -> AsyncIterator[bool]:
+        yield True
+
+
+if TYPE_CHECKING:
+    _ref_locking: RefLocking = ProcessOnly()

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from aiocache import SimpleMemoryCache
@@ -33,9 +34,10 @@ from mirror.oci.mediatypes import DEFAULT_ACCEPT, MANIFEST_TYPES, accepts, names
 from mirror.oci.reference import Digest, Repo, Tag
 from mirror.pull.blobs import BlobPuller, Names, blob_unknown
 from mirror.pull.failures import UPSTREAM_FAILURES, failure, retryable, upstream_errors
-from mirror.pull.inflight import Coalescer, FetchCoordinator, InFlight
+from mirror.pull.inflight import Coalescer, FetchCoordinator, InFlight, ProcessOnly, RefLocking
 from mirror.storage.base import BlobStorage, MetadataIndex, UsageRecorder
 from mirror.storage.index import ManifestRecord, TagRecord
+from mirror.storage.reflocks import RefLocks
 from mirror.storage.usage import NullUsage
 from mirror.upstream.client import ManifestHead, UpstreamClient
 from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
@@ -79,6 +81,7 @@ class PullThrough:
         usage: UsageRecorder | None = None,
         cache_size: int = 0,  # the cache's cap (0: none): a blob without Content-Length may not grow past it
         inflight: FetchCoordinator | None = None,  # the coordination of blob fetches (default: in-process)
+        ref_locks: RefLocking | None = None,  # of manifest and tag requests across processes (default: none)
     ):
         self._store = store
         self._usage: UsageRecorder = usage or NullUsage()
@@ -98,6 +101,7 @@ class PullThrough:
         self._vouched: LRUCache[tuple[str, Digest], bool] = LRUCache(VOUCHED_MEMORY)  # see vouch
         self._coalesce_tag: Coalescer[tuple[TagRecord, ManifestAnswer | None]] = Coalescer()
         self._coalesce_manifest: Coalescer[ManifestAnswer] = Coalescer()
+        self._ref_locks: RefLocking = ref_locks or ProcessOnly()
 
     async def close(self) -> None:
         await self.inflight.close()
@@ -199,18 +203,37 @@ class PullThrough:
             return ManifestAnswer(digest, stored[0], stored[1])
         self.count(repo, "manifest", "miss")
         answer, _ = await self._coalesce_manifest.run(
-            (repo.registry, digest), lambda: self._fetch_manifest(repo, str(digest), frozenset())
+            (repo.registry, digest), lambda: self._fetch_manifest_once(repo, digest)
         )
         await self.mark_pulled(repo)  # a joined caller may have asked under another name
         return answer
 
-    async def _fetch_manifest(self, repo: Repo, ref: str, accepted: frozenset[str]) -> ManifestAnswer:
-        """GET a manifest upstream, verify it, store it by digest. Raises registry errors."""
+    async def _fetch_manifest_once(self, repo: Repo, digest: Digest) -> ManifestAnswer:
+        """``_fetch_manifest`` by digest once for the host: under its lock, unless another process stored it."""
+        began = time.monotonic()
+        async with self._ref_locks.hold(f"manifest {repo.registry} {digest}", self.timeout(repo)) as held:
+            stored = await self._stored_manifest(digest)
+            if stored is not None:
+                await self.vouch(repo, digest, "manifest")
+                return ManifestAnswer(digest, *stored)
+            return await self._fetch_manifest(repo, str(digest), frozenset(), self._left(repo, began, held))
+
+    def _left(self, repo: Repo, began: float, held: bool) -> float:
+        """What is left of a client's wait on the upstream begun at ``began``, after waiting for another process's
+        request; none if that took the whole wait (UpstreamUnavailable: a stale answer if there is one)."""
+        if not held:
+            raise errors.UpstreamUnavailable("another process has been asking the upstream for it the whole time")
+        return max(0.001, self.timeout(repo) - (time.monotonic() - began))
+
+    async def _fetch_manifest(
+        self, repo: Repo, ref: str, accepted: frozenset[str], within: float | None = None
+    ) -> ManifestAnswer:
+        """GET a manifest upstream (within ``within`` s, else the timeout), verify and store it. Raises registry errors."""
         client = self.client(repo)
         # By digest the content is fixed whatever we accept, so accept every type we know.
         accept = upstream_accept(accepted) if ":" not in ref else EVERY_MANIFEST_TYPE
         with upstream_errors(not_found=lambda: _manifest_unknown(repo, ref)):
-            async with asyncio.timeout(self.timeout(repo)):
+            async with asyncio.timeout(self.timeout(repo) if within is None else within):
                 head, data = await client.get_manifest(repo.path, ref, accept)
         with upstream_errors():  # DiskFull: 507
             await self._store.put(data, head.digest)
@@ -226,9 +249,10 @@ class PullThrough:
 
     # --- tags ------------------------------------------------------------------------------------------------
     async def _tag_record(self, repo: Repo, tag: Tag) -> TagRecord | None:
+        """From memory within the tag's TTL, else the index (another process may have revalidated it since)."""
         key = (repo.registry, repo.path, tag.name)
         record = await self._tags.get(key)
-        if isinstance(record, TagRecord):
+        if isinstance(record, TagRecord) and self._clock() - record.checked_at < self._policy(repo).tag_ttl:
             return record
         record = await self._index.get_tag(repo, tag.name)
         if record is not None:
@@ -260,7 +284,7 @@ class PullThrough:
         try:
             (fresh, answer), _ = await self._coalesce_tag.run(
                 (repo.registry, repo.path, tag.name, accepted, want_body and record is None),
-                lambda: self._revalidate(repo, tag, accepted, record if usable else None, want_body),
+                lambda: self._revalidate_once(repo, tag, accepted, record if usable else None, want_body),
             )
         except errors.RegistryError as exc:
             cause = exc.__cause__ or exc.__context__
@@ -276,23 +300,37 @@ class PullThrough:
             raise
         return fresh, answer, False
 
-    async def _revalidate(
+    async def _revalidate_once(
         self, repo: Repo, tag: Tag, accepted: frozenset[str], known: TagRecord | None, want_body: bool
     ) -> tuple[TagRecord, ManifestAnswer | None]:
-        """Ask the upstream what the tag points to now: HEAD when we hold a candidate, GET when a body is needed
-        anyway (a cold GET by tag costs one request instead of two)."""
+        """``_revalidate`` once for the host: under the tag's lock, unless another process just revalidated it."""
+        began = time.monotonic()
+        async with self._ref_locks.hold(f"tag {repo.registry} {repo.path} {tag.name}", self.timeout(repo)) as held:
+            record = await self._index.get_tag(repo, tag.name)
+            fresh = record is not None and self._clock() - record.checked_at < self._policy(repo).tag_ttl
+            if record is not None and fresh and accepts(accepted, record.media_type):
+                await self._tags.set((repo.registry, repo.path, tag.name), record, ttl=MEMORY_TTL)
+                self.count(repo, "tag", "hit")
+                return record, None
+            return await self._revalidate(repo, tag, accepted, known, want_body, self._left(repo, began, held))
+
+    async def _revalidate(
+        self, repo: Repo, tag: Tag, accepted: frozenset[str], known: TagRecord | None, want_body: bool, within: float
+    ) -> tuple[TagRecord, ManifestAnswer | None]:
+        """Ask the upstream what the tag points to now, within ``within`` seconds: HEAD when we hold a candidate,
+        GET when a body is needed anyway (a cold GET by tag costs one request instead of two)."""
         client = self.client(repo)
         answer: ManifestAnswer | None = None
         if want_body and known is None:
-            answer = await self._fetch_manifest(repo, tag.name, accepted)
+            answer = await self._fetch_manifest(repo, tag.name, accepted, within)
             head = ManifestHead(answer.digest, answer.media_type, len(answer.data))
             self.count(repo, "tag", "miss")
         else:
             try:
-                async with asyncio.timeout(self.timeout(repo)):
+                async with asyncio.timeout(within):
                     head = await client.head_manifest(repo.path, tag.name, upstream_accept(accepted))
             except UpstreamInvalid:  # no digest in the HEAD answer: fall back to a GET
-                answer = await self._fetch_manifest(repo, tag.name, accepted)
+                answer = await self._fetch_manifest(repo, tag.name, accepted, within)
                 head = ManifestHead(answer.digest, answer.media_type, len(answer.data))
             except UPSTREAM_FAILURES as exc:  # the one 404 with a side effect: see _tag_not_found
                 if isinstance(exc, UpstreamError) and exc.status == 404:
@@ -358,3 +396,5 @@ if TYPE_CHECKING:  # the service offers the read interface and the rules the mis
 
     def _checks(service: PullThrough) -> tuple[Content, Names]:
         return service, service
+
+    _ref_locks: RefLocking = RefLocks(Path())

@@ -9,6 +9,7 @@ database work and are called from a thread (or a CLI process), never on the even
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
@@ -32,6 +33,10 @@ class BlobWriterLike(Protocol):
 
     async def abort(self) -> None: ...
 
+    def mark(self) -> tuple[int, hashlib._Hash]:
+        """The bytes written so far and their hash state (a copy)."""
+        ...
+
 
 class BlobStorage(Protocol):
     """Content-addressed blobs (layers, configs, manifests), immutable once committed."""
@@ -48,8 +53,9 @@ class BlobStorage(Protocol):
 
     def writer(self, algorithm: str = "sha256") -> BlobWriterLike: ...
 
-    def fetch_writer(self, registry: str, digest: Digest) -> BlobWriterLike:
-        """The writer of an upstream fetch of ``digest`` from ``registry``, at a temp path named by that key."""
+    def fetch_writer(self, registry: str, digest: Digest, resume: bool = False) -> BlobWriterLike:
+        """The writer of an upstream fetch of ``digest`` from ``registry``, at a temp path named by that key;
+        with ``resume``, continuing the bytes an interrupted fetch left there."""
         ...
 
     async def put(self, data: bytes, expected: Digest | None = None) -> Digest: ...

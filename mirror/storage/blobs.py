@@ -16,6 +16,7 @@ Layout of the data dir::
         fetch-<alg>-<hex>-<r>  an upstream fetch of that digest from upstream <r> (a hash of its name), named by
                                its key so that other processes sharing the data dir find it (fetchlocks.py)
         lock-<alg>-<hex>-<r>   that fetch's lock file (fetchlocks.py), removed by its holder
+        lock-ref-<hash>        the lock of upstream requests about one tag or manifest (reflocks.py), likewise
       index/                   diskcache: tags, manifest media types (see index.py)
       usage/                   diskcache: size, kind, last served of every digest; pins (see usage.py)
       quarantine/              files that failed verification or did not belong in blobs/ (``quarantine_sync``,
@@ -137,11 +138,14 @@ class BlobStore:
     def fetch_temp_path(self, registry: str, digest: Digest) -> Path:
         return self.tmp_dir / f"fetch-{self.fetch_key(registry, digest)}"
 
-    def fetch_writer(self, registry: str, digest: Digest) -> BlobWriter:
+    def fetch_writer(self, registry: str, digest: Digest, resume: bool = False) -> BlobWriter:
         """The writer of an upstream fetch, at the temp path named by its key (``fetch_temp_path``). The caller
         holds the key (the in-process single flight, or its file lock), so a file already there is a leftover
-        of an interrupted fetch of the same key: it is removed first. Blocking: call it in a thread."""
+        of an interrupted fetch of the same key: it is removed first, or with ``resume`` reopened to continue
+        it (its bytes re-hashed: ``written`` says how many). Blocking: call it in a thread."""
         path = self.fetch_temp_path(registry, digest)
+        if resume:
+            return BlobWriter(self, digest.algorithm, temp_path=path)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         return BlobWriter(self, digest.algorithm, name=path.name)

@@ -10,7 +10,7 @@ Every fetch has a key (``BlobStore.fetch_key``: digest and upstream) and two fil
 Rules that make the outcome readable from the files alone:
 - The holder publishes or removes the temp file *before* it releases the lock, so whoever takes the lock next
   finds either the published blob (success) or no blob (failure); a temp file found then is a dead holder's
-  leftover, and the new holder removes it.
+  leftover: the new holder continues it (a follower that streamed it, ``left_behind_sync``) or removes it.
 - The holder removes the lock file before it releases the lock. A lock is taken on an open file and is valid
   only if that file is still the one at the path (same inode); otherwise it is dropped and taken again, so two
   processes can never both hold a key.
@@ -84,6 +84,14 @@ class FetchLock:
             return None
         return Published(st.st_size, st.st_ino)
 
+    def left_behind_sync(self, inode: int) -> bool:
+        """Whether the temp file of ``inode`` is still at the key's path: with the lock free, its holder died
+        mid-blob and its bytes are there to be continued."""
+        try:
+            return os.stat(self.temp_path).st_ino == inode
+        except FileNotFoundError:
+            return False
+
     def discard_leftover_sync(self) -> None:
         """Remove a temp file left by a holder that died (we hold the key: nobody writes it)."""
         with contextlib.suppress(FileNotFoundError):
@@ -98,10 +106,38 @@ class FetchLock:
     def release_sync(self) -> None:
         if self._fd < 0:
             return
-        with contextlib.suppress(FileNotFoundError):
-            self.lock_path.unlink()
-        os.close(self._fd)  # releases the flock
+        release_lock_sync(self.lock_path, self._fd)
         self._fd = -1
+
+
+def try_lock_sync(lock_path: Path) -> tuple[int | None, str]:
+    """Take the lock at ``lock_path`` without waiting: (fd, "") when taken, else (None, the holder's announcement).
+    A lock taken on a file that its holder removed meanwhile (on release) is dropped and taken on the one there."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 64, 0).decode(errors="replace")
+            os.close(fd)
+            return None, text
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            current = -1
+        if current == os.fstat(fd).st_ino:
+            return fd, ""
+        os.close(fd)  # its holder removed that file on release: take the lock on the one there now
+
+
+def release_lock_sync(lock_path: Path, fd: int) -> None:
+    """Let go of a lock ``try_lock_sync`` took: its file is removed first, then closed (which releases it)."""
+    with contextlib.suppress(FileNotFoundError):
+        lock_path.unlink()
+    os.close(fd)
 
 
 class FetchLocks:
@@ -152,27 +188,27 @@ class FetchLocks:
         written = followed.written_sync() if followed is not None and followed.inode == inode else 0
         return Progress(True, size, inode, written)
 
+    def announced_sync(self, registry: str, digest: Digest) -> int | None:
+        """The size in the announcement of the key's fetch while some process holds its lock; None when nobody
+        holds it (a dead holder's announcement stays in the file), or none or no size was announced. The lock is
+        tested with a shared lock taken and dropped at once: a process trying to lead meanwhile follows instead,
+        and takes the lock at its next look."""
+        lock_path, _ = self._paths(registry, digest)
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            size_text, _, inode_text = os.pread(fd, 64, 0).decode(errors="replace").strip().partition(" ")
+            return int(size_text) if size_text.isdigit() and inode_text.isdigit() else None
+        finally:
+            os.close(fd)  # (drops the shared lock if it was taken)
+        return None
+
     def _try(self, lock_path: Path) -> tuple[int | None, str]:
-        """Take the lock at ``lock_path`` without waiting: (fd, "") when taken, else (None, the holder's
-        announcement)."""
-        while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = os.pread(fd, 64, 0).decode(errors="replace")
-                os.close(fd)
-                return None, text
-            except BaseException:
-                os.close(fd)
-                raise
-            try:
-                current = os.stat(lock_path).st_ino
-            except FileNotFoundError:
-                current = -1
-            if current == os.fstat(fd).st_ino:
-                return fd, ""
-            os.close(fd)  # its holder removed that file on release: take the lock on the one there now
+        return try_lock_sync(lock_path)
 
     def clean_sync(self) -> int:
         """At start-up: remove the temp files of fetches nobody holds (their process died), leaving those of

@@ -334,11 +334,14 @@ class UpstreamClient:
         return head, data
 
     @asynccontextmanager
-    async def blob(self, repo_path: str, digest: Digest) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Open a blob download; the caller streams ``resp.content``. The response is released on exit."""
+    async def blob(self, repo_path: str, digest: Digest, start: int = 0) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Open a blob download; the caller streams ``resp.content``. The response is released on exit. From
+        ``start`` > 0 it asks for the rest only (``Range: bytes=start-``): the caller checks the answer, a 206
+        with that range or a 200 with the whole blob (RFC 9110 section 14.2: a server may ignore Range)."""
         self.users += 1
         try:
-            resp = await self._send("GET", f"/v2/{repo_path}/blobs/{digest}", "blob", self._scope(repo_path))
+            rest = {"Range": f"bytes={start}-"} if start else None
+            resp = await self._send("GET", f"/v2/{repo_path}/blobs/{digest}", "blob", self._scope(repo_path), rest)
             try:
                 if resp.content_length is not None and resp.content_length > self.settings.max_blob_size:
                     size, limit = resp.content_length, self.settings.max_blob_size

@@ -44,6 +44,10 @@ class Recording:
     def fetching(self, digest: Digest) -> bool:
         return self.inner.fetching(digest)
 
+    async def announced(self, registry: str, digest: Digest) -> int | None:
+        self.calls.append("announced")
+        return await self.inner.announced(registry, digest)
+
     def under_way(self) -> list[tuple[str, FetchState]]:
         return self.inner.under_way()
 
@@ -95,7 +99,7 @@ async def test_a_head_looks_up_the_fetch_and_never_starts_one(
     coordinator = pull.inflight
     assert isinstance(coordinator, Recording)
     assert await pull.blob_head(REPO, digest) == len(b"config")  # the size the upstream announces
-    assert coordinator.calls == ["get"]
+    assert coordinator.calls == ["get", "announced"]  # this process, then the others
     assert fake.count("GET", "blobs") == 0
 
 

@@ -1,9 +1,8 @@
 """Fetch coordination across processes on one data dir (``pull.filelock``, ``storage.fetchlocks``).
 
-In-process: two coordinators on two stores of one data dir stand for two processes (a ``flock`` is held per open
-file, so they exclude each other as processes do); a dead holder is a real child process killed with SIGKILL.
-Across processes: two real mirrors on one data dir in front of a real Distribution registry (slowed by nginx),
-32 clients of a cold blob spread over both, and kill -9 of the one fetching.
+Two coordinators on two stores of one data dir stand for two processes (a ``flock`` is held per open file, so they
+exclude each other as processes do); a dead holder is a real child process killed with SIGKILL. Real mirror
+processes: tests/pull/test_filelock_processes.py; resuming a dead holder's fetch: tests/pull/test_resume.py.
 """
 
 from __future__ import annotations
@@ -11,13 +10,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from mirror.app import coordination
@@ -28,18 +24,8 @@ from mirror.pull.filelock import FileLocks
 from mirror.pull.inflight import FetchState, InFlight
 from mirror.storage.blobs import BlobStore
 from mirror.storage.fetchlocks import FetchLocks
-from tests.support.ops import (
-    COORDINATED,
-    Mirror,
-    blob_files,
-    eventually,
-    record_figures,
-    start_nginx,
-    start_registry,
-    upstream_requests,
-    wait_until,
-)
-from tests.support.plain_http import push_blob
+from tests.support.lockholder import hold, killed, tell
+from tests.support.ops import eventually
 
 REGISTRY = "docker.io"
 DATA = os.urandom(3 * 65536 + 17)
@@ -137,32 +123,6 @@ async def test_a_failed_leader_cuts_the_followers_clients(pair: tuple[BlobStore,
     await eventually(lambda: leftovers(store) == [], what="temp and lock files removed")
 
 
-async def hold(lock_path: Path, announce: str = "", then: str = "") -> asyncio.subprocess.Process:
-    """Another process holding a fetch's lock (with ``announce``, having announced it); sent a line, it runs the
-    Python statements ``then`` (``fd`` is its lock file) and prints "done"."""
-    code = (
-        "import fcntl, os, sys\n"
-        f"fd = os.open({str(lock_path)!r}, os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        f"os.write(fd, {announce.encode()!r})\n"
-        "print('held', flush=True)\n"
-        "sys.stdin.readline()\n"
-        f"{then}\n"
-        "print('done', flush=True)\n"
-        "sys.stdin.read()\n"
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
-    )
-    assert proc.stdout is not None and await proc.stdout.readline() == b"held\n"
-    return proc
-
-
-async def killed(proc: asyncio.subprocess.Process) -> None:
-    proc.kill()  # SIGKILL: the kernel releases its lock, nothing else is cleaned
-    await proc.wait()
-
-
 def lock_path(store: BlobStore) -> Path:
     return store.tmp_dir / f"lock-{store.fetch_key(REGISTRY, DIGEST)}"
 
@@ -185,29 +145,34 @@ async def test_a_holder_that_died_before_announcing_is_taken_over(
     await eventually(lambda: leftovers(store) == [], what="temp and lock files removed")
 
 
-async def test_a_holder_that_died_mid_blob_never_completes_a_client(
-    pair: tuple[BlobStore, FileLocks, FileLocks],
+@pytest.mark.parametrize("on_disk", [len(DATA) // 2, len(DATA)], ids=["half the blob", "every byte"])
+async def test_a_holder_that_died_mid_blob_is_continued_by_a_follower(
+    pair: tuple[BlobStore, FileLocks, FileLocks], on_disk: int
 ) -> None:
+    """The follower takes the key and runs the fetch with ``resume`` on the dead holder's file (``pull.resume``
+    continues it; tests/pull/test_resume.py). If that fails too, its clients are cut: they never got the last
+    byte."""
     store, one, _ = pair
     temp = store.fetch_temp_path(REGISTRY, DIGEST)
-    temp.write_bytes(b"x" * (len(DATA) - 1))  # all but one byte, and wrong
+    temp.write_bytes(b"x" * on_disk)  # wrong bytes: the resumed fetch's digest check fails
     proc = await hold(lock_path(store), f"{len(DATA)} {os.stat(temp).st_ino}\n")
-    fetch, _ = one.join(REGISTRY, DIGEST, never)
+    asked: list[tuple[bool, int, int]] = []
+
+    async def resumed(fetch: FetchState) -> None:
+        asked.append((fetch.resume, fetch.written, os.stat(temp).st_ino))
+        raise OSError("digest mismatch")
+
+    fetch, _ = one.join(REGISTRY, DIGEST, resumed)
     await fetch.wait_started()
-    await fetch.wait_beyond(len(DATA) - 3)
-    assert fetch.readable() == len(DATA) - 2 and not fetch.done
+    await fetch.wait_beyond(on_disk - 2)
+    assert fetch.readable() == on_disk - 1 and not fetch.done and asked == []
+    inode = os.stat(temp).st_ino
     await killed(proc)
     await fetch.wait_done()
-    assert isinstance(fetch.error, errors.UpstreamUnavailable) and fetch.final_path is None
+    assert asked == [(True, on_disk, inode)], "continued from the bytes on disk, in the same file"
+    assert isinstance(fetch.error, OSError) and fetch.final_path is None
+    assert fetch.readable() == on_disk - 1
     assert not store.path(DIGEST).exists()
-    await eventually(lambda: leftovers(store) == [], what="the dead holder's files removed")
-
-
-async def tell(proc: asyncio.subprocess.Process) -> None:
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(b"go\n")
-    await proc.stdin.drain()
-    assert await proc.stdout.readline() == b"done\n"
 
 
 async def test_a_fetch_started_again_under_a_follower_cuts_its_clients(
@@ -290,114 +255,3 @@ def test_the_coordination_setting_picks_the_coordinator(tmp_path: Path, setting:
 def test_an_unknown_coordination_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="coordination"):
         coordination(Config(data_dir=tmp_path, coordination="redis"), BlobStore(tmp_path))
-
-
-# --- two real mirror processes on one data dir ------------------------------------------------------------------
-BIG = 8 * 2**20
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    work = tmp_path_factory.mktemp("filelock")
-    registry, url = start_registry(work / "registry", access_log=True)
-    herd_nginx, herd_url = start_nginx(work / "nginx-herd", url, throttle="8m")  # ~1 s for the blob
-    slow_nginx, slow_url = start_nginx(work / "nginx-slow", url, throttle="1m")  # ~8 s
-    try:
-        yield {"log": work / "registry" / "registry.log", "herd": herd_url, "slow": slow_url, "url": url}
-    finally:
-        slow_nginx.stop()
-        herd_nginx.stop()
-        registry.stop()
-
-
-def two_mirrors(data: Path, url: str) -> tuple[Mirror, Mirror]:
-    first = Mirror(data, url, entry=COORDINATED)
-    try:
-        return first, Mirror(data, url, entry=COORDINATED)
-    except BaseException:
-        first.stop()
-        raise
-
-
-def blob_url(mirror: Mirror, repo: str, digest: str) -> str:
-    return f"{mirror.url}/v2/{repo}/blobs/{digest}"
-
-
-def served_from_upstream(mirror: Mirror) -> float:
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in mirror.metrics().splitlines()
-        if line.startswith("mirror_blob_bytes_served_total{") and 'source="upstream"' in line
-    )
-
-
-@pytest.mark.integration
-async def test_32_cold_gets_over_two_processes_make_one_upstream_get(upstream: dict[str, Any], tmp_path: Path) -> None:
-    data = os.urandom(BIG)
-    digest = push_blob(upstream["url"], "library/herd", data)
-    first, second = two_mirrors(tmp_path / "data", upstream["herd"])
-    try:
-        async with aiohttp.ClientSession() as session:
-
-            async def get(mirror: Mirror) -> str:
-                async with session.get(blob_url(mirror, "library/herd", digest)) as resp:
-                    assert resp.status == 200
-                    return hashlib.sha256(await resp.read()).hexdigest()
-
-            began = time.monotonic()
-            bodies = await asyncio.gather(*(get(first if n % 2 else second) for n in range(32)))
-            record_figures("filelock herd", clients=32, processes=2, seconds=round(time.monotonic() - began, 3))
-        assert bodies == [digest.partition(":")[2]] * 32  # every body verified
-        assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 1
-        # Both processes streamed the blob while it arrived: the one without the upstream GET followed the other.
-        assert served_from_upstream(first) == served_from_upstream(second) == 16 * BIG
-        assert blob_files(tmp_path / "data")[digest] == BIG
-        assert leftovers(BlobStore(tmp_path / "data")) == []
-    finally:
-        first.stop()
-        second.stop()
-
-
-@pytest.mark.integration
-async def test_kill_9_of_the_fetching_process_never_serves_wrong_bytes(
-    upstream: dict[str, Any], tmp_path: Path
-) -> None:
-    data = os.urandom(BIG)
-    digest = push_blob(upstream["url"], "library/crash", data)
-    store = tmp_path / "data"
-    leader, follower = two_mirrors(store, upstream["slow"])
-    received = [0] * 9
-    try:
-        async with aiohttp.ClientSession() as session:
-
-            async def get(mirror: Mirror, n: int) -> str:
-                hasher = hashlib.sha256()
-                async with session.get(blob_url(mirror, "library/crash", digest)) as resp:
-                    assert resp.status == 200
-                    async for chunk in resp.content.iter_any():
-                        hasher.update(chunk)
-                        received[n] += len(chunk)
-                return hasher.hexdigest()
-
-            first = asyncio.ensure_future(get(leader, 0))
-            await eventually(lambda: received[0] > 0, what="the leader streaming")
-            rest = [asyncio.ensure_future(get(follower, n)) for n in range(1, 9)]
-            await eventually(lambda: all(received[1:]), what="the follower's clients streaming")
-            leader.kill9()
-            outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
-        cut = [o for o in outcomes if isinstance(o, aiohttp.ClientError)]  # a short body, the connection cut
-        whole = [o for o in outcomes if isinstance(o, str)]
-        assert len(cut) + len(whole) == 9, outcomes
-        assert whole == [digest.partition(":")[2]] * len(whole), "a complete body is always the right one"
-        assert all(received[n] < BIG for n, o in enumerate(outcomes) if not isinstance(o, str))
-        assert digest not in blob_files(store), "nothing partial published"
-        wait_until(lambda: leftovers(BlobStore(store)) == [], what="the dead fetch's files removed")
-        async with aiohttp.ClientSession() as session, session.get(blob_url(follower, "library/crash", digest)) as r:
-            assert r.status == 200 and hashlib.sha256(await r.read()).hexdigest() == digest.partition(":")[2]
-        assert (
-            upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 2
-        )  # taken over from scratch (resuming with Range is still to come)
-        assert blob_files(store)[digest] == BIG
-    finally:
-        leader.stop()
-        follower.stop()

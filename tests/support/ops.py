@@ -213,12 +213,20 @@ def upstream_requests(registry_log: Path, method: str, path_part: str = "") -> i
 
 
 def start_nginx(
-    workdir: Path, upstream: str, directives: str = "", locations: str = "", throttle: str = ""
+    workdir: Path,
+    upstream: str,
+    directives: str = "",
+    locations: str = "",
+    throttle: str = "",
+    log: bool = False,
+    http: str = "",
 ) -> tuple[Service, str]:
     """nginx as a reverse proxy in front of ``upstream``: ``directives`` go into its catch-all location (e.g.
     Docker Hub's ratelimit headers);
     ``locations`` are more ``location`` blocks (fault switches for one repository); ``throttle`` (``1m``) limits
-    every download to that many bytes per second (nginx only throttles buffered proxying)."""
+    every download to that many bytes per second (nginx only throttles buffered proxying); with ``log`` every
+    request is logged to ``workdir/logs/access.log`` as ``METHOD URI STATUS range=RANGE`` (``nginx_requests``);
+    ``http`` goes into the ``http`` block (e.g. a ``limit_req_zone`` for ``directives`` to use)."""
     binary = require("nginx")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -234,12 +242,13 @@ error_log {workdir}/logs/error.log warn;
 {"user root;" if os.geteuid() == 0 else ""}
 events {{ worker_connections 256; }}
 http {{
-  access_log off;
+  {NGINX_LOG_FORMAT + f"access_log {workdir}/logs/access.log ranges;" if log else "access_log off;"}
   client_body_temp_path {workdir}/tmp/body;
   proxy_temp_path {workdir}/tmp/proxy;
   fastcgi_temp_path {workdir}/tmp/fastcgi;
   uwsgi_temp_path {workdir}/tmp/uwsgi;
   scgi_temp_path {workdir}/tmp/scgi;
+  {http}
   server {{
     listen 127.0.0.1:{port};
     client_max_body_size 0;
@@ -260,7 +269,22 @@ http {{
     return service, url
 
 
+NGINX_LOG_FORMAT = "log_format ranges '$request_method $uri $status range=$http_range';"
+
+
+def nginx_requests(workdir: Path, path_part: str) -> list[tuple[str, int, str]]:
+    """(method, status, Range header) of each request whose path contains ``path_part`` that the nginx started
+    in ``workdir`` with ``log`` served."""
+    found = []
+    for line in (workdir / "logs" / "access.log").read_text(errors="replace").splitlines():
+        method, uri, status, rng = line.split(" ", 3)
+        if path_part in uri:
+            found.append((method, int(status), rng.removeprefix("range=")))
+    return found
+
+
 COORDINATED = "tests.support.coordinated"  # the entry of mirrors that share one data dir (``Mirror(entry=...)``)
+
 # An upstream that is not there: for tests that only push (a push never asks the upstream).
 NO_UPSTREAM = "http://127.0.0.1:9"
 
@@ -319,6 +343,19 @@ class Mirror(Service):
 
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
             return str(resp.read().decode())
+
+
+def coordinated_mirrors(data_dir: Path, upstream: str, *flags: str, count: int = 2) -> list[Mirror]:
+    """``count`` mirrors sharing ``data_dir`` (``COORDINATED``); stop each."""
+    mirrors: list[Mirror] = []
+    try:
+        for _ in range(count):
+            mirrors.append(Mirror(data_dir, upstream, *flags, entry=COORDINATED))
+    except BaseException:
+        for mirror in mirrors:
+            mirror.stop()
+        raise
+    return mirrors
 
 
 def mirror_env() -> dict[str, str]:
