@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +28,8 @@ from tests.support.ops import (
     blob_files,
     eventually,
     free_port,
+    nginx_requests,
+    run_cli,
     start_nginx,
     start_registry,
     upstream_requests,
@@ -43,9 +46,15 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     work = tmp_path_factory.mktemp("workers")
     registry, url = start_registry(work / "registry", access_log=True)
     herd_nginx, herd_url = start_nginx(work / "nginx-herd", url, throttle="8m")  # ~1 s for BIG
-    slow_nginx, slow_url = start_nginx(work / "nginx-slow", url, throttle="2m")  # ~4 s for BIG
+    slow_nginx, slow_url = start_nginx(work / "nginx-slow", url, throttle="2m", log=True)  # ~4 s for BIG
     try:
-        yield {"log": work / "registry" / "registry.log", "herd": herd_url, "slow": slow_url, "url": url}
+        yield {
+            "log": work / "registry" / "registry.log",
+            "herd": herd_url,
+            "slow": slow_url,
+            "slow_dir": work / "nginx-slow",
+            "url": url,
+        }
     finally:
         slow_nginx.stop()
         herd_nginx.stop()
@@ -61,6 +70,29 @@ def serving_pids(mirror: Mirror, path_part: str) -> set[int]:
     """The processes whose access log lines name ``path_part``."""
     pattern = re.compile(r"\[(\d+)\] aiohttp\.access: .*" + re.escape(path_part))
     return {int(m.group(1)) for m in pattern.finditer(mirror.log.read_text())}
+
+
+def lock_holder(data_dir: Path) -> int | None:
+    """The pid holding a fetch's lock file in ``tmp/`` (from the kernel's table of locks), or None."""
+    inodes = {path.stat().st_ino for path in (data_dir / "tmp").glob("lock-*")}
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and int(fields[5].rsplit(":", 1)[1]) in inodes:
+            return int(fields[4])
+    return None
+
+
+def client_pids(port: int) -> dict[int, int]:
+    """Client port -> the pid of the worker holding that connection to the mirror's ``port`` (from ``ss``)."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True, check=True
+    ).stdout
+    found = {}
+    for line in out.splitlines():
+        pid = re.search(r"pid=(\d+)", line)
+        if pid:
+            found[int(line.split()[3].rsplit(":", 1)[1])] = int(pid.group(1))
+    return found
 
 
 def alive(pid: int) -> bool:
@@ -131,6 +163,39 @@ async def test_a_worker_that_dies_is_replaced_and_the_mirror_keeps_serving(
             for _ in range(20):
                 assert await get_digest(session, f"{mirror.url}/v2/library/crash/blobs/{digest}") == digest
         assert victim not in serving_pids(mirror, digest)
+
+
+async def test_kill_9_of_the_fetching_worker_mid_blob_is_continued_by_the_other(
+    upstream: dict[str, Any], tmp_path: Path
+) -> None:
+    digest = push_blob(upstream["url"], "library/takeover", os.urandom(BIG))
+    data = tmp_path / "data"
+    with Mirror(data, upstream["slow"], "--workers", "2") as mirror:
+        wait_until(lambda: len(workers(mirror)) == 2, what="two workers booted")
+        url = f"{mirror.url}/v2/library/takeover/blobs/{digest}"
+        received: list[list[int]] = []
+        clients: list[asyncio.Future[str]] = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
+            # Clients one after another until both workers stream some (the kernel picks the worker).
+            while len(clients) < 16 and (len(clients) < 4 or len(set(client_pids(mirror.port).values())) < 2):
+                received.append([0])
+                clients.append(asyncio.ensure_future(get_digest(session, url, received[-1])))
+                await eventually(lambda: received[-1][0] > 0, what="the new client streaming")
+            fetcher = lock_holder(data)
+            assert fetcher in workers(mirror)
+            assert set(client_pids(mirror.port).values()) == workers(mirror)
+            os.kill(fetcher, signal.SIGKILL)
+            outcomes = await asyncio.gather(*clients, return_exceptions=True)
+        whole = [o for o in outcomes if isinstance(o, str)]
+        cut = [o for o in outcomes if isinstance(o, aiohttp.ClientError)]  # the dead worker's own clients
+        assert len(whole) + len(cut) == len(clients), outcomes
+        assert whole and whole == [digest] * len(whole), "the other worker's clients end with the right bytes"
+        requests = nginx_requests(upstream["slow_dir"], f"/blobs/{digest}")
+        assert [status for _, status, _ in requests] == [200, 206], requests  # the rest asked with Range
+        assert requests[1][2].startswith("bytes=")
+        assert blob_files(data)[digest] == BIG
+        wait_until(lambda: not [p for p in (data / "tmp").iterdir() if not p.name.startswith("lock-")])
+    assert "0 did not match" in run_cli("verify", "--data-dir", str(data)).stdout
 
 
 async def test_sigterm_lets_a_download_in_flight_finish(upstream: dict[str, Any], tmp_path: Path) -> None:
