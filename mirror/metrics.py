@@ -184,6 +184,14 @@ class Metrics:
                 row.setdefault(key, 0.0)
         return dict(sorted(out.items()))
 
+    def deferred_summary(self) -> dict[str, dict[str, float]]:
+        """Per upstream, the tags served without revalidation to save its pull quota, by reason (low_quota,
+        rate_limited): ``mirror_ratelimit_deferred`` as the web page's upstreams page shows it."""
+        out: dict[str, dict[str, float]] = {}
+        for sample in _samples(self.ratelimit_deferred):
+            out.setdefault(sample.labels["upstream"], {})[sample.labels["reason"]] = sample.value
+        return out
+
     def prime(self, upstreams: Iterable[str]) -> None:
         """Create the usual label sets at zero, so that the first scrape already has every series: Prometheus's
         ``rate``/``increase`` cannot count the first increments of a series it has never seen at zero."""
