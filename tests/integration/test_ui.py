@@ -22,13 +22,13 @@ import pytest
 from playwright.sync_api import Browser
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.browser import launch, visit
+from tests.support.browser import DEMO_LAYERS as LAYERS
+from tests.support.browser import demo_mirror, launch, visit
 from tests.support.credentials import basic, make_htpasswd
 from tests.support.ops import NO_UPSTREAM, Mirror, start_nginx, start_registry
 from tests.support.plain_http import pull, push_random_image
 
 pytestmark = pytest.mark.integration
-LAYERS = [os.urandom(300_000), os.urandom(50_000)]
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +38,8 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
-    """A mirror (admin API on, a cache size so the watermarks show) after two pulls of one image: misses, then
-    hits."""
-    workdir = tmp_path_factory.mktemp("ui")
-    registry, url = start_registry(workdir / "registry")
-    try:
-        push_random_image(url, "library/demo", "1.0", LAYERS)
-        with Mirror(workdir / "data", url, "--admin-api", "--cache-size", "64MiB") as mirror:
-            for _ in range(2):
-                pull(mirror.url, "demo", "1.0")
-            yield mirror
-    finally:
-        registry.stop()
+    with demo_mirror(tmp_path_factory.mktemp("ui")) as mirror:
+        yield mirror
 
 
 def get_json(url: str) -> Any:

@@ -4,6 +4,7 @@ window, leaving a screenshot per width."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.parse
 from collections.abc import Iterator
@@ -13,10 +14,30 @@ from typing import Any
 
 from playwright.sync_api import Browser, ConsoleMessage, Error, Page, Request, sync_playwright
 
-from tests.support.ops import require
+from tests.support.ops import Mirror, require, start_registry
+from tests.support.plain_http import pull, push_random_image
 
 CHROMIUM = "/usr/bin/chromium"
 SIZES = {"desktop": (1280, 800), "phone": (390, 844)}
+
+
+DEMO_LAYERS = [os.urandom(300_000), os.urandom(50_000)]
+
+
+@contextlib.contextmanager
+def demo_mirror(workdir: Path) -> Iterator[Mirror]:
+    """The overview's test set-up (and the README screenshot's): a real Distribution upstream holding
+    ``library/demo:1.0`` and a mirror in front of it (admin API on, a cache size so the watermarks show) after two
+    pulls of the image: misses, then hits."""
+    registry, url = start_registry(workdir / "registry")
+    try:
+        push_random_image(url, "library/demo", "1.0", DEMO_LAYERS)
+        with Mirror(workdir / "data", url, "--admin-api", "--cache-size", "64MiB") as mirror:
+            for _ in range(2):
+                pull(mirror.url, "demo", "1.0")
+            yield mirror
+    finally:
+        registry.stop()
 
 
 def launch() -> Iterator[Browser]:
