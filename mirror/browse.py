@@ -11,16 +11,16 @@ permission, so a pushed repository's name never reaches a caller who could not p
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mirror.oci.manifest import Manifest, parse_manifest
 from mirror.oci.reference import LOCAL, Digest, Repo, Tag, format_image_ref
-from mirror.storage import gc
 from mirror.storage.base import BlobStorage, MetadataIndex
 from mirror.storage.usage import Entry
 
-PAGE = 50  # repositories, or tags of one repository, per page
+PAGE = 50  # repositories per page
+TAGS_PAGE = 20  # tags of one repository per page (each reads its image's manifests)
 MAX_DEPTH = 2  # an index of indexes of images at most (deeper manifests are listed, not opened)
 SCANS = 20  # batches read at most to fill one page when the caller may see few of the names
 
@@ -79,33 +79,41 @@ def tags(
     pins: Collection[str],
     repo: Repo,
     after: str = "",
-    limit: int = PAGE,
+    limit: int = TAGS_PAGE,
 ) -> Page:
     """One page of a repository's tags with their images. ``table`` is the usage table (read, never changed)."""
     names = [t for t in index.list_tags_sync(repo) if t > after]
     shown = []
+    described: dict[Digest, Image] = {}  # tags often share an image (latest, 1, 1.2)
     for name in names[:limit]:
         record = index.get_tag_sync(repo.registry, repo.path, name)
         if record is None:
             continue
-        image = describe(store, index, table, record.digest)
+        if record.digest not in described:
+            described[record.digest] = describe(store, index, table, record.digest)
         refs = (format_image_ref(repo, Tag.parse(name)), format_image_ref(repo, record.digest))
-        image.pinned = any(ref in pins for ref in refs)
+        image = replace(described[record.digest], pinned=any(ref in pins for ref in refs))
         shown.append({"tag": name, "image": image})
     return Page(shown, names[limit - 1] if len(names) > limit else None)
 
 
 def describe(store: BlobStorage, index: MetadataIndex, table: Mapping[str, Entry], digest: Digest) -> Image:
-    """An image's digest, media type, cached platforms, bytes on disk and last served time."""
+    """An image's digest, media type, cached platforms, bytes on disk and last served time: each stored manifest
+    read once (what ``storage.gc.closure`` walks, without asking the index about every layer)."""
     image = Image(str(digest), cached=str(digest) in table)
     manifest = _manifest(store, index, digest)
+    keys = {str(digest)}
     if manifest is not None:
         image.media_type = manifest.media_type
+        keys |= _blobs(manifest)
         for child in manifest.children:
             image.platforms.append(
                 {"platform": child.platform or "", "digest": str(child.digest), "cached": str(child.digest) in table}
             )
-    entries = [table[key] for key in gc.closure(store, index, [digest]) if key in table]
+            keys.add(str(child.digest))
+            sub = _manifest(store, index, child.digest) if str(child.digest) in table else None
+            keys |= _blobs(sub) if sub is not None else set()
+    entries = [table[key] for key in keys if key in table]
     image.size_bytes = sum(e.size for e in entries)
     image.last_served = max((e.last_served for e in entries), default=None)
     return image
@@ -156,6 +164,10 @@ def tree(
         sub = tree(store, index, table, repo, child.digest, depth + 1)
         node["children"].append({"platform": child.platform or "", "size": child.size, **sub})
     return node
+
+
+def _blobs(manifest: Manifest) -> set[str]:
+    return {str(d.digest) for d in (*([manifest.config] if manifest.config else []), *manifest.layers)}
 
 
 def _blob(desc: Any, table: Mapping[str, Entry]) -> dict[str, Any]:

@@ -74,6 +74,8 @@ class Index:
     def __init__(self, data_dir: Path):
         # A modest SQLite page cache; writes are small and rare compared to reads.
         self._cache = diskcache.Cache(str(data_dir / "index"), size_limit=2**40, eviction_policy="none")
+        if len(self._cache) == 0:  # a new data dir: nothing was recorded before the repository listing
+            self._cache.add(REPO_LIST_DONE, 1)
 
     def close(self) -> None:
         self._cache.close()
