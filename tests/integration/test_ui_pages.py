@@ -335,3 +335,33 @@ def test_evict_gc_and_prefetch_from_the_page(browser: Browser, world: World, tmp
         assert set(world.demo.blobs) <= set(blob_files(tmp_path / "data"))
         names = {p.name for p in tmp_path.glob("*.png")}
         assert {f"{n}-{w}.png" for n in ("actions", "confirm", "job", "done") for w in ("desktop", "phone")} <= names
+
+
+def listed(url: str, headers: dict[str, str] | None = None) -> list[str]:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as resp:
+        html = resp.read().decode()
+    return [part.split('"', 1)[0] for part in html.split('data-repo="')[1:]]
+
+
+def test_a_pushed_repository_is_shown_only_to_callers_who_may_pull_it(world: World, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with Mirror(data, world.upstream) as open_mirror:  # pushed under the built-in policy (loopback may push)
+        push_tar_image(open_mirror.url, "private/db", "1", [{"db": b"secret"}])
+        pull(open_mirror.url, "demo", "1.0")
+    htpasswd = make_htpasswd(tmp_path / "htpasswd", ("ci", "ci pass"), ("bob", "bob pass"))
+    config = tmp_path / "mirror.toml"
+    config.write_text(
+        '[[access]]\nusers = ["ci"]\nrepositories = ["private/**"]\nactions = ["pull"]\n\n'
+        '[[access]]\nusers = ["*", "anonymous"]\nrepositories = ["private/**"]\nactions = []\n\n'
+        '[[access]]\nusers = ["*", "anonymous"]\nrepositories = ["**"]\nactions = ["pull"]\n'
+    )
+    flags = ("--htpasswd", str(htpasswd), "--config", str(config))
+    with Mirror(data, world.upstream, *flags) as mirror:
+        page = mirror.url + "/ui/repositories/local/private/db"
+        for who in (None, basic("bob", "bob pass")):
+            assert listed(mirror.url + "/ui/repositories", who) == ["docker.io/library/demo"]
+            assert listed(mirror.url + "/ui/repositories?q=private", who) == []
+            assert status_of(page, headers=who) == 404  # the same answer as a name that does not exist
+        ci = basic("ci", "ci pass")
+        assert listed(mirror.url + "/ui/repositories", ci) == ["docker.io/library/demo", "local/private/db"]
+        assert status_of(page, headers=ci) == 200
