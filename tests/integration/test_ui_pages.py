@@ -23,7 +23,7 @@ from tests.support.clients import Podman, podman
 from tests.support.credentials import basic, make_htpasswd
 from tests.support.images import Image, manifest_digest, push_list, push_tar_image, random_files
 from tests.support.ops import Mirror, blob_files, run_cli, start_registry, wait_until
-from tests.support.plain_http import pull
+from tests.support.plain_http import OCI_MANIFEST, pull, push_blob, sha256
 
 pytestmark = pytest.mark.integration
 PUSHED_TAG = "x--y"  # text that a careless renderer would turn into an en dash or a comment
@@ -36,6 +36,32 @@ class World:
     demo: Image  # docker.io/library/demo:1.0, pulled through
     multi: list[Image]  # docker.io/library/multi:1.0, an index; only its amd64 image pulled
     pushed: Image  # team/app:x--y, pushed to the mirror
+    sbom: str  # the digest of an SBOM pushed for it (a referrer)
+
+
+SBOM = "application/spdx+json"
+
+
+def push_sbom(registry: str, repo: str, subject: Image) -> str:
+    """An OCI 1.1 artifact whose subject is ``subject``: empty config, one layer; its manifest's digest."""
+    empty = push_blob(registry, repo, b"{}")
+    layer = push_blob(registry, repo, b'{"spdxVersion": "SPDX-2.3"}')
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": SBOM,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": SBOM, "digest": layer, "size": 27}],
+            "subject": {"mediaType": subject.media_type, "digest": subject.manifest, "size": subject.manifest_size},
+        }
+    ).encode()
+    digest = sha256(body)
+    request = urllib.request.Request(
+        f"{registry}/v2/{repo}/manifests/{digest}", data=body, method="PUT", headers={"Content-Type": OCI_MANIFEST}
+    )
+    urllib.request.urlopen(request, timeout=10).close()
+    return digest
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +83,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             pull(mirror.url, "demo", "1.0")
             pull(mirror.url, "multi", "1.0")  # the index and its first (amd64) image
             pushed = push_tar_image(mirror.url, "team/app", PUSHED_TAG, [{"pushed.txt": b"pushed here"}])
-            yield World(url, mirror, demo, multi, pushed)
+            sbom = push_sbom(mirror.url, "team/app", pushed)
+            yield World(url, mirror, demo, multi, pushed, sbom)
     finally:
         registry.stop()
 
@@ -198,6 +225,16 @@ def test_unknown_repositories_and_images_are_html_404s(world: World, path: str) 
         urllib.request.urlopen(world.mirror.url + urllib.parse.quote(path, safe="/?=:"), timeout=10)
     assert answer.value.code == 404 and answer.value.headers["Content-Type"].startswith("text/html")
     assert "<b>" not in answer.value.read().decode()
+
+
+def test_the_image_page_lists_its_referrers(browser: Browser, world: World, tmp_path: Path) -> None:
+    url = f"{world.mirror.url}/ui/images/local/team/app?digest={world.pushed.manifest}"
+    for shown in visit(browser, url, tmp_path, "referrers"):
+        assert shown.status == 200 and not shown.console_errors, shown.console_errors
+        rows = shown.page.eval_on_selector_all("#referrers tbody tr", "rows => rows.map(r => r.innerText)")
+        assert len(rows) == 1 and world.sbom in rows[0] and SBOM in rows[0]
+        shown.page.click("#referrers tbody a")  # to the SBOM's own page, which names its subject
+        assert shown.page.text_content("main p:has-text('Refers to') code") == world.pushed.manifest
 
 
 def test_an_image_of_another_repository_is_not_shown_under_this_one(world: World) -> None:
