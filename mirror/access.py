@@ -106,6 +106,18 @@ ACTIONS = {
     "ui_inflight": Action.PULL,
     "ui_script": Action.PULL,
     "ui_missing": Action.PULL,
+    "ui_static": Action.PULL,
+    "ui_repositories": Action.PULL,  # each name listed is checked too (``api.ui.repositories``)
+    "ui_repository": Action.PULL,
+    "ui_image": Action.PULL,
+    "ui_upstreams": Action.PULL,
+    "ui_login": Action.PING,  # asks anonymous callers for credentials, like /v2/
+    # The page's actions (``api.ui.actions``; routed only with --admin-api): the admin API's grant.
+    "ui_actions": Action.ADMIN,
+    "ui_confirm": Action.ADMIN,
+    "ui_act": Action.ADMIN,
+    "ui_job": Action.ADMIN,
+    "ui_job_json": Action.ADMIN,
     # The admin API (``api.admin``; routed only with --admin-api).
     "admin_stats": Action.ADMIN,
     "admin_ls": Action.ADMIN,

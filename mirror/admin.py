@@ -72,10 +72,17 @@ class Admin:
             await asyncio.to_thread(self.usage.bump_generation_sync)
 
     # --- stats and ls ---------------------------------------------------------------------------------------
-    async def stats(self, top: int = 10) -> dict[str, Any]:
+    async def stats(self, top: int = 10, fresh: bool = True) -> dict[str, Any]:
+        """``fresh=False`` (the web page's overview, loaded often): the protected bytes as the housekeeper last
+        computed them (at most a minute ago; pins from here mark them stale) and the per-repository counters as
+        this process keeps them, instead of walking the index and the usage table."""
         await self.refresh()
-        protected = await self.housekeeper.protected()
-        repos = await asyncio.to_thread(self.usage.repo_counts_sync)
+        protected_bytes = self.housekeeper.recent_protected_bytes() if not fresh and self.live else None
+        if protected_bytes is None:
+            protected = await self.housekeeper.protected()
+            protected_bytes = sum(e.size for k, e in self.usage.table.items() if k in protected)
+        read = self.usage.repo_counts_sync if fresh or not self.live else self.usage.repo_counts_kept_sync
+        repos = await asyncio.to_thread(read)
         pins = await asyncio.to_thread(self.usage.pins_sync)
         totals: dict[str, int] = {}
         for counts in repos.values():
@@ -100,7 +107,7 @@ class Admin:
             "high_watermark_bytes": limits.high,
             "low_watermark_bytes": limits.low,
             "entries": self.usage.counts(),
-            "protected_bytes": sum(e.size for k, e in table.items() if k in protected),
+            "protected_bytes": protected_bytes,
             "local_bytes": sum(e.size for e in table.values() if e.local),
             "pins": sorted(set(pins) | set(limits.pins)),
             "hit_ratio": {"blob": ratio("blob"), "manifest": ratio("manifest"), "tag": ratio("tag")},
@@ -175,11 +182,13 @@ class Admin:
     async def pin(self, image: str) -> dict[str, Any]:
         name = format_image_ref(*parse_image(image, self.default_registry))
         added = await asyncio.to_thread(self.usage.pin_sync, name)
+        self.housekeeper.protected_changed()
         return {"image": name, "pinned": True, "changed": added}
 
     async def unpin(self, image: str) -> dict[str, Any]:
         name = format_image_ref(*parse_image(image, self.default_registry))
         removed = await asyncio.to_thread(self.usage.unpin_sync, name)
+        self.housekeeper.protected_changed()
         return {"image": name, "pinned": False, "changed": removed}
 
     # --- evict, gc, verify ----------------------------------------------------------------------------------

@@ -19,10 +19,11 @@ from mirror.api import ui
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
 from mirror.api.admin import ADMIN, READY
-from mirror.api.keys import ACCESS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, ROUTING, STORE, USAGE
+from mirror.api.keys import ACCESS, CLIENTS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, ROUTING, STORE, USAGE
 from mirror.api.middleware import add_api_version, local_names, refuse_loops, registry_errors, request_metrics
 from mirror.api.routes import add_routes
 from mirror.api.streaming import SENDER, Sender
+from mirror.api.ui import actions
 from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, cache_config
 from mirror.config.access import access_rules
 from mirror.metrics import CacheSnapshot, Metrics
@@ -234,6 +235,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     app.cleanup_ctx.append(sender.lifecycle)
     app[RESOLVE] = router.resolve
     app[ROUTING] = registries
+    app[CLIENTS] = clients
     app[LOCAL] = local
     app[ACCESS] = access = build_access(config, metrics)
     app[NOTIFY] = build_notifier(config, metrics)
@@ -243,7 +245,9 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     app[READY] = lambda: readiness(config, store, index, housekeeper)
     add_routes(app.router, config.admin_api, config.ui)
     if config.ui:
-        ui.setup(app)
+        ui.setup(app, ui_settings(config))
+        if config.admin_api:
+            actions.setup(app)
     app.on_response_prepare.append(add_api_version)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -269,6 +273,15 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+def ui_settings(config: Config) -> ui.Settings:
+    """What the web page shows of the configuration: the upstreams and how names reach them, the actions."""
+    routes = tuple(
+        ui.UpstreamRoute("*" if u.wildcard else canonical_registry(u.registry), u.url, u.default, u.allow_hosts)
+        for u in config.upstreams
+    )
+    return ui.Settings(config.admin_api, canonical_registry(config.default_upstream.registry), routes)
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:

@@ -75,6 +75,8 @@ FORBIDDEN: dict[str, set[str]] = {
         "routing",
     },
     "admin": {"api", "app", "cli", "config"},
+    # What the web page's repository pages show (``mirror.browse``): stored content only, like admin.
+    "browse": {"api", "app", "cli", "config", "upstream", "pull", "push", "access", "routing"},
     "access": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config", "routing"},
     "credentials": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config", "access"},
     "permissions": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config", "access"},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
@@ -15,6 +15,7 @@ from mirror.push.registry import LocalRegistry
 from mirror.routing import Upstreams
 from mirror.storage.base import BlobStorage
 from mirror.storage.usage import Usage
+from mirror.upstream.client import UpstreamClient
 
 # name in the path, ?ns= -> the repository it means (``routing.Router.resolve``).
 Resolver = Callable[[str, str | None], Repo]
@@ -22,6 +23,7 @@ Resolver = Callable[[str, str | None], Repo]
 METRICS = web.AppKey("metrics", Metrics)
 PULL = web.AppKey("pull", PullThrough)
 RESOLVE: web.AppKey[Resolver] = web.AppKey("resolve")
+CLIENTS: web.AppKey[Mapping[str, UpstreamClient]] = web.AppKey("clients")  # one per upstream (wildcard hosts too)
 ROUTING = web.AppKey("routing", Upstreams)  # the upstreams names are routed over (wildcard hosts included)
 
 # Local pushes (mirror.push.registry): pushed repositories, the access policy, webhook notifications.

@@ -20,6 +20,7 @@ from mirror.api.keys import METRICS
 from mirror.api.listing import catalog, list_tags
 from mirror.api.manifests import delete_manifest, get_manifest, put_manifest
 from mirror.api.referrers import get_referrers
+from mirror.api.ui import actions, overview, repositories, upstreams
 from mirror.api.uploads import cancel_upload, patch_upload, put_upload, start_upload, upload_status
 
 NAME = "{name:[^?#]+?}"
@@ -57,7 +58,7 @@ def add_routes(router: web.UrlDispatcher, admin_api: bool = False, web_page: boo
     if admin_api:
         add_admin_routes(router)
     if web_page:
-        add_ui_routes(router)
+        add_ui_routes(router, actions=admin_api)
 
 
 def add_registry_routes(router: web.UrlDispatcher) -> None:
@@ -99,11 +100,29 @@ def add_admin_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/admin/v1/prefetch", admin.prefetch, name="admin_prefetch")
 
 
-def add_ui_routes(router: web.UrlDispatcher) -> None:
-    """The web page (``api.ui``); any other path under ``/ui/`` is its HTML 404 page."""
+def add_ui_routes(router: web.UrlDispatcher, actions: bool = False) -> None:
+    """The web page (``api.ui``), its actions with the admin API; any other path under ``/ui/`` is its HTML 404
+    page."""
     router.add_get("/", ui.root, name="ui_root", allow_head=False)
-    router.add_get("/ui/", ui.overview, name="ui_overview")
+    router.add_get("/ui/", overview.overview, name="ui_overview")
     router.add_get("/ui", ui.root, name="ui_noslash", allow_head=False)
-    router.add_get("/ui/inflight.json", ui.inflight_json, name="ui_inflight")
+    router.add_get("/ui/inflight.json", overview.inflight_json, name="ui_inflight")
     router.add_get("/ui/live.js", ui.script, name="ui_script")
-    router.add_get("/ui/{tail:.*}", ui.missing, name="ui_missing")
+    router.add_get("/ui/static/{file}", ui.script, name="ui_static")
+    router.add_get("/ui/repositories", repositories.repositories, name="ui_repositories")
+    router.add_get(f"/ui/repositories/{NAME}", repositories.repository, name="ui_repository")
+    router.add_get(f"/ui/images/{NAME}", repositories.image, name="ui_image")
+    router.add_get("/ui/upstreams", upstreams.upstreams, name="ui_upstreams")
+    router.add_get("/ui/login", ui.login, name="ui_login", allow_head=False)
+    if actions:
+        add_ui_action_routes(router)
+    router.add_route("*", "/ui/{tail:.*}", ui.missing, name="ui_missing")
+
+
+def add_ui_action_routes(router: web.UrlDispatcher) -> None:
+    """Pin, unpin, evict, gc dry run, prefetch from the page (``api.ui.actions``; with --admin-api only)."""
+    router.add_get("/ui/actions/", actions.actions, name="ui_actions")
+    router.add_get("/ui/actions/{action}", actions.confirm, name="ui_confirm")
+    router.add_post("/ui/actions/{action}", actions.act, name="ui_act")
+    router.add_get("/ui/jobs/{id}.json", actions.job_json, name="ui_job_json")
+    router.add_get("/ui/jobs/{id}", actions.job, name="ui_job")

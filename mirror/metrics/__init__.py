@@ -228,6 +228,15 @@ class Metrics:
             found = HostCollector(self.shared_dir, self.repos, ()).collect()
         return {family.name: family for family in found if family.name in names}
 
+    def deferred_summary(self) -> dict[str, dict[str, float]]:
+        """Per upstream, the tags served without revalidation to save its pull quota, by reason (low_quota,
+        rate_limited): ``mirror_ratelimit_deferred`` as the web page's upstreams page shows it (of every process;
+        reads files in the multiprocess mode: call it in a thread)."""
+        out: dict[str, dict[str, float]] = {}
+        for sample in _samples(self._families(self.ratelimit_deferred), self.ratelimit_deferred):
+            out.setdefault(sample.labels["upstream"], {})[sample.labels["reason"]] = sample.value
+        return out
+
     def prime(self, upstreams: Iterable[str]) -> None:
         """Create the usual label sets at zero, so that the first scrape already has every series: Prometheus's
         ``rate``/``increase`` cannot count the first increments of a series it has never seen at zero."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from mirror.oci.reference import Digest, Repo
 from mirror.storage.index import ManifestRecord, TagRecord
@@ -129,6 +129,19 @@ class MetadataIndex(Protocol):
     def delete_tag_sync(self, registry: str, path: str, tag: str) -> None: ...
 
     def pushed_digests_sync(self) -> set[str]: ...
+
+    # --- the web page's listing (in a thread) ----------------------------------------------------------------
+    def repositories_sync(self, search: str = "", after: str = "", limit: int = 50) -> list[Repo]: ...
+
+    def repository_known_sync(self, repo: Repo) -> bool: ...
+
+    def list_tags_sync(self, repo: Repo) -> tuple[str, ...]: ...
+
+    def pushed_in_sync(self, digest: Digest) -> frozenset[str]: ...
+
+    def referrers_sync(self, name: str, subject: Digest) -> tuple[dict[str, Any], ...]: ...
+
+    def may_serve_sync(self, digest: Digest, registry: str) -> bool: ...
 
 
 class UsageRecorder(Protocol):

@@ -145,6 +145,14 @@ class Housekeeper:
             log.info("usage table reloaded: %d entries, %d bytes", len(table), self._usage.total)
 
     # --- eviction ------------------------------------------------------------------------------------------
+    def recent_protected_bytes(self) -> int | None:
+        """``protected_bytes`` as the last computation left it (every PROTECTED_EVERY seconds, by ``flush``), or
+        None when it is older than that or was marked stale (``protected_changed``)."""
+        return self.protected_bytes if time.monotonic() - self._protected_at <= PROTECTED_EVERY else None
+
+    def protected_changed(self) -> None:
+        self._protected_at = float("-inf")
+
     async def protected(self) -> set[str]:
         local = [key for key, entry in self._usage.table.items() if entry.local]
         keys = await asyncio.to_thread(protected_sync, self._store, self._index, self._usage, self.limits.pins, local)

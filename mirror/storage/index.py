@@ -22,6 +22,13 @@ Local (pushed) repositories use the same tag keys with the registry ``local``, p
     ("referrers", "<repo>", "<digest>")         -> tuple of descriptors (dicts) of the manifests in a local repo
                                                    whose ``subject`` is <digest> (OCI 1.1 referrers API)
 
+The names of all repositories, for the web page's paged listing, are plain strings (diskcache stores those as
+SQLite TEXT, in its unique index on the key, so a page is a range scan of that index, never a walk of the cache):
+
+    "repo:<registry>/<path>"                    -> True, for a pulled-through repository (``mark_pulled``, a tag)
+    "repo:local/<name>"                         -> True, for a local (pushed) repository
+    "repo-list"                                 -> 1 once the names of a data dir from before them were added
+
 Blob bytes live in ``BlobStore``; the index never holds them. diskcache is synchronous, so every method here
 runs in a thread; callers on the hot path put a small memory cache in front.
 """
@@ -36,8 +43,17 @@ from typing import Any
 
 import diskcache
 
-from mirror.oci.reference import Digest, Repo
+from mirror.oci.reference import LOCAL, Digest, Repo
 from mirror.storage.sqlfull import disk_full
+
+REPO_KEY = "repo:"  # then "<registry>/<path>"; ":" sorts after "/" and before letters, so the range is its own
+REPO_KEYS_END = "repo;"  # the first string after every "repo:..." key
+REPO_LIST_DONE = "repo-list"
+
+
+def _like(text: str) -> str:
+    """``text`` as a literal inside a LIKE pattern (escape character ``\\``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +74,8 @@ class Index:
     def __init__(self, data_dir: Path):
         # A modest SQLite page cache; writes are small and rare compared to reads.
         self._cache = diskcache.Cache(str(data_dir / "index"), size_limit=2**40, eviction_policy="none")
+        if len(self._cache) == 0:  # a new data dir: nothing was recorded before the repository listing
+            self._cache.add(REPO_LIST_DONE, 1)
 
     def close(self) -> None:
         self._cache.close()
@@ -93,6 +111,7 @@ class Index:
             tags = self._cache.get(key, default=())
             if tag not in tags:
                 self._cache.set(key, tuple(sorted((*tags, tag))))
+                self._cache.set(REPO_KEY + str(repo), True)
 
     async def put_tag(self, repo: Repo, tag: str, record: TagRecord) -> None:
         await asyncio.to_thread(self._put_tag_sync, repo, tag, record)
@@ -109,20 +128,29 @@ class Index:
     async def delete_tag(self, repo: Repo, tag: str) -> None:
         await asyncio.to_thread(self._delete_tag_sync, repo, tag)
 
-    async def list_tags(self, repo: Repo) -> tuple[str, ...]:
-        value = await asyncio.to_thread(self._cache.get, ("tags", repo.registry, repo.path), ())
+    def list_tags_sync(self, repo: Repo) -> tuple[str, ...]:
+        value = self._cache.get(("tags", repo.registry, repo.path), ())
         return tuple(value) if isinstance(value, tuple) else ()
 
+    async def list_tags(self, repo: Repo) -> tuple[str, ...]:
+        return await asyncio.to_thread(self.list_tags_sync, repo)
+
     # repositories pulled through ------------------------------------------------------------------------
+    @disk_full
+    def _mark_pulled_sync(self, repo: Repo) -> None:
+        with self._cache.transact():
+            self._cache.set(("pulled", repo.registry, repo.path), True)
+            self._cache.set(REPO_KEY + str(repo), True)
+
     async def mark_pulled(self, repo: Repo) -> None:
-        await asyncio.to_thread(self._cache.set, ("pulled", repo.registry, repo.path), True)
+        await asyncio.to_thread(self._mark_pulled_sync, repo)
 
     async def pulled(self, repo: Repo) -> bool:
         """Whether content was ever pulled through under ``repo`` (tags aside: see ``list_tags``)."""
         return bool(await asyncio.to_thread(self._cache.get, ("pulled", repo.registry, repo.path), False))
 
     # where stored content came from ----------------------------------------------------------------------
-    def _may_serve_sync(self, digest: Digest, registry: str) -> bool:
+    def may_serve_sync(self, digest: Digest, registry: str) -> bool:
         origins = self._cache.get(("origin", str(digest)), frozenset())
         if origins:
             return registry in origins
@@ -132,7 +160,7 @@ class Index:
 
     async def may_serve(self, digest: Digest, registry: str) -> bool:
         """Whether stored content ``digest`` may be answered under a pull-through name of ``registry``."""
-        return await asyncio.to_thread(self._may_serve_sync, digest, registry)
+        return await asyncio.to_thread(self.may_serve_sync, digest, registry)
 
     @disk_full
     def _add_origin_sync(self, digest: Digest, registry: str) -> None:
@@ -156,6 +184,7 @@ class Index:
             repos = self.local_repos_sync()
             if name not in repos:
                 self._cache.set(("local-repos",), tuple(sorted((*repos, name))))
+                self._cache.set(REPO_KEY + str(Repo(LOCAL, name)), True)
 
     async def add_local_repo(self, name: str) -> None:
         await asyncio.to_thread(self._add_local_repo_sync, name)
@@ -225,9 +254,12 @@ class Index:
     async def remove_referrer(self, name: str, subject: Digest, digest: Digest) -> None:
         await asyncio.to_thread(self._remove_referrer_sync, name, subject, digest)
 
-    async def referrers(self, name: str, subject: Digest) -> tuple[dict[str, Any], ...]:
-        value = await asyncio.to_thread(self._cache.get, ("referrers", name, str(subject)), ())
+    def referrers_sync(self, name: str, subject: Digest) -> tuple[dict[str, Any], ...]:
+        value = self._cache.get(("referrers", name, str(subject)), ())
         return tuple(value) if isinstance(value, tuple) else ()
+
+    async def referrers(self, name: str, subject: Digest) -> tuple[dict[str, Any], ...]:
+        return await asyncio.to_thread(self.referrers_sync, name, subject)
 
     # walks for housekeeping (gc, reconcile, pins, ``mirror ls``): threads only, never the hot path -------------
     def get_tag_sync(self, registry: str, path: str, tag: str) -> TagRecord | None:
@@ -263,6 +295,41 @@ class Index:
             if isinstance(key, tuple) and len(key) == 2 and key[0] == "pushed" and self._cache.get(key):
                 found.add(str(key[1]))
         return found
+
+    # the paged listing of repository names (the web page) ------------------------------------------------------
+    def repositories_sync(self, search: str = "", after: str = "", limit: int = 50) -> list[Repo]:
+        """Up to ``limit`` repositories (pulled through and local) whose "<registry>/<path>" contains ``search``
+        (ASCII case-insensitive), in name order, after the name ``after``: one range scan of the key index."""
+        self._list_existing_sync()
+        # diskcache has no range query; its connection's ``execute`` is the one way in (read-only here).
+        rows = self._cache._sql(
+            "SELECT key FROM Cache WHERE raw = 1 AND key > ? AND key < ? AND key LIKE ? ESCAPE '\\'"
+            " ORDER BY key LIMIT ?",
+            (REPO_KEY + after, REPO_KEYS_END, REPO_KEY + "%" + _like(search) + "%", limit),
+        ).fetchall()
+        found = []
+        for (key,) in rows:
+            registry, _, path = str(key).removeprefix(REPO_KEY).partition("/")
+            found.append(Repo(registry, path))
+        return found
+
+    def repository_known_sync(self, repo: Repo) -> bool:
+        self._list_existing_sync()
+        return bool(self._cache.get(REPO_KEY + str(repo)))
+
+    @disk_full
+    def _list_existing_sync(self) -> None:
+        """Once per data dir: names recorded before the listing existed (pulled markers, tags, local repos)."""
+        if self._cache.get(REPO_LIST_DONE):
+            return
+        names = {str(Repo(LOCAL, name)) for name in self.local_repos_sync()}
+        for key in self._cache.iterkeys():
+            if isinstance(key, tuple) and len(key) == 3 and key[0] in ("pulled", "tags"):
+                names.add(f"{key[1]}/{key[2]}")
+        with self._cache.transact():
+            for name in names:
+                self._cache.set(REPO_KEY + name, True)
+            self._cache.set(REPO_LIST_DONE, 1)
 
     def healthy_sync(self) -> bool:
         """The index answers a read (for /readyz)."""

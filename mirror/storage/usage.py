@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -78,6 +79,10 @@ class Usage:
         self.on_grow: Callable[[], None] = lambda: None  # the housekeeper's wake-up call
         self.on_pending: Callable[[int], None] = lambda pending: None  # ``pending`` changed (a host-wide gauge)
         self.generation = 0  # the disk generation ``table`` was loaded at
+        # The per-repository counters as last read, kept current by this process's own additions (the web page's
+        # overview asks for them on every load; walking the table each time is O(entries)). Dropped on a reload.
+        self._repo_counts: dict[str, dict[str, int]] | None = None
+        self._repo_counts_lock = threading.Lock()  # its readers and writers run in threads
 
     def close(self) -> None:
         self._cache.close()
@@ -243,6 +248,8 @@ class Usage:
         self.table = table
         self.total = sum(e.size for e in table.values())
         self.generation = generation
+        with self._repo_counts_lock:
+            self._repo_counts = None  # another process may have counted too
 
     def generation_sync(self) -> int:
         value = self._cache.get(("generation",), 0)
@@ -301,10 +308,20 @@ class Usage:
 
     # --- per-repository counters ------------------------------------------------------------------------------
     def add_repo_counts_sync(self, deltas: Mapping[tuple[str, str], int]) -> None:
-        with self._cache.transact():
+        with self._repo_counts_lock, self._cache.transact():
             for (repo, counter), value in deltas.items():
                 if value:
                     self._cache.incr(("repo", repo, counter), value, default=0)
+                    if self._repo_counts is not None:
+                        row = self._repo_counts.setdefault(repo, {})
+                        row[counter] = row.get(counter, 0) + value
+
+    def repo_counts_kept_sync(self) -> dict[str, dict[str, int]]:
+        """``repo_counts_sync`` read once and then kept up to date with ``add_repo_counts_sync`` (a copy)."""
+        with self._repo_counts_lock:
+            if self._repo_counts is None:
+                self._repo_counts = self.repo_counts_sync()
+            return {repo: dict(counts) for repo, counts in self._repo_counts.items()}
 
     def repo_counts_sync(self) -> dict[str, dict[str, int]]:
         counts: dict[str, dict[str, int]] = {}

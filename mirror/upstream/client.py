@@ -33,6 +33,7 @@ from mirror.upstream.bodies import (
     read_json,
 )
 from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
+from mirror.upstream.health import Health
 
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
@@ -145,6 +146,7 @@ class UpstreamClient:
         self._challenge: Challenge | None = None  # learned from the first 401
         self.quota = Quota(settings.ratelimit_threshold, settings.ratelimit_pause)
         self.users = 0  # calls under way; a blob download counts until its response is released
+        self.health = Health()
 
     @property
     def _session(self) -> aiohttp.ClientSession:
@@ -207,10 +209,10 @@ class UpstreamClient:
         try:
             resp = await self._send_inner(method, path, scope, headers or {}, params)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self._record(kind, "unreachable", started)
+            self._record(kind, "unreachable", started, describe(exc))
             raise UpstreamUnreachable(f"{self.registry}: {describe(exc)}") from exc
-        except UpstreamUnreachable:
-            self._record(kind, "unreachable", started)
+        except UpstreamUnreachable as exc:
+            self._record(kind, "unreachable", started, str(exc))
             raise
         self._note_ratelimit(resp.headers)
         if resp.status == 429:
@@ -220,12 +222,12 @@ class UpstreamClient:
             body = await read_error_body(resp, self.settings.timeout) if method != "HEAD" and not looped else None
             resp.release()
             if looped:
-                self._record(kind, "error", started)
+                self._record(kind, "error", started, "the answer leads back to this mirror")
                 raise UpstreamInvalid(f"{resp.url} is this mirror itself: the upstream's answer leads back here")
             outcome = {401: "unauthorized", 403: "denied", 404: "not_found", 429: "rate_limited"}.get(
                 resp.status, "error"
             )
-            self._record(kind, outcome, started)
+            self._record(kind, outcome, started, f"{kind}: HTTP {resp.status}")
             raise UpstreamError(resp.status, _registry_errors(body), resp.headers.get("Retry-After"), str(resp.url))
         self._record(kind, "ok", started)
         return resp
@@ -263,7 +265,8 @@ class UpstreamClient:
             return resp
         raise UpstreamUnreachable(f"{self.registry}: too many redirects")
 
-    def _record(self, kind: str, outcome: str, started: float) -> None:
+    def _record(self, kind: str, outcome: str, started: float, reason: str = "") -> None:
+        self.health.record(outcome, reason)
         self._metrics.upstream_requests.labels(self.registry, kind, outcome).inc()
         self._metrics.upstream_duration.labels(self.registry, kind).observe(time.monotonic() - started)
 

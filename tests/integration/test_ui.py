@@ -15,96 +15,31 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Error, Page, Request, sync_playwright
+from playwright.sync_api import Browser
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.browser import DEMO_LAYERS as LAYERS
+from tests.support.browser import demo_mirror, launch, visit
 from tests.support.credentials import basic, make_htpasswd
-from tests.support.ops import NO_UPSTREAM, Mirror, require, start_nginx, start_registry
+from tests.support.ops import NO_UPSTREAM, Mirror, start_nginx, start_registry
 from tests.support.plain_http import pull, push_random_image
 
 pytestmark = pytest.mark.integration
-CHROMIUM = "/usr/bin/chromium"
-SIZES = {"desktop": (1280, 800), "phone": (390, 844)}
-LAYERS = [os.urandom(300_000), os.urandom(50_000)]
-
-
-@dataclass
-class Visit:
-    """What one page load showed and did."""
-
-    page: Page
-    status: int
-    console_errors: list[str] = field(default_factory=list)
-    foreign: list[str] = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not os.path.exists(CHROMIUM):
-        require("chromium")  # skips, or fails under CI=true
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM)
-        yield launched
-        launched.close()
+    yield from launch()
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
-    """A mirror (admin API on, a cache size so the watermarks show) after two pulls of one image: misses, then
-    hits."""
-    workdir = tmp_path_factory.mktemp("ui")
-    registry, url = start_registry(workdir / "registry")
-    try:
-        push_random_image(url, "library/demo", "1.0", LAYERS)
-        with Mirror(workdir / "data", url, "--admin-api", "--cache-size", "64MiB") as mirror:
-            for _ in range(2):
-                pull(mirror.url, "demo", "1.0")
-            yield mirror
-    finally:
-        registry.stop()
-
-
-def visit(
-    browser: Browser, url: str, shots: Path, name: str, sizes: tuple[str, ...] = tuple(SIZES), **context: Any
-) -> Iterator[Visit]:
-    """Open ``url`` at each width; yields a ``Visit`` per width after checking requests, console and layout."""
-    origin = urllib.parse.urlsplit(url).netloc
-    for width_name in sizes:
-        width, height = SIZES[width_name]
-        ctx = browser.new_context(viewport={"width": width, "height": height}, **context)
-        page = ctx.new_page()
-        errors: list[str] = []
-        foreign: list[str] = []
-
-        def on_console(message: ConsoleMessage, errors: list[str] = errors) -> None:
-            if message.type == "error":
-                errors.append(message.text)
-
-        def on_request(request: Request, foreign: list[str] = foreign) -> None:
-            parts = urllib.parse.urlsplit(request.url)
-            if parts.scheme != "data" and parts.netloc != origin:
-                foreign.append(request.url)
-
-        def on_error(exc: Error, errors: list[str] = errors) -> None:
-            errors.append(f"uncaught: {exc}")
-
-        page.on("console", on_console)
-        page.on("pageerror", on_error)
-        page.on("request", on_request)
-        response = page.goto(url)
-        assert response is not None
-        page.screenshot(path=str(shots / f"{name}-{width_name}.png"), full_page=True)
-        shown = Visit(page, response.status, errors, foreign)
-        assert not shown.foreign, f"requests to other hosts: {shown.foreign}"
-        overflow = page.evaluate("document.documentElement.scrollWidth > window.innerWidth")
-        assert not overflow, f"{name} overflows horizontally at {width} px"
-        yield shown
-        ctx.close()
+    with demo_mirror(tmp_path_factory.mktemp("ui")) as mirror:
+        yield mirror
 
 
 def get_json(url: str) -> Any:

@@ -1,0 +1,93 @@
+"""The overview (``GET /ui/``): hit ratios, bytes saved, cache fill and watermarks, upstream health, and registry
+requests per minute over the last hour; and the blob fetches in flight (``GET /ui/inflight.json``, what
+``static/live.js`` polls once a second).
+
+The figures are the admin commands' (``Admin.stats``, the same dict ``/admin/v1/stats`` answers) and the upstream
+counters of ``mirror.metrics``; each figure carries its raw value in ``data-value`` beside the human form, so a
+test (or a script) reads exactly what is shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from mirror.api.admin import ADMIN
+from mirror.api.keys import METRICS, PULL
+from mirror.api.ui import page
+
+CHART_WIDTH, CHART_HEIGHT = 600, 120  # the SVG's viewBox; it scales to the page's width
+MAX_SHOWN = 100  # fetches listed at most (a herd of cold pulls does not make a page of megabytes)
+
+
+async def overview(request: web.Request) -> web.Response:
+    stats = await request.app[ADMIN].stats(fresh=False)  # the same figures, without a walk of the tables
+    metrics = request.app[METRICS]
+    context = {
+        "page": "overview",
+        "stats": stats,
+        "fill": fill(stats),
+        "upstreams": await asyncio.to_thread(metrics.upstream_summary),  # reads files with several processes
+        "chart": chart(metrics.per_minute.last(time.monotonic())),
+        "inflight": in_flight(request),
+    }
+    return page("overview.html", request, context)
+
+
+async def inflight_json(request: web.Request) -> web.Response:
+    return web.json_response({"fetches": in_flight(request)}, headers={"Cache-Control": "no-store"})
+
+
+def in_flight(request: web.Request) -> list[dict[str, Any]]:
+    """The blob fetches under way in this process: repository, size, bytes so far, average speed, clients."""
+    now = time.monotonic()
+    rows = []
+    for registry, fetch in request.app[PULL].inflight.under_way():
+        elapsed = max(now - fetch.started_at, 1e-3)
+        rows.append(
+            {
+                "digest": str(fetch.digest),
+                "upstream": registry,
+                "repo": fetch.repo,
+                "size": fetch.size,
+                "written": fetch.written,
+                "speed": round(fetch.written / elapsed),
+                "clients": fetch.clients,
+            }
+        )
+    rows.sort(key=lambda row: (row["repo"], row["digest"]))
+    return rows[:MAX_SHOWN]
+
+
+def fill(stats: dict[str, Any]) -> dict[str, float] | None:
+    """Cache fill and the eviction watermarks as percentages of ``--cache-size``; None without a limit."""
+    limit = stats["limit_bytes"]
+    if not limit:
+        return None
+    return {
+        "size": min(100.0, 100.0 * stats["size_bytes"] / limit),
+        "high": 100.0 * stats["high_watermark_bytes"] / limit,
+        "low": 100.0 * stats["low_watermark_bytes"] / limit,
+    }
+
+
+def chart(counts: list[int]) -> dict[str, Any]:
+    """Bars for an inline SVG: one per minute, oldest first, scaled to the busiest minute."""
+    peak = max(counts) or 1
+    slot = CHART_WIDTH / len(counts)
+    bars = []
+    for i, count in enumerate(counts):
+        height = CHART_HEIGHT * count / peak
+        bars.append({"x": round(i * slot, 2), "y": round(CHART_HEIGHT - height, 2), "h": round(height, 2)})
+    return {
+        "width": CHART_WIDTH,
+        "height": CHART_HEIGHT,
+        "bar": round(slot * 0.8, 2),
+        "bars": bars,
+        "counts": counts,
+        "peak": max(counts),
+        "total": sum(counts),
+    }
