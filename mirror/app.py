@@ -43,10 +43,12 @@ from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.index import Index
+from mirror.storage.quotas import QuotaFile
 from mirror.storage.sessions import UploadSessions, held_sync
 from mirror.storage.usage import Usage
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
+from mirror.upstream.quota import QuotaRecord
 
 log = logging.getLogger(__name__)
 USER_AGENT = "mirror/0.1 (+pull-through registry cache)"
@@ -58,6 +60,7 @@ def upstream_client(
     metrics: Metrics,
     max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
     loop_id: str = "",
+    quota: QuotaRecord | None = None,
 ) -> UpstreamClient:
     secret = upstream.secret()
     credentials = Credentials(upstream.username, secret) if upstream.username and secret is not None else None
@@ -76,7 +79,7 @@ def upstream_client(
         rate_window=upstream.rate_window,
         loop_id=loop_id,
     )
-    return UpstreamClient(settings, metrics)
+    return UpstreamClient(settings, metrics, quota)
 
 
 def build_upstreams(
@@ -90,7 +93,9 @@ def build_upstreams(
     wildcard = next((u for u in config.upstreams if u.wildcard), None)
 
     def add(registry: str, upstream: UpstreamConfig) -> None:
-        clients[registry] = upstream_client(upstream, registry, metrics, config.max_blob_size, loop_id)
+        # Processes sharing the data dir share each upstream's quota window (one 429 holds all of them back).
+        quota = QuotaFile(config.data_dir, registry) if config.coordination == "files" else None
+        clients[registry] = upstream_client(upstream, registry, metrics, config.max_blob_size, loop_id, quota)
         policies[registry] = TagPolicy(upstream.tag_ttl, upstream.max_stale, upstream.timeout)
 
     for upstream in config.upstreams:
