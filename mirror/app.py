@@ -39,6 +39,7 @@ from mirror.push.uploads import Uploads
 from mirror.routing import RepoRules, Router, Upstreams
 from mirror.storage.blobs import BlobStore
 from mirror.storage.eviction import Limits
+from mirror.storage.evictlock import EvictionLock
 from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.housekeeper import Housekeeper
@@ -206,7 +207,7 @@ def create_app(config: Config) -> web.Application:
     loop_id = secrets.token_hex(8)  # marks this process's upstream requests: one that comes back is a loop
     clients, policies, registries = build_upstreams(config, metrics, loop_id)
     metrics.prime(clients)
-    usage = Usage(config.data_dir)
+    usage = Usage(config.data_dir, shared=config.coordination == "files")  # shared: journal its changes
     inflight, clean_tmp = coordination(config, store)
     pull = PullThrough(
         store, index, clients, policies, metrics, usage=usage, cache_size=config.cache_size, inflight=inflight
@@ -312,7 +313,9 @@ def build_housekeeping(
     def busy(key: str) -> bool:
         return usage.busy(key) or (pull is not None and pull.inflight.fetching(Digest.parse(key)))
 
-    housekeeper = Housekeeper(store, index, usage, limits, busy, evicted, metrics.repos.drain)
+    # Processes sharing the data dir evict one at a time (a CLI command leaves eviction to the server).
+    turn = EvictionLock(config.data_dir) if live and config.coordination == "files" else None
+    housekeeper = Housekeeper(store, index, usage, limits, busy, evicted, metrics.repos.drain, turn)
     metrics.repos.configure(cache.top_repos, cache.repo_allowlist)
     metrics.cache.source = lambda: CacheSnapshot(
         usage.total + usage.upload_bytes, limits.size, usage.pending, usage.counts(), housekeeper.protected_bytes
