@@ -53,6 +53,7 @@ from mirror.upstream.quota import QuotaRecord
 
 log = logging.getLogger(__name__)
 USER_AGENT = "mirror/0.1 (+pull-through registry cache)"
+LOCAL_REPOS_REFRESH = 1.0  # seconds: how late a process sharing the data dir learns of a new local repository
 
 
 def upstream_client(
@@ -138,7 +139,13 @@ def build_local(
 ) -> LocalRegistry:
     if LOCAL_REGISTRY in router.upstreams:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
-    sessions = UploadSessions(config.data_dir, store, config.upload_max_sessions, config.upload_max_sessions_per_client)
+    sessions = UploadSessions(
+        config.data_dir,
+        store,
+        config.upload_max_sessions,
+        config.upload_max_sessions_per_client,
+        shared=config.coordination == "files",  # other processes take requests of the same sessions
+    )
     metrics.upload_sessions.set_function(sessions.count_sync)
     uploads = Uploads(store, sessions, metrics)
     return LocalRegistry(store, index, uploads, PushRule(config.push_prefixes), router.upstream, usage)
@@ -172,15 +179,23 @@ def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Applic
             await asyncio.sleep(min(max(max_age / 2, 1.0), 3600.0))
             await local.uploads.sessions.sweep(max_age)
 
+    async def refresh_forever() -> None:  # sharing the data dir: repositories other processes pushed to
+        while True:
+            await asyncio.sleep(LOCAL_REPOS_REFRESH)
+            await local.refresh()
+
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(local.load)
         await local.uploads.sessions.sweep(max_age)
         await app[NOTIFY].start()
-        sweeper = asyncio.create_task(sweep_forever(), name="upload sweeper")
+        tasks = [asyncio.create_task(sweep_forever(), name="upload sweeper")]
+        if config.coordination == "files":
+            tasks.append(asyncio.create_task(refresh_forever(), name="local repositories"))
         yield
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await app[NOTIFY].close()
         local.uploads.sessions.close()
 

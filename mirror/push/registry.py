@@ -99,6 +99,12 @@ class LocalRegistry:
         """Read the names of local repositories (blocking; called once at start-up, in a thread)."""
         self._repos = frozenset(self._index.local_repos_sync())
 
+    async def refresh(self) -> None:
+        """Take in the local repositories other processes on the data dir created (a repository stays local)."""
+        found = frozenset(await asyncio.to_thread(self._index.local_repos_sync)) - self._repos
+        if found:
+            self._repos = self._repos | found
+
     # --- names -----------------------------------------------------------------------------------------------
     def local(self, name: str, ns: str | None) -> Repo | None:
         """The local repository a read of ``name`` means, or None when it is pulled through."""
