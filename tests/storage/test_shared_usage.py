@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestServer
 
+from mirror.api.keys import STORE
 from mirror.oci.reference import Digest
 from mirror.storage import journal
 from mirror.storage.blobs import BlobStore
@@ -27,6 +29,8 @@ from mirror.storage.evictlock import EvictionLock
 from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.index import Index
 from mirror.storage.usage import Usage
+from tests.conftest import MirrorFactory
+from tests.fakes.registry import FakeRegistry
 from tests.support.ops import COORDINATED, Mirror, blob_files, record_figures, run_cli, start_registry, wait_until
 from tests.support.plain_http import pull, push_random_image
 
@@ -194,3 +198,43 @@ def test_two_processes_keep_one_cache_under_its_cap(upstream: tuple[str, list[di
     finally:
         a.stop()
         b.stop()
+
+
+# --- a file another process removed between the lookup and the open -------------------------------------------
+@pytest.mark.parametrize("method", ["GET", "HEAD"], ids=["GET -> fetched again, 200", "HEAD -> answered, 200"])
+async def test_a_blob_removed_between_lookup_and_open_is_a_miss(
+    make_mirror: MirrorFactory,
+    fake_upstream: tuple[FakeRegistry, TestServer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+) -> None:
+    """Another process's eviction can unlink a file between this process's lookup (``size``) and aiohttp's open
+    of it; no lease of this process stops it. The request must then be a miss, never a 404 or a 500. The window
+    is too short to hit from outside, so the lookup here unlinks the file right after it looked (as the other
+    process's eviction would)."""
+    fake, _ = fake_upstream
+    data = os.urandom(200_000)  # past the small-blob size: sent from the file
+    digest = fake.add_blob(data)
+    fake.add_image("library/app", "1", [data])
+    client = await make_mirror(str(fake_upstream[1].make_url("")))
+    path = f"/v2/library/app/blobs/{digest}"
+    assert await (await client.get(path)).read() == data  # cached
+    store = client.app[STORE]
+    looked_up = store.size
+
+    async def evicted_right_after(found: Digest) -> int | None:
+        size = await looked_up(found)
+        monkeypatch.setattr(store, "size", looked_up)  # once
+        await asyncio.to_thread(store.path(found).unlink)
+        return size
+
+    monkeypatch.setattr(store, "size", evicted_right_after)
+    gets = fake.count("GET", "blobs")
+    resp = await client.request(method, path)
+    assert resp.status == 200, await resp.text()
+    if method == "GET":
+        assert await resp.read() == data
+        assert fake.count("GET", "blobs") == gets + 1  # fetched again
+    else:
+        assert resp.headers["Content-Length"] == str(len(data))
