@@ -150,19 +150,23 @@ class Housekeeper:
 
     async def reload(self) -> None:
         async with self._lock:
-            loaded_at = self._usage.now()
-            table, generation = await asyncio.to_thread(self._usage.load_sync)
-            self._usage.install(table, generation, loaded_at)
-            log.info("usage table reloaded: %d entries, %d bytes", len(table), self._usage.total)
+            await self._reload_unlocked()
 
-    async def catch_up(self) -> None:
-        """Take in what the other processes sharing the data dir changed since the last time (their journal)."""
+    async def _reload_unlocked(self) -> None:
+        loaded_at = self._usage.now()
+        table, generation = await asyncio.to_thread(self._usage.load_sync)
+        self._usage.install(table, generation, loaded_at)
+        log.info("usage table reloaded: %d entries, %d bytes", len(table), self._usage.total)
+
+    async def catch_up(self, locked: bool = False) -> None:
+        """Take in what the other processes sharing the data dir changed since the last time (their journal).
+        ``locked``: the caller holds the housekeeper's lock (eviction)."""
         if not self._usage.shared:
             return
         read_at = self._usage.now()
         changes = await asyncio.to_thread(self._usage.changes_sync, self._usage.journal_seen)
         if changes is None:  # fallen behind the journal's start: read everything
-            await self.reload()
+            await (self._reload_unlocked() if locked else self.reload())
         else:
             self._usage.apply(*changes, read_at)
 
@@ -190,16 +194,16 @@ class Housekeeper:
         if self.limits.size <= 0 and target is None:
             return report
         target = self.limits.low if target is None else target
-        if not await self._take_turn():
-            log.debug("another process on the data dir is evicting: leaving it to that one")
-            return report
-        try:
-            async with self._lock:
-                await self.catch_up()  # every process's adds and last-served times, before planning
+        async with self._lock:  # this process's one eviction, then (sharing the data dir) the only one
+            if not await self._take_turn():
+                log.debug("another process on the data dir is evicting: leaving it to that one")
+                return report
+            try:
+                await self.catch_up(locked=True)  # every process's adds and last-served times, before planning
                 await self._evict_locked(target, report)
-        finally:
-            if self._turn is not None:
-                await asyncio.to_thread(self._turn.release_sync)
+            finally:
+                if self._turn is not None:
+                    await asyncio.to_thread(self._turn.release_sync)
         return report
 
     async def _take_turn(self) -> bool:

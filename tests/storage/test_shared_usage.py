@@ -95,6 +95,20 @@ async def test_a_process_fallen_behind_the_journal_reloads_the_table(
     assert set(b.usage.table) == {str(d) for d in added} and b.usage.total == 6 * BLOB
 
 
+async def test_an_evictor_fallen_behind_the_journal_reloads_and_evicts(
+    two: tuple[Process, Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = two
+    monkeypatch.setattr(journal, "KEEP", 3)
+    added = []
+    for n in range(12):  # stored and recorded by B, without waking B's own eviction
+        added.append(digest := await b.store.put(bytes([n]) * BLOB))
+        await asyncio.to_thread(b.usage.added_sync, digest, BLOB, "blob")
+    async with asyncio.timeout(10):
+        report = await a.housekeeper.evict()  # catches up by a reload, under the eviction's own lock
+    assert [r.digest for r in report.removed] == [str(d) for d in added[:4]]
+
+
 async def test_one_process_evicts_at_a_time_and_plans_over_every_processes_adds(
     two: tuple[Process, Process],
 ) -> None:
