@@ -41,15 +41,18 @@ from mirror.routing import RepoRules, Router, Upstreams
 from mirror.storage.blobs import BlobStore
 from mirror.storage.counter import SharedCounter
 from mirror.storage.eviction import Limits
+from mirror.storage.evictlock import EvictionLock
 from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.index import Index
+from mirror.storage.quotas import QuotaFile
 from mirror.storage.reflocks import RefLocks
 from mirror.storage.sessions import UploadSessions, held_sync
 from mirror.storage.usage import Usage
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
+from mirror.upstream.quota import QuotaRecord
 
 log = logging.getLogger(__name__)
 USER_AGENT = "mirror/0.1 (+pull-through registry cache)"
@@ -61,6 +64,7 @@ def upstream_client(
     metrics: Metrics,
     max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
     loop_id: str = "",
+    quota: QuotaRecord | None = None,
 ) -> UpstreamClient:
     secret = upstream.secret()
     credentials = Credentials(upstream.username, secret) if upstream.username and secret is not None else None
@@ -79,7 +83,7 @@ def upstream_client(
         rate_window=upstream.rate_window,
         loop_id=loop_id,
     )
-    return UpstreamClient(settings, metrics)
+    return UpstreamClient(settings, metrics, quota)
 
 
 def build_upstreams(
@@ -93,7 +97,9 @@ def build_upstreams(
     wildcard = next((u for u in config.upstreams if u.wildcard), None)
 
     def add(registry: str, upstream: UpstreamConfig) -> None:
-        clients[registry] = upstream_client(upstream, registry, metrics, config.max_blob_size, loop_id)
+        # Processes sharing the data dir share each upstream's quota window (one 429 holds all of them back).
+        quota = QuotaFile(config.data_dir, registry) if config.coordination == "files" else None
+        clients[registry] = upstream_client(upstream, registry, metrics, config.max_blob_size, loop_id, quota)
         policies[registry] = TagPolicy(upstream.tag_ttl, upstream.max_stale, upstream.timeout)
 
     for upstream in config.upstreams:
@@ -135,7 +141,13 @@ def build_local(
 ) -> LocalRegistry:
     if LOCAL_REGISTRY in router.upstreams:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
-    sessions = UploadSessions(config.data_dir, store, config.upload_max_sessions, config.upload_max_sessions_per_client)
+    sessions = UploadSessions(
+        config.data_dir,
+        store,
+        config.upload_max_sessions,
+        config.upload_max_sessions_per_client,
+        shared=config.coordination == "files",  # other processes take requests of the same sessions
+    )
     metrics.upload_sessions.source = sessions.count_sync
     uploads = Uploads(store, sessions, metrics)
     # Several processes on the data dir: a push through one makes its name local for all (``local_names``).
@@ -175,11 +187,12 @@ def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Applic
         await asyncio.to_thread(local.load)
         await local.uploads.sessions.sweep(max_age)
         await app[NOTIFY].start()
-        sweeper = asyncio.create_task(sweep_forever(), name="upload sweeper")
+        tasks = [asyncio.create_task(sweep_forever(), name="upload sweeper")]
         yield
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await app[NOTIFY].close()
         local.uploads.sessions.close()
 
@@ -209,7 +222,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     loop_id = loop_id or secrets.token_hex(8)  # marks this mirror's upstream requests: one that comes back is a loop
     clients, policies, registries = build_upstreams(config, metrics, loop_id)
     metrics.prime(clients)
-    usage = Usage(config.data_dir)
+    usage = Usage(config.data_dir, shared=config.coordination == "files")  # shared: journal its changes
     inflight, clean_tmp = coordination(config, store)
     # Sharing the data dir, manifest and tag requests are made once for its processes too.
     ref_locks = RefLocks(store.tmp_dir) if config.coordination == "files" else None
@@ -341,7 +354,9 @@ def build_housekeeping(
     def busy(key: str) -> bool:
         return usage.busy(key) or (pull is not None and pull.inflight.fetching(Digest.parse(key)))
 
-    housekeeper = Housekeeper(store, index, usage, limits, busy, evicted, metrics.repos.drain)
+    # Processes sharing the data dir evict one at a time (a CLI command leaves eviction to the server).
+    turn = EvictionLock(config.data_dir) if live and config.coordination == "files" else None
+    housekeeper = Housekeeper(store, index, usage, limits, busy, evicted, metrics.repos.drain, turn)
     metrics.repos.configure(cache.top_repos, cache.repo_allowlist)
     metrics.cache.source = lambda: CacheSnapshot(
         usage.total + usage.upload_bytes, limits.size, usage.pending, usage.counts(), housekeeper.protected_bytes

@@ -106,6 +106,12 @@ MODULE_FORBIDDEN: dict[str, set[str]] = {
     "mirror.metrics.collectors": {"mirror.metrics.host"},
     # Continuing an interrupted fetch: the answer and the writer only, never the service, the miss path or a store.
     "mirror.pull.resume": {"mirror.pull", "mirror.content", "mirror.storage.blobs", "mirror.upstream.client"},
+    # The quota window and its shared-record protocol: the record (``storage.quotas``) plugs in from the root.
+    "mirror.upstream.quota": {"mirror.upstream.client", "mirror.metrics", "mirror.oci"},
+    # Processes sharing a data dir: the journal and the locks are leaves of the storage area.
+    "mirror.storage.journal": {"mirror.storage.usage", "mirror.storage.housekeeper"},
+    "mirror.storage.evictlock": {"mirror.storage.usage", "mirror.storage.housekeeper", "mirror.storage.blobs"},
+    "mirror.storage.sessionlocks": {"mirror.storage.sessions", "mirror.storage.blobs"},
     "mirror.pull.blobs": {"mirror.pull.service"},
 }
 # What ``api`` may import from ``storage``: the protocols, and error types the middleware renders.

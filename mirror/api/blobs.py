@@ -4,7 +4,7 @@ arrive (``api.streaming``)."""
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import IO, Any
 
 from aiohttp import hdrs, web
@@ -21,15 +21,28 @@ from mirror.pull.failures import failure
 from mirror.pull.inflight import FetchState
 
 
+class BlobVanished(Exception):
+    """The stored file was gone when aiohttp came to open it (not an OSError: aiohttp would answer 404 itself)."""
+
+
+Fallback = Callable[[], Awaitable[web.StreamResponse]]
+
+
 class BlobFileResponse(web.FileResponse):
     """aiohttp's FileResponse (stat/open in a thread, sendfile, Range) with the digest as ETag, as registries
-    send it, instead of aiohttp's mtime-based one."""
+    send it, instead of aiohttp's mtime-based one.
 
-    def __init__(self, path: Any, digest: Digest, sender: Sender, **kwargs: Any):
+    A file removed between the lookup and aiohttp's open (evicted by another process sharing the data dir, whose
+    eviction cannot see this process's leases) is a miss: ``vanished`` answers the request instead (the lookup
+    again, which now fetches the blob), never a 404. Once open, the file stays readable whoever unlinks it."""
+
+    def __init__(self, path: Any, digest: Digest, sender: Sender, vanished: Fallback | None = None, **kwargs: Any):
         super().__init__(path, **kwargs)
         self._digest_etag = str(digest)
         self._sender = sender
         self._release: Callable[[], None] | None = None
+        self._vanished = vanished
+        self._instead: web.StreamResponse | None = None  # the answer sent in place of this one
 
     def release_after_send(self, release: Callable[[], None]) -> None:
         """Call ``release`` once the file is sent (or the response is dropped unsent)."""
@@ -48,12 +61,32 @@ class BlobFileResponse(web.FileResponse):
         await web.StreamResponse.write_eof(self)
         return writer
 
+    def _make_response(self, request: web.BaseRequest, accept_encoding: str) -> Any:
+        try:
+            return super()._make_response(request, accept_encoding)  # aiohttp's own (private): stat, open
+        except FileNotFoundError:
+            raise BlobVanished from None
+
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         try:
             return await super().prepare(for_file(request, self._digest_etag))  # opens the file, sendfile
+        except BlobVanished:
+            if self._vanished is None:
+                raise web.HTTPNotFound() from None  # vanished twice in a row: as aiohttp would answer
+            self._instead = instead = await self._vanished()
+            if not instead.prepared:
+                await instead.prepare(request)
+            self.set_status(instead.status)  # for the access log
+            return None
         finally:
             if self._release is not None:
                 self._release()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self._instead is not None:
+            await self._instead.write_eof(data)
+        else:
+            await super().write_eof(data)
 
     @property
     def etag(self) -> ETag | None:
@@ -98,7 +131,7 @@ async def _get_blob(request: web.Request, repo: Repo, digest: Digest) -> web.Str
     if isinstance(source, MemoryBlob):
         return memory_response(request, repo, digest, source.data)
     if isinstance(source, StoredBlob):
-        return file_response(request, repo, digest, source)
+        return file_response(request, repo, digest, source, vanished=lambda: _get_blob(request, repo, digest))
     if source.size is not None:  # a fetch under way
         return await stream_fetch(request, repo, digest, source)
     # No Content-Length from the upstream: wait for the end and serve the file (rare; registries send it).
@@ -121,8 +154,10 @@ async def _stored_when_done(fetch: FetchState) -> StoredBlob:
     return StoredBlob(fetch.final_path, fetch.written)
 
 
-def file_response(request: web.Request, repo: Repo, digest: Digest, blob: StoredBlob) -> web.StreamResponse:
-    """A stored blob by sendfile, with Range and conditional GET."""
+def file_response(
+    request: web.Request, repo: Repo, digest: Digest, blob: StoredBlob, vanished: Fallback | None = None
+) -> web.StreamResponse:
+    """A stored blob by sendfile, with Range and conditional GET; ``vanished`` answers if the file is gone."""
     if _etag_matches(request.headers.get(hdrs.IF_NONE_MATCH), digest):
         return web.Response(status=304, headers={**blob_headers(digest), "ETag": f'"{digest}"'})
     rng = blob_range(request, digest, blob.size)
@@ -131,7 +166,7 @@ def file_response(request: web.Request, repo: Repo, digest: Digest, blob: Stored
         request.app[METRICS].blob_bytes_served.labels(repo.registry, "cache").inc(count)
         request.app[METRICS].repos.served(str(repo), "cache", count)
     sender = request.app[SENDER]
-    return BlobFileResponse(blob.path, digest, sender, headers=blob_headers(digest), chunk_size=1 << 20)
+    return BlobFileResponse(blob.path, digest, sender, vanished, headers=blob_headers(digest), chunk_size=1 << 20)
 
 
 def memory_response(request: web.Request, repo: Repo, digest: Digest, data: bytes) -> web.Response:

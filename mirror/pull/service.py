@@ -274,7 +274,7 @@ class PullThrough:
         if record is not None and usable and now - record.checked_at < policy.tag_ttl:
             self.count(repo, "tag", "hit")
             return record, None, False
-        saving = self.client(repo).quota.saving() if record is not None and usable else None
+        saving = await self.client(repo).quota.check() if record is not None and usable else None
         if record is not None and saving:
             # The upstream's pull quota is nearly spent (or it said 429): keep what is left for content the cache
             # does not have, and trust the known digest until the window passes.

@@ -14,6 +14,13 @@ against the leases and, in the same step (no await between), withdrawn from the 
 from then on a lookup of it is a miss, so a request that takes a lease afterwards fetches it again); then a
 batch of withdrawn digests is unlinked in a thread (``remove_withdrawn``), skipping any that a new fetch
 published meanwhile. It never blocks a request: requests do not wait for it.
+
+Processes sharing one data dir (``turn`` given, ``Usage.shared``): each flush also takes in the other processes'
+changes from the usage journal, and one process evicts at a time (``evictlock.EvictionLock``, tried without
+waiting). The evictor catches up with the journal before planning, so it plans over every process's adds and
+last-served times (up to one flush interval late). It cannot see the other processes' leases; it does not need
+to: a file another process has open stays readable after the unlink (POSIX), and one looked up but not yet
+opened there is a miss when it opens it, fetched again.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from mirror.oci.reference import Digest
 from mirror.storage.base import BlobStorage, MetadataIndex
 from mirror.storage.eviction import Limits, candidates, plan
+from mirror.storage.evictlock import EvictionLock
 from mirror.storage.gc import Removal, Report, protected_sync
 from mirror.storage.usage import Entry, Usage
 
@@ -49,6 +57,7 @@ class Housekeeper:
         busy: Callable[[str], bool] = lambda key: False,
         on_evict: Callable[[str, int], None] = lambda kind, size: None,
         drain_counts: Callable[[], Mapping[tuple[str, str], int]] = dict,
+        turn: EvictionLock | None = None,
     ):
         self._store = store
         self._index = index
@@ -57,6 +66,7 @@ class Housekeeper:
         self._busy = busy
         self._on_evict = on_evict
         self._drain_counts = drain_counts
+        self._turn = turn  # sharing the data dir: the lock that makes this process the one evicting
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one eviction or reload at a time
@@ -134,15 +144,31 @@ class Housekeeper:
             for key in missing:  # removed by another process: their entries went from disk, and go here too
                 if known[key] is not None and self._usage.table.get(key) is known[key]:
                     self._usage.forget(key)
+            await self.catch_up()
         if time.monotonic() - self._protected_at > PROTECTED_EVERY:
             await self.protected()  # keeps mirror_cache_protected_bytes current (pins may change from the CLI)
 
     async def reload(self) -> None:
         async with self._lock:
-            loaded_at = self._usage.now()
-            table, generation = await asyncio.to_thread(self._usage.load_sync)
-            self._usage.install(table, generation, loaded_at)
-            log.info("usage table reloaded: %d entries, %d bytes", len(table), self._usage.total)
+            await self._reload_unlocked()
+
+    async def _reload_unlocked(self) -> None:
+        loaded_at = self._usage.now()
+        table, generation = await asyncio.to_thread(self._usage.load_sync)
+        self._usage.install(table, generation, loaded_at)
+        log.info("usage table reloaded: %d entries, %d bytes", len(table), self._usage.total)
+
+    async def catch_up(self, locked: bool = False) -> None:
+        """Take in what the other processes sharing the data dir changed since the last time (their journal).
+        ``locked``: the caller holds the housekeeper's lock (eviction)."""
+        if not self._usage.shared:
+            return
+        read_at = self._usage.now()
+        changes = await asyncio.to_thread(self._usage.changes_sync, self._usage.journal_seen)
+        if changes is None:  # fallen behind the journal's start: read everything
+            await (self._reload_unlocked() if locked else self.reload())
+        else:
+            self._usage.apply(*changes, read_at)
 
     # --- eviction ------------------------------------------------------------------------------------------
     def recent_protected_bytes(self) -> int | None:
@@ -176,32 +202,63 @@ class Housekeeper:
         if self.limits.size <= 0 and target is None:
             return report
         target = self.limits.low if target is None else target
-        async with self._lock:
-            if self._usage.used() > target:
-                await self.reclaim()
-            protected = await self.protected()
-            order = await asyncio.to_thread(candidates, list(self._usage.table.items()), protected, self._idle_since())
-            started = time.monotonic()
-            await self._remove(order, target, report)
-            if report.removed:
-                self.evictions += 1
-                await asyncio.to_thread(self._forget_sync, report.removed)
-                log.info(
-                    "evicted %d entries (%d bytes) in %.2fs; cache now %d of %d bytes",
-                    len(report.removed),
-                    report.bytes,
-                    time.monotonic() - started,
-                    self._usage.total,
-                    self.limits.size,
-                )
-            elif self._usage.used() > target:
-                log.warning(
-                    "cache is %d bytes, over its target of %d, and nothing more may be evicted (pinned, pushed or "
-                    "in use)",
-                    self._usage.used(),
-                    target,
-                )
+        async with self._lock:  # this process's one eviction, then (sharing the data dir) the only one
+            if not await self._take_turn():
+                log.debug("another process on the data dir is evicting: leaving it to that one")
+                return report
+            try:
+                await self.catch_up(locked=True)  # every process's adds and last-served times, before planning
+                await self._evict_locked(target, report)
+            finally:
+                if self._turn is not None:
+                    await asyncio.to_thread(self._turn.release_sync)
         return report
+
+    async def _take_turn(self) -> bool:
+        """Alone on the data dir: always. Sharing it: if no other process is evicting (a thread tries the lock;
+        if this task is cancelled meanwhile, the lock it got is released)."""
+        turn = self._turn
+        if turn is None:
+            return True
+        trying = asyncio.ensure_future(asyncio.to_thread(turn.try_acquire_sync))
+        try:
+            return await asyncio.shield(trying)
+        except asyncio.CancelledError:
+
+            def release_if_taken(done: asyncio.Future[bool]) -> None:
+                if not done.cancelled() and done.exception() is None and done.result():
+                    turn.release_sync()  # closes one descriptor: instant
+
+            trying.add_done_callback(release_if_taken)
+            raise
+
+    async def _evict_locked(self, target: int, report: Report) -> None:
+        if self._usage.used() <= target:
+            return  # another process evicted meanwhile (seen in the journal)
+        await self.reclaim()
+        protected = await self.protected()
+        order = await asyncio.to_thread(candidates, list(self._usage.table.items()), protected, self._idle_since())
+        began, started = time.time(), time.monotonic()
+        await self._remove(order, target, report)
+        if report.removed:
+            self.evictions += 1
+            await asyncio.to_thread(self._forget_sync, report.removed)
+            log.info(
+                "evicted %d entries (%d bytes) in %.2fs (from %.6f to %.6f); cache now %d of %d bytes",
+                len(report.removed),
+                report.bytes,
+                time.monotonic() - started,
+                began,
+                time.time(),
+                self._usage.total,
+                self.limits.size,
+            )
+        elif self._usage.used() > target:
+            log.warning(
+                "cache is %d bytes, over its target of %d, and nothing more may be evicted (pinned, pushed or in use)",
+                self._usage.used(),
+                target,
+            )
 
     async def _remove(self, order: list[tuple[str, Entry, float]], target: int, report: Report) -> None:
         """Withdraw candidates on the loop, each checked against the leases at that moment, and unlink them in

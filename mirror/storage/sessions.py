@@ -21,6 +21,17 @@ sessions first when space is short).
 
 A session's writer (``BlobWriter`` on ``data``) stays open between chunks while the mirror runs, so the digest is
 computed while the bytes stream in; after a restart the writer re-hashes ``data`` once when it is reopened.
+
+Processes sharing the data dir (``shared``) may each take requests of one session. Then:
+- the requests on a session are applied one at a time across processes: an exclusive ``flock`` on
+  ``<uuid>/lock`` (taken in a thread of the sessions' own, after the in-process lock), held from the reload of
+  the record to the acknowledgement;
+- a process's open writer is used only if this process wrote the last chunk (``session.json`` names the writer,
+  and ``data`` holds exactly the acknowledged bytes); otherwise ``data`` is reopened and re-hashed, so the hash
+  state and the offset come from the disk;
+- the caps count the sessions of every process: ``create`` reads what every session holds under an ``flock``
+  on ``uploads/.create.lock`` (a scan of the session records: at most ``max_sessions`` small files, per POST);
+- ``sweep`` never removes a session whose lock another process holds (a chunk is arriving there).
 """
 
 from __future__ import annotations
@@ -31,14 +42,17 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import time
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from mirror.storage.blobs import BlobStore
+from mirror.storage.sessionlocks import CREATE_LOCK, close_if_taken, flock_sync, held_elsewhere_sync
 from mirror.storage.writer import BlobWriter
 
 log = logging.getLogger(__name__)
@@ -54,6 +68,7 @@ class UploadSession:
     size: int  # bytes acknowledged to the client
     directory: Path
     client: str = ""  # the address that opened it (sessions are capped per client)
+    writer: str = ""  # the process that acknowledged the last chunk (processes sharing the data dir)
 
     @property
     def data_path(self) -> Path:
@@ -98,10 +113,21 @@ class UploadSessions:
     """The sessions under ``<data-dir>/uploads``, their open writers and one lock each (chunks of one session
     are applied one at a time, in order)."""
 
-    def __init__(self, data_dir: Path, store: BlobStore, max_sessions: int = 1024, max_per_client: int = 64):
+    def __init__(
+        self,
+        data_dir: Path,
+        store: BlobStore,
+        max_sessions: int = 1024,
+        max_per_client: int = 64,
+        shared: bool = False,
+    ):
         self.root = data_dir / "uploads"
         self.root.mkdir(parents=True, exist_ok=True)
         self._store = store
+        self.shared = shared  # other processes on the data dir take requests of the same sessions
+        self._name = f"{os.getpid()}-{secrets.token_hex(4)}"  # this process, in ``session.json``
+        # Waits for another process's session lock: its own threads, so that they never hold up file work.
+        self._lock_waits: ThreadPoolExecutor | None = None
         self._writers: dict[str, BlobWriter] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.max_sessions = max_sessions
@@ -133,7 +159,13 @@ class UploadSessions:
 
     # --- records ---------------------------------------------------------------------------------------------
     def _save_sync(self, session: UploadSession) -> None:
-        record = {"repo": session.repo, "started": session.started, "size": session.size, "client": session.client}
+        record = {
+            "repo": session.repo,
+            "started": session.started,
+            "size": session.size,
+            "client": session.client,
+            "writer": session.writer,
+        }
         temp = session.directory / "session.json.tmp"
         temp.write_text(json.dumps(record))
         os.replace(temp, session.directory / "session.json")
@@ -148,6 +180,8 @@ class UploadSessions:
 
     async def create(self, repo: str, client: str = "") -> UploadSession:
         """A new session for ``client`` (its address), or TooManySessions past either cap."""
+        if self.shared:
+            return await self._create_shared(repo, client)
         uuid = self._reserve(client)
         try:
             return await asyncio.to_thread(self.create_sync, repo, uuid, client)
@@ -155,6 +189,33 @@ class UploadSessions:
             self._hold(uuid, None)
             await asyncio.to_thread(shutil.rmtree, self.root / uuid, True)
             raise
+
+    async def _create_shared(self, repo: str, client: str) -> UploadSession:
+        """``create`` with the caps counted over the sessions of every process: what all of them hold is read
+        from disk, under a lock that makes the check and the creation one step for all processes."""
+        uuid = str(uuidlib.uuid4())
+        session, held = await asyncio.to_thread(self._create_shared_sync, repo, uuid, client)
+        self._held = held
+        self._report()
+        if session is None:
+            scope = "total" if len(held) >= self.max_sessions else "client"
+            raise TooManySessions(scope, self.max_sessions if scope == "total" else self.max_per_client)
+        return session
+
+    def _create_shared_sync(
+        self, repo: str, uuid: str, client: str
+    ) -> tuple[UploadSession | None, dict[str, tuple[str, int]]]:
+        fd = flock_sync(self.root / CREATE_LOCK)  # held for one scan of the records by whoever creates a session
+        try:
+            held = {e.name: h for e in self.root.iterdir() if valid_uuid(e.name) and (h := _held_sync(e)) is not None}
+            mine = sum(1 for owner, _ in held.values() if owner == client)
+            if len(held) >= self.max_sessions or mine >= self.max_per_client:
+                return None, held
+            session = self.create_sync(repo, uuid, client)
+            held[uuid] = (client, 0)
+            return session, held
+        finally:
+            os.close(fd)
 
     def load_sync(self, uuid: str) -> UploadSession | None:
         if not valid_uuid(uuid):
@@ -169,6 +230,7 @@ class UploadSessions:
                 int(record["size"]),
                 directory,
                 str(record.get("client", "")),
+                str(record.get("writer", "")),
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
@@ -179,15 +241,43 @@ class UploadSessions:
     async def acknowledge(self, session: UploadSession, size: int) -> None:
         """Record that the client has been told ``size`` bytes are in (also marks the session as active)."""
         session.size = size
+        session.writer = self._name
         await asyncio.to_thread(self._save_sync, session)
         if session.uuid in self._held:  # not removed meanwhile
             self._hold(session.uuid, (session.client, size))
 
-    def lock(self, uuid: str) -> asyncio.Lock:
+    @contextlib.asynccontextmanager
+    async def lock(self, uuid: str) -> AsyncIterator[None]:
+        """Apply one request to the session at a time: in this process, and with ``shared`` in all of them."""
         lock = self._locks.get(uuid)
         if lock is None:
             lock = self._locks[uuid] = asyncio.Lock()
-        return lock
+        async with lock:
+            if not self.shared:
+                yield
+                return
+            fd = await self._flock(uuid)
+            try:
+                yield
+            finally:
+                if fd >= 0:
+                    await asyncio.to_thread(os.close, fd)  # releases the flock
+
+    async def _flock(self, uuid: str) -> int:
+        """The session's cross-process lock, waited for in a thread (-1 if the session is gone: the caller's
+        reload of the record then finds no session). Released if this task is cancelled while it waits."""
+        if self._lock_waits is None:
+            self._lock_waits = ThreadPoolExecutor(8, thread_name_prefix="upload-lock")
+        waiting = asyncio.get_running_loop().run_in_executor(self._lock_waits, flock_sync, self.root / uuid / "lock")
+        try:
+            return await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            waiting.add_done_callback(close_if_taken)
+            raise
+
+    def busy_elsewhere_sync(self, uuid: str) -> bool:
+        """Another process holds the session's lock (a chunk is arriving there). Blocking: call it in a thread."""
+        return held_elsewhere_sync(self.root / uuid / "lock")
 
     # --- writers ---------------------------------------------------------------------------------------------
     def _open_sync(self, session: UploadSession) -> BlobWriter:
@@ -199,12 +289,24 @@ class UploadSessions:
         return writer
 
     async def writer(self, session: UploadSession) -> BlobWriter:
-        """The session's writer: the open one, or ``data`` reopened (after a restart) and re-hashed."""
+        """The session's writer: the open one, or ``data`` reopened (after a restart, or when another process
+        wrote the last chunk) and re-hashed."""
         writer = self._writers.get(session.uuid)
+        if writer is not None and self.shared and not await asyncio.to_thread(self._current_sync, session, writer):
+            await asyncio.to_thread(writer.detach_sync)
+            writer = None
         if writer is None:
             writer = await asyncio.to_thread(self._open_sync, session)
             self._writers[session.uuid] = writer
         return writer
+
+    def _current_sync(self, session: UploadSession, writer: BlobWriter) -> bool:
+        """Our open writer still describes ``data``: we acknowledged the last chunk, and nothing was added since."""
+        try:
+            size = os.stat(session.data_path).st_size
+        except FileNotFoundError:
+            return False
+        return session.writer == self._name and writer.written == session.size == size
 
     def forget_writer(self, uuid: str) -> None:
         """The writer was committed or aborted by its user: it is no longer this session's."""
@@ -233,13 +335,15 @@ class UploadSessions:
         removed = []
         kept: dict[str, tuple[str, int]] = {}
         for entry in self.root.iterdir():
-            if entry.name in busy:
+            if entry.name in busy or entry.name == CREATE_LOCK:
                 continue
             try:
                 last = (entry / "session.json").stat().st_mtime
             except OSError:
                 last = None
             if last is None or not valid_uuid(entry.name) or now - last > max_age:
+                if self.shared and valid_uuid(entry.name) and self.busy_elsewhere_sync(entry.name):
+                    continue  # a chunk is arriving in another process
                 if entry.is_dir():
                     self._remove_sync(entry.name)
                 else:
@@ -274,3 +378,5 @@ class UploadSessions:
         for writer in self._writers.values():
             writer.detach_sync()
         self._writers.clear()
+        if self._lock_waits is not None:
+            self._lock_waits.shutdown(wait=False, cancel_futures=True)

@@ -10,12 +10,21 @@ Keys in ``<data-dir>/usage`` (diskcache, SQLite underneath; safe to share betwee
                                           "docker.io/library/alpine@sha256:...")
     ("repo", "<registry>/<path>", "<counter>") -> int, added to with ``incr`` (hit, miss, bytes_cache, ...)
     ("generation",)                    -> int, bumped by every process that removes entries
+    ("journal", ...)                   -> the changes, for processes sharing the data dir (``storage.journal``)
 
 The serving process holds the whole table in memory (``load_sync``): a hit sets a timestamp in a dict and marks
 the digest dirty; the housekeeper writes dirty timestamps in one transaction every ``flush_interval`` seconds, so
 the hot path never writes to disk. Content added by a fetch is written at once (fetches are rare next to hits).
 Other processes (``mirror gc``, ``evict``, ``verify``, ``prefetch``) work on the diskcache directly and bump
 ``generation`` when they are done; the serving process then reloads its table.
+
+Several serving processes on one data dir (``shared``) each hold the table too. Every write of an entry (an add,
+a flushed last-served time, a pushed mark, a removal) then also notes the digests in a journal in the same
+transaction (three diskcache operations per write), and each process reads the journal from where it left off at
+every flush (``changes_sync``, then ``apply``): another process's adds, removals and touches reach it within one
+flush interval, at a cost of about one read per change and one per digest changed, nothing per entry of the
+table. The journal (``storage.journal``) keeps the last changes; a process that fell further behind reloads the
+whole table.
 
 In-memory state is touched only from the event loop (or, for a CLI command, its one thread); disk methods end
 in ``_sync`` and run in a thread.
@@ -35,6 +44,7 @@ from pathlib import Path
 import diskcache
 
 from mirror.oci.reference import Digest
+from mirror.storage.journal import Journal
 from mirror.storage.sqlfull import disk_full
 
 LOCAL = 1  # flags bit: pushed to this mirror, not pulled through; eviction never removes it
@@ -63,8 +73,12 @@ class Entry:
 class Usage:
     """The usage table: in memory for the serving process, on disk for everyone. See the module docstring."""
 
-    def __init__(self, data_dir: Path, clock: Callable[[], float] = time.time):
+    def __init__(self, data_dir: Path, clock: Callable[[], float] = time.time, shared: bool = False):
         self._cache = diskcache.Cache(str(data_dir / "usage"), size_limit=2**40, eviction_policy="none")
+        self.shared = shared  # other serving processes hold this table too: journal every change
+        self._journal_log = Journal(self._cache) if shared else None
+        self.journal_seen = 0  # the last change of the journal that ``table`` reflects
+        self._journal_loaded = 0  # the journal's last change when ``load_sync`` began
         self._clock = clock
         self._last_time = 0.0
         self.table: dict[str, Entry] = {}
@@ -178,6 +192,7 @@ class Usage:
             old = Entry.from_row(self._cache.get(("entry", key)))
             entry = Entry(size, self.now(), kind, local or bool(old and old.local), repo or (old.repo if old else ""))
             self._cache.set(("entry", key), entry.row())
+            self._journal([key])
         return entry
 
     async def added(self, digest: Digest, size: int, kind: str, repo: str = "", local: bool = False) -> None:
@@ -199,11 +214,14 @@ class Usage:
     @disk_full
     def mark_local_sync(self, keys: Iterable[str], local: bool = True) -> None:
         with self._cache.transact():
+            changed = []
             for key in keys:
                 entry = Entry.from_row(self._cache.get(("entry", key)))
                 if entry is not None and entry.local != local:
                     entry.local = local
                     self._cache.set(("entry", key), entry.row())
+                    changed.append(key)
+            self._journal(changed)
 
     # --- batched writes and reloads (the housekeeper) --------------------------------------------------------
     def take_dirty(self) -> dict[str, float]:
@@ -214,6 +232,7 @@ class Usage:
         """Write last-served times of existing entries; return the digests whose entry another process removed."""
         gone = []
         with self._cache.transact():
+            changed = []
             for key, served in dirty.items():
                 entry = Entry.from_row(self._cache.get(("entry", key)))
                 if entry is None:
@@ -221,11 +240,14 @@ class Usage:
                 elif served > entry.last_served:
                     entry.last_served = served
                     self._cache.set(("entry", key), entry.row())
+                    changed.append(key)
+            self._journal(changed)
         return gone
 
     def load_sync(self) -> tuple[dict[str, Entry], int]:
         """Every entry on disk and the generation read before them."""
         generation = self.generation_sync()
+        self._journal_loaded = self.journal_last_sync()
         table = {}
         for key in self._cache.iterkeys():
             if isinstance(key, tuple) and len(key) == 2 and key[0] == "entry":
@@ -250,6 +272,7 @@ class Usage:
         self.generation = generation
         with self._repo_counts_lock:
             self._repo_counts = None  # another process may have counted too
+        self.journal_seen = self._journal_loaded
 
     def generation_sync(self) -> int:
         value = self._cache.get(("generation",), 0)
@@ -258,30 +281,74 @@ class Usage:
     def bump_generation_sync(self) -> int:
         return int(self._cache.incr(("generation",), 1, default=0))
 
+    # --- the journal of processes sharing the data dir --------------------------------------------------------
+    def _journal(self, keys: Iterable[str]) -> None:
+        """Inside a write's transaction: note the entries it changed, for the other serving processes."""
+        if self._journal_log is not None:
+            self._journal_log.note(keys)
+
+    def journal_last_sync(self) -> int:
+        return self._journal_log.last_sync() if self._journal_log is not None else 0
+
+    def changes_sync(self, since: int) -> tuple[int, dict[str, Entry | None]] | None:
+        """The entries other processes changed after change ``since``, as they are on disk now (None: removed),
+        with the last change read; None when the journal no longer reaches back that far (reload the table)."""
+        if self._journal_log is None:
+            return since, {}
+        found = self._journal_log.since_sync(since)
+        if found is None:
+            return None
+        last, keys = found
+        return last, {key: Entry.from_row(self._cache.get(("entry", key))) for key in keys}
+
+    def apply(self, last: int, changed: Mapping[str, Entry | None], read_at: float) -> None:
+        """Take in another process's changes (event loop). ``read_at``: when ``changes_sync`` began; an entry
+        this process added or served after it is kept as it is here."""
+        for key, entry in changed.items():
+            mine = self.table.get(key)
+            if entry is None:
+                if mine is not None and mine.last_served <= read_at:
+                    self.forget(key)
+                continue
+            if mine is not None:
+                if mine.row() == entry.row():
+                    continue
+                entry.last_served = max(entry.last_served, mine.last_served)
+                self.total -= mine.size
+            self.table[key] = entry
+            self.total += entry.size
+        self.journal_seen = max(self.journal_seen, last)
+
     # --- direct disk access (CLI commands, gc, reconcile) ----------------------------------------------------
     def entries_sync(self) -> dict[str, Entry]:
         return self.load_sync()[0]
 
     def put_sync(self, key: str, entry: Entry) -> None:
-        self._cache.set(("entry", key), entry.row())
+        self.put_many_sync({key: entry})
 
     def put_many_sync(self, entries: Mapping[str, Entry]) -> None:
         with self._cache.transact():
             for key, entry in entries.items():
                 self._cache.set(("entry", key), entry.row())
+            self._journal(entries)
 
     def delete_sync(self, keys: Iterable[str]) -> None:
         with self._cache.transact():
+            keys = list(keys)
             for key in keys:
                 self._cache.delete(("entry", key))
+            self._journal(keys)
 
     def delete_unless_newer_sync(self, items: Iterable[tuple[str, float]]) -> None:
         """Delete entries unless they were stored or served after the given time (added again meanwhile)."""
         with self._cache.transact():
+            deleted = []
             for key, served in items:
                 entry = Entry.from_row(self._cache.get(("entry", key)))
                 if entry is not None and entry.last_served <= served:
                     self._cache.delete(("entry", key))
+                    deleted.append(key)
+            self._journal(deleted)
 
     # --- pins (one key, read-modify-write in a transaction: few, and read by every eviction) --------------------
     def pin_sync(self, image: str) -> bool:

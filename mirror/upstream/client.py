@@ -34,6 +34,7 @@ from mirror.upstream.bodies import (
 )
 from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
 from mirror.upstream.health import Health
+from mirror.upstream.quota import Quota, QuotaRecord
 
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
@@ -86,41 +87,6 @@ class UpstreamSettings:
 LOOP_HEADER = "X-Mirror-Fetch"  # the id of the mirror process that sent a request upstream
 
 
-class Quota:
-    """Docker Hub's pull limit as the mirror sees it. When an answer says fewer than ``threshold`` pulls are left
-    (``ratelimit-remaining: 8;w=21600``), or after a 429, the upstream is *saving* for ``pause`` seconds (a 429's
-    ``Retry-After`` when it gives one): known tags are then served from the cache without revalidation, so the
-    pulls that are left go to content the cache does not have."""
-
-    def __init__(self, threshold: int, pause: float, clock: Callable[[], float] = time.monotonic):
-        self.threshold = threshold
-        self.pause = pause
-        self._clock = clock
-        self._until = 0.0
-        self._reason = ""
-
-    def remaining(self, left: float) -> None:
-        if left < self.threshold:
-            self._hold(self.pause, "low_quota")
-        elif self._reason == "low_quota":
-            self._until = 0.0  # the window moved on: pulls are available again
-
-    def rate_limited(self, retry_after: str | None) -> None:
-        seconds = self.pause
-        if retry_after and retry_after.strip().isdigit():
-            seconds = float(retry_after)
-        self._hold(seconds, "rate_limited")
-
-    def _hold(self, seconds: float, reason: str) -> None:
-        if seconds > 0:
-            self._until = max(self._until, self._clock() + seconds)
-            self._reason = reason
-
-    def saving(self) -> str | None:
-        """Why tags should not be revalidated now ("low_quota" or "rate_limited"), or None."""
-        return self._reason if self._clock() < self._until else None
-
-
 def describe(exc: BaseException) -> str:
     """A short, readable reason for a failed upstream call (timeouts have an empty ``str``)."""
     if isinstance(exc, TimeoutError):
@@ -135,7 +101,7 @@ def _registry_errors(body: Any) -> list[dict[str, Any]]:
 
 
 class UpstreamClient:
-    def __init__(self, settings: UpstreamSettings, metrics: Metrics):
+    def __init__(self, settings: UpstreamSettings, metrics: Metrics, quota: QuotaRecord | None = None):
         self.settings = settings
         self.registry = settings.registry
         self._base = URL(settings.url.rstrip("/"))
@@ -144,7 +110,8 @@ class UpstreamClient:
         self._session_obj: aiohttp.ClientSession | None = None
         self._tokens_obj: TokenSource | None = None
         self._challenge: Challenge | None = None  # learned from the first 401
-        self.quota = Quota(settings.ratelimit_threshold, settings.ratelimit_pause)
+        # ``quota``: the record shared with the other processes on the data dir, if any (``upstream.quota``).
+        self.quota = Quota(settings.ratelimit_threshold, settings.ratelimit_pause, shared=quota)
         self.users = 0  # calls under way; a blob download counts until its response is released
         self.health = Health()
 
@@ -174,6 +141,7 @@ class UpstreamClient:
         return self._tokens_obj
 
     async def close(self) -> None:
+        await self.quota.settle()
         if self._session_obj is not None:
             await self._session_obj.close()
 

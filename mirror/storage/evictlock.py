@@ -1,0 +1,39 @@
+"""One evicting process at a time among the processes sharing a data dir: an exclusive ``flock`` on
+``<data-dir>/evict.lock``, tried without waiting (a process that finds it held leaves the work to the holder,
+which plans from the whole table, and tries again at its next housekeeping round). The kernel releases it when
+its holder dies. Blocking calls: run them in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+
+
+class EvictionLock:
+    def __init__(self, data_dir: Path):
+        self.path = data_dir / "evict.lock"
+        self._fd = -1
+
+    def try_acquire_sync(self) -> bool:
+        """Take the lock if no other process holds it; False if one does."""
+        assert self._fd < 0, "taken twice"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release_sync(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # closing the only descriptor releases the flock
+            self._fd = -1
