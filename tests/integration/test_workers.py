@@ -210,9 +210,10 @@ async def test_sigterm_lets_a_download_in_flight_finish(upstream: dict[str, Any]
             )
             await eventually(lambda: received[0] > 0, what="the download under way")
             mirror.proc.send_signal(signal.SIGTERM)
-            await eventually(lambda: refused(mirror.url + "/readyz"), what="new connections refused")
-            assert not download.done()
+            at_signal = received[0]
+            await eventually(lambda: refused(mirror.url + "/readyz"), within=30, what="new connections refused")
             assert await download == digest  # drained: the whole blob, verified, after the SIGTERM
+        assert at_signal < BIG  # the download was under way when the signal came
         assert mirror.proc.wait(30) == 0
         assert not any(alive(pid) for pid in workers(mirror))
         assert blob_files(tmp_path / "data")[digest] == BIG  # and stored
@@ -232,7 +233,7 @@ async def test_sighup_reads_the_htpasswd_file_again_and_keeps_a_broken_one_out(t
         make_htpasswd(htpasswd, ("bob", "b-secret"))
         old = workers(mirror)
         mirror.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: len(workers(mirror)) == len(old) + 2, what="a new generation of workers")
+        wait_until(lambda: len(workers(mirror)) >= len(old) + 2, what="a new generation of workers")
         wait_until(lambda: not any(alive(pid) for pid in old), what="the old generation gone")
         assert status_of(v2, basic("alice", "a-secret")) == 401
         for _ in range(10):  # on every worker
