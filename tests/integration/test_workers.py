@@ -271,5 +271,5 @@ async def test_an_upstream_that_leads_back_to_the_mirror_is_a_loop_on_every_work
             return len(pattern.findall(mirror.log.read_text()))
 
         wait_until(lambda: logged() >= 12, what="every request logged")
-        time.sleep(0.5)  # no more lines come: a chain of hops would add some
+        await asyncio.sleep(0.5)  # no more lines come: a chain of hops would add some
         assert logged() == 12
