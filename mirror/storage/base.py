@@ -139,6 +139,8 @@ class UsageRecorder(Protocol):
 if TYPE_CHECKING:  # each implementation assigned to its protocol once, so mypy checks it (never run)
     from mirror.storage.blobs import BlobStore
     from mirror.storage.index import Index
+    from mirror.storage.s3 import S3Store
+    from mirror.storage.s3writer import S3Writer
     from mirror.storage.usage import NullUsage, Usage
     from mirror.storage.writer import BlobWriter
 
@@ -146,3 +148,6 @@ if TYPE_CHECKING:  # each implementation assigned to its protocol once, so mypy 
         store: BlobStore, writer: BlobWriter, index: Index, usage: Usage, null: NullUsage
     ) -> tuple[BlobStorage, BlobWriterLike, MetadataIndex, UsageRecorder, UsageRecorder]:
         return store, writer, index, usage, null
+
+    def _object_storage(store: S3Store, writer: S3Writer) -> tuple[BlobStorage, BlobWriterLike]:
+        return store, writer
