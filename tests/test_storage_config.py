@@ -84,3 +84,20 @@ def test_bad_storage_tables_are_refused_at_load(tmp_path: Path, table: str, mess
     file.write_text(f"[storage]\n{table}")
     with pytest.raises(ConfigError, match=message):
         load({}, str(file), {})
+
+
+def test_the_bucket_is_served_by_one_process_for_now(tmp_path: Path) -> None:
+    file = tmp_path / "mirror.toml"
+    file.write_text(f"workers = 2\n[storage]\n{S3}")
+    with pytest.raises(ConfigError, match="--workers 1"):
+        load({}, str(file), {})
+
+
+def test_the_bucket_takes_no_pushes_for_now(tmp_path: Path) -> None:
+    """Upload sessions still publish into blobs/ on disk: serving a bucket needs --read-only until they do not."""
+    from mirror.app import create_app
+
+    file = tmp_path / "mirror.toml"
+    file.write_text(f'data_dir = "{tmp_path / "data"}"\n[storage]\n{S3}')
+    with pytest.raises(ConfigError, match="--read-only"):
+        create_app(load({}, str(file), {}))

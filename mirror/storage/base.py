@@ -9,7 +9,7 @@ database work and are called from a thread (or a CLI process), never on the even
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
@@ -86,6 +86,16 @@ class BlobStorage(Protocol):
         ...
 
 
+class RemoteBlobs(Protocol):
+    """A store whose content is not in local files (object storage): hits are streamed from it, or redirected."""
+
+    def stream(self, digest: Digest, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes ``start``..``end`` (exclusive) of a stored blob; FileNotFoundError if it is not stored."""
+        ...
+
+    async def presigned_url(self, digest: Digest) -> str: ...
+
+
 class MetadataIndex(Protocol):
     """What is known about stored content besides its bytes: manifest media types, tag -> digest records."""
 
@@ -149,5 +159,5 @@ if TYPE_CHECKING:  # each implementation assigned to its protocol once, so mypy 
     ) -> tuple[BlobStorage, BlobWriterLike, MetadataIndex, UsageRecorder, UsageRecorder]:
         return store, writer, index, usage, null
 
-    def _object_storage(store: S3Store, writer: S3Writer) -> tuple[BlobStorage, BlobWriterLike]:
-        return store, writer
+    def _object_storage(store: S3Store, writer: S3Writer) -> tuple[BlobStorage, BlobWriterLike, RemoteBlobs]:
+        return store, writer, store

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import tempfile
@@ -37,7 +38,7 @@ import botocore.session
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from mirror.oci.reference import Digest
 from mirror.storage.blobs import HASH_CHUNK, BlobStore, StoredFile
@@ -377,7 +378,10 @@ class S3Store:
     def probe_sync(self) -> None:
         """Readiness: temp files can be written and the bucket answers (raises otherwise)."""
         self.local.probe_sync()
-        self.sync_client().head_bucket(Bucket=self.bucket.name)
+        try:
+            self.sync_client().head_bucket(Bucket=self.bucket.name)
+        except (BotoCoreError, ClientError) as exc:
+            raise OSError(errno.EIO, f"bucket {self.bucket.name} cannot be reached: {exc}") from exc
 
     async def check_space(self, size: int | None) -> None:
         """Raise DiskFull before a write the local disk cannot take: every write passes through a temp file."""
