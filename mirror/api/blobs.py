@@ -3,6 +3,7 @@ arrive (``api.streaming``)."""
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from typing import IO, Any
@@ -164,17 +165,17 @@ async def bucket_response(
         await resp.prepare(request)
         await resp.write_eof()
         return resp
-    chunks = bucket.stream(digest, start, end)
-    try:
-        first = await anext(chunks)  # before the status is sent: an object gone meanwhile is a 404, not a cut
-    except (FileNotFoundError, StopAsyncIteration):
-        raise errors.BlobUnknown(detail={"digest": str(digest)}) from None
-    await resp.prepare(request)
-    sent = len(first)
-    await resp.write(first)
-    async for chunk in chunks:
-        await resp.write(chunk)
-        sent += len(chunk)
+    async with contextlib.aclosing(bucket.stream(digest, start, end)) as chunks:  # closed if the client goes
+        try:
+            first = await anext(chunks)  # before the status is sent: an object gone meanwhile is a 404, not a cut
+        except (FileNotFoundError, StopAsyncIteration):
+            raise errors.BlobUnknown(detail={"digest": str(digest)}) from None
+        await resp.prepare(request)
+        sent = len(first)
+        await resp.write(first)
+        async for chunk in chunks:
+            await resp.write(chunk)
+            sent += len(chunk)
     request.app[METRICS].blob_bytes_served.labels(repo.registry, "cache").inc(sent)
     request.app[METRICS].repos.served(str(repo), "cache", sent)
     await resp.write_eof()

@@ -9,7 +9,7 @@ database work and are called from a thread (or a CLI process), never on the even
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
@@ -18,6 +18,11 @@ from mirror.storage.index import ManifestRecord, TagRecord
 
 if TYPE_CHECKING:
     from mirror.storage.blobs import StoredFile
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or refused a request (an object store's bucket): a 503, never a 200 with
+    short bytes."""
 
 
 class BlobWriterLike(Protocol):
@@ -89,7 +94,7 @@ class BlobStorage(Protocol):
 class RemoteBlobs(Protocol):
     """A store whose content is not in local files (object storage): hits are streamed from it, or redirected."""
 
-    def stream(self, digest: Digest, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    def stream(self, digest: Digest, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
         """Bytes ``start``..``end`` (exclusive) of a stored blob; FileNotFoundError if it is not stored."""
         ...
 

@@ -29,7 +29,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, cast
@@ -42,6 +42,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from mirror.oci.reference import Digest
 from mirror.storage.blobs import HASH_CHUNK, BlobStore, StoredFile
+from mirror.storage.s3errors import bucket_errors
+from mirror.storage.s3errors import missing as _missing
 from mirror.storage.s3writer import S3Writer
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
 
 PRESIGN_SECONDS = 900  # how long a presigned GET URL is valid
 READ_CHUNK = 1 << 20  # bytes per chunk of a streamed GET
+POOL = 64  # connections to the bucket at once per client (botocore's default, 10, would queue a herd of hits)
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +67,6 @@ class Bucket:
     prefix: str = ""
     access_key: str | None = None  # None: botocore's usual chain (AWS_ACCESS_KEY_ID, ...)
     secret_key: str | None = None
-
-
-def _missing(exc: ClientError) -> bool:
-    return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
 
 
 class KeyedLocks:
@@ -116,7 +115,11 @@ class S3Store:
         """The event loop's client, made on first use."""
         async with self._aio_lock:
             if self._aio is None:
-                config = AioConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"})
+                config = AioConfig(
+                    s3={"addressing_style": "path"},
+                    retries={"max_attempts": 3, "mode": "standard"},
+                    max_pool_connections=POOL,
+                )
                 made = get_session().create_client(
                     "s3",
                     endpoint_url=self.bucket.endpoint_url,
@@ -133,7 +136,11 @@ class S3Store:
         """The client of threads and CLI processes, made on first use (botocore's clients are thread-safe)."""
         with self._sync_lock:
             if self._sync is None:
-                config = BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"})
+                config = BotoConfig(
+                    s3={"addressing_style": "path"},
+                    retries={"max_attempts": 3, "mode": "standard"},
+                    max_pool_connections=POOL,
+                )
                 made = botocore.session.get_session().create_client(
                     "s3",
                     endpoint_url=self.bucket.endpoint_url,
@@ -184,13 +191,14 @@ class S3Store:
             return None  # being evicted: a miss, fetched again (and the new publish cancels the removal)
         client = await self.client()
         try:
-            return (await client.head_object(Bucket=self.bucket.name, Key=self.key(digest)))["ContentLength"]
+            with bucket_errors():
+                return (await client.head_object(Bucket=self.bucket.name, Key=self.key(digest)))["ContentLength"]
         except ClientError as exc:
             if _missing(exc):
                 return None
             raise
 
-    async def stream(self, digest: Digest, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def stream(self, digest: Digest, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
         """The bytes ``start``..``end`` (exclusive; None: to the end) of a stored blob, a chunk at a time, from one
         ranged GET. Raises FileNotFoundError when it is not stored."""
         if digest in self._withdrawn:
@@ -198,15 +206,14 @@ class S3Store:
         client = await self.client()
         key = self.key(digest)
         try:
-            if start or end is not None:  # not for a whole blob: "bytes=0-" of an empty object would be a 416
-                span = f"bytes={start}-{'' if end is None else end - 1}"
-                resp = await client.get_object(Bucket=self.bucket.name, Key=key, Range=span)
-            else:
-                resp = await client.get_object(Bucket=self.bucket.name, Key=key)
-        except ClientError as exc:
-            if _missing(exc):
-                raise FileNotFoundError(str(digest)) from None
-            raise
+            with bucket_errors():
+                if start or end is not None:  # not for a whole blob: "bytes=0-" of an empty object is a 416
+                    span = f"bytes={start}-{'' if end is None else end - 1}"
+                    resp = await client.get_object(Bucket=self.bucket.name, Key=key, Range=span)
+                else:
+                    resp = await client.get_object(Bucket=self.bucket.name, Key=key)
+        except ClientError:  # bucket_errors lets only a missing key through
+            raise FileNotFoundError(str(digest)) from None
         async with resp["Body"] as body:
             async for chunk in body.iter_chunks(READ_CHUNK):
                 yield chunk
@@ -295,7 +302,8 @@ class S3Store:
         if await self.size(digest) is None:
             return False
         client = await self.client()
-        await client.delete_object(Bucket=self.bucket.name, Key=self.key(digest))
+        with bucket_errors():
+            await client.delete_object(Bucket=self.bucket.name, Key=self.key(digest))
         return True
 
     def delete_sync(self, digest: Digest) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
 from mirror.oci.reference import Digest
+from mirror.storage.s3errors import bucket_errors
 from mirror.storage.writer import WRITE_SLICE, DigestMismatch, DiskFull, SizeMismatch
 
 if TYPE_CHECKING:
@@ -89,7 +90,8 @@ class S3Writer:
         self.written += len(data)
         if self._digest is not None:
             while self.written - self._uploaded >= PART_SIZE:
-                await self._upload_part(self.key_for(self._digest), self._uploaded + PART_SIZE)
+                with bucket_errors():
+                    await self._upload_part(self.key_for(self._digest), self._uploaded + PART_SIZE)
 
     def key_for(self, digest: Digest) -> str:
         return self._store.key(digest)
@@ -128,7 +130,8 @@ class S3Writer:
         file removed and the error raised."""
         try:
             digest = self._verify(expected, expected_size)
-            await self._store.publish(digest, lambda: self._finish(digest))
+            with bucket_errors():
+                await self._store.publish(digest, lambda: self._finish(digest))
         except BaseException:
             await self.abort()
             raise

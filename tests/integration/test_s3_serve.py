@@ -5,8 +5,10 @@ through) with zero upstream GETs, and ``redirect = true`` answers 307 to a presi
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
+import signal
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -16,9 +18,15 @@ from typing import Any
 import pytest
 
 from mirror.storage.s3writer import PART_SIZE
-from tests.support.ops import Mirror, blob_files, run_cli, start_registry, upstream_requests
+from tests.support.ops import Mirror, blob_files, run_cli, start_registry, upstream_requests, wait_until
 from tests.support.plain_http import pull, push_random_image
-from tests.support.seaweed import Seaweed, raw_client, seaweed_fixture  # noqa: F401 - the fixture
+from tests.support.seaweed import (  # noqa: F401 - seaweed_fixture: the fixture
+    Seaweed,
+    create_bucket,
+    raw_client,
+    seaweed_fixture,
+    seaweed_server,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -137,3 +145,19 @@ def test_verify_quarantines_a_corrupted_object_and_the_next_pull_fetches_it_agai
         assert pull(mirror.url, "library/bucketed", "1")["blobs"][victim] == len(layers[1])  # digests checked
         assert upstream_requests(registry_log, "GET", f"/blobs/{victim}") == before + 1
         assert "0 did not match" in run_cli("verify", *common).stdout
+
+
+def test_the_bucket_gone_fails_readiness_and_hits_get_503(
+    upstream: tuple[str, Path, dict[str, Any], list[bytes]], tmp_path: Path
+) -> None:
+    url, _, image, _ = upstream
+    with seaweed_server(tmp_path / "own-seaweed") as endpoint_url:  # one of its own: this test kills it
+        create_bucket(endpoint_url, "mirror")
+        config = config_file(tmp_path / "mirror.toml", Seaweed(endpoint_url, "mirror"))
+        with Mirror(tmp_path / "data", url, "--config", str(config), "--read-only") as mirror:
+            pull(mirror.url, "library/bucketed", "1")
+            assert get(f"{mirror.url}/readyz")[0] == 200
+            os.kill(int((tmp_path / "own-seaweed" / "weed.pid").read_text()), signal.SIGKILL)
+            wait_until(lambda: get(f"{mirror.url}/readyz")[0] == 503, what="/readyz fails without the bucket")
+            status, _, body = get(f"{mirror.url}/v2/library/bucketed/blobs/{image['layers'][0]}")
+            assert status == 503 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"

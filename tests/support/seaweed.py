@@ -83,6 +83,7 @@ def seaweed_server(workdir: Path) -> Iterator[str]:
     proc = subprocess.Popen(
         _server_args(binary, workdir, s3_port, s3_config), stdout=log, stderr=subprocess.STDOUT, cwd=workdir
     )
+    (workdir / "weed.pid").write_text(str(proc.pid))  # for a test that kills the store under a running mirror
     try:
         deadline = time.monotonic() + START_WITHIN
         while not _listening(s3_port):
