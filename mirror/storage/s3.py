@@ -36,7 +36,7 @@ from typing import IO, TYPE_CHECKING, cast
 
 import botocore.session
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession, get_session
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -67,6 +67,16 @@ class Bucket:
     prefix: str = ""
     access_key: str | None = None  # None: botocore's usual chain (AWS_ACCESS_KEY_ID, ...)
     secret_key: str | None = None
+
+
+def _load_models(session: AioSession) -> None:
+    """Read the JSON files botocore builds an S3 client from into the session's loader (it keeps them), so that
+    making the client on the event loop reads no file."""
+    loader = session.get_component("data_loader")
+    for name in ("endpoints", "partitions", "sdk-default-configuration"):
+        loader.load_data(name)
+    for kind in ("service-2", "endpoint-rule-set-1"):
+        loader.load_service_model("s3", kind)
 
 
 class KeyedLocks:
@@ -115,12 +125,14 @@ class S3Store:
         """The event loop's client, made on first use."""
         async with self._aio_lock:
             if self._aio is None:
+                session = get_session()
+                await asyncio.to_thread(_load_models, session)  # file reads: off the loop
                 config = AioConfig(
                     s3={"addressing_style": "path"},
                     retries={"max_attempts": 3, "mode": "standard"},
                     max_pool_connections=POOL,
                 )
-                made = get_session().create_client(
+                made = session.create_client(
                     "s3",
                     endpoint_url=self.bucket.endpoint_url,
                     region_name=self.bucket.region,
