@@ -9,6 +9,7 @@ import secrets
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -45,11 +46,13 @@ from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.index import Index
-from mirror.storage.s3 import Bucket, S3Store
 from mirror.storage.sessions import UploadSessions, held_sync
 from mirror.storage.usage import Usage
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
+
+if TYPE_CHECKING:
+    from mirror.storage.s3 import S3Store
 
 log = logging.getLogger(__name__)
 USER_AGENT = "mirror/0.1 (+pull-through registry cache)"
@@ -191,6 +194,8 @@ def open_store(config: Config) -> tuple[BlobStorage, BlobStore, S3Store | None]:
     if not storage.s3:
         disk = BlobStore(config.data_dir)
         return disk, disk, None
+    from mirror.storage.s3 import Bucket, S3Store  # here: aiobotocore is the optional extra "s3"
+
     if storage.local_cache:
         log.warning("[storage] local_cache is not built yet: every hit is read from the bucket")
     location = Bucket(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from mirror.config import ConfigError, load
 from mirror.config.storage import StorageConfig, storage_config
+from tests.support.ops import mirror_env
 
 S3 = 'backend = "s3"\nbucket = "mirror"\n'
 
@@ -101,3 +104,15 @@ def test_the_bucket_takes_no_pushes_for_now(tmp_path: Path) -> None:
     file.write_text(f'data_dir = "{tmp_path / "data"}"\n[storage]\n{S3}')
     with pytest.raises(ConfigError, match="--read-only"):
         create_app(load({}, str(file), {}))
+
+
+@pytest.mark.parametrize(
+    ("module", "loads"),
+    [("mirror.cli", True), ("mirror.app", True), ("mirror.storage.s3", False)],
+    ids=["the CLI loads without aiobotocore", "the app loads without it", "the S3 store needs it"],
+)
+def test_the_disk_store_needs_no_s3_client(module: str, loads: bool) -> None:
+    """aiobotocore is the optional extra ``s3``: without it (an import of it fails) the mirror still starts."""
+    blocked = "import sys; sys.modules['aiobotocore'] = sys.modules['botocore'] = None; "
+    result = subprocess.run([sys.executable, "-c", f"{blocked}import {module}"], env=mirror_env(), capture_output=True)
+    assert (result.returncode == 0) == loads, result.stderr.decode()[-2000:]
