@@ -9,6 +9,7 @@ import secrets
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -19,13 +20,27 @@ from mirror.api import ui
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
 from mirror.api.admin import ADMIN, READY
-from mirror.api.keys import ACCESS, CLIENTS, LOCAL, METRICS, NOTIFY, PULL, RESOLVE, ROUTING, STORE, USAGE
+from mirror.api.keys import (
+    ACCESS,
+    BUCKET,
+    CLIENTS,
+    LOCAL,
+    METRICS,
+    NOTIFY,
+    PULL,
+    REDIRECT,
+    RESOLVE,
+    ROUTING,
+    STORE,
+    USAGE,
+)
 from mirror.api.middleware import add_api_version, local_names, refuse_loops, registry_errors, request_metrics
 from mirror.api.routes import add_routes
 from mirror.api.streaming import SENDER, Sender
 from mirror.api.ui import actions
 from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, cache_config
 from mirror.config.access import access_rules
+from mirror.config.storage import storage_config
 from mirror.metrics import CacheSnapshot, Metrics
 from mirror.notify import Endpoint, Notifier
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
@@ -38,6 +53,7 @@ from mirror.push.registry import LocalRegistry
 from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
 from mirror.routing import RepoRules, Router, Upstreams
+from mirror.storage.base import BlobStorage
 from mirror.storage.blobs import BlobStore
 from mirror.storage.counter import SharedCounter
 from mirror.storage.eviction import Limits
@@ -53,6 +69,9 @@ from mirror.storage.usage import Usage
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
 from mirror.upstream.quota import QuotaRecord
+
+if TYPE_CHECKING:
+    from mirror.storage.s3 import S3Store
 
 log = logging.getLogger(__name__)
 USER_AGENT = "mirror/0.1 (+pull-through registry cache)"
@@ -199,6 +218,24 @@ def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Applic
     return lifecycle
 
 
+def open_store(config: Config) -> tuple[BlobStorage, BlobStore, S3Store | None]:
+    """The store ``[storage]`` names, the local files beside it (temp and lock files, pushes), and the bucket the
+    HTTP layer streams hits from: files under ``--data-dir`` (disk, no bucket) or a bucket (s3)."""
+    storage = storage_config(config)
+    if not storage.s3:
+        disk = BlobStore(config.data_dir)
+        return disk, disk, None
+    from mirror.storage.s3 import Bucket, S3Store  # here: aiobotocore is the optional extra "s3"
+
+    if storage.local_cache:
+        log.warning("[storage] local_cache is not built yet: every hit is read from the bucket")
+    location = Bucket(
+        storage.bucket, storage.endpoint_url, storage.region, storage.prefix, storage.access_key, storage.secret_key
+    )
+    bucket = S3Store(config.data_dir, location)
+    return bucket, bucket.local, bucket
+
+
 def coordination(config: Config, store: BlobStore) -> tuple[FetchCoordinator, Callable[[], int]]:
     """The fetch coordinator, and the start-up cleaning of ``tmp/`` that fits it: alone on the data dir, every
     temp file is a leftover; sharing it, only those of fetches no process holds are."""
@@ -217,15 +254,17 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     log_setup.quiet_parser_errors()  # one rate-limited line per malformed request, not a traceback each
     metrics = Metrics()
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = BlobStore(config.data_dir)
+    store, files, bucket = open_store(config)
+    if bucket is not None and not config.read_only:  # upload sessions still publish by rename into blobs/
+        raise ConfigError('[storage] backend = "s3" serves pulled-through content only for now: add --read-only')
     index = Index(config.data_dir)
     loop_id = loop_id or secrets.token_hex(8)  # marks this mirror's upstream requests: one that comes back is a loop
     clients, policies, registries = build_upstreams(config, metrics, loop_id)
     metrics.prime(clients)
     usage = Usage(config.data_dir, shared=config.coordination == "files")  # shared: journal its changes
-    inflight, clean_tmp = coordination(config, store)
+    inflight, clean_tmp = coordination(config, files)
     # Sharing the data dir, manifest and tag requests are made once for its processes too.
-    ref_locks = RefLocks(store.tmp_dir) if config.coordination == "files" else None
+    ref_locks = RefLocks(files.tmp_dir) if config.coordination == "files" else None
     pull = PullThrough(
         store, index, clients, policies, metrics, usage=usage, cache_size=config.cache_size, inflight=inflight,
         ref_locks=ref_locks,
@@ -233,7 +272,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
 
     router = Router(registries)
-    local = build_local(config, store, index, usage, metrics, router)
+    local = build_local(config, files, index, usage, metrics, router)
     router.local = local.local  # pushed repositories take precedence over routing
     # Upload sessions count against the cache's size; when it is over, idle ones go before cached content.
     local.uploads.sessions.on_held = usage.uploads_held
@@ -244,6 +283,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     app[METRICS] = metrics
     app[PULL] = pull
     app[STORE] = store
+    app[BUCKET], app[REDIRECT] = bucket, storage_config(config).redirect
     app[SENDER] = sender = Sender()
     app.cleanup_ctx.append(sender.lifecycle)
     app[RESOLVE] = router.resolve
@@ -282,6 +322,8 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
             await client.close()
         index.close()
         usage.close()
+        if bucket is not None:
+            await bucket.close()
         access.close()  # the bcrypt threads
 
     app.cleanup_ctx.append(lifecycle)
@@ -334,7 +376,7 @@ def run(config: Config, reread: Callable[[], Config] | None = None) -> None:
 # --- housekeeping: the byte cap, usage, admin commands (issue 4) -----------------------------------------------
 def build_housekeeping(
     config: Config,
-    store: BlobStore,
+    store: BlobStorage,
     index: Index,
     usage: Usage,
     pull: PullThrough | None,
@@ -369,7 +411,7 @@ def build_housekeeping(
     return housekeeper, admin
 
 
-def reconcile_logged(store: BlobStore, index: Index, usage: Usage) -> Report:
+def reconcile_logged(store: BlobStorage, index: Index, usage: Usage) -> Report:
     report = reconcile_sync(store, index, usage)
     if report.records_added or report.records_dropped or report.removed:
         log.warning(
@@ -382,7 +424,7 @@ def reconcile_logged(store: BlobStore, index: Index, usage: Usage) -> Report:
     return report
 
 
-async def readiness(config: Config, store: BlobStore, index: Index, housekeeper: Housekeeper) -> str | None:
+async def readiness(config: Config, store: BlobStorage, index: Index, housekeeper: Housekeeper) -> str | None:
     """None when ready, else why not: the data dir must take a write and the index a read."""
     if not housekeeper.ready:
         return "starting"
@@ -408,11 +450,12 @@ async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[A
     reloads its table when the command is done."""
     metrics = Metrics()
 
-    def open_stores() -> tuple[BlobStore, Index, Usage]:  # directories and SQLite files: off the loop
+    def open_stores() -> tuple[BlobStorage, S3Store | None, Index, Usage]:  # directories, SQLite: off the loop
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        return BlobStore(config.data_dir), Index(config.data_dir), Usage(config.data_dir)
+        store, _, bucket = open_store(config)
+        return store, bucket, Index(config.data_dir), Usage(config.data_dir)
 
-    store, index, usage = await asyncio.to_thread(open_stores)
+    store, bucket, index, usage = await asyncio.to_thread(open_stores)
     clients: dict[str, UpstreamClient] = {}
     pull = None
     if upstreams:
@@ -432,3 +475,5 @@ async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[A
             await client.close()
         index.close()
         usage.close()
+        if bucket is not None:
+            await bucket.close()

@@ -125,6 +125,8 @@ LIBRARY_HOMES = {
     "gunicorn": {"workers"},
     "aiohttp.ClientSession": {"upstream", "notify"},  # notify: the webhook sender owns its own session
     "diskcache": {"storage"},
+    "aiobotocore": {"storage"},  # the S3 clients (storage/s3.py)
+    "botocore": {"storage"},
 }
 MODULES = modules()
 

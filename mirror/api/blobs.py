@@ -3,6 +3,7 @@ arrive (``api.streaming``)."""
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import IO, Any
@@ -13,12 +14,14 @@ from aiohttp.helpers import ETag
 
 from mirror.api.conditional import blob_range, for_file
 from mirror.api.content import content_for
-from mirror.api.keys import LOCAL, METRICS, RESOLVE, USAGE
+from mirror.api.keys import BUCKET, LOCAL, METRICS, REDIRECT, RESOLVE, USAGE
 from mirror.api.streaming import SENDER, Sender, blob_headers, stream_fetch, usable
 from mirror.content import MemoryBlob, StoredBlob
+from mirror.oci import errors
 from mirror.oci.reference import Digest, Repo, validate_name
 from mirror.pull.failures import failure
 from mirror.pull.inflight import FetchState
+from mirror.storage.base import RemoteBlobs
 
 
 class BlobVanished(Exception):
@@ -131,11 +134,19 @@ async def _get_blob(request: web.Request, repo: Repo, digest: Digest) -> web.Str
     if isinstance(source, MemoryBlob):
         return memory_response(request, repo, digest, source.data)
     if isinstance(source, StoredBlob):
-        return file_response(request, repo, digest, source, vanished=lambda: _get_blob(request, repo, digest))
+        return await stored_response(request, repo, digest, source)
     if source.size is not None:  # a fetch under way
         return await stream_fetch(request, repo, digest, source)
     # No Content-Length from the upstream: wait for the end and serve the file (rare; registries send it).
-    return file_response(request, repo, digest, await _stored_when_done(source))
+    return await stored_response(request, repo, digest, await _stored_when_done(source))
+
+
+async def stored_response(request: web.Request, repo: Repo, digest: Digest, blob: StoredBlob) -> web.StreamResponse:
+    """A stored blob: by sendfile from its file, or from the bucket of an object store (no local file)."""
+    bucket = request.app.get(BUCKET)
+    if bucket is None:
+        return file_response(request, repo, digest, blob, vanished=lambda: _get_blob(request, repo, digest))
+    return await bucket_response(request, repo, digest, blob.size, bucket)
 
 
 async def _announced(request: web.Request, digest: Digest, size: int) -> web.StreamResponse:
@@ -167,6 +178,43 @@ def file_response(
         request.app[METRICS].repos.served(str(repo), "cache", count)
     sender = request.app[SENDER]
     return BlobFileResponse(blob.path, digest, sender, vanished, headers=blob_headers(digest), chunk_size=1 << 20)
+
+
+async def bucket_response(
+    request: web.Request, repo: Repo, digest: Digest, size: int, bucket: RemoteBlobs
+) -> web.StreamResponse:
+    """A blob in object storage: with ``redirect``, a 307 to a presigned URL of the object (the bytes bypass the
+    mirror, as Distribution's redirect does); else streamed from one GET of the client's range, passed through."""
+    headers = {**blob_headers(digest), "ETag": f'"{digest}"'}
+    if _etag_matches(request.headers.get(hdrs.IF_NONE_MATCH), digest):
+        return web.Response(status=304, headers=headers)
+    if request.method == "GET" and request.app[REDIRECT]:
+        return web.Response(status=307, headers={**headers, "Location": await bucket.presigned_url(digest)})
+    rng = blob_range(request, digest, size)
+    start, end = rng if rng is not None else (0, size)
+    resp = web.StreamResponse(status=200 if rng is None else 206, headers=headers)
+    resp.content_length = end - start
+    if rng is not None:
+        resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    if request.method == "HEAD" or end == start:
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
+    async with contextlib.aclosing(bucket.stream(digest, start, end)) as chunks:  # closed if the client goes
+        try:
+            first = await anext(chunks)  # before the status is sent: an object gone meanwhile is a 404, not a cut
+        except (FileNotFoundError, StopAsyncIteration):
+            raise errors.BlobUnknown(detail={"digest": str(digest)}) from None
+        await resp.prepare(request)
+        sent = len(first)
+        await resp.write(first)
+        async for chunk in chunks:
+            await resp.write(chunk)
+            sent += len(chunk)
+    request.app[METRICS].blob_bytes_served.labels(repo.registry, "cache").inc(sent)
+    request.app[METRICS].repos.served(str(repo), "cache", sent)
+    await resp.write_eof()
+    return resp
 
 
 def memory_response(request: web.Request, repo: Repo, digest: Digest, data: bytes) -> web.Response:

@@ -13,7 +13,7 @@ from mirror.oci.reference import Repo
 from mirror.pull.service import PullThrough
 from mirror.push.registry import LocalRegistry
 from mirror.routing import Upstreams
-from mirror.storage.base import BlobStorage
+from mirror.storage.base import BlobStorage, RemoteBlobs
 from mirror.storage.usage import Usage
 from mirror.upstream.client import UpstreamClient
 
@@ -32,3 +32,6 @@ ACCESS = web.AppKey("access", Access)
 NOTIFY = web.AppKey("notify", Notifier)
 USAGE = web.AppKey("usage", Usage)  # leases: a blob being sent is never evicted
 STORE: web.AppKey[BlobStorage] = web.AppKey("store")  # the blob store, through its protocol only
+# Object storage ([storage] backend = "s3"): hits streamed from the bucket, or with redirect 307 to a presigned URL.
+BUCKET: web.AppKey[RemoteBlobs | None] = web.AppKey("bucket")
+REDIRECT: web.AppKey[bool] = web.AppKey("redirect")

@@ -11,6 +11,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from mirror.api.keys import LOCAL, METRICS
 from mirror.oci import errors
+from mirror.storage.base import StoreUnavailable
 from mirror.storage.writer import DiskFull
 from mirror.upstream.client import LOOP_HEADER
 
@@ -47,6 +48,9 @@ async def registry_errors(request: web.Request, handler: Handler) -> web.StreamR
     except DiskFull as exc:  # the disk filled under any write (the index, the usage table) a handler made
         log.warning("disk full answering %s %s: %s", request.method, request.path, exc)
         return error_response(errors.InsufficientStorage("the mirror's disk is full; nothing was stored"))
+    except StoreUnavailable as exc:  # the object store's bucket is down or refuses the mirror
+        log.warning("store unavailable answering %s %s: %s", request.method, request.path, exc)
+        return error_response(errors.UpstreamUnavailable("the mirror's object store cannot be reached"))
     except (ConnectionError, TimeoutError) as exc:
         log.debug("client connection lost: %s", exc)
         raise

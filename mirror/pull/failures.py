@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import aiohttp
 
 from mirror.oci import errors
+from mirror.storage.base import StoreUnavailable
 from mirror.storage.writer import DiskFull
 from mirror.upstream.bodies import TooSlow
 from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
@@ -48,6 +49,8 @@ def failure(exc: BaseException, not_found: NotFound | None = None) -> errors.Reg
         )
     if isinstance(exc, UpstreamInvalid):
         return errors.UpstreamBadGateway(f"the upstream sent invalid content: {exc}")
+    if isinstance(exc, StoreUnavailable):
+        return errors.UpstreamUnavailable(f"the mirror's object store cannot be reached; nothing was stored: {exc}")
     if isinstance(exc, DiskFull):
         return errors.InsufficientStorage(f"the mirror's disk is full; the content was not cached: {exc}")
     if isinstance(exc, TooSlow):

