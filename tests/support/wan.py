@@ -169,8 +169,8 @@ class LinkServer:
             if self.delay:
                 await asyncio.sleep(2 * self.delay)  # the handshake's round trip
             upstream_reader, upstream_writer = await asyncio.open_connection(*self.target, limit=2 * READ_SIZE)
-            for writer in (client_writer, upstream_writer):
-                writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for end in (client_writer, upstream_writer):
+                end.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await asyncio.gather(
                 _Pipe(self, (client_reader, client_writer), upstream_writer, down=False).run(),
                 _Pipe(self, (upstream_reader, upstream_writer), client_writer, down=True).run(),
@@ -178,9 +178,9 @@ class LinkServer:
         except OSError:
             pass
         finally:
-            for writer in (client_writer, upstream_writer):
-                if writer is not None:
-                    writer.close()
+            for opened in (client_writer, upstream_writer):
+                if opened is not None:
+                    opened.close()
             self._tasks.discard(task)
 
     async def close(self) -> None:
