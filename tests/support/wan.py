@@ -136,9 +136,12 @@ class _Pipe:
 class LinkServer:
     """The link on the running event loop: ``await start()``, then connect to ``port``; ``close()`` at the end."""
 
-    def __init__(self, target: tuple[str, int], rate: float, delay: float, burst: int = 256 * 1024):
+    def __init__(self, target: tuple[str, int], rate: float, delay: float):
         self.target = target
         self.delay = delay
+        # A burst of 20 ms of the rate (256 KiB at least): a timer that fires late on a busy machine costs the
+        # link nothing, as long as it is less late than that.
+        burst = max(256 * 1024, int(rate * 0.02))
         self.down_bucket = TokenBucket(rate, burst)
         self.up_bucket = TokenBucket(rate, burst)
         self.down = self.up = self.connections = 0
