@@ -192,13 +192,16 @@ def coordination(config: Config, store: BlobStore) -> tuple[FetchCoordinator, Ca
     raise ConfigError(f"coordination must be process or files, got {config.coordination!r}")
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web.Application:
+    """The whole mirror over ``config``. ``reconcile``: match the index with the disk at start-up (a worker of
+    ``mirror.workers`` skips it: its master did it once); ``loop_id`` marks the upstream requests of every process
+    serving this mirror (default: one of its own)."""
     log_setup.quiet_parser_errors()  # one rate-limited line per malformed request, not a traceback each
     metrics = Metrics()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = BlobStore(config.data_dir)
     index = Index(config.data_dir)
-    loop_id = secrets.token_hex(8)  # marks this process's upstream requests: one that comes back is a loop
+    loop_id = loop_id or secrets.token_hex(8)  # marks this mirror's upstream requests: one that comes back is a loop
     clients, policies, registries = build_upstreams(config, metrics, loop_id)
     metrics.prime(clients)
     usage = Usage(config.data_dir)
@@ -237,8 +240,11 @@ def create_app(config: Config) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(clean_tmp)
-        report = await asyncio.to_thread(reconcile_logged, store, index, usage)
-        await housekeeper.start((report.table, report.generation))
+        if reconcile:
+            report = await asyncio.to_thread(reconcile_logged, store, index, usage)
+            await housekeeper.start((report.table, report.generation))
+        else:
+            await housekeeper.start()
         log.info(
             "serving the cache in %s; upstreams: %s",
             config.data_dir,
@@ -269,8 +275,15 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-def run(config: Config) -> None:
-    """Serve until interrupted (SIGINT/SIGTERM), then close every upstream session and the index."""
+def run(config: Config, reread: Callable[[], Config] | None = None) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM), then close every upstream session and the index. With
+    ``config.workers`` > 1, gunicorn supervises that many processes (``mirror.workers``; ``reread`` builds the
+    configuration again on SIGHUP)."""
+    if config.workers > 1:
+        from mirror import workers  # gunicorn is imported only when it is used
+
+        workers.run(config, reread or (lambda: config))
+        return
     host, port = config.host_port
     context = tls_context(config)
     scheme = "https" if context else "http"

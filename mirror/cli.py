@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mirror import app, log
@@ -61,6 +61,11 @@ def serve_options(parser: argparse.ArgumentParser) -> None:
         "--upstream-timeout",
         type=float,
         help="seconds to wait for the upstream before answering from the cache or failing (default 10)",
+    )
+    parser.add_argument(
+        "--workers",
+        metavar="N",
+        help="serving processes on one port and one data dir, or auto (one per core); default 1",
     )
     parser.add_argument("--uvloop", action="store_const", const="true", help="run on uvloop (pip install mirror[fast])")
     parser.add_argument(
@@ -124,7 +129,7 @@ def config_from(args: argparse.Namespace) -> Config:
     return load(values, args.config)
 
 
-def serve(config: Config) -> None:
+def serve(config: Config, reread: Callable[[], Config] | None = None) -> None:
     if config.uvloop:
         try:
             import uvloop
@@ -132,7 +137,7 @@ def serve(config: Config) -> None:
             raise ConfigError("--uvloop needs the uvloop package: pip install 'mirror[fast]'") from exc
         uvloop.install()
         logging.getLogger(__name__).info("event loop: uvloop %s", importlib.metadata.version("uvloop"))
-    app.run(config)
+    app.run(config, reread)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from(args)
         log.setup(config.log_level, config.log_format)
         if args.command == "serve":
-            serve(config)
+            serve(config, lambda: config_from(args))
         elif args.command in ADMIN_COMMANDS:
             return asyncio.run(ADMIN_COMMANDS[args.command](config, args))
     except ConfigError as exc:

@@ -19,6 +19,10 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, pid: bool = False):
+        super().__init__()
+        self.pid = pid
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
@@ -26,18 +30,23 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.pid:
+            entry["pid"] = record.process
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
-def setup(level: str, fmt: str) -> None:
+def setup(level: str, fmt: str, pid: bool = False) -> None:
+    """Log to stderr at ``level`` as ``fmt`` (text or json); ``pid``: each line names its process (with
+    ``--workers``, which worker wrote it)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(pid))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        process = "[%(process)d] " if pid else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {process}%(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,30 @@ def test_the_web_page_setting(tmp_path: Path, toml: str, flags: list[str], ui: b
     file.write_text(toml)
     args = build_parser().parse_args(["serve", "--config", str(file), *flags])
     assert config_from(args).ui is ui
+
+
+@pytest.mark.parametrize(
+    ("toml", "flags", "environ", "workers"),
+    [
+        ("", [], {}, 1),
+        ("workers = 3\n", [], {}, 3),
+        ("workers = 3\n", [], {"MIRROR_WORKERS": "2"}, 2),
+        ("workers = 3\n", ["--workers", "4"], {"MIRROR_WORKERS": "2"}, 4),
+        ("", ["--workers", "auto"], {}, len(os.sched_getaffinity(0))),
+    ],
+    ids=["1 by default", "TOML", "environment beats TOML", "flag beats both", "auto = the cores"],
+)
+def test_the_workers_setting(
+    tmp_path: Path, toml: str, flags: list[str], environ: dict[str, str], workers: int
+) -> None:
+    file = tmp_path / "mirror.toml"
+    file.write_text(toml)
+    args = build_parser().parse_args(["serve", *flags])
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    assert load(values, str(file), environ).workers == workers
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "257", "1.5"])
+def test_a_bad_workers_count_is_refused_naming_it(value: str) -> None:
+    with pytest.raises(ConfigError, match="workers must be a number from 1 to 256, or auto"):
+        load({"workers": value}, None, {})

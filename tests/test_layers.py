@@ -82,7 +82,11 @@ FORBIDDEN: dict[str, set[str]] = {
     "notify": {"storage", "upstream", *SERVICES, "api", "app", "cli", "config"},
     "api": {"app", "cli", "config"},
     "app": {"cli"},
+    "workers": {"cli"},  # the process supervisor, beside the composition root: it builds an app per worker
 }
+for _banned in FORBIDDEN.values():
+    if "app" in _banned:
+        _banned.add("workers")
 # Finer rules inside an area: module -> the modules (and their submodules) it may not import.
 MODULE_FORBIDDEN: dict[str, set[str]] = {
     # The coordination seam: a file-lock or Redis-lease implementation must be able to replace it alone.
@@ -105,7 +109,8 @@ API_FROM_STORAGE = {
     "mirror.storage.usage": {"Usage"},  # the lease table behind USAGE; to go behind a storage.base protocol
 }
 LIBRARY_HOMES = {
-    "aiohttp.web": {"api", "app"},
+    "aiohttp.web": {"api", "app", "workers"},
+    "gunicorn": {"workers"},
     "aiohttp.ClientSession": {"upstream", "notify"},  # notify: the webhook sender owns its own session
     "diskcache": {"storage"},
 }

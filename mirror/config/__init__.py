@@ -90,6 +90,7 @@ class Config:
     max_blob_size: int = DEFAULT_MAX_BLOB_SIZE  # larger blobs are refused (announced) or cut (unannounced)
     admin_api: bool = False  # serve the JSON admin API under /admin/v1/
     ui: bool = True  # serve the web page under /ui/ (and redirect / there)
+    workers: int = 1  # serving processes on one port and one data dir (``mirror.workers``); 1: this process
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections other modules own (push, cache, ...)
     # Local pushes, access control, TLS and webhooks (README "Pushing images").
     htpasswd: Path | None = None  # bcrypt htpasswd file: Basic auth on; None: auth off
@@ -104,8 +105,8 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     notifications: NotificationsConfig = field(default_factory=lambda: NotificationsConfig())
-    # Internal (no flag or key yet): "process" coordinates blob fetches inside this process; "files" across
-    # processes sharing the data dir (pull.filelock), for the workers to come.
+    # Internal (set by ``mirror.workers``, no flag): "process" when this process is alone on the data dir; "files"
+    # when several serving processes share it (fetches coordinated through lock files, ``pull.filelock``).
     coordination: str = "process"
 
     @property
@@ -131,7 +132,8 @@ UPSTREAM_KEYS = {
     "upstream_timeout": "timeout",
 }
 TOP_KEYS = {"add_upstream", "listen", "data_dir", "log_level", "log_format", "uvloop", "cache_size", "admin_api", "ui"}
-TOP_KEYS.add("max_blob_size")
+TOP_KEYS |= {"max_blob_size", "workers"}
+MAX_WORKERS = 256
 # Local pushes and access (strings from flags/environment are converted in _push_settings).
 PUSH_KEYS = {
     "htpasswd",
@@ -244,6 +246,8 @@ def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | No
             top["cache_size"] = parse_size(top["cache_size"])
         if "max_blob_size" in top:
             top["max_blob_size"] = parse_size(top["max_blob_size"])
+        if "workers" in top:
+            top["workers"] = parse_workers(top["workers"])
         config = Config(upstreams=tuple(upstreams), extra=dict(extra), **top)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid setting: {exc}") from exc
@@ -261,6 +265,19 @@ def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | No
 
     access_rules(config)  # validates the [[access]] tables
     return config
+
+
+def parse_workers(value: object) -> int:
+    """``--workers``: a count from 1 to MAX_WORKERS, or ``auto``: one per core this process may run on."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    try:
+        count = int(str(value).strip()) if not isinstance(value, bool) else 0
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_WORKERS:
+        raise ConfigError(f"workers must be a number from 1 to {MAX_WORKERS}, or auto; got {value!r}")
+    return count
 
 
 def _truthy(value: Any) -> bool:

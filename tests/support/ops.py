@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -121,13 +122,16 @@ def http_ok(url: str, also: tuple[int, ...] = (), context: ssl.SSLContext | None
 
 
 class Service:
-    """A subprocess with its output in a log file; ``stop`` terminates it (kill after a grace period)."""
+    """A subprocess with its output in a log file; ``stop`` terminates it (kill after a grace period). It leads a
+    process group of its own, so a kill reaches its children too (the workers of ``mirror serve --workers``)."""
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
         self.args = args
         self.log = log
         self._logfile = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self._logfile, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            args, stdout=self._logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -144,10 +148,14 @@ class Service:
             time.sleep(0.05)
 
     def kill9(self) -> None:
-        """SIGKILL, as a crash: no cleanup runs."""
-        self.proc.kill()
+        """SIGKILL to the whole process group, as a crash: no cleanup runs."""
+        self._kill_group()
         self.proc.wait(10)
         self._logfile.close()
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def stop(self) -> None:
         if self._logfile.closed:
@@ -157,8 +165,9 @@ class Service:
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._kill_group()
                 self.proc.wait(10)
+        self._kill_group()  # anything of its group still there (a worker whose master has gone)
         self._logfile.close()
 
 

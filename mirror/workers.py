@@ -1,0 +1,159 @@
+"""``mirror serve --workers N`` (N > 1): N processes serve one port on one data dir, supervised by gunicorn.
+
+The master process (gunicorn's arbiter) holds the listening socket and runs no requests. Before it forks the
+workers it does the start-up work that must happen once per data dir: clean leftover temp files, reconcile the
+index and the usage table with the disk. Each worker then builds the whole application (``app.create_app``) with
+fetches coordinated across processes (``Config.coordination = "files"``) and serves on aiohttp's gunicorn worker.
+
+Signals, as gunicorn defines them: a worker that dies is replaced; SIGTERM stops accepting and lets requests in
+flight finish (up to ``GRACEFUL_TIMEOUT``); SIGHUP reads the configuration again (flags, environment, the TOML
+file, the htpasswd file) and replaces the workers one generation at a time, or, if the new configuration is
+invalid, logs why and keeps the running one. Metrics are kept in prometheus-client's multiprocess mode, in a
+directory made for this run and removed at exit, so ``/metrics`` answers for every worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from gunicorn import glogging
+from gunicorn.app.base import BaseApplication
+from prometheus_client import multiprocess
+
+from mirror import log as log_setup
+from mirror.access import Htpasswd, HtpasswdError
+from mirror.api.access_log import AccessLogger
+from mirror.config import Config, ConfigError
+from mirror.storage.blobs import BlobStore
+from mirror.storage.fetchlocks import FetchLocks
+from mirror.storage.index import Index
+from mirror.storage.usage import Usage
+
+log = logging.getLogger(__name__)
+GRACEFUL_TIMEOUT = 30  # seconds SIGTERM (or a reload) gives requests in flight before a worker is killed
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable for its multiprocess mode
+
+
+class Log(glogging.Logger):
+    """gunicorn's own lines (workers started, died, replaced) go through the mirror's log handlers, so they are
+    text or JSON like every other line; the access log is the mirror's (``AccessLogger``), not gunicorn's."""
+
+    def setup(self, cfg: Any) -> None:
+        self.error_log = logging.getLogger(__name__)
+        self.access_log.handlers[:] = []
+        self.access_log.propagate = False
+
+
+def check(config: Config) -> None:
+    """Refuse, in the master, what would make every worker fail to boot."""
+    from mirror.app import tls_context  # the composition root builds on this module's callers, not the reverse
+
+    config.host_port  # noqa: B018 - validates --listen
+    tls_context(config)
+    if config.htpasswd:
+        try:
+            Htpasswd(config.htpasswd)
+        except HtpasswdError as exc:
+            raise ConfigError(str(exc)) from exc
+
+
+def prepare(config: Config) -> None:
+    """The once-per-start work on the data dir, before any worker runs: every temp file is a leftover now."""
+    from mirror.app import reconcile_logged
+
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = BlobStore(config.data_dir)
+    FetchLocks(store).clean_sync()
+    index, usage = Index(config.data_dir), Usage(config.data_dir)
+    try:
+        reconcile_logged(store, index, usage)
+    finally:
+        index.close()  # no SQLite connection may cross the fork
+        usage.close()
+
+
+class Supervisor(BaseApplication):
+    """gunicorn, configured from the mirror's Config; ``reread`` builds a fresh Config (for SIGHUP)."""
+
+    def __init__(self, config: Config, reread: Callable[[], Config]):
+        self.config = config
+        self._reread = reread
+        self._loop_id = secrets.token_hex(8)  # one for all workers: a request one of them sent is a loop to all
+        self._started = False
+        super().__init__()
+
+    def load_config(self) -> None:
+        if self._started:
+            self._reload()
+        self._started = True
+        config = self.config
+        host, port = config.host_port
+        settings: dict[str, Any] = {
+            "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            "workers": config.workers,
+            "worker_class": "aiohttp.GunicornUVLoopWebWorker" if config.uvloop else "aiohttp.GunicornWebWorker",
+            "graceful_timeout": GRACEFUL_TIMEOUT,
+            "timeout": 60,  # a worker whose event loop is stuck this long is killed and replaced
+            "logger_class": Log,
+            "proc_name": "mirror",
+            "child_exit": worker_exited,
+            "certfile": str(config.tls_cert) if config.tls_cert else None,
+            "keyfile": str(config.tls_key) if config.tls_key else None,
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def _reload(self) -> None:
+        try:
+            config = self._reread()
+            check(config)
+            if config.data_dir != self.config.data_dir:
+                raise ConfigError(f"the data dir cannot change without a restart ({self.config.data_dir})")
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return
+        log_setup.setup(config.log_level, config.log_format, pid=True)
+        self.config = config
+        log.info("configuration read again; replacing the workers")
+
+    def load(self) -> Callable[[], Any]:  # type: ignore[override]  # aiohttp's worker takes an async factory
+        config = dataclasses.replace(self.config, coordination="files")
+        loop_id = self._loop_id
+
+        async def runner() -> web.AppRunner:
+            from mirror.app import create_app
+
+            app = create_app(config, reconcile=False, loop_id=loop_id)
+            return web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=GRACEFUL_TIMEOUT * 0.9)
+
+        return runner
+
+
+def worker_exited(server: object, worker: Any) -> None:
+    """A worker ended (stopped or died): its live gauges leave the host's figures; its counters stay."""
+    if os.environ.get(METRICS_ENV):
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def run(config: Config, reread: Callable[[], Config]) -> None:
+    """Serve with ``config.workers`` processes until SIGTERM or SIGINT."""
+    check(config)
+    log_setup.setup(config.log_level, config.log_format, pid=True)
+    prepare(config)
+    metrics_dir = tempfile.mkdtemp(prefix="mirror-metrics-")
+    os.environ[METRICS_ENV] = metrics_dir
+    scheme = "https" if config.tls_cert else "http"
+    host, port = config.host_port
+    log.info("listening on %s://%s:%d with %d workers", scheme, host, port, config.workers)
+    try:
+        Supervisor(config, reread).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
