@@ -183,8 +183,11 @@ class Bench:
                 for name, base in self.targets().items():
                     load = ab_head if method == "HEAD" else wrk
                     rate = load(base + path, seconds, accept=MANIFEST_ACCEPT)
-                    if rate.errors:
+                    if rate.errors and name == "mirror":
                         raise RuntimeError(f"{title} on {name}: {rate.errors} errors")
+                    if rate.errors:  # the proxy's requests that failed or timed out (wrk: 2 s) on a busy machine
+                        say(f"{title} on {name}: {rate.errors} errors (counted in the JSON, not in the rate)")
+                        samples.setdefault(f"{name} errors", []).append(rate.errors)
                     samples[name].append(rate.requests_per_s)
                 say(f"{title} round {rep + 1}: mirror {samples['mirror'][-1]:,.0f}, proxy {samples['proxy'][-1]:,.0f}")
             m, p = median(samples["mirror"]), median(samples["proxy"])
@@ -281,24 +284,31 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     world = start_world(root, flags)
     bench = Bench(world, sizes, root, Shape(args.wan_rate, args.wan_delay))
+    failed: list[str] = []
     try:
         for name in args.only or list(WORKLOADS):
-            if name == "small" and not world.nginx_url:
-                start_static_nginx(world, {"small": _small_file(root)})
-            WORKLOADS[name](bench)
+            try:
+                if name == "small" and not world.nginx_url:
+                    start_static_nginx(world, {"small": _small_file(root)})
+                WORKLOADS[name](bench)
+            except Exception as exc:  # one workload's failure is reported; the others still run
+                say(f"{name} FAILED: {exc!r}")
+                failed.append(name)
+                bench.add(Row(f"{name}: failed ({exc})", "", None, target="(the workload did not finish)", met=False))
     finally:
         world.stop()
         shutil.rmtree(root, ignore_errors=True)
     info["seconds"] = round(time.monotonic() - started, 1)
     info["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
     info["rows"] = [asdict(r) for r in bench.rows]
+    info["failed"] = failed
     report = table(bench.rows)
     Path(args.out + ".json").write_text(dumps(info) + "\n")
     Path(args.out + ".md").write_text(report + "\n")
     print(report)
     met = [r.met for r in bench.rows if r.met is not None]
     say(f"done in {info['seconds']} s: {sum(met)} of {len(met)} targets met; {args.out}.json, {args.out}.md")
-    return 0
+    return 1 if failed else 0
 
 
 def _small_file(root: Path) -> Path:

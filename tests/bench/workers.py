@@ -71,7 +71,7 @@ def _small(bench: Bench, one: Mirror) -> None:
             for name, base in mirrors.items():
                 rate = wrk(base + path, bench.sizes.wrk_seconds, accept=MANIFEST_ACCEPT)
                 if rate.errors:
-                    raise RuntimeError(f"{title} on {name}: {rate.errors} errors")
+                    raise RuntimeError(f"{title} on the mirror ({name}): {rate.errors} errors")
                 samples[name].append(rate.requests_per_s)
             say(f"{title} round {rep + 1}: {bench.workers} worker(s) {samples['mirror'][-1]:,.0f}, "
                 f"1 worker {samples['one'][-1]:,.0f}")  # fmt: skip
