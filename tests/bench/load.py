@@ -1,8 +1,10 @@
 """Load generators and meters: curl for bulk bytes (C, sendfile-speed clients), wrk for many small requests,
-skopeo for a real pull, and the peak resident memory of a process."""
+skopeo for a real pull, and the peak resident memory of a process tree."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import subprocess
 import tempfile
@@ -115,33 +117,40 @@ def skopeo_pulls(host: str, ref: str, clients: int) -> float:
 
 
 class PeakRss:
-    """The most memory ``pid`` held while the block ran: the kernel's high-water mark (``VmHWM``), reset at the
-    start through ``/proc/PID/clear_refs``, with a 20 ms poll of ``VmRSS`` as a fallback where resetting is not
-    allowed."""
+    """The most memory ``pid`` and all its descendants (a mirror's worker processes) held together while the
+    block ran: the sum of their resident sizes sampled every 20 ms (the tree is re-read every 0.5 s), and at the
+    end the sum of their kernel high-water marks (``VmHWM``, reset at the start through ``/proc/PID/clear_refs``
+    where allowed) if that is larger. For one process that is its high-water mark; for several, the sum of
+    their marks bounds the peak of the sum from above. Pages shared between processes count in each."""
 
     def __init__(self, pid: int):
         self.pid = pid
         self.peak_kib = 0
+        self.processes = 1  # the most processes seen in the tree at once
         self._stop = threading.Event()
-        self._reset = False
+        self._pids: list[int] = [pid]
 
-    def _field(self, name: str) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-        return 0
+    def _refresh(self) -> None:
+        pids = process_tree(self.pid)
+        for pid in set(pids) - set(self._pids):
+            _reset_hwm(pid)
+        self._pids = pids
+        self.processes = max(self.processes, len(pids))
 
     def _poll(self) -> None:
+        ticks = 0
         while not self._stop.wait(0.02):
-            self.peak_kib = max(self.peak_kib, self._field("VmRSS"))
+            ticks += 1
+            if ticks % 25 == 0:
+                self._refresh()
+            self.peak_kib = max(self.peak_kib, sum(_status_kib(pid, "VmRSS") for pid in self._pids))
 
     def __enter__(self) -> PeakRss:
-        try:
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
-            self._reset = True
-        except OSError:
-            self._reset = False
-        self.peak_kib = self._field("VmRSS")
+        self._pids = process_tree(self.pid)
+        self.processes = len(self._pids)
+        for pid in self._pids:
+            _reset_hwm(pid)
+        self.peak_kib = sum(_status_kib(pid, "VmRSS") for pid in self._pids)
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
@@ -149,9 +158,45 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        if self._reset:
-            self.peak_kib = max(self.peak_kib, self._field("VmHWM"))
+        self._refresh()
+        self.peak_kib = max(self.peak_kib, sum(_status_kib(pid, "VmHWM") for pid in self._pids))
 
     @property
     def mib(self) -> float:
         return self.peak_kib / 1024
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live descendant of it, from the parent ids in ``/proc/*/stat``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        parent = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _status_kib(pid: int, name: str) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0  # exited
+    for line in text.splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_hwm(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")

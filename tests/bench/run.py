@@ -4,25 +4,25 @@ ratios, and the report (a markdown table on stdout, JSON and markdown files)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tests.bench.load import MANIFEST_ACCEPT, PeakRss, ab_head, download, skopeo_pulls, wrk
+from tests.bench.report import GiB, MiB, Row, human_size, median, table
+from tests.bench.wan import Shape, wan
+from tests.bench.workers import worker_count, workers
 from tests.bench.world import (
-    MiB,
     World,
     dumps,
     machine,
-    push_manifest,
     push_random_blob,
+    push_small_image,
     say,
     start_static_nginx,
     start_world,
@@ -30,12 +30,6 @@ from tests.bench.world import (
 )
 from tests.support.images import push_list, push_tar_image, random_files
 from tests.support.ops import upstream_requests
-from tests.support.plain_http import push_blob
-
-GiB = 1024 * MiB
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 
 @dataclass(frozen=True)
@@ -45,40 +39,27 @@ class Sizes:
     herd: int  # the blob a herd of clients asks for at once
     memory: int  # the blob 16 clients download while the mirror's memory is watched
     layer: int  # each layer of the realistic image
+    wan_layer: int  # each layer of the image pulled over the WAN link
+    wan_layers: int
+    wan_herd: int  # the blob a herd asks for over the WAN link
+    wan_check: float  # seconds of the link's cap: the blob that checks the link's rate
     wrk_seconds: float
     reps: int  # A B rounds of every workload
 
 
-FULL = Sizes(cached=GiB, cold=GiB, herd=512 * MiB, memory=4 * GiB, layer=4 * MiB, wrk_seconds=10, reps=3)
-QUICK = Sizes(cached=64 * MiB, cold=64 * MiB, herd=32 * MiB, memory=64 * MiB, layer=256 * 1024, wrk_seconds=2, reps=1)
-
-
-@dataclass
-class Row:
-    workload: str
-    unit: str
-    mirror: float | None
-    proxy: float | None = None
-    reference: float | None = None  # nginx sendfile, or direct from the upstream
-    reference_name: str = ""
-    target: str = ""
-    met: bool | None = None
-    samples: dict[str, list[float]] = field(default_factory=dict)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def human_size(n: int) -> str:
-    return f"{n // GiB} GiB" if n >= GiB else f"{n // MiB} MiB" if n >= MiB else f"{n // 1024} KiB"
+FULL = Sizes(cached=GiB, cold=GiB, herd=512 * MiB, memory=4 * GiB, layer=4 * MiB, wan_layer=8 * MiB, wan_layers=8,
+             wan_herd=32 * MiB, wan_check=2, wrk_seconds=10, reps=3)  # fmt: skip
+QUICK = Sizes(cached=64 * MiB, cold=64 * MiB, herd=32 * MiB, memory=64 * MiB, layer=256 * 1024, wan_layer=MiB,
+              wan_layers=8, wan_herd=8 * MiB, wan_check=1, wrk_seconds=2, reps=1)  # fmt: skip
 
 
 class Bench:
-    def __init__(self, world: World, sizes: Sizes, scratch: Path):
+    def __init__(self, world: World, sizes: Sizes, scratch: Path, shape: Shape):
         self.world = world
         self.sizes = sizes
         self.scratch = scratch
+        self.shape = shape  # the WAN link's
+        self.workers = worker_count(world.mirror_flags)
         self.rows: list[Row] = []
 
     def targets(self) -> dict[str, str]:
@@ -167,8 +148,8 @@ class Bench:
             self.add(Row(f"{clients} concurrent cold GETs: upstream GETs", "GETs", max(gets["mirror"]),
                          max(gets["proxy"]), target="exactly 1", met=one, samples=gets))  # fmt: skip
             if clients == 32:
-                self.add(Row("peak RSS of the mirror, 32-client herd", "MiB", max(rss), target="<= 150 MiB",
-                             met=max(rss) <= 150, samples={"mirror": rss}))  # fmt: skip
+                self.add(Row("peak RSS of the mirror, 32-client herd", "MiB", max(rss), target=self.rss_target(),
+                             met=max(rss) <= 150 * self.workers, samples={"mirror": rss}))  # fmt: skip
 
     def settled_gets(self, digest: str) -> int:
         """Upstream GETs of ``digest`` once Distribution has written its access log lines."""
@@ -183,16 +164,7 @@ class Bench:
 
     # --- 4. small requests at 32 connections ------------------------------------------------------------------
     def small_requests(self) -> None:
-        up = self.world.upstream_url
-        layer = push_random_blob(up, "bench/small", 1024, self.scratch)
-        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}).encode()
-        config_digest = push_blob(up, "bench/small", config)
-        manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
-            "config": {"mediaType": DOCKER_CONFIG, "digest": config_digest, "size": len(config)},
-            "layers": [{"mediaType": DOCKER_LAYER, "digest": layer, "size": 1024}],
-        }).encode()  # fmt: skip
-        digest = push_manifest(up, "bench/small", "v1", DOCKER_MANIFEST, manifest)
+        digest, layer = push_small_image(self.world.upstream_url, "bench/small", self.scratch)
         cases = [
             ("manifest GET by digest", f"/v2/bench/small/manifests/{digest}", "GET", ">= 3x proxy", 3.0),
             ("manifest GET by tag (within the tag TTL)", "/v2/bench/small/manifests/v1", "GET", ">= 10x proxy", 10.0),
@@ -211,8 +183,11 @@ class Bench:
                 for name, base in self.targets().items():
                     load = ab_head if method == "HEAD" else wrk
                     rate = load(base + path, seconds, accept=MANIFEST_ACCEPT)
-                    if rate.errors:
+                    if rate.errors and name == "mirror":
                         raise RuntimeError(f"{title} on {name}: {rate.errors} errors")
+                    if rate.errors:  # the proxy's requests that failed or timed out (wrk: 2 s) on a busy machine
+                        say(f"{title} on {name}: {rate.errors} errors (counted in the JSON, not in the rate)")
+                        samples.setdefault(f"{name} errors", []).append(rate.errors)
                     samples[name].append(rate.requests_per_s)
                 say(f"{title} round {rep + 1}: mirror {samples['mirror'][-1]:,.0f}, proxy {samples['proxy'][-1]:,.0f}")
             m, p = median(samples["mirror"]), median(samples["proxy"])
@@ -258,33 +233,19 @@ class Bench:
         with PeakRss(self.world.mirror.proc.pid) as peak:
             result = download([url] * 16, size)
         say(f"16 clients x {human_size(size)} cold: {result.seconds:.1f} s, {result.mb_per_s:,.0f} MB/s in total")
-        self.add(Row(f"peak RSS of the mirror, 16 clients x a {human_size(size)} cold blob", "MiB", peak.mib,
-                     target="<= 150 MiB", met=peak.mib <= 150, samples={"mirror": [peak.mib]}))  # fmt: skip
+        processes = f" ({peak.processes} processes together)" if peak.processes > 1 else ""
+        self.add(Row(f"peak RSS of the mirror{processes}, 16 clients x a {human_size(size)} cold blob", "MiB",
+                     peak.mib, target=self.rss_target(), met=peak.mib <= 150 * self.workers,
+                     samples={"mirror": [peak.mib]}))  # fmt: skip
+
+    def rss_target(self) -> str:
+        return "<= 150 MiB" if self.workers == 1 else f"<= 150 MiB per worker ({150 * self.workers} MiB)"
 
 
 def quiet_disk() -> None:
     """Write back what earlier steps left dirty (the uploads of the content), so that every cold measurement
     starts from the same state and neither proxy pays for the setup's writes."""
     os.sync()
-
-
-def table(rows: list[Row]) -> str:
-    lines = [
-        "| workload | unit | mirror | Distribution proxy | nginx / direct | mirror ÷ proxy | mirror ÷ nginx/direct "
-        "| target | met |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
-    ]
-
-    def num(x: float | None) -> str:
-        return "" if x is None else f"{x:,.0f}" if abs(x) >= 100 else f"{x:,.2f}"
-
-    for r in rows:
-        vs_proxy = f"{r.mirror / r.proxy:.2f}x" if r.proxy and r.mirror is not None else ""
-        vs_ref = f"{r.mirror / r.reference:.2f}x ({r.reference_name})" if r.reference and r.mirror is not None else ""
-        met = "" if r.met is None else "yes" if r.met else "**no**"
-        lines.append(f"| {r.workload} | {r.unit} | {num(r.mirror)} | {num(r.proxy)} | {num(r.reference)} | {vs_proxy} "
-                     f"| {vs_ref} | {r.target} | {met} |")  # fmt: skip
-    return "\n".join(lines)
 
 
 WORKLOADS: dict[str, Callable[[Bench], None]] = {
@@ -294,6 +255,8 @@ WORKLOADS: dict[str, Callable[[Bench], None]] = {
     "small": Bench.small_requests,
     "realistic": Bench.realistic,
     "memory": Bench.memory,
+    "wan": wan,
+    "workers": workers,
 }
 
 
@@ -306,36 +269,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirror-flag", action="append", default=None,
                         help="a flag for `mirror serve` (repeatable, e.g. --mirror-flag=--uvloop; default: none, the "
                              "embedded defaults)")  # fmt: skip
+    parser.add_argument("--wan-rate", type=float, default=50, help="the WAN link's cap, MB/s each way (default 50)")
+    parser.add_argument("--wan-delay", type=float, default=10, help="the WAN link's delay, ms each way (default 10)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     flags = args.mirror_flag or []
     root = Path(args.workdir or tempfile.mkdtemp(prefix="mirror-bench-", dir="/var/tmp"))
     info: dict[str, Any] = {"machine": machine(), "versions": versions(), "mode": "quick" if args.quick else "full",
-                            "sizes": asdict(sizes), "mirror_flags": flags}  # fmt: skip
+                            "sizes": asdict(sizes), "mirror_flags": flags,
+                            "wan": {"rate_mb_per_s": args.wan_rate, "delay_ms_each_way": args.wan_delay}}  # fmt: skip
     say(
         f"{info['mode']} run on {info['machine']['cores']} cores, load {info['machine']['load_at_start']}; data in {root}"
     )
     started = time.monotonic()
     world = start_world(root, flags)
-    bench = Bench(world, sizes, root)
+    bench = Bench(world, sizes, root, Shape(args.wan_rate, args.wan_delay))
+    failed: list[str] = []
     try:
         for name in args.only or list(WORKLOADS):
-            if name == "small" and not world.nginx_url:
-                start_static_nginx(world, {"small": _small_file(root)})
-            WORKLOADS[name](bench)
+            try:
+                if name == "small" and not world.nginx_url:
+                    start_static_nginx(world, {"small": _small_file(root)})
+                WORKLOADS[name](bench)
+            except Exception as exc:  # one workload's failure is reported; the others still run
+                say(f"{name} FAILED: {exc!r}")
+                failed.append(name)
+                bench.add(Row(f"{name}: failed ({exc})", "", None, target="(the workload did not finish)", met=False))
     finally:
         world.stop()
         shutil.rmtree(root, ignore_errors=True)
     info["seconds"] = round(time.monotonic() - started, 1)
     info["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
     info["rows"] = [asdict(r) for r in bench.rows]
+    info["failed"] = failed
     report = table(bench.rows)
     Path(args.out + ".json").write_text(dumps(info) + "\n")
     Path(args.out + ".md").write_text(report + "\n")
     print(report)
     met = [r.met for r in bench.rows if r.met is not None]
     say(f"done in {info['seconds']} s: {sum(met)} of {len(met)} targets met; {args.out}.json, {args.out}.md")
-    return 0
+    return 1 if failed else 0
 
 
 def _small_file(root: Path) -> Path:

@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tests.support.ops import Mirror, Service, free_port, require, start_registry
+from tests.support.plain_http import push_blob
 
 MiB = 1 << 20
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 
 def say(message: str) -> None:
@@ -34,6 +38,7 @@ class World:
     mirror: Mirror
     proxy: Service
     proxy_url: str
+    mirror_flags: list[str]
     nginx: Service | None = None
     nginx_url: str = ""
 
@@ -51,7 +56,7 @@ def start_world(root: Path, mirror_flags: list[str]) -> World:
         root / "mirror-data", upstream_url, "--log-level", "warning", *mirror_flags, log=root / "mirror.log"
     )
     say(f"upstream {upstream_url}, mirror {mirror.url} ({' '.join(mirror_flags) or 'defaults'}), proxy {proxy_url}")
-    return World(root, upstream, upstream_url, mirror, proxy, proxy_url)
+    return World(root, upstream, upstream_url, mirror, proxy, proxy_url, mirror_flags)
 
 
 def start_static_nginx(world: World, files: dict[str, Path]) -> None:
@@ -139,6 +144,19 @@ def push_random_blob(registry: str, repo: str, size: int, scratch: Path) -> str:
 def push_manifest(registry: str, repo: str, ref: str, media_type: str, body: bytes) -> str:
     _request(registry, "PUT", f"/v2/{repo}/manifests/{ref}", body, {"Content-Type": media_type})
     return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def push_small_image(registry: str, repo: str, scratch: Path) -> tuple[str, str]:
+    """An image of one 1 KiB layer, tagged ``v1``: (the manifest's digest, the layer's digest)."""
+    layer = push_random_blob(registry, repo, 1024, scratch)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}).encode()
+    config_digest = push_blob(registry, repo, config)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": DOCKER_CONFIG, "digest": config_digest, "size": len(config)},
+        "layers": [{"mediaType": DOCKER_LAYER, "digest": layer, "size": 1024}],
+    }).encode()  # fmt: skip
+    return push_manifest(registry, repo, "v1", DOCKER_MANIFEST, manifest), layer
 
 
 # --- what was compared ----------------------------------------------------------------------------------------
