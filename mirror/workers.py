@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 from prometheus_client import multiprocess
 
 from mirror import log as log_setup
@@ -85,15 +86,11 @@ class Supervisor(BaseApplication):
 
     def __init__(self, config: Config, reread: Callable[[], Config]):
         self.config = config
-        self._reread = reread
+        self.reread = reread
         self._loop_id = secrets.token_hex(8)  # one for all workers: a request one of them sent is a loop to all
-        self._started = False
         super().__init__()
 
     def load_config(self) -> None:
-        if self._started:
-            self._reload()
-        self._started = True
         config = self.config
         host, port = config.host_port
         settings: dict[str, Any] = {
@@ -111,19 +108,6 @@ class Supervisor(BaseApplication):
         for key, value in settings.items():
             self.cfg.set(key, value)
 
-    def _reload(self) -> None:
-        try:
-            config = self._reread()
-            check(config)
-            if config.data_dir != self.config.data_dir:
-                raise ConfigError(f"the data dir cannot change without a restart ({self.config.data_dir})")
-        except ConfigError as exc:
-            log.error("reload refused, the running configuration stays: %s", exc)
-            return
-        log_setup.setup(config.log_level, config.log_format, pid=True)
-        self.config = config
-        log.info("configuration read again; replacing the workers")
-
     def load(self) -> Callable[[], Any]:  # type: ignore[override]  # aiohttp's worker takes an async factory
         config = dataclasses.replace(self.config, coordination="files")
         loop_id = self._loop_id
@@ -135,6 +119,31 @@ class Supervisor(BaseApplication):
             return web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=GRACEFUL_TIMEOUT * 0.9)
 
         return runner
+
+    def run(self) -> None:
+        Reloading(self).run()
+
+
+class Reloading(Arbiter):
+    """gunicorn's arbiter, but SIGHUP first reads and checks the configuration in the master: a configuration
+    that does not load (a broken TOML or htpasswd file) is refused with a log line and the workers keep running,
+    where gunicorn alone would start new workers that fail to boot, and then stop."""
+
+    app: Supervisor
+
+    def reload(self) -> None:
+        try:
+            config = self.app.reread()
+            check(config)
+            if config.data_dir != self.app.config.data_dir:
+                raise ConfigError(f"the data dir cannot change without a restart ({self.app.config.data_dir})")
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration and workers stay: %s", exc)
+            return
+        log_setup.setup(config.log_level, config.log_format, pid=True)
+        self.app.config = config
+        log.info("configuration read again; replacing the workers")
+        super().reload()
 
 
 def worker_exited(server: object, worker: Any) -> None:
@@ -153,7 +162,11 @@ def run(config: Config, reread: Callable[[], Config]) -> None:
     scheme = "https" if config.tls_cert else "http"
     host, port = config.host_port
     log.info("listening on %s://%s:%d with %d workers", scheme, host, port, config.workers)
+    master = os.getpid()
     try:
         Supervisor(config, reread).run()
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        # A worker ends by raising SystemExit through this frame too (it was forked inside ``run``): only the
+        # master may remove the directory the other workers still write to.
+        if os.getpid() == master:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -243,9 +243,13 @@ async def test_sighup_reads_the_htpasswd_file_again_and_keeps_a_broken_one_out(t
         for _ in range(10):  # on every worker
             assert status_of(v2, basic("bob", "b-secret")) == 200
         htpasswd.write_text("this is not an htpasswd line\n")
+        booted = workers(mirror)
+        running = {pid for pid in booted if alive(pid)}
+        assert len(running) == 2
         mirror.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "reload refused" in mirror.log.read_text(), what="the broken file refused")
-        assert mirror.alive()
+        await asyncio.sleep(1.0)  # no new workers come (they would read the broken file and fail to boot)
+        assert mirror.alive() and workers(mirror) == booted and all(alive(pid) for pid in running)
         for _ in range(10):
             assert status_of(v2, basic("bob", "b-secret")) == 200
     finally:
