@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from mirror.metrics import Metrics, RepoStats, RequestRate
+from mirror.metrics import Metrics, RepoStats, Timeline
 from tests.test_layers import MODULES, area, imports
 
 
@@ -52,20 +52,31 @@ def test_admin_is_above_the_services_and_below_the_api() -> None:
             assert not targets & {"api", "app", "cli", "config"}, f"{module} imports {targets}"
 
 
-def test_requests_per_minute_keep_the_last_hour_in_sixty_slots() -> None:
-    rate = RequestRate()
-    start = 6_000_000.0  # a monotonic clock reading, at a minute boundary
-    for minute, count in ((0, 3), (1, 1), (5, 2)):
-        for _ in range(count):
-            rate.count(start + 60 * minute + 30)
-    counts = rate.last(start + 5 * 60 + 59)
+def test_the_timeline_keeps_the_last_hour_of_samples_as_growth_per_minute() -> None:
+    timeline = Timeline()
+    for minute, requests in ((100, 0), (101, 3), (102, 4), (105, 6)):  # minutes 103 and 104: no sample
+        timeline.add(minute, {"requests": requests})
+        timeline.add(minute, {"requests": requests + 50})  # the first sample of a minute is its start
+    counts = timeline.per_minute("requests", 105, {"requests": 10})
     assert len(counts) == 60
-    assert counts[-6:] == [3, 1, 0, 0, 0, 2]  # oldest first; the last is the current minute
-    assert sum(counts) == 6
-    assert rate.last(start + 60 * 60 + 1)[-1:] == [0] and sum(rate.last(start + 60 * 60 + 1)) == 3  # minute 0 left
-    assert rate.last(start + 3 * 3600) == [0] * 60  # a long idle spell clears the ring
-    rate.count(start + 3 * 3600)
-    assert rate.last(start + 3 * 3600)[-1] == 1 and len(rate._counts) == 60  # memory stays fixed
+    assert counts[-6:] == [3, 1, 2, 0, 0, 4]  # oldest first; the current minute is its growth so far
+    assert timeline.last_hour(105, {"requests": 10, "blob_hit": 2}) == {"requests": 10, "blob_hit": 2}
+    timeline.add(170, {"requests": 30})  # an hour on: the old samples go
+    assert len(timeline._samples) <= 61
+    assert timeline.last_hour(170, {"requests": 31}) == {"requests": 1}
+    assert sum(timeline.per_minute("requests", 170, {"requests": 31})) == 1
+
+
+def test_totals_count_registry_requests_lookups_and_bytes() -> None:
+    metrics = Metrics()
+    for route in ("manifest", "blob", "blob", "ui_overview", "metrics", "admin_stats", "other", "readyz"):
+        metrics.http_requests.labels(route, "GET", "200").inc()
+    metrics.cache_requests.labels("docker.io", "blob", "hit").inc(3)
+    metrics.cache_requests.labels("ghcr.io", "blob", "hit").inc()
+    metrics.blob_bytes_served.labels("docker.io", "cache").inc(100)
+    totals = metrics.totals()
+    assert totals["requests"] == 3 and totals["blob_hit"] == 4 and totals["bytes_cache"] == 100
+    assert totals["bytes_upstream"] == 0
 
 
 def test_upstream_summary_reads_the_counters() -> None:

@@ -100,8 +100,6 @@ async def request_metrics(request: web.Request, handler: Handler) -> web.StreamR
         metrics = request.app[METRICS]
         metrics.http_requests.labels(route, request.method, str(status)).inc()
         metrics.http_duration.labels(route, request.method).observe(time.monotonic() - started)
-        if request.path.startswith("/v2"):  # registry requests, for the web page's chart (not its own polling)
-            metrics.per_minute.count(started)
 
 
 async def add_api_version(request: web.Request, response: web.StreamResponse) -> None:

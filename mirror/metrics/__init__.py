@@ -23,13 +23,13 @@ from mirror.metrics.collectors import (
     CacheCollector,
     CacheSnapshot,
     RepoStats,
-    RequestRate,
     SessionsCollector,
     SharedRepoCounters,
+    Timeline,
 )
 from mirror.metrics.host import HostCollector, host_registry, shared_dir, use_value_class
 
-__all__ = ["CacheSnapshot", "Metrics", "RepoStats", "RequestRate"]
+__all__ = ["CacheSnapshot", "Metrics", "RepoStats", "Timeline"]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -182,7 +182,7 @@ class Metrics:
         self.cache_pending = Gauge(PENDING, PENDING_HELP, registry=None, multiprocess_mode="livesum")
         self.repos = RepoStats(shared=SharedRepoCounters.create() if self.shared_dir else None)
         r.register(self.repos)
-        self.per_minute = RequestRate()  # registry requests per minute over the last hour, for the web page
+        self.timeline = Timeline()  # the web page's last hour: samples of ``totals``
 
     def host(self) -> CollectorRegistry:
         """What ``/metrics`` renders. One process: its registry. Several: every process's files and the figures
@@ -237,6 +237,23 @@ class Metrics:
             out.setdefault(sample.labels["upstream"], {})[sample.labels["reason"]] = sample.value
         return out
 
+    def totals(self) -> dict[str, float]:
+        """Running totals the web page's timeline samples: registry requests (``requests``), lookups by kind and
+        result (``blob_hit``, ``tag_miss``...) and blob bytes served by source (``bytes_cache``, ``bytes_upstream``).
+        Of every process, as ``/metrics``; reads files in the multiprocess mode: call it in a thread."""
+        families = self._families(self.http_requests, self.cache_requests, self.blob_bytes_served)
+        out: dict[str, float] = {"requests": 0.0, "bytes_cache": 0.0, "bytes_upstream": 0.0}
+        for sample in _samples(families, self.http_requests):
+            if registry_route(sample.labels["route"]):
+                out["requests"] += sample.value
+        for sample in _samples(families, self.cache_requests):
+            key = f"{sample.labels['kind']}_{sample.labels['result']}"
+            out[key] = out.get(key, 0.0) + sample.value
+        for sample in _samples(families, self.blob_bytes_served):
+            key = f"bytes_{sample.labels['source']}"
+            out[key] = out.get(key, 0.0) + sample.value
+        return out
+
     def prime(self, upstreams: Iterable[str]) -> None:
         """Create the usual label sets at zero, so that the first scrape already has every series: Prometheus's
         ``rate``/``increase`` cannot count the first increments of a series it has never seen at zero."""
@@ -268,6 +285,12 @@ FAILURES = {"unreachable": "errors", "error": "errors", "rate_limited": "rate_li
 def _name(metric: Counter | Gauge) -> str:
     """A metric's family name (a counter's without ``_total``), as its files name it."""
     return next(iter(metric.describe())).name
+
+
+def registry_route(route: str) -> bool:
+    """Whether requests of this route are registry requests (not the web page, the admin API, metrics, probes or
+    unknown paths: a browser's own /favicon.ico is none of the registry's)."""
+    return not route.startswith(("ui_", "admin_")) and route not in ("metrics", "healthz", "readyz", "other")
 
 
 def _samples(families: dict[str, Metric], metric: Counter | Gauge) -> Iterator[Sample]:

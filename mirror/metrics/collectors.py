@@ -5,7 +5,7 @@ the requests-per-minute ring of the web page."""
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
@@ -19,35 +19,35 @@ REPO_SERVED = "mirror_repo_blob_bytes_served"
 REPO_SERVED_HELP = "Blob bytes sent to clients by repository (top repositories and the allowlist only) and source."
 
 
-class RequestRate:
-    """Requests per minute over the last ``slots`` minutes: a ring of counters indexed by the minute. Counting is
-    an increment (and, once a minute, zeroing the slots that passed); memory is fixed."""
+class Timeline:
+    """Running totals (``Metrics.totals``) sampled a few times a minute, kept for the last ``slots`` minutes: the web
+    page's per-minute series and last-hour figures are differences of samples, so requests pay nothing for them
+    and, in the multiprocess mode, they cover every process. Memory is fixed: one sample per minute."""
 
     def __init__(self, slots: int = 60):
         self.slots = slots
-        self._counts = [0] * slots
-        self._minute = 0  # the minute (monotonic clock // 60) the newest slot holds
+        self._samples: dict[int, dict[str, float]] = {}  # minute -> the totals first seen in it
 
-    def count(self, now: float) -> None:
-        minute = int(now // 60)
-        if minute != self._minute:
-            self._advance(minute)
-        self._counts[minute % self.slots] += 1
+    def add(self, minute: int, totals: Mapping[str, float]) -> None:
+        self._samples.setdefault(minute, dict(totals))
+        for old in [m for m in self._samples if m < minute - self.slots]:
+            del self._samples[old]
 
-    def last(self, now: float) -> list[int]:
-        """The counts, oldest minute first; the last one is the current (partial) minute."""
-        minute = int(now // 60)
-        if minute != self._minute:
-            self._advance(minute)
-        start = minute + 1
-        return [self._counts[(start + i) % self.slots] for i in range(self.slots)]
+    def per_minute(self, key: str, minute: int, now: Mapping[str, float]) -> list[float]:
+        """How much ``key`` grew in each of the last ``slots`` minutes, oldest first, the current minute (so far)
+        last; a minute with no sample at its start shows 0 and its growth goes to the minute before."""
+        out = []
+        for m in range(minute - self.slots + 1, minute + 1):
+            start = self._samples.get(m)
+            end = next((self._samples[n] for n in range(m + 1, minute + 1) if n in self._samples), now)
+            out.append(max(0.0, end.get(key, 0.0) - start.get(key, 0.0)) if start is not None else 0.0)
+        return out
 
-    def _advance(self, minute: int) -> None:
-        for passed in range(self._minute + 1, min(minute, self._minute + self.slots) + 1):
-            self._counts[passed % self.slots] = 0
-        if minute - self._minute > self.slots:
-            self._counts = [0] * self.slots
-        self._minute = minute
+    def last_hour(self, minute: int, now: Mapping[str, float]) -> dict[str, float]:
+        """How much every total grew over the last ``slots`` minutes (since the oldest sample, if younger)."""
+        kept = [m for m in self._samples if m > minute - self.slots]
+        base = self._samples[min(kept)] if kept else {}
+        return {key: max(0.0, value - base.get(key, 0.0)) for key, value in now.items()}
 
 
 @dataclass(frozen=True, slots=True)

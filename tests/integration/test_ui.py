@@ -73,6 +73,15 @@ def upstream_figures(metrics_text: str, upstream: str) -> dict[str, float | None
     return out
 
 
+def counter(metrics: str, name: str, **labels: str) -> int:
+    """The sum of a counter's series with these labels in a /metrics text."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rpartition(" ")[2])
+    return int(total)
+
+
 def test_overview_shows_what_admin_stats_says(browser: Browser, served: Mirror, tmp_path: Path) -> None:
     for shown in visit(browser, served.url + "/ui/", tmp_path, "overview"):
         assert shown.status == 200 and not shown.console_errors, shown.console_errors
@@ -94,6 +103,13 @@ def test_overview_shows_what_admin_stats_says(browser: Browser, served: Mirror, 
         counts = [int(c) for c in (shown.page.get_attribute("svg.chart", "data-counts") or "").split(",")]
         assert len(counts) == 60 and sum(counts) == 2 * (2 + len(LAYERS))  # manifest, config, layers per pull
         assert shown.page.locator("svg.chart rect").count() >= 1
+        # The last hour: hit ratios, and the blob bytes per minute adding up to the counters of /metrics.
+        assert shown.page.get_attribute('[data-hour="blob"]', "data-value") == "0.5"
+        for source in ("cache", "upstream"):
+            per_minute = shown.page.get_attribute("svg.chart.bytes", f"data-{source}") or ""
+            assert sum(int(n) for n in per_minute.split(",")) == counter(
+                served.metrics(), "mirror_blob_bytes_served_total", source=source
+            )
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["overview-desktop.png", "overview-phone.png"]
 
 

@@ -21,8 +21,10 @@ headers and the filters.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -32,7 +34,7 @@ import jinja2
 from aiohttp import web
 
 from mirror.api.access import ACTOR
-from mirror.api.keys import ACCESS
+from mirror.api.keys import ACCESS, METRICS
 from mirror.permissions import Action
 
 # Nothing but the mirror itself: the browser refuses any other origin, and scripts other than the mirror's files.
@@ -73,6 +75,28 @@ def setup(app: web.Application, settings: Settings) -> None:
     files = resources.files("mirror.api").joinpath("static")
     app[STATIC] = {name: files.joinpath(name).read_bytes() for name in SCRIPTS}  # once, at start-up
     app[SETTINGS] = settings
+    app.cleanup_ctx.append(sample_timeline)
+
+
+SAMPLE_EVERY = 20.0  # seconds between samples of the counters: at least one lands in every minute
+
+
+async def sample_timeline(app: web.Application) -> AsyncIterator[None]:
+    """The overview's last hour: the counters' totals sampled in the background (in a thread: with several
+    processes they are read from files), whether or not anybody looks at the page."""
+    metrics = app[METRICS]
+
+    async def sample_forever() -> None:
+        while True:
+            with contextlib.suppress(OSError):  # a process's metrics file going away mid-read: next time
+                metrics.timeline.add(int(time.time() // 60), await asyncio.to_thread(metrics.totals))
+            await asyncio.sleep(SAMPLE_EVERY)
+
+    task = asyncio.create_task(sample_forever(), name="web page timeline")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def root(request: web.Request) -> web.Response:

@@ -26,12 +26,19 @@ MAX_SHOWN = 100  # fetches listed at most (a herd of cold pulls does not make a 
 async def overview(request: web.Request) -> web.Response:
     stats = await request.app[ADMIN].stats(fresh=False)  # the same figures, without a walk of the tables
     metrics = request.app[METRICS]
+    totals = await asyncio.to_thread(metrics.totals)  # reads files with several processes
+    minute = int(time.time() // 60)
+    metrics.timeline.add(minute, totals)
+    bytes_cache = metrics.timeline.per_minute("bytes_cache", minute, totals)
+    bytes_upstream = metrics.timeline.per_minute("bytes_upstream", minute, totals)
     context = {
         "page": "overview",
         "stats": stats,
+        "hour": hit_ratios(metrics.timeline.last_hour(minute, totals)),
         "fill": fill(stats),
-        "upstreams": await asyncio.to_thread(metrics.upstream_summary),  # reads files with several processes
-        "chart": chart(metrics.per_minute.last(time.monotonic())),
+        "upstreams": await asyncio.to_thread(metrics.upstream_summary),
+        "chart": chart([int(n) for n in metrics.timeline.per_minute("requests", minute, totals)]),
+        "bytes": byte_chart(bytes_cache, bytes_upstream),
         "inflight": in_flight(request),
     }
     return page("overview.html", request, context)
@@ -71,6 +78,41 @@ def fill(stats: dict[str, Any]) -> dict[str, float] | None:
         "size": min(100.0, 100.0 * stats["size_bytes"] / limit),
         "high": 100.0 * stats["high_watermark_bytes"] / limit,
         "low": 100.0 * stats["low_watermark_bytes"] / limit,
+    }
+
+
+def hit_ratios(growth: dict[str, float]) -> dict[str, float | None]:
+    """Hit ratio by kind over the last hour, as ``Admin.stats`` computes it since start: hits / (hits + misses)."""
+    out: dict[str, float | None] = {}
+    for kind in ("blob", "manifest", "tag"):
+        hits, misses = growth.get(f"{kind}_hit", 0.0), growth.get(f"{kind}_miss", 0.0)
+        out[kind] = round(hits / (hits + misses), 4) if hits + misses else None
+    return out
+
+
+def byte_chart(cache: list[float], upstream: list[float]) -> dict[str, Any]:
+    """Stacked bars for an inline SVG: bytes served per minute from the cache (below) and fetched upstream."""
+    peak = max((c + u for c, u in zip(cache, upstream, strict=True)), default=0.0) or 1.0
+    slot = CHART_WIDTH / len(cache)
+    bars = []
+    for i, (c, u) in enumerate(zip(cache, upstream, strict=True)):
+        low, high = CHART_HEIGHT * c / peak, CHART_HEIGHT * u / peak
+        bars.append(
+            {
+                "x": round(i * slot, 2),
+                "cache": {"y": round(CHART_HEIGHT - low, 2), "h": round(low, 2)},
+                "upstream": {"y": round(CHART_HEIGHT - low - high, 2), "h": round(high, 2)},
+            }
+        )
+    return {
+        "width": CHART_WIDTH,
+        "height": CHART_HEIGHT,
+        "bar": round(slot * 0.8, 2),
+        "bars": bars,
+        "cache": [int(n) for n in cache],
+        "upstream": [int(n) for n in upstream],
+        "total_cache": int(sum(cache)),
+        "total_upstream": int(sum(upstream)),
     }
 
 
