@@ -113,12 +113,15 @@ def status_of(url: str, headers: dict[str, str] | None = None) -> int:
 
 
 def refused(url: str) -> bool:
-    """Whether a new connection to ``url`` is refused (a connection accepted, then dropped, is not)."""
+    """Whether a new connection to ``url`` is refused. One accepted then dropped, or left waiting in the backlog of
+    a worker that is closing its socket, is not (yet)."""
     try:
-        status_of(url)
+        urllib.request.urlopen(url, timeout=2).close()
+    except urllib.error.HTTPError:
+        return False
     except urllib.error.URLError as exc:
         return isinstance(exc.reason, ConnectionRefusedError)
-    except (ConnectionError, http.client.HTTPException):
+    except (OSError, http.client.HTTPException):
         return False
     return False
 
