@@ -105,6 +105,8 @@ class Supervisor(BaseApplication):
             "certfile": str(config.tls_cert) if config.tls_cert else None,
             "keyfile": str(config.tls_key) if config.tls_key else None,
         }
+        if "control_socket_disable" in self.cfg.settings:  # gunicorn 25+: no control socket in the user's home
+            settings["control_socket_disable"] = True
         for key, value in settings.items():
             self.cfg.set(key, value)
 
