@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from mirror.oci import errors
 from mirror.oci.reference import Digest
-from mirror.pull.inflight import Fetch, FetchCoordinator, FetchRun, FetchState, InFlight
+from mirror.pull.inflight import Fetch, FetchCoordinator, FetchRun, FetchState, InFlight, RemoteFetch
 from mirror.storage.blobs import BlobStore
 from mirror.storage.fetchlocks import FetchLock, FetchLocks, Followed
 
@@ -72,6 +72,16 @@ class FileLocks:
     def under_way(self) -> list[tuple[str, FetchState]]:
         """This process's fetches (led or followed): what its clients are streaming."""
         return self._inflight.under_way()
+
+    async def elsewhere(self) -> list[RemoteFetch]:
+        """The fetches other processes on the data dir run that this one does not follow (from their locks)."""
+        own = {(registry, fetch.digest) for registry, fetch in self._inflight.under_way()}
+        held = await asyncio.to_thread(self._locks.held_sync)
+        return [
+            RemoteFetch(h.registry, h.digest, h.repo, h.size, h.written, h.started)
+            for h in held
+            if (h.registry, h.digest) not in own
+        ]
 
     def get(self, registry: str, digest: Digest) -> FetchState | None:
         return self._inflight.get(registry, digest)
@@ -129,7 +139,7 @@ class FileLocks:
         announcing: list[asyncio.Task[None]] = []
 
         def announce(size: int | None) -> None:
-            announcing.append(asyncio.create_task(asyncio.to_thread(lock.announce_sync, size)))
+            announcing.append(asyncio.create_task(asyncio.to_thread(lock.announce_sync, size, fetch.repo)))
 
         fetch.on_begin = announce
         try:

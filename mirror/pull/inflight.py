@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
@@ -29,6 +30,18 @@ from mirror.oci.reference import Digest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteFetch:
+    """A fetch another process runs, as far as it tells: no clients of this process, a wall-clock start."""
+
+    registry: str
+    digest: Digest
+    repo: str
+    size: int | None
+    written: int
+    started: float  # time.time()
 
 
 class FetchState(Protocol):
@@ -106,6 +119,10 @@ class FetchCoordinator(Protocol):
 
     def under_way(self) -> list[tuple[str, FetchState]]:
         """Every fetch of this process under way, with its upstream registry (for the web page)."""
+        ...
+
+    async def elsewhere(self) -> list[RemoteFetch]:
+        """The fetches other processes (or replicas) run that this one has no client of (for the web page)."""
         ...
 
     def fetching(self, digest: Digest) -> bool: ...
@@ -208,6 +225,9 @@ class InFlight:
 
     def under_way(self) -> list[tuple[str, FetchState]]:
         return [(registry, fetch) for (registry, _), fetch in self._fetches.items()]
+
+    async def elsewhere(self) -> list[RemoteFetch]:
+        return []  # alone: there is nobody else
 
     def join(self, registry: str, digest: Digest, run: FetchRun, repo: str = "") -> tuple[Fetch, bool]:
         """The fetch of ``digest`` from ``registry`` under way, or a new one started with ``run``. True when this

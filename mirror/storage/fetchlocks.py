@@ -3,7 +3,8 @@
 Every fetch has a key (``BlobStore.fetch_key``: digest and upstream) and two files in ``tmp/``::
 
     lock-<key>    exclusive ``flock`` of whoever fetches it; the kernel releases it when that process dies. Once
-                  the upstream answered, the holder writes "<size or -> <inode of the temp file>" into it.
+                  the upstream answered, the holder writes "<size or -> <inode of the temp file> <registry>
+                  <digest> <wall-clock start> <repository>" into it (the last four for the web page's list)
     fetch-<key>   the temp file the holder writes (``BlobStore.fetch_writer``), renamed into ``blobs/`` when
                   verified, removed when the fetch fails
 
@@ -25,13 +26,38 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mirror.oci import errors
 from mirror.oci.reference import Digest
 from mirror.storage.blobs import LOCK_PREFIX, BlobStore
 
 log = logging.getLogger(__name__)
+
+
+ANNOUNCEMENT_MAX = 1024  # bytes of a lock file read: the fields above, a repository name included
+
+
+def _size_and_inode(announcement: str) -> tuple[int | None, int] | None:
+    """The size (None: not announced) and the temp file's inode of an announcement, or None if it has none."""
+    fields = announcement.split()
+    if len(fields) < 2 or not fields[1].isdigit() or not (fields[0] == "-" or fields[0].isdigit()):
+        return None
+    return (None if fields[0] == "-" else int(fields[0])), int(fields[1])
+
+
+@dataclass(frozen=True, slots=True)
+class HeldFetch:
+    """A fetch some process holds the lock of, as its announcement and its temp file show it."""
+
+    registry: str
+    digest: Digest
+    repo: str
+    size: int | None
+    written: int
+    started: float  # wall clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +96,12 @@ class Published:
 class FetchLock:
     """The held lock of one fetch. ``release_sync`` drops it (also when the fetch failed)."""
 
-    def __init__(self, fd: int, lock_path: Path, temp_path: Path, final_path: Path):
+    def __init__(self, fd: int, lock_path: Path, temp_path: Path, final_path: Path, key: str = "- -"):
         self._fd = fd
         self.lock_path = lock_path
         self.temp_path = temp_path
         self.final_path = final_path
+        self._key = key  # "<registry> <digest>", for the announcement
 
     def published_sync(self) -> Published | None:
         """The published blob, if a holder before us (or we) published it."""
@@ -97,11 +124,13 @@ class FetchLock:
         with contextlib.suppress(FileNotFoundError):
             self.temp_path.unlink()
 
-    def announce_sync(self, size: int | None) -> None:
-        """Tell followers the upstream answered: its size and which temp file holds the bytes."""
+    def announce_sync(self, size: int | None, repo: str = "") -> None:
+        """Tell followers the upstream answered: its size and which temp file holds the bytes (and, for the web
+        page, what is fetched, since when, for which repository)."""
         inode = os.stat(self.temp_path).st_ino
+        line = f"{'-' if size is None else size} {inode} {self._key} {time.time():.3f} {repo or '-'}\n"
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{'-' if size is None else size} {inode}\n".encode(), 0)
+        os.pwrite(self._fd, line.encode()[:ANNOUNCEMENT_MAX], 0)
 
     def release_sync(self) -> None:
         if self._fd < 0:
@@ -118,7 +147,7 @@ def try_lock_sync(lock_path: Path) -> tuple[int | None, str]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            text = os.pread(fd, 64, 0).decode(errors="replace")
+            text = os.pread(fd, ANNOUNCEMENT_MAX, 0).decode(errors="replace")
             os.close(fd)
             return None, text
         except BaseException:
@@ -159,7 +188,7 @@ class FetchLocks:
         fd, _ = self._try(lock_path)
         if fd is None:
             return None
-        lock = FetchLock(fd, lock_path, temp_path, self._store.path(digest))
+        lock = FetchLock(fd, lock_path, temp_path, self._store.path(digest), f"{registry} {digest}")
         lock.discard_leftover_sync()
         return lock
 
@@ -180,11 +209,11 @@ class FetchLocks:
         lock_path, temp_path = self._paths(registry, digest)
         fd, announcement = self._try(lock_path)
         if fd is not None:
-            return FetchLock(fd, lock_path, temp_path, self._store.path(digest))
-        size_text, _, inode_text = announcement.strip().partition(" ")
-        if not inode_text.isdigit() or not (size_text == "-" or size_text.isdigit()):
+            return FetchLock(fd, lock_path, temp_path, self._store.path(digest), f"{registry} {digest}")
+        announced = _size_and_inode(announcement)
+        if announced is None:
             return Progress(False, None, None, 0)
-        size, inode = None if size_text == "-" else int(size_text), int(inode_text)
+        size, inode = announced
         written = followed.written_sync() if followed is not None and followed.inode == inode else 0
         return Progress(True, size, inode, written)
 
@@ -201,11 +230,47 @@ class FetchLocks:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            size_text, _, inode_text = os.pread(fd, 64, 0).decode(errors="replace").strip().partition(" ")
-            return int(size_text) if size_text.isdigit() and inode_text.isdigit() else None
+            announced = _size_and_inode(os.pread(fd, ANNOUNCEMENT_MAX, 0).decode(errors="replace"))
+            return announced[0] if announced is not None else None
         finally:
             os.close(fd)  # (drops the shared lock if it was taken)
         return None
+
+    def held_sync(self, limit: int = 100) -> list[HeldFetch]:
+        """The announced fetches whose lock some process holds (this one's too), at most ``limit``: the web page's
+        list of what the processes on the data dir fetch now. Each lock is tested as ``announced_sync`` does."""
+        found: list[HeldFetch] = []
+        for path in self._store.tmp_dir.glob(f"{LOCK_PREFIX}*"):
+            if len(found) >= limit:
+                break
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = self._held(os.pread(fd, ANNOUNCEMENT_MAX, 0).decode(errors="replace"))
+                if held is not None:
+                    found.append(held)
+            finally:
+                os.close(fd)
+        return found
+
+    def _held(self, announcement: str) -> HeldFetch | None:
+        announced, fields = _size_and_inode(announcement), announcement.split()
+        if announced is None or len(fields) < 6:
+            return None
+        try:
+            digest, started = Digest.parse(fields[3]), float(fields[4])
+        except (ValueError, errors.DigestInvalid):
+            return None
+        try:
+            written = os.stat(self._store.fetch_temp_path(fields[2], digest)).st_size
+        except FileNotFoundError:
+            return None
+        repo = "" if fields[5] == "-" else fields[5]
+        return HeldFetch(fields[2], digest, repo, announced[0], written, started)
 
     def _try(self, lock_path: Path) -> tuple[int | None, str]:
         return try_lock_sync(lock_path)

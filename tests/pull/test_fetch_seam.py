@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from mirror.content import MemoryBlob, StoredBlob
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest, Repo
-from mirror.pull.inflight import FetchRun, FetchState, InFlight
+from mirror.pull.inflight import FetchRun, FetchState, InFlight, RemoteFetch
 from mirror.pull.service import PullThrough, TagPolicy
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index
@@ -50,6 +50,9 @@ class Recording:
 
     def under_way(self) -> list[tuple[str, FetchState]]:
         return self.inner.under_way()
+
+    async def elsewhere(self) -> list[RemoteFetch]:
+        return await self.inner.elsewhere()
 
     async def close(self) -> None:
         await self.inner.close()

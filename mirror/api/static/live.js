@@ -32,7 +32,7 @@
     figures.textContent = size(f.written) + " / " + (f.size ? size(f.size) : "?");
     progress.append(bar, figures);
     cell(tr, size(f.speed) + "/s", "num");
-    cell(tr, String(f.clients), "num");
+    cell(tr, f.clients === null ? "—" : String(f.clients), "num");  // another worker's fetch: not counted here
     return tr;
   }
 

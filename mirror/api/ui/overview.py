@@ -39,20 +39,22 @@ async def overview(request: web.Request) -> web.Response:
         "upstreams": await asyncio.to_thread(metrics.upstream_summary),
         "chart": chart([int(n) for n in metrics.timeline.per_minute("requests", minute, totals)]),
         "bytes": byte_chart(bytes_cache, bytes_upstream),
-        "inflight": in_flight(request),
+        "inflight": await in_flight(request),
     }
     return page("overview.html", request, context)
 
 
 async def inflight_json(request: web.Request) -> web.Response:
-    return web.json_response({"fetches": in_flight(request)}, headers={"Cache-Control": "no-store"})
+    return web.json_response({"fetches": await in_flight(request)}, headers={"Cache-Control": "no-store"})
 
 
-def in_flight(request: web.Request) -> list[dict[str, Any]]:
-    """The blob fetches under way in this process: repository, size, bytes so far, average speed, clients."""
+async def in_flight(request: web.Request) -> list[dict[str, Any]]:
+    """The blob fetches under way: repository, size, bytes so far, average speed, clients. This process's, and
+    (with ``--workers``) the other workers' from their lock files, whose clients it cannot count (None)."""
+    inflight = request.app[PULL].inflight
     now = time.monotonic()
-    rows = []
-    for registry, fetch in request.app[PULL].inflight.under_way():
+    rows: list[dict[str, Any]] = []
+    for registry, fetch in inflight.under_way():
         elapsed = max(now - fetch.started_at, 1e-3)
         rows.append(
             {
@@ -63,6 +65,20 @@ def in_flight(request: web.Request) -> list[dict[str, Any]]:
                 "written": fetch.written,
                 "speed": round(fetch.written / elapsed),
                 "clients": fetch.clients,
+            }
+        )
+    wall = time.time()
+    for other in await inflight.elsewhere():
+        elapsed = max(wall - other.started, 1e-3)
+        rows.append(
+            {
+                "digest": str(other.digest),
+                "upstream": other.registry,
+                "repo": other.repo,
+                "size": other.size,
+                "written": other.written,
+                "speed": round(other.written / elapsed),
+                "clients": None,
             }
         )
     rows.sort(key=lambda row: (row["repo"], row["digest"]))
