@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import logging
 import os
@@ -24,7 +23,7 @@ from typing import IO, TYPE_CHECKING, Protocol
 
 from mirror.oci.reference import Digest
 from mirror.storage.s3errors import bucket_errors
-from mirror.storage.writer import WRITE_SLICE, DigestMismatch, DiskFull, SizeMismatch
+from mirror.storage.writer import DigestMismatch, SizeMismatch, write_hashed_sync
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -72,21 +71,8 @@ class S3Writer:
         self._upload: tuple[str, str] | None = None  # (key, upload id) of the multipart upload, once started
         self._parts: list[CompletedPartTypeDef] = []
 
-    def _write_sync(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        try:
-            for start in range(0, len(view), WRITE_SLICE):
-                piece = view[start : start + WRITE_SLICE]
-                self._file.write(piece)
-                self._hasher.update(piece)
-            self._file.flush()
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(str(exc)) from exc
-            raise
-
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        await asyncio.to_thread(self._write_sync, data)
+        await asyncio.to_thread(write_hashed_sync, self._file, self._hasher, data)
         self.written += len(data)
         if self._digest is not None:
             while self.written - self._uploaded >= PART_SIZE:

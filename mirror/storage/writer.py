@@ -51,6 +51,23 @@ class DiskFull(Exception):
     """The data dir's filesystem ran out of space (or quota) while writing."""
 
 
+def write_hashed_sync(file: IO[bytes], hasher: hashlib._Hash, data: bytes | bytearray | memoryview) -> None:
+    """Write and hash ``data`` a slice at a time: each slice is hashed while it is still in the CPU cache from the
+    write, and the kernel copies smaller pieces (half the system time per GiB of one big write here). A full disk
+    is ``DiskFull``."""
+    view = memoryview(data)
+    try:
+        for start in range(0, len(view), WRITE_SLICE):
+            piece = view[start : start + WRITE_SLICE]
+            file.write(piece)
+            hasher.update(piece)
+        file.flush()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(str(exc)) from exc
+        raise
+
+
 class BlobWriter:
     """One temp file being filled, hashed on the fly. Use ``commit`` to publish it, ``abort`` to drop it.
 
@@ -82,19 +99,7 @@ class BlobWriter:
                 self.written += len(chunk)
 
     def _write_sync(self, data: bytes | bytearray | memoryview) -> None:
-        """Write and hash ``data`` a slice at a time: each slice is hashed while it is still in the CPU cache from
-        the write, and the kernel copies smaller pieces (half the system time per GiB of one big write here)."""
-        view = memoryview(data)
-        try:
-            for start in range(0, len(view), WRITE_SLICE):
-                piece = view[start : start + WRITE_SLICE]
-                self._file.write(piece)
-                self._hasher.update(piece)
-            self._file.flush()
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(str(exc)) from exc
-            raise
+        write_hashed_sync(self._file, self._hasher, data)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         await asyncio.to_thread(self._write_sync, data)

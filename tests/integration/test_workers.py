@@ -31,8 +31,8 @@ from tests.support.ops import (
     free_port,
     nginx_requests,
     run_cli,
-    start_nginx,
     start_registry,
+    throttled_upstream,
     upstream_requests,
     wait_until,
 )
@@ -44,22 +44,10 @@ BIG = 8 * 2**20
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    work = tmp_path_factory.mktemp("workers")
-    registry, url = start_registry(work / "registry", access_log=True)
-    herd_nginx, herd_url = start_nginx(work / "nginx-herd", url, throttle="8m")  # ~1 s for BIG
-    slow_nginx, slow_url = start_nginx(work / "nginx-slow", url, throttle="2m", log=True)  # ~4 s for BIG
-    try:
-        yield {
-            "log": work / "registry" / "registry.log",
-            "herd": herd_url,
-            "slow": slow_url,
-            "slow_dir": work / "nginx-slow",
-            "url": url,
-        }
-    finally:
-        slow_nginx.stop()
-        herd_nginx.stop()
-        registry.stop()
+    with throttled_upstream(
+        tmp_path_factory.mktemp("workers"), slow="2m"
+    ) as upstream:  # ~1 s for BIG at 8 MB/s, ~4 s at 2 MB/s
+        yield upstream
 
 
 def workers(mirror: Mirror) -> set[int]:

@@ -25,8 +25,7 @@ from tests.support.ops import (
     nginx_requests,
     record_figures,
     run_cli,
-    start_nginx,
-    start_registry,
+    throttled_upstream,
     upstream_requests,
     wait_until,
 )
@@ -37,22 +36,10 @@ BIG = 8 * 2**20
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    work = tmp_path_factory.mktemp("filelock")
-    registry, url = start_registry(work / "registry", access_log=True)
-    herd_nginx, herd_url = start_nginx(work / "nginx-herd", url, throttle="8m")  # ~1 s for the blob
-    slow_nginx, slow_url = start_nginx(work / "nginx-slow", url, throttle="1m", log=True)  # ~8 s
-    try:
-        yield {
-            "log": work / "registry" / "registry.log",
-            "herd": herd_url,
-            "slow": slow_url,
-            "slow_dir": work / "nginx-slow",
-            "url": url,
-        }
-    finally:
-        slow_nginx.stop()
-        herd_nginx.stop()
-        registry.stop()
+    with throttled_upstream(
+        tmp_path_factory.mktemp("filelock"), slow="1m"
+    ) as upstream:  # ~1 s for the blob at 8 MB/s, ~8 s at 1 MB/s
+        yield upstream
 
 
 def blob_url(mirror: Mirror, repo: str, digest: str) -> str:

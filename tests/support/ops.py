@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -281,6 +281,27 @@ def nginx_requests(workdir: Path, path_part: str) -> list[tuple[str, int, str]]:
         if path_part in uri:
             found.append((method, int(status), rng.removeprefix("range=")))
     return found
+
+
+@contextlib.contextmanager
+def throttled_upstream(work: Path, slow: str) -> Iterator[dict[str, Any]]:
+    """A real Distribution (access log on) behind two nginx: ``herd`` at 8 MB/s and ``slow`` at ``slow`` (nginx's
+    rate, e.g. ``1m``) with its request log in ``slow_dir`` (``nginx_requests``); ``url`` is Distribution itself."""
+    registry, url = start_registry(work / "registry", access_log=True)
+    herd_nginx, herd_url = start_nginx(work / "nginx-herd", url, throttle="8m")
+    slow_nginx, slow_url = start_nginx(work / "nginx-slow", url, throttle=slow, log=True)
+    try:
+        yield {
+            "log": work / "registry" / "registry.log",
+            "herd": herd_url,
+            "slow": slow_url,
+            "slow_dir": work / "nginx-slow",
+            "url": url,
+        }
+    finally:
+        slow_nginx.stop()
+        herd_nginx.stop()
+        registry.stop()
 
 
 COORDINATED = "tests.support.coordinated"  # the entry of mirrors that share one data dir (``Mirror(entry=...)``)
