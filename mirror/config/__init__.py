@@ -152,7 +152,7 @@ PUSH_KEYS = {
 TOP_KEYS |= PUSH_KEYS
 ANONYMOUS_PUSH = ("loopback", "any", "off")
 # Tables of the config file besides [[upstreams]] (a misspelt one must not be silently ignored).
-TABLES = {"cache", "notifications", "storage"}
+TABLES = {"cache", "cluster", "notifications", "storage"}
 FLOAT_KEYS = {"tag_ttl", "max_stale", "upstream_timeout"}
 
 
@@ -262,10 +262,12 @@ def build(flat: Mapping[str, Any], upstream_tables: list[Mapping[str, Any]] | No
         raise ConfigError(f"--anonymous-push must be one of {', '.join(ANONYMOUS_PUSH)}")
     cache_config(config)  # validates the [cache] table
     from mirror.config.access import access_rules  # here, not at the top: these modules build on this one
+    from mirror.config.cluster import cluster_config
     from mirror.config.storage import storage_config
 
     access_rules(config)  # validates the [[access]] tables
     storage_config(config)  # validates the [storage] table
+    cluster_config(config)  # validates the [cluster] table
     return config
 
 

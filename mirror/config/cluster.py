@@ -1,0 +1,74 @@
+"""The ``[cluster]`` table of the config file: how replicas sharing one bucket find Redis and each other, read
+into a plain value for ``app`` (which hands its fields on; nothing else reads ``Config`` for it).
+
+With no ``[cluster]`` table the mirror is one node and needs no other service. With one, Redis at ``redis_url``
+holds what the replicas share, each replica tells the others how to reach it (``advertise``), and every call
+between replicas carries the shared secret (``secret``, or the contents of ``secret_file``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from mirror.config import Config, ConfigError
+
+MIN_SECRET = 16  # characters: a secret shorter than this is a typo or a placeholder, not a secret
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    redis_url: str = ""  # "": no cluster (one node)
+    advertise: str = ""  # how the other replicas reach this one, e.g. "http://mirror-0.mirror:5000"
+    secret: str = ""  # shared by every replica; read from secret_file when that is given
+    secret_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+
+def cluster_config(config: Config) -> ClusterConfig:
+    """The ``[cluster]`` table, validated, with the secret read from ``secret_file``; the defaults (no cluster)
+    when there is none."""
+    table = config.extra.get("cluster")
+    if table is None:
+        return ClusterConfig()
+    if not isinstance(table, dict):
+        raise ConfigError('cluster must be a table: [cluster] redis_url = "redis://..."')
+    unknown = set(table) - {f.name for f in fields(ClusterConfig)}
+    if unknown:
+        raise ConfigError(f"unknown keys in [cluster]: {', '.join(sorted(unknown))}")
+    for key, value in table.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"[cluster] {key} must be a string")
+    cluster = ClusterConfig(**table)
+    if cluster.secret_file:
+        if cluster.secret:
+            raise ConfigError("[cluster] give secret or secret_file, not both")
+        try:
+            secret = Path(cluster.secret_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"[cluster] secret_file {cluster.secret_file}: {e.strerror or e}") from None
+        cluster = ClusterConfig(cluster.redis_url, cluster.advertise, secret, cluster.secret_file)
+    _check(cluster)
+    return cluster
+
+
+def _check(cluster: ClusterConfig) -> None:
+    if not cluster.redis_url:
+        raise ConfigError('[cluster] needs redis_url, e.g. "redis://127.0.0.1:6379/0"')
+    if urlsplit(cluster.redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"[cluster] redis_url must be a redis://, rediss:// or unix:// URL, got {cluster.redis_url!r}"
+        )
+    if not cluster.advertise:
+        raise ConfigError(
+            '[cluster] needs advertise: how the other replicas reach this one, e.g. "http://10.0.0.5:5000"'
+        )
+    parts = urlsplit(cluster.advertise)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"[cluster] advertise must be an http:// or https:// URL, got {cluster.advertise!r}")
+    if len(cluster.secret) < MIN_SECRET:
+        raise ConfigError(f"[cluster] needs secret (or secret_file) of at least {MIN_SECRET} characters")
