@@ -40,6 +40,7 @@ from mirror.api.streaming import SENDER, Sender
 from mirror.api.ui import actions
 from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, cache_config
 from mirror.config.access import access_rules
+from mirror.config.cluster import cluster_config
 from mirror.config.storage import storage_config
 from mirror.metrics import CacheSnapshot, Metrics
 from mirror.notify import Endpoint, Notifier
@@ -53,7 +54,7 @@ from mirror.push.registry import LocalRegistry
 from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
 from mirror.routing import RepoRules, Router, Upstreams
-from mirror.storage.base import BlobStorage
+from mirror.storage.base import BlobStorage, StoreUnavailable
 from mirror.storage.blobs import BlobStore
 from mirror.storage.counter import SharedCounter
 from mirror.storage.eviction import Limits
@@ -71,6 +72,7 @@ from mirror.upstream.client import UpstreamClient, UpstreamSettings
 from mirror.upstream.quota import QuotaRecord
 
 if TYPE_CHECKING:
+    from mirror.storage.cluster import RedisLink
     from mirror.storage.s3 import S3Store
 
 log = logging.getLogger(__name__)
@@ -236,6 +238,16 @@ def open_store(config: Config) -> tuple[BlobStorage, BlobStore, S3Store | None]:
     return bucket, bucket.local, bucket
 
 
+def cluster_link(config: Config) -> RedisLink | None:
+    """The replicas' shared Redis, with ``[cluster]``; None for one node (no other service needed)."""
+    cluster = cluster_config(config)
+    if not cluster.enabled:
+        return None
+    from mirror.storage.cluster import RedisLink  # here: redis-py is the optional extra "cluster"
+
+    return RedisLink.connect(cluster.redis_url)
+
+
 def coordination(config: Config, store: BlobStore) -> tuple[FetchCoordinator, Callable[[], int]]:
     """The fetch coordinator, and the start-up cleaning of ``tmp/`` that fits it: alone on the data dir, every
     temp file is a leftover; sharing it, only those of fetches no process holds are."""
@@ -295,7 +307,8 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     app.cleanup_ctx.append(push_lifecycle(config, local))
     app[USAGE] = usage
     app[ADMIN] = admin
-    app[READY] = lambda: readiness(config, store, index, housekeeper)
+    link = cluster_link(config)
+    app[READY] = lambda: readiness(config, store, index, housekeeper, link)
     add_routes(app.router, config.admin_api, config.ui)
     if config.ui:
         ui.setup(app, ui_settings(config))
@@ -324,6 +337,8 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
         usage.close()
         if bucket is not None:
             await bucket.close()
+        if link is not None:
+            await link.close()
         access.close()  # the bcrypt threads
 
     app.cleanup_ctx.append(lifecycle)
@@ -424,10 +439,18 @@ def reconcile_logged(store: BlobStorage, index: Index, usage: Usage) -> Report:
     return report
 
 
-async def readiness(config: Config, store: BlobStorage, index: Index, housekeeper: Housekeeper) -> str | None:
-    """None when ready, else why not: the data dir must take a write and the index a read."""
+async def readiness(
+    config: Config, store: BlobStorage, index: Index, housekeeper: Housekeeper, link: RedisLink | None = None
+) -> str | None:
+    """None when ready, else why not: the data dir must take a write, the index a read, and in a cluster Redis
+    must answer (a load balancer then sends the traffic to the replicas that can serve it)."""
     if not housekeeper.ready:
         return "starting"
+    if link is not None:
+        try:
+            await link.ping()
+        except StoreUnavailable as e:
+            return str(e)
 
     def check() -> str | None:
         try:

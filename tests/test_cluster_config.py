@@ -13,9 +13,12 @@ SECRET = "s" * 32
 GOOD = f'redis_url = "redis://127.0.0.1:6379/0"\nadvertise = "http://mirror-0.mirror:5000"\nsecret = "{SECRET}"\n'
 
 
+STORAGE = '[storage]\nbackend = "s3"\nbucket = "mirror"\n'
+
+
 def _load(tmp_path: Path, table: str | None) -> ClusterConfig:
     file = tmp_path / "mirror.toml"
-    file.write_text(f"[cluster]\n{table}" if table is not None else "")
+    file.write_text(f"{STORAGE}[cluster]\n{table}" if table is not None else "")
     return cluster_config(load({}, str(file), {}))
 
 
@@ -63,6 +66,14 @@ def test_the_secret_is_read_from_secret_file(tmp_path: Path) -> None:
 )
 def test_bad_cluster_tables_are_refused_at_load(tmp_path: Path, table: str, message: str) -> None:
     file = tmp_path / "mirror.toml"
-    file.write_text(f"[cluster]\n{table}")
+    file.write_text(f"{STORAGE}[cluster]\n{table}")
     with pytest.raises(ConfigError, match=message):
+        load({}, str(file), {})
+
+
+def test_a_cluster_needs_the_bucket(tmp_path: Path) -> None:
+    """Replicas on local disks would each keep their own content: the cluster shares it through a bucket."""
+    file = tmp_path / "mirror.toml"
+    file.write_text(f"[cluster]\n{GOOD}")
+    with pytest.raises(ConfigError, match='needs \\[storage\\] backend = "s3"'):
         load({}, str(file), {})

@@ -53,6 +53,10 @@ def cluster_config(config: Config) -> ClusterConfig:
             raise ConfigError(f"[cluster] secret_file {cluster.secret_file}: {e.strerror or e}") from None
         cluster = ClusterConfig(cluster.redis_url, cluster.advertise, secret, cluster.secret_file)
     _check(cluster)
+    from mirror.config.storage import storage_config  # here: both build on mirror.config
+
+    if not storage_config(config).s3:
+        raise ConfigError('[cluster] needs [storage] backend = "s3": the replicas share their content through a bucket')
     return cluster
 
 

@@ -20,6 +20,7 @@ import pytest
 from mirror.storage.s3writer import PART_SIZE
 from tests.support.ops import Mirror, blob_files, run_cli, start_registry, upstream_requests, wait_until
 from tests.support.plain_http import pull, push_random_image
+from tests.support.redis import redis_server
 from tests.support.seaweed import (  # noqa: F401 - seaweed_fixture: the fixture
     Seaweed,
     create_bucket,
@@ -161,3 +162,24 @@ def test_the_bucket_gone_fails_readiness_and_hits_get_503(
             wait_until(lambda: get(f"{mirror.url}/readyz")[0] == 503, what="/readyz fails without the bucket")
             status, _, body = get(f"{mirror.url}/v2/library/bucketed/blobs/{image['layers'][0]}")
             assert status == 503 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_readiness_follows_redis_in_a_cluster(
+    upstream: tuple[str, Path, dict[str, Any], list[bytes]], seaweed: Seaweed, tmp_path: Path
+) -> None:
+    """A replica whose Redis is down answers 503 at /readyz (the load balancer stops sending it traffic) and is
+    ready again once Redis is back, without a restart."""
+    url, _, _, _ = upstream
+    with redis_server(tmp_path / "redis") as redis:
+        config = config_file(tmp_path / "mirror.toml", seaweed)
+        with config.open("a") as file:
+            file.write(
+                f'[cluster]\nredis_url = "{redis.url}"\nadvertise = "http://127.0.0.1:1"\nsecret = "{"s" * 32}"\n'
+            )
+        with Mirror(tmp_path / "data", url, "--config", str(config), "--read-only") as mirror:
+            assert get(f"{mirror.url}/readyz")[0] == 200
+            redis.stop()
+            status, _, body = get(f"{mirror.url}/readyz")
+            assert status == 503 and b"Redis" in body
+            redis.start()
+            wait_until(lambda: get(f"{mirror.url}/readyz")[0] == 200, what="/readyz passes with Redis back")

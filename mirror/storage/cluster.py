@@ -1,0 +1,55 @@
+"""The replicas' shared Redis (``[cluster] redis_url``): one connection pool per process, on the event loop, plus
+a synchronous client for the ``*_sync`` callers (gc, verify, the CLI, threads), and the names of every key.
+
+Everything the mirror keeps in Redis is under ``mirror:`` (``key``), so a Redis database may be shared with other
+programs and ``mirror cluster status`` can find what is ours. redis-py is the optional extra ``cluster``: this
+module is imported only when a ``[cluster]`` table is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from mirror.storage.base import StoreUnavailable
+
+NAMESPACE = "mirror:"
+TIMEOUT = 5.0  # seconds for one Redis call, connecting included: past it the replica counts Redis as unreachable
+
+
+def key(*parts: str) -> str:
+    """``key("lease", registry, digest)`` -> ``"mirror:lease:<registry>:<digest>"``."""
+    return NAMESPACE + ":".join(parts)
+
+
+@dataclass(slots=True)
+class RedisLink:
+    """The two clients of one Redis. Owned by the app: ``close`` at clean-up."""
+
+    url: str
+    aio: aioredis.Redis
+    sync: redis.Redis
+
+    @classmethod
+    def connect(cls, url: str, timeout: float = TIMEOUT) -> RedisLink:
+        """Clients of ``url``; nothing is connected until the first call (so a replica starts while Redis is
+        down, and reports it in /readyz)."""
+        return cls(
+            url,
+            aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout),
+            redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout),
+        )
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless Redis answers (``/readyz``)."""
+        try:
+            await self.aio.ping()
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(f"Redis at {self.url} cannot be reached: {e}") from e
+
+    async def close(self) -> None:
+        await self.aio.aclose()
+        self.sync.close()
