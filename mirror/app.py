@@ -269,6 +269,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     store, files, bucket = open_store(config)
     if bucket is not None and not config.read_only:  # upload sessions still publish by rename into blobs/
         raise ConfigError('[storage] backend = "s3" serves pulled-through content only for now: add --read-only')
+    link = cluster_link(config)  # None for one node; with [cluster], the replicas' shared Redis
     index = Index(config.data_dir)
     loop_id = loop_id or secrets.token_hex(8)  # marks this mirror's upstream requests: one that comes back is a loop
     clients, policies, registries = build_upstreams(config, metrics, loop_id)
@@ -307,7 +308,6 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     app.cleanup_ctx.append(push_lifecycle(config, local))
     app[USAGE] = usage
     app[ADMIN] = admin
-    link = cluster_link(config)
     app[READY] = lambda: readiness(config, store, index, housekeeper, link)
     add_routes(app.router, config.admin_api, config.ui)
     if config.ui:
