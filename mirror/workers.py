@@ -20,10 +20,11 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.worker import GunicornUVLoopWebWorker, GunicornWebWorker
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
@@ -31,6 +32,7 @@ from prometheus_client import multiprocess
 
 from mirror import log as log_setup
 from mirror.access import Htpasswd, HtpasswdError
+from mirror.api.accept import FairSite
 from mirror.api.access_log import AccessLogger
 from mirror.config import Config, ConfigError
 from mirror.storage.blobs import BlobStore
@@ -96,7 +98,7 @@ class Supervisor(BaseApplication):
         settings: dict[str, Any] = {
             "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
             "workers": config.workers,
-            "worker_class": "aiohttp.GunicornUVLoopWebWorker" if config.uvloop else "aiohttp.GunicornWebWorker",
+            "worker_class": UVLoopWorker if config.uvloop else Worker,
             "graceful_timeout": GRACEFUL_TIMEOUT,
             "timeout": 60,  # a worker whose event loop is stuck this long is killed and replaced
             "logger_class": Log,
@@ -124,6 +126,28 @@ class Supervisor(BaseApplication):
 
     def run(self) -> None:
         Reloading(self).run()
+
+
+class Worker(GunicornWebWorker):
+    """aiohttp's gunicorn worker, serving each listening socket with ``FairSite`` (one accept per wake-up, so a
+    burst of connections spreads over the workers instead of landing on the first one awake)."""
+
+    async def _run(self) -> None:
+        factory = cast(Callable[[], Awaitable[web.AppRunner]], self.wsgi)  # Supervisor.load's
+        runner = await factory()
+        await runner.setup()
+        ssl = self._create_ssl_context(self.cfg) if self.cfg.is_ssl else None
+        for sock in self.sockets:
+            await FairSite(runner, sock, ssl_context=ssl).start()
+        self.booted = True  # tells the arbiter it serves (a failure before this is a boot error)
+        while self.alive and self.ppid == os.getppid():  # a worker whose master died stops
+            self.notify()  # the arbiter's heartbeat: a worker silent for ``timeout`` is replaced
+            await self._wait_next_notify()
+        await runner.cleanup()  # stops accepting, lets requests in flight finish (shutdown_timeout)
+
+
+class UVLoopWorker(Worker, GunicornUVLoopWebWorker):
+    """``Worker`` on uvloop (``--uvloop``)."""
 
 
 class Reloading(Arbiter):
