@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
+from mirror.api.keys import PULL
 from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
 from tests.fakes.registry import FakeRegistry
@@ -65,3 +67,13 @@ def push_mirror(
         return await aiohttp_client(create_app(config))
 
     return make
+
+
+async def fetches_done(client: MirrorClient, within: float = 10.0) -> None:
+    """Until every blob fetch the mirror runs has ended. A client's body ends as soon as its blob is verified; the
+    store publishes it just after (fsync, rename, the index and the usage table): a test that looks at the store
+    right after a cold GET waits for this first."""
+    inflight = client.app[PULL].inflight
+    async with asyncio.timeout(within):
+        while inflight.under_way():  # noqa: ASYNC110 - the mirror's own table, polled from outside it
+            await asyncio.sleep(0.01)

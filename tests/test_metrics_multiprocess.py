@@ -29,8 +29,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from mirror.metrics import Metrics
 from mirror.metrics.collectors import REPO_REQUESTS, REPO_SERVED, top_repos
 from tests.integration.test_dashboard import dashboard_queries
-from tests.support.ops import COORDINATED, Mirror, mirror_env, start_nginx, start_registry, wait_until
-from tests.support.plain_http import pull, push_blob, push_random_image
+from tests.support.ops import (
+    COORDINATED,
+    Mirror,
+    blob_files,
+    mirror_env,
+    start_nginx,
+    start_registry,
+    wait_until,
+)
+from tests.support.plain_http import pull, push_blob, push_random_image, sha256
 
 pytestmark = pytest.mark.integration
 KiB, MiB = 2**10, 2**20
@@ -117,6 +125,9 @@ def test_requests_spread_over_two_processes_are_summed_by_either_scrape(
         for mirror, path, status, body in script:
             got = get(mirror.url + path)
             assert got[0] == status and (not body or got[1] == body), path
+            if body in (x, y):  # stored just after its client has it: the next GET of it is a hit
+                stored = sha256(body)
+                wait_until(lambda: stored in blob_files(tmp_path / "data"), what="the blob stored")  # noqa: B023
         want = {
             ("mirror_http_requests_total", "blob", "200"): 5,
             ("mirror_http_requests_total", "base", "200"): 2,

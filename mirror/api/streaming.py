@@ -152,7 +152,7 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
         offset = start
         while offset < end:
             await _wait_sendable(fetch, offset, offset > start, end)
-            if fetch.error is not None:
+            if fetch.error is not None and not fetch.verified:  # verified bytes are right even if unpublished
                 log.warning("cutting client off: fetch of %s failed: %s", digest, fetch.error)
                 transport.abort()
                 return resp
@@ -202,7 +202,7 @@ async def _wait_sendable(fetch: FetchState, offset: int, gather: bool, end: int)
 def _sendable_end(fetch: FetchState, end: int) -> int:
     """Where the bytes of a range ending at ``end`` may be sent up to now: all of it once the blob is verified,
     all but its last byte before."""
-    return end if fetch.final_path is not None else end - 1
+    return end if fetch.verified else end - 1
 
 
 async def _gather_more(fetch: FetchState, target: int) -> None:

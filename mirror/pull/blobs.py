@@ -110,6 +110,14 @@ class BlobPuller:
         if fetch.final_path is not None and fetch.written == 0 and fetch.size is None:
             # Finished before we looked (committed by someone else meanwhile): serve it as a hit.
             return StoredBlob(fetch.final_path, await self._store.size(digest) or 0)
+        if fetch.verified and not started:
+            # Every byte is here and right, and the store is publishing it (an fsync: tens of ms, more for a large
+            # blob): a later client is answered as the hit it is about to be, with everything a hit honours
+            # (conditionals). The client that started the fetch streams it (its bytes count as fetched).
+            await fetch.wait_done()
+            if fetch.final_path is None:
+                raise failure(fetch.error or RuntimeError(f"the fetch of {digest} ended without a result"))
+            return StoredBlob(fetch.final_path, fetch.written)
         return fetch
 
     def _hit(self, repo: Repo, digest: Digest, answer: StoredBlob | MemoryBlob) -> StoredBlob | MemoryBlob:
@@ -155,7 +163,7 @@ class BlobPuller:
             if not (fetch.resume and writer.written == fetch.size):  # else only the digest check was left to do
                 expected = await self._receive(client, repo, fetch, writer)
             try:
-                await writer.commit(digest, fetch.size)
+                await writer.commit(digest, fetch.size, verified=fetch.verify)
             except Exception as exc:
                 raise UpstreamInvalid(f"blob {digest} from {repo}: {exc}") from exc
             await self._index.add_origin(digest, repo.registry)

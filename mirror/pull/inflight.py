@@ -30,6 +30,7 @@ from mirror.oci.reference import Digest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PUBLISH_GRACE = 60.0  # seconds a stopping mirror waits for verified blobs to be published (an fsync, a rename)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,9 @@ class FetchState(Protocol):
     def final_path(self) -> Path | None: ...  # set once verified and published in the store
 
     @property
+    def verified(self) -> bool: ...  # the digest matched: every byte may be sent, before the blob is published
+
+    @property
     def written(self) -> int: ...
 
     @property
@@ -87,6 +91,8 @@ class FetchState(Protocol):
     def begin(self, size: int | None, temp_path: Path) -> None: ...
 
     def advance(self, written: int) -> None: ...
+
+    def verify(self) -> None: ...
 
     def finish(self, final_path: Path) -> None: ...
 
@@ -142,6 +148,7 @@ class Fetch:
         self.size: int | None = None  # from the upstream's Content-Length, once it answered
         self.temp_path: Path | None = None
         self.final_path: Path | None = None  # set once verified and renamed into the store
+        self.verified = False  # the digest matched (before the fsync and rename that publish it)
         self.written = 0
         self.error: BaseException | None = None
         self._started = asyncio.Event()
@@ -153,8 +160,9 @@ class Fetch:
 
     def readable(self) -> int:
         """Bytes a client may be sent now. One byte is held back until the digest is verified: a client cannot
-        receive a complete body before the mirror knows it is right."""
-        if self.final_path is not None:
+        receive a complete body before the mirror knows it is right. Publishing (fsync, rename, the index) comes
+        after and does not hold the clients back: their bytes are right whether or not the store keeps them."""
+        if self.verified or self.final_path is not None:
             return self.written
         return max(0, self.written - 1)
 
@@ -168,8 +176,13 @@ class Fetch:
         self.written = written
         self._notify()
 
+    def verify(self) -> None:
+        self.verified = True
+        self._notify()
+
     def finish(self, final_path: Path) -> None:
         self.final_path = final_path
+        self.verified = True
         self._started.set()
         self._notify()
 
@@ -208,7 +221,7 @@ class InFlight:
     def __init__(self, new_fetch: Callable[[Digest, str], Fetch] = Fetch) -> None:
         self._new_fetch = new_fetch  # the state of a new fetch (another coordinator may extend ``Fetch``)
         self._fetches: dict[tuple[str, Digest], Fetch] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Fetch] = {}  # each fetch's own task
 
     def __len__(self) -> int:
         return len(self._fetches)
@@ -241,9 +254,12 @@ class InFlight:
         fetch = self._new_fetch(digest, repo)
         self._fetches[key] = fetch
         task = asyncio.create_task(self._run(key, fetch, run), name=f"fetch {digest} from {registry}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = fetch
+        task.add_done_callback(self._forget)
         return fetch, True
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     async def _run(self, key: tuple[str, Digest], fetch: Fetch, run: FetchRun) -> None:
         try:
@@ -260,6 +276,11 @@ class InFlight:
                 fetch.fail(RuntimeError("fetch ended without a result"))
 
     async def close(self) -> None:
+        """Stop every fetch, but let those whose bytes are verified finish publishing (their clients have the
+        whole blob already: a graceful stop keeps it), for up to PUBLISH_GRACE seconds."""
+        publishing = [task for task, fetch in self._tasks.items() if fetch.verified]
+        if publishing:
+            await asyncio.wait(publishing, timeout=PUBLISH_GRACE)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

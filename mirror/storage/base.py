@@ -10,7 +10,7 @@ database work and are called from a thread (or a CLI process), never on the even
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncGenerator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
@@ -34,7 +34,14 @@ class BlobWriterLike(Protocol):
 
     async def write(self, data: bytes | bytearray | memoryview) -> None: ...
 
-    async def commit(self, expected: Digest | None = None, expected_size: int | None = None) -> Digest: ...
+    async def commit(
+        self,
+        expected: Digest | None = None,
+        expected_size: int | None = None,
+        verified: Callable[[], None] | None = None,
+    ) -> Digest:
+        """Check size and digest, then publish; ``verified`` is called once they matched, before publishing."""
+        ...
 
     async def abort(self) -> None: ...
 

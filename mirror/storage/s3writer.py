@@ -115,11 +115,18 @@ class S3Writer:
             raise DigestMismatch(expected, actual)
         return actual
 
-    async def commit(self, expected: Digest | None = None, expected_size: int | None = None) -> Digest:
-        """Verify, then complete the object at its digest's key. On any failure the upload is aborted, the temp
-        file removed and the error raised."""
+    async def commit(
+        self,
+        expected: Digest | None = None,
+        expected_size: int | None = None,
+        verified: Callable[[], None] | None = None,
+    ) -> Digest:
+        """Verify, then complete the object at its digest's key (``verified`` is called in between). On any failure
+        the upload is aborted, the temp file removed and the error raised."""
         try:
             digest = self._verify(expected, expected_size)
+            if verified is not None:
+                verified()
             with bucket_errors():
                 await self._store.publish(digest, lambda: self._finish(digest))
         except BaseException:

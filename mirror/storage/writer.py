@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -105,12 +106,15 @@ class BlobWriter:
         await asyncio.to_thread(self._write_sync, data)
         self.written += len(data)
 
-    def _commit_sync(self, expected: Digest | None, expected_size: int | None) -> Digest:
+    def _verify(self, expected: Digest | None, expected_size: int | None) -> Digest:
         actual = Digest(self._algorithm, self._hasher.hexdigest())
         if expected_size is not None and expected_size != self.written:
             raise SizeMismatch(expected_size, self.written)
         if expected is not None and expected != actual:
             raise DigestMismatch(expected, actual)
+        return actual
+
+    def _publish_sync(self, actual: Digest) -> Digest:
         try:
             os.fsync(self._file.fileno())
         except OSError as exc:
@@ -122,10 +126,19 @@ class BlobWriter:
         self._store.publish_sync(self.temp_path, actual)
         return actual
 
-    async def commit(self, expected: Digest | None = None, expected_size: int | None = None) -> Digest:
-        """Verify and publish. On any failure the temp file is removed and the error raised."""
+    async def commit(
+        self,
+        expected: Digest | None = None,
+        expected_size: int | None = None,
+        verified: Callable[[], None] | None = None,
+    ) -> Digest:
+        """Verify and publish (``verified`` is called in between). On any failure the temp file is removed and the
+        error raised."""
         try:
-            return await asyncio.to_thread(self._commit_sync, expected, expected_size)
+            actual = self._verify(expected, expected_size)  # the running hash: no byte is read again
+            if verified is not None:
+                verified()
+            return await asyncio.to_thread(self._publish_sync, actual)
         except BaseException:
             await self.abort()
             raise

@@ -76,8 +76,13 @@ def test_pull_through_into_the_bucket_and_hits_from_it(
         fetched = upstream_requests(registry_log, "GET", "/blobs/")
         assert fetched == 1 + len(layers)
 
-        listed = raw_client(seaweed.endpoint_url).list_objects_v2(Bucket=seaweed.bucket, Prefix="serve/blobs/")
-        stored = {item["Key"]: item["Size"] for item in listed.get("Contents", [])}
+        def stored_objects() -> dict[str, int]:
+            listed = raw_client(seaweed.endpoint_url).list_objects_v2(Bucket=seaweed.bucket, Prefix="serve/blobs/")
+            return {item["Key"]: item["Size"] for item in listed.get("Contents", [])}
+
+        # A client has its last byte once the digest matched; the object is completed just after.
+        wait_until(lambda: len(stored_objects()) == 2 + len(layers), what="every object complete in the bucket")
+        stored = stored_objects()
         for digest, size in cold["blobs"].items():
             assert stored[f"serve/blobs/{digest.replace(':', '/')}"] == size
         assert f"serve/blobs/{image['manifest'].replace(':', '/')}" in stored

@@ -188,7 +188,7 @@ async def test_kill_9_of_the_fetching_worker_mid_blob_is_continued_by_the_other(
         requests = nginx_requests(upstream["slow_dir"], f"/blobs/{digest}")
         assert [status for _, status, _ in requests] == [200, 206], requests  # the rest asked with Range
         assert requests[1][2].startswith("bytes=")
-        assert blob_files(data)[digest] == BIG
+        wait_until(lambda: blob_files(data).get(digest) == BIG, what="the blob stored")
         wait_until(lambda: not [p for p in (data / "tmp").iterdir() if not p.name.startswith("lock-")])
     assert "0 did not match" in run_cli("verify", "--data-dir", str(data)).stdout
 

@@ -23,7 +23,7 @@ from mirror.config import Config, UpstreamConfig
 from mirror.oci.reference import Digest
 from mirror.storage.eviction import plan
 from mirror.storage.usage import Entry
-from tests.conftest import MirrorClient
+from tests.conftest import MirrorClient, fetches_done
 from tests.fakes.registry import FakeRegistry, sha256
 from tests.support.ops import DiskWatch, eventually
 
@@ -48,6 +48,7 @@ async def pull(client: MirrorClient, image: dict[str, Any]) -> None:
     resp = await client.get(f"/v2/{image['repo']}/blobs/{image['layer']}")
     assert resp.status == 200
     assert await resp.read() == image["data"]
+    await fetches_done(client)
 
 
 @pytest.fixture

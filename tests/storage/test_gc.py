@@ -22,7 +22,7 @@ from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
 from mirror.oci.reference import Digest
 from mirror.storage.index import Index
-from tests.conftest import MirrorClient, MirrorFactory
+from tests.conftest import MirrorClient, MirrorFactory, fetches_done
 from tests.fakes.registry import FakeRegistry, sha256
 from tests.support.ops import blob_files
 
@@ -60,6 +60,7 @@ async def pull(client: MirrorClient, repo: str, layers: list[bytes]) -> None:
     for layer in layers:
         resp = await client.get(f"/v2/{repo}/blobs/{sha256(layer)}")
         assert await resp.read() == layer
+    await fetches_done(client)
 
 
 async def test_startup_rebuilds_a_lost_index_and_drops_stale_records(

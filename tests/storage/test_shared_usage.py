@@ -29,7 +29,7 @@ from mirror.storage.evictlock import EvictionLock
 from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.index import Index
 from mirror.storage.usage import Usage
-from tests.conftest import MirrorFactory
+from tests.conftest import MirrorFactory, fetches_done
 from tests.fakes.registry import FakeRegistry
 from tests.support.ops import COORDINATED, Mirror, blob_files, record_figures, run_cli, start_registry, wait_until
 from tests.support.plain_http import pull, push_random_image
@@ -234,6 +234,7 @@ async def test_a_blob_removed_between_lookup_and_open_is_a_miss(
     client = await make_mirror(str(fake_upstream[1].make_url("")))
     path = f"/v2/library/app/blobs/{digest}"
     assert await (await client.get(path)).read() == data  # cached
+    await fetches_done(client)
     store = client.app[STORE]
     looked_up = store.size
 
