@@ -1,6 +1,7 @@
 """One evicting process at a time among the processes sharing a data dir: an exclusive ``flock`` on
-``<data-dir>/evict.lock``, tried without waiting (a process that finds it held leaves the work to the holder,
-which plans from the whole table, and tries again at its next housekeeping round). The kernel releases it when
+``<data-dir>/evict.lock``. A server tries it without waiting (a process that finds it held leaves the work to the
+holder, which plans from the whole table, and tries again at its next housekeeping round); a CLI command that
+removes content (``mirror evict``, ``gc``, ``verify``) waits for it, up to a timeout. The kernel releases it when
 its holder dies. Blocking calls: run them in a thread.
 """
 
@@ -9,7 +10,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
+
+POLL = 0.05  # seconds between tries while waiting: flock has no timeout of its own
+
+
+class EvictionBusy(Exception):
+    """Another process held the lock for the whole wait."""
 
 
 class EvictionLock:
@@ -31,6 +39,17 @@ class EvictionLock:
             raise
         self._fd = fd
         return True
+
+    def acquire_sync(self, timeout: float) -> None:
+        """Take the lock, waiting up to ``timeout`` seconds for the process that holds it; EvictionBusy after."""
+        deadline = time.monotonic() + timeout
+        while not self.try_acquire_sync():
+            if time.monotonic() >= deadline:
+                raise EvictionBusy(
+                    f"another process on this data dir held {self.path} (a server evicting, or another "
+                    f"mirror evict, gc or verify) for {timeout:g} s; try again later or wait longer (--lock-timeout)"
+                )
+            time.sleep(POLL)
 
     def release_sync(self) -> None:
         if self._fd >= 0:
