@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 POLL = 0.05  # seconds between tries while waiting: flock has no timeout of its own
@@ -27,29 +28,41 @@ class EvictionLock:
 
     def try_acquire_sync(self) -> bool:
         """Take the lock if no other process holds it; False if one does."""
-        assert self._fd < 0, "taken twice"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return True
+        return self._take(lambda: False)
 
     def acquire_sync(self, timeout: float) -> None:
         """Take the lock, waiting up to ``timeout`` seconds for the process that holds it; EvictionBusy after."""
         deadline = time.monotonic() + timeout
-        while not self.try_acquire_sync():
+
+        def wait() -> bool:
             if time.monotonic() >= deadline:
                 raise EvictionBusy(
                     f"another process on this data dir held {self.path} (a server evicting, or another "
                     f"mirror evict, gc or verify) for {timeout:g} s; try again later or wait longer (--lock-timeout)"
                 )
             time.sleep(POLL)
+            return True
+
+        self._take(wait)
+
+    def _take(self, again: Callable[[], bool]) -> bool:
+        """Try the lock on one descriptor until it is taken (True) or ``again`` says to stop (False)."""
+        assert self._fd < 0, "taken twice"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not again():
+                        os.close(fd)
+                        return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
 
     def release_sync(self) -> None:
         if self._fd >= 0:
