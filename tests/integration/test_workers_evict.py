@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -26,8 +27,17 @@ import aiohttp
 import pytest
 
 from tests.support.lockholder import hold, killed
-from tests.support.ops import Mirror, mirror_env, run_cli, start_registry, upstream_requests, wait_until
-from tests.support.plain_http import push_blob
+from tests.support.ops import (
+    Mirror,
+    blob_files,
+    eventually,
+    mirror_env,
+    run_cli,
+    start_registry,
+    upstream_requests,
+    wait_until,
+)
+from tests.support.plain_http import pull, push_blob, push_random_image
 
 pytestmark = pytest.mark.integration
 BIG = 48 * 2**20  # far more than loopback's socket buffers hold: the worker is mid-send while the client pauses
@@ -123,3 +133,35 @@ async def test_a_cli_removal_waits_for_the_eviction_lock_and_gives_up_with_a_cle
             await killed(holder)  # the kernel releases the lock
         out, err = await asyncio.wait_for(waiting.communicate(), 60)
         assert waiting.returncode == 0, (out, err)
+
+
+EVICTED = re.compile(r"evicted (\d+) entries \((\d+) bytes\) in \S+ \(from (\S+) to (\S+)\)")
+LEFT = "another process on the data dir is evicting: leaving it to that one"
+IMAGES, LAYER = 12, 200 * 2**10  # 2.4 MiB against a 2 MiB cache
+
+
+async def test_no_worker_evicts_while_a_cli_command_holds_the_lock(upstream: dict[str, Any], tmp_path: Path) -> None:
+    """With the previous test (a CLI command removes nothing before it holds the lock) this makes the two kinds of
+    evictor exclusive: a worker over the cap waits for the lock, then evicts."""
+    url = upstream["url"]
+    images = [push_random_image(url, f"library/small{i}", "latest", [os.urandom(LAYER)]) for i in range(IMAGES)]
+    data_dir, config = tmp_path / "data", tmp_path / "mirror.toml"
+    config.write_text("[cache]\nflush_interval = 0.2\n")
+    flags = ("--workers", "2", "--cache-size", "2MiB", "--config", str(config), "--log-level", "debug")
+    with Mirror(data_dir, url, *flags) as mirror:
+        holder = await hold(data_dir / "evict.lock")  # as `mirror evict` holds it while it evicts
+        try:
+            for i, image in enumerate(images):
+                received = await asyncio.to_thread(pull, mirror.url, f"small{i}", "latest")
+                assert set(received["blobs"]) == {image["config"], *image["layers"]}
+            await eventually(lambda: LEFT in mirror.log.read_text(errors="replace"), what="a worker over the cap")
+            assert not EVICTED.search(mirror.log.read_text(errors="replace")), "a worker evicted under the lock"
+            assert sum(blob_files(data_dir).values()) > 0.95 * 2 * 2**20
+        finally:
+            await killed(holder)  # the kernel releases the lock
+
+        def evicted_under_the_cap() -> bool:
+            logged = EVICTED.search(mirror.log.read_text(errors="replace")) is not None  # written after the unlinks
+            return logged and sum(blob_files(data_dir).values()) <= 0.95 * 2 * 2**20
+
+        await eventually(evicted_under_the_cap, what="a worker evicting under the cap once the lock is free")
