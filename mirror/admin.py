@@ -9,8 +9,9 @@ the table is loaded from disk, and anything removed bumps the usage generation s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from mirror.pull.service import PullThrough
 from mirror.routing import image as parse_image
 from mirror.storage import gc
 from mirror.storage.base import BlobStorage, MetadataIndex
+from mirror.storage.evictlock import EvictionLock
 from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.usage import Usage
 
@@ -50,6 +52,7 @@ class Admin:
         default_registry: str = DOCKER_HUB,
         gc_settings: GcSettings | None = None,
         live: bool = True,
+        turn: EvictionLock | None = None,
     ):
         self.store = store
         self.index = index
@@ -59,6 +62,9 @@ class Admin:
         self.default_registry = default_registry
         self.gc_settings = gc_settings or GcSettings()
         self.live = live
+        # A CLI command: the servers' eviction lock, held around every removal (waited for up to turn_timeout s).
+        self.turn = turn
+        self.turn_timeout = 120.0
 
     async def refresh(self) -> None:
         """Bring counters and the table up to date: a flush when serving, a load from disk otherwise."""
@@ -66,6 +72,20 @@ class Admin:
             await self.housekeeper.flush()
         else:
             self.usage.install(*await asyncio.to_thread(self.usage.load_sync))
+
+    @contextlib.asynccontextmanager
+    async def _removing(self, removes: bool = True) -> AsyncIterator[None]:
+        """Around a CLI command's removal of content: no other process on the data dir evicts meanwhile (the
+        servers' evictors take the same lock), and the table is read once the lock is held."""
+        turn = self.turn if removes else None
+        if turn is not None:
+            await asyncio.to_thread(turn.acquire_sync, self.turn_timeout)
+        try:
+            await self.refresh()
+            yield
+        finally:
+            if turn is not None:
+                turn.release_sync()  # closes one descriptor: instant
 
     async def _changed(self) -> None:
         if not self.live:
@@ -194,16 +214,16 @@ class Admin:
     # --- evict, gc, verify ----------------------------------------------------------------------------------
     async def evict(self, dry_run: bool = True, target: int | None = None) -> dict[str, Any]:
         """What eviction to the low watermark (or ``target`` bytes) removes now: least recently served first."""
-        await self.refresh()
         limits = self.housekeeper.limits
-        if dry_run:
-            removed = await self.housekeeper.plan(target)
-            freed = sum(r.size for r in removed)
-        else:
-            report = await self.housekeeper.evict(target)
-            removed, freed = report.removed, report.bytes
-            if removed:
-                await self._changed()
+        async with self._removing(not dry_run):
+            if dry_run:
+                removed = await self.housekeeper.plan(target)
+                freed = sum(r.size for r in removed)
+            else:
+                report = await self.housekeeper.evict(target)
+                removed, freed = report.removed, report.bytes
+                if removed:
+                    await self._changed()
         return {
             "dry_run": dry_run,
             "size_bytes": self.usage.total,
@@ -215,7 +235,10 @@ class Admin:
         }
 
     async def gc(self, dry_run: bool = False) -> dict[str, Any]:
-        await self.refresh()  # last-served times on disk, so the grace period sees recent hits
+        async with self._removing(not dry_run):  # refreshed: last-served times on disk, for the grace period
+            return await self._gc(dry_run)
+
+    async def _gc(self, dry_run: bool) -> dict[str, Any]:
         busy = self.usage.busy if self.live else (lambda key: False)
         report = await asyncio.to_thread(
             gc.collect_sync,
@@ -233,7 +256,8 @@ class Admin:
         return report.as_dict()
 
     async def verify(self, progress: Progress = _no_progress) -> dict[str, Any]:
-        report = await asyncio.to_thread(gc.verify_sync, self.store, self.index, self.usage, progress)
+        async with self._removing():
+            report = await asyncio.to_thread(gc.verify_sync, self.store, self.index, self.usage, progress)
         if self.live and report.removed:
             await self.housekeeper.reload()
         return report.as_dict()

@@ -411,18 +411,18 @@ def build_housekeeping(
     def busy(key: str) -> bool:
         return usage.busy(key) or (pull is not None and pull.inflight.fetching(Digest.parse(key)))
 
-    # Processes sharing the data dir evict one at a time (a CLI command leaves eviction to the server).
-    turn = EvictionLock(config.data_dir) if live and config.coordination == "files" else None
-    housekeeper = Housekeeper(store, index, usage, limits, busy, evicted, metrics.repos.drain, turn)
+    # Processes on the data dir evict one at a time: a server tries the lock at each eviction (alone on the data dir
+    # too, so that a CLI command beside it waits); a CLI command's Admin waits for it around every removal.
+    turn = EvictionLock(config.data_dir)
+    housekeeper = Housekeeper(store, index, usage, limits, busy, evicted, metrics.repos.drain, turn if live else None)
     metrics.repos.configure(cache.top_repos, cache.repo_allowlist)
     metrics.cache.source = lambda: CacheSnapshot(
         usage.total + usage.upload_bytes, limits.size, usage.pending, usage.counts(), housekeeper.protected_bytes
     )
     if metrics.shared_dir is not None:  # several processes: each one's fetches under way, summed at the scrape
         usage.on_pending = metrics.cache_pending.set
-    admin = Admin(
-        store, index, usage, housekeeper, pull, default_registry, GcSettings(cache.gc_grace, cache.tmp_max_age), live
-    )
+    gc_settings = GcSettings(cache.gc_grace, cache.tmp_max_age)
+    admin = Admin(store, index, usage, housekeeper, pull, default_registry, gc_settings, live, None if live else turn)
     return housekeeper, admin
 
 
@@ -467,10 +467,10 @@ async def readiness(
 
 
 @contextlib.asynccontextmanager
-async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[Admin]:
+async def open_admin(config: Config, upstreams: bool = False, lock_timeout: float = 120.0) -> AsyncIterator[Admin]:
     """The admin logic for a CLI command beside (or without) a running server on the same data dir. With
-    ``upstreams`` (prefetch) it also builds the pull-through service; eviction is left to the server, which
-    reloads its table when the command is done."""
+    ``upstreams`` (prefetch) it also builds the pull-through service. A command that removes content waits up to
+    ``lock_timeout`` seconds for the servers' eviction lock; the servers reload their table when it is done."""
     metrics = Metrics()
 
     def open_stores() -> tuple[BlobStorage, S3Store | None, Index, Usage]:  # directories, SQLite: off the loop
@@ -486,6 +486,7 @@ async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[A
         pull = PullThrough(store, index, clients, policies, metrics, usage=usage)
     default = canonical_registry(config.default_upstream.registry)
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, default, live=False)
+    admin.turn_timeout = lock_timeout
     try:
         usage.install(*await asyncio.to_thread(usage.load_sync))
         usage.upload_sessions, usage.upload_bytes = await asyncio.to_thread(held_sync, config.data_dir)

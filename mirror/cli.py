@@ -19,6 +19,9 @@ from typing import Any
 from mirror import app, log
 from mirror.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_TAG_TTL, Config, ConfigError, load
 from mirror.oci.errors import RegistryError
+from mirror.storage.evictlock import EvictionBusy
+
+DEFAULT_LOCK_TIMEOUT = 120.0  # seconds gc, verify and evict wait while another process on the data dir evicts
 
 
 def common_options(parser: argparse.ArgumentParser) -> None:
@@ -158,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RegistryError as exc:
         print(f"mirror: {exc.message}", file=sys.stderr)
         return 2 if exc.status < 500 else 1
+    except EvictionBusy as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -176,9 +182,17 @@ def admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     gc = add("gc", "remove unreferenced blobs, orphaned records and old temp files")
     gc.add_argument("--dry-run", action="store_true", help="list what would go and how many bytes; change nothing")
-    add("verify", "re-hash every cached file; quarantine those that do not match their digest")
+    verify = add("verify", "re-hash every cached file; quarantine those that do not match their digest")
     evict = add("evict", "evict least recently served content down to the low watermark")
     evict.add_argument("--dry-run", action="store_true", help="list what the next eviction would remove")
+    for removing in (gc, verify, evict):
+        removing.add_argument(
+            "--lock-timeout",
+            type=float,
+            default=DEFAULT_LOCK_TIMEOUT,
+            help="seconds to wait while a server on the data dir (or another command) is evicting "
+            f"(default {DEFAULT_LOCK_TIMEOUT:g})",
+        )
     for name, help in (("pin", "never evict these images"), ("unpin", "make these images evictable again")):
         add(name, help).add_argument("images", nargs="+", metavar="IMAGE")
     prefetch = add("prefetch", "pull images into the cache ahead of time (e.g. before a CI run)")
@@ -276,7 +290,7 @@ def print_removals(result: dict[str, Any], verb: str) -> None:
 
 
 async def cmd_gc(config: Config, args: argparse.Namespace) -> int:
-    async with app.open_admin(config) as admin:
+    async with app.open_admin(config, lock_timeout=args.lock_timeout) as admin:
         result = await admin.gc(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print_removals(result, verb)
@@ -289,7 +303,7 @@ async def cmd_gc(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_verify(config: Config, args: argparse.Namespace) -> int:
-    async with app.open_admin(config) as admin:
+    async with app.open_admin(config, lock_timeout=args.lock_timeout) as admin:
         result = await admin.verify(ProgressBar("verify"))
     print_removals(result, "quarantined")
     print(f"verified {result['checked']} files; {result['removed_count']} did not match and were quarantined")
@@ -297,7 +311,7 @@ async def cmd_verify(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_evict(config: Config, args: argparse.Namespace) -> int:
-    async with app.open_admin(config) as admin:
+    async with app.open_admin(config, lock_timeout=args.lock_timeout) as admin:
         result = await admin.evict(dry_run=args.dry_run)
     print_removals(result, "would evict" if args.dry_run else "evicted")
     print(
