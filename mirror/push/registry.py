@@ -11,7 +11,7 @@ Which names are local, and how they relate to pulled-through content (README, "P
   by digest too) is refused unless the operator named it: a push can never silently shadow an image clients
   already pull through this mirror. Who may push at all is the access policy's business (``mirror.access``).
 
-Blobs live once in the shared ``BlobStore``; a local repository holds the blobs and manifests linked into it in
+Blobs live once in the shared store (disk or bucket); a local repository holds the blobs and manifests linked into it in
 the index (``Index.link``). Everything linked is recorded in the usage table at once, as pushed (``local``): the
 byte cap counts it, ``mirror stats`` shows it, eviction and gc never remove it. Deleting unlinks; content no local
 repository holds any more loses its pushed mark (it becomes ordinary cached content, or garbage), and its bytes go
@@ -34,7 +34,7 @@ from mirror.oci.mediatypes import DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, MANIFES
 from mirror.oci.reference import LOCAL, Digest, Repo, Tag, validate_name
 from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
-from mirror.storage.blobs import BlobStore
+from mirror.storage.base import BlobStorage
 from mirror.storage.counter import SharedCounter
 from mirror.storage.index import Index, ManifestRecord, TagRecord
 from mirror.storage.usage import Usage
@@ -78,7 +78,7 @@ class LocalRegistry:
 
     def __init__(
         self,
-        store: BlobStore,
+        store: BlobStorage,
         index: Index,
         uploads: Uploads,
         rule: PushRule,

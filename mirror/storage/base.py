@@ -65,6 +65,16 @@ class BlobStorage(Protocol):
 
     async def put(self, data: bytes, expected: Digest | None = None) -> Digest: ...
 
+    @property
+    def tmp_dir(self) -> Path:
+        """Where the temp files of writes go, on local disk (a push upload's ``BlobWriter`` too)."""
+        ...
+
+    async def publish_file(self, temp_path: Path, digest: Digest) -> None:
+        """A closed local file, verified as ``digest`` (a push upload's data), becomes the stored blob: renamed into
+        place on disk; read back into the bucket, hashed again, by an object store. The file is consumed."""
+        ...
+
     async def delete(self, digest: Digest) -> bool: ...
 
     # --- eviction, gc, verify, admin ----------------------------------------------------------------------

@@ -305,6 +305,13 @@ class S3Store:
         await writer.write(data)
         return await writer.commit(expected, len(data))
 
+    async def publish_file(self, temp_path: Path, digest: Digest) -> None:
+        """A verified local file (a push upload's data) becomes the object of ``digest``: read back into a multipart
+        upload, hashed again as it is read, completed only if it still matches (``S3Writer`` with ``source``).
+        The file is removed either way."""
+        writer = await asyncio.to_thread(S3Writer, self, digest.algorithm, source=temp_path)
+        await writer.commit(digest)
+
     async def publish(self, digest: Digest, complete: Callable[[], Awaitable[None]]) -> None:
         """Run a writer's last requests: from their end on ``digest`` is stored, and a removal of it withdrawn
         before (eviction) is cancelled."""

@@ -1,8 +1,9 @@
 """Writing one blob: a temp file filled and hashed on the fly, published only once its size and digest match.
 
-``BlobWriter`` is what every write of content goes through (upstream fetches, push uploads, manifests). It
-knows of its store only what ``Publisher`` says: where temp files go and how a verified file is published
-(``BlobStore.publish_sync``: fsynced, then renamed into place), so nothing partial is ever visible.
+``BlobWriter`` is what every write of content goes through on local disk (upstream fetches, push uploads,
+manifests). It knows of its store only what ``Publisher`` says: where temp files go and how a verified, fsynced
+file is published (``publish_file``: renamed into place on disk, read back into the bucket of an object store), so
+nothing partial is ever visible.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class Publisher(Protocol):
     @property
     def tmp_dir(self) -> Path: ...
 
-    def publish_sync(self, temp_path: Path, digest: Digest) -> None: ...
+    async def publish_file(self, temp_path: Path, digest: Digest) -> None:
+        """A closed file whose content was verified as ``digest`` becomes the stored blob (the file is consumed)."""
+        ...
 
 
 WRITE_SLICE = 256 << 10  # bytes per write() and hash update inside one BlobWriter.write
@@ -105,7 +108,8 @@ class BlobWriter:
         await asyncio.to_thread(self._write_sync, data)
         self.written += len(data)
 
-    def _commit_sync(self, expected: Digest | None, expected_size: int | None) -> Digest:
+    def _seal_sync(self, expected: Digest | None, expected_size: int | None) -> Digest:
+        """Verify, fsync and close the file; its digest."""
         actual = Digest(self._algorithm, self._hasher.hexdigest())
         if expected_size is not None and expected_size != self.written:
             raise SizeMismatch(expected_size, self.written)
@@ -119,16 +123,17 @@ class BlobWriter:
             raise
         self._file.close()
         self._closed = True
-        self._store.publish_sync(self.temp_path, actual)
         return actual
 
     async def commit(self, expected: Digest | None = None, expected_size: int | None = None) -> Digest:
         """Verify and publish. On any failure the temp file is removed and the error raised."""
         try:
-            return await asyncio.to_thread(self._commit_sync, expected, expected_size)
+            digest = await asyncio.to_thread(self._seal_sync, expected, expected_size)
+            await self._store.publish_file(self.temp_path, digest)
         except BaseException:
             await self.abort()
             raise
+        return digest
 
     def _abort_sync(self) -> None:
         if not self._closed:
