@@ -351,6 +351,10 @@ class LocalRegistry:
                 await self._index.remove_referrer(repo.path, subject.digest, digest)
         await self._index.unlink(repo.path, digest)
         await self._released(digest)
+        if not await asyncio.to_thread(self._index.is_pushed_sync, digest):
+            # No local repository holds it: no longer a root for gc, which then removes its bytes and what only it
+            # referenced (a digest also pulled through is fetched again on its next pull).
+            await self._index.delete_manifest(digest)
         log.info("deleted manifest %s from %s", digest, repo.path)
         return [DeletedManifest(digest, record.media_type, record.size, None)]
 
