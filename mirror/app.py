@@ -229,12 +229,10 @@ def open_store(config: Config) -> tuple[BlobStorage, BlobStore, S3Store | None]:
         return disk, disk, None
     from mirror.storage.s3 import Bucket, S3Store  # here: aiobotocore is the optional extra "s3"
 
-    if storage.local_cache:
-        log.warning("[storage] local_cache is not built yet: every hit is read from the bucket")
     location = Bucket(
         storage.bucket, storage.endpoint_url, storage.region, storage.prefix, storage.access_key, storage.secret_key
     )
-    bucket = S3Store(config.data_dir, location)
+    bucket = S3Store(config.data_dir, location, storage.local_cache)  # local_cache: the tier's bound (0: none)
     return bucket, bucket.local, bucket
 
 
@@ -316,6 +314,8 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(clean_tmp)
+        if bucket is not None:
+            await asyncio.to_thread(bucket.load_tier_sync)
         if reconcile:
             report = await asyncio.to_thread(reconcile_logged, store, index, usage)
             await housekeeper.start((report.table, report.generation))

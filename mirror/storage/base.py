@@ -116,6 +116,14 @@ class RemoteBlobs(Protocol):
 
     async def presigned_url(self, digest: Digest) -> str: ...
 
+    def local_copy(self, digest: Digest) -> Path | None:
+        """A verified copy of the blob on local disk (the local tier), to send with sendfile; None without one."""
+        ...
+
+    def warm(self, digest: Digest, size: int) -> None:
+        """The blob is being read from the store: keep a local copy of it, if there is a tier (in the background)."""
+        ...
+
 
 class MetadataIndex(Protocol):
     """What is known about stored content besides its bytes: manifest media types, tag -> digest records."""

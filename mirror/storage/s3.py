@@ -10,7 +10,8 @@ Layout of the bucket (``prefix`` from ``[storage]``, "" or ending in "/")::
       <label>.<time>           objects that failed verification (``quarantine_sync``, called by gc.py)
 
 The data dir keeps what is local to this replica: ``tmp/`` holds the temp file of every write (clients of a
-fetch tail it, as with the disk store); ``blobs/`` is where the local tier will keep hot copies (``path``).
+fetch tail it, as with the disk store); ``blobs/`` is where the local tier (``storage.tier``, with ``local_cache``)
+keeps copies of hot objects (``path``), served with sendfile.
 
 Two clients share the bucket settings: aiobotocore's on the event loop, for the services; botocore's synchronous
 one for the ``*_sync`` methods that gc, verify, eviction's sweeps and the CLI call from threads or processes
@@ -40,11 +41,13 @@ from aiobotocore.session import AioSession, get_session
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from mirror.oci.errors import DigestInvalid
 from mirror.oci.reference import Digest
 from mirror.storage.blobs import HASH_CHUNK, BlobStore, StoredFile
 from mirror.storage.s3errors import bucket_errors
 from mirror.storage.s3errors import missing as _missing
 from mirror.storage.s3writer import S3Writer
+from mirror.storage.tier import LocalTier
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client as AioS3Client
@@ -108,8 +111,10 @@ class S3Store:
     never interleave for one digest: ``KeyedLocks``).
     """
 
-    def __init__(self, data_dir: Path, bucket: Bucket):
+    def __init__(self, data_dir: Path, bucket: Bucket, local_cache: int = 0):
         self.local = BlobStore(data_dir)  # tmp/ for the temp files of writes; blobs/ for the local tier
+        self.tier = LocalTier(self.local, local_cache) if local_cache else None
+        self._fills: set[asyncio.Task[None]] = set()
         self.bucket = bucket
         self._blobs = f"{bucket.prefix}blobs/"
         self._aio: AioS3Client | None = None
@@ -165,6 +170,10 @@ class S3Store:
             return self._sync
 
     async def close(self) -> None:
+        for task in list(self._fills):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self._aio_exit.aclose()
         self._aio = None
         if self._sync is not None:
@@ -263,6 +272,44 @@ class S3Store:
         params = {"Bucket": self.bucket.name, "Key": self.key(digest)}
         return await client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
 
+    # --- the local tier ------------------------------------------------------------------------------------------
+    def local_copy(self, digest: Digest) -> Path | None:
+        """On the loop: the local tier's copy of a stored object, to send instead of reading the bucket."""
+        if self.tier is None or digest in self._withdrawn:
+            return None
+        return self.tier.copy(digest)
+
+    def warm(self, digest: Digest, size: int) -> None:
+        """``digest`` is being read from the bucket: fill its local copy in the background (verified)."""
+        if self.tier is None or not self.tier.wanted(digest, size):
+            return
+        task = asyncio.get_running_loop().create_task(self._fill(digest), name=f"local copy of {digest}")
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def _fill(self, digest: Digest) -> None:
+        assert self.tier is not None
+        try:
+            async with contextlib.aclosing(self.stream(digest)) as chunks:
+                await self.tier.fill(digest, chunks)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a lost speed-up, never a wrong answer: the bucket is still read
+            log.warning("no local copy of %s: %s", digest, exc)
+
+    def retain_sync(self, temp_path: Path, digest: Digest, size: int) -> None:
+        if self.tier is not None:
+            self.tier.keep_sync(temp_path, digest, size)
+
+    def _drop_copy_sync(self, digest: Digest) -> None:
+        if self.tier is not None:
+            self.tier.drop_sync(digest)
+
+    def load_tier_sync(self) -> None:
+        """At start-up: the local copies a previous run left (blocking)."""
+        if self.tier is not None:
+            self.tier.load_sync()
+
     def open_growing(self, temp_path: Path, digest: Digest) -> IO[bytes]:
         """The temp file of a blob being written; once the object is complete (the temp file removed), a copy of
         it in an unnamed temp file. Raises FileNotFoundError when neither is there. Blocking: call it in a
@@ -271,6 +318,9 @@ class S3Store:
             return open(temp_path, "rb")  # noqa: SIM115 - closed by the caller
         except FileNotFoundError:
             pass
+        if self.tier is not None and self.tier.copy(digest) is not None:
+            with contextlib.suppress(FileNotFoundError):
+                return open(self.local.path(digest), "rb")  # noqa: SIM115 - closed by the caller
         try:
             resp = self.sync_client().get_object(Bucket=self.bucket.name, Key=self.key(digest))
         except ClientError as exc:
@@ -326,9 +376,11 @@ class S3Store:
         client = await self.client()
         with bucket_errors():
             await client.delete_object(Bucket=self.bucket.name, Key=self.key(digest))
+        await asyncio.to_thread(self._drop_copy_sync, digest)
         return True
 
     def delete_sync(self, digest: Digest) -> bool:
+        self._drop_copy_sync(digest)
         if self.size_sync(digest) is None:
             return False
         self.sync_client().delete_object(Bucket=self.bucket.name, Key=self.key(digest))
@@ -354,6 +406,7 @@ class S3Store:
                     continue
                 finally:
                     self._withdrawn.discard(digest)
+            await asyncio.to_thread(self._drop_copy_sync, digest)
             removed.append(digest)
         return removed
 
@@ -396,6 +449,9 @@ class S3Store:
             Bucket=self.bucket.name, Key=target, CopySource={"Bucket": self.bucket.name, "Key": self._blobs + location}
         )
         client.delete_object(Bucket=self.bucket.name, Key=self._blobs + location)
+        algorithm, _, name = location.partition("/")
+        with contextlib.suppress(DigestInvalid):  # a stray key has no copy
+            self._drop_copy_sync(Digest.parse(f"{algorithm}:{name}"))
         return f"s3://{self.bucket.name}/{target}"
 
     # --- the local side: temp files, readiness, space -------------------------------------------------------------

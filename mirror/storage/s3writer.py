@@ -56,6 +56,10 @@ class Target(Protocol):
         ``digest``: never interleaved with an eviction's removal of it."""
         ...
 
+    def retain_sync(self, temp_path: Path, digest: Digest, size: int) -> None:
+        """The complete object's temp file: kept as a local copy (renamed away) or left for the writer to remove."""
+        ...
+
 
 class S3Writer:
     """One blob on its way into the bucket. ``commit`` verifies and completes it, ``abort`` drops it."""
@@ -150,7 +154,7 @@ class S3Writer:
         except BaseException:
             await self.abort()
             raise
-        await asyncio.to_thread(self._close_sync)
+        await asyncio.to_thread(self._close_sync, digest)
         return digest
 
     async def _finish(self, digest: Digest, expected_size: int | None) -> None:
@@ -174,11 +178,17 @@ class S3Writer:
         )
         self._upload = None
 
-    def _close_sync(self) -> None:
+    def _close_sync(self, complete: Digest | None = None) -> None:
+        """Close the file and remove it; that of a ``complete`` object may become its local copy first."""
         if not self._closed:
             self._closed = True
             with contextlib.suppress(OSError):
                 self._file.close()
+        if complete is not None:
+            try:
+                self._store.retain_sync(self.temp_path, complete, self.written)
+            except OSError as exc:  # the object is complete: a copy that cannot be kept is only a lost speed-up
+                log.warning("cannot keep a local copy of %s: %s", complete, exc)
         with contextlib.suppress(FileNotFoundError):
             self.temp_path.unlink()
 
