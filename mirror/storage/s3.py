@@ -28,22 +28,18 @@ import errno
 import hashlib
 import logging
 import tempfile
-import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, cast
+from typing import IO, TYPE_CHECKING
 
-import botocore.session
-from aiobotocore.config import AioConfig
-from aiobotocore.session import AioSession, get_session
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from mirror.oci.errors import DigestInvalid
 from mirror.oci.reference import Digest
 from mirror.storage.blobs import HASH_CHUNK, BlobStore, StoredFile
+from mirror.storage.s3clients import Bucket as Bucket  # re-exported: the store is configured with one
+from mirror.storage.s3clients import Clients, KeyedLocks
 from mirror.storage.s3errors import bucket_errors
 from mirror.storage.s3errors import missing as _missing
 from mirror.storage.s3writer import S3Writer
@@ -55,52 +51,8 @@ if TYPE_CHECKING:
 
 PRESIGN_SECONDS = 900  # how long a presigned GET URL is valid
 READ_CHUNK = 1 << 20  # bytes per chunk of a streamed GET
-POOL = 64  # connections to the bucket at once per client (botocore's default, 10, would queue a herd of hits)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    """Where the content is and how to reach it (the ``[storage]`` table, as plain values)."""
-
-    name: str
-    endpoint_url: str | None = None  # None: AWS's endpoint for ``region``
-    region: str = "us-east-1"
-    prefix: str = ""
-    access_key: str | None = None  # None: botocore's usual chain (AWS_ACCESS_KEY_ID, ...)
-    secret_key: str | None = None
-
-
-def _load_models(session: AioSession) -> None:
-    """Read the JSON files botocore builds an S3 client from into the session's loader (it keeps them), so that
-    making the client on the event loop reads no file."""
-    loader = session.get_component("data_loader")
-    for name in ("endpoints", "partitions", "sdk-default-configuration"):
-        loader.load_data(name)
-    for kind in ("service-2", "endpoint-rule-set-1"):
-        loader.load_service_model("s3", kind)
-
-
-class KeyedLocks:
-    """One asyncio lock per digest, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[Digest, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, digest: Digest) -> AsyncIterator[None]:
-        lock, users = self._locks.get(digest, (asyncio.Lock(), 0))
-        self._locks[digest] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[digest]
-            if users == 1:
-                del self._locks[digest]
-            else:
-                self._locks[digest] = (lock, users - 1)
 
 
 class S3Store:
@@ -117,67 +69,25 @@ class S3Store:
         self._fills: set[asyncio.Task[None]] = set()
         self.bucket = bucket
         self._blobs = f"{bucket.prefix}blobs/"
-        self._aio: AioS3Client | None = None
-        self._aio_exit = contextlib.AsyncExitStack()
-        self._aio_lock = asyncio.Lock()
-        self._sync: S3Client | None = None
-        self._sync_lock = threading.Lock()
+        self._clients = Clients(bucket)
         self._withdrawn: set[Digest] = set()
         self._publishing = KeyedLocks()
 
-    # --- the two clients -----------------------------------------------------------------------------------------
+    # --- the two clients (``s3clients``) ---------------------------------------------------------------------------
     async def client(self) -> AioS3Client:
         """The event loop's client, made on first use."""
-        async with self._aio_lock:
-            if self._aio is None:
-                session = get_session()
-                await asyncio.to_thread(_load_models, session)  # file reads: off the loop
-                config = AioConfig(
-                    s3={"addressing_style": "path"},
-                    retries={"max_attempts": 3, "mode": "standard"},
-                    max_pool_connections=POOL,
-                )
-                made = session.create_client(
-                    "s3",
-                    endpoint_url=self.bucket.endpoint_url,
-                    region_name=self.bucket.region,
-                    aws_access_key_id=self.bucket.access_key,
-                    aws_secret_access_key=self.bucket.secret_key,
-                    config=config,
-                )
-                self._aio = client = await self._aio_exit.enter_async_context(made)
-                return client
-            return self._aio
+        return await self._clients.aio()
 
     def sync_client(self) -> S3Client:
         """The client of threads and CLI processes, made on first use (botocore's clients are thread-safe)."""
-        with self._sync_lock:
-            if self._sync is None:
-                config = BotoConfig(
-                    s3={"addressing_style": "path"},
-                    retries={"max_attempts": 3, "mode": "standard"},
-                    max_pool_connections=POOL,
-                )
-                made = botocore.session.get_session().create_client(
-                    "s3",
-                    endpoint_url=self.bucket.endpoint_url,
-                    region_name=self.bucket.region,
-                    aws_access_key_id=self.bucket.access_key,
-                    aws_secret_access_key=self.bucket.secret_key,
-                    config=config,
-                )
-                self._sync = cast("S3Client", made)
-            return self._sync
+        return self._clients.sync()
 
     async def close(self) -> None:
         for task in list(self._fills):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._aio_exit.aclose()
-        self._aio = None
-        if self._sync is not None:
-            self._sync.close()
+        await self._clients.close()
 
     # --- names ---------------------------------------------------------------------------------------------------
     @property
