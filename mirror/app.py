@@ -221,8 +221,8 @@ def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Applic
 
 
 def open_store(config: Config) -> tuple[BlobStorage, BlobStore, S3Store | None]:
-    """The store ``[storage]`` names, the local files beside it (temp, lock and upload session files), and the bucket the
-    HTTP layer streams hits from: files under ``--data-dir`` (disk, no bucket) or a bucket (s3)."""
+    """The store ``[storage]`` names, the local files beside it (temp, lock and upload session files), and the bucket
+    the HTTP layer streams hits from: files under ``--data-dir`` (disk, no bucket) or a bucket (s3)."""
     storage = storage_config(config)
     if not storage.s3:
         disk = BlobStore(config.data_dir)

@@ -11,11 +11,12 @@ Which names are local, and how they relate to pulled-through content (README, "P
   by digest too) is refused unless the operator named it: a push can never silently shadow an image clients
   already pull through this mirror. Who may push at all is the access policy's business (``mirror.access``).
 
-Blobs live once in the shared store (disk or bucket); a local repository holds the blobs and manifests linked into it in
-the index (``Index.link``). Everything linked is recorded in the usage table at once, as pushed (``local``): the
-byte cap counts it, ``mirror stats`` shows it, eviction and gc never remove it. Deleting unlinks; content no local
-repository holds any more loses its pushed mark (it becomes ordinary cached content, or garbage), and its bytes go
-with garbage collection. At start-up ``gc.reconcile_sync`` re-marks whatever the index says is pushed.
+Blobs live once in the shared store (disk or bucket); a local repository holds the blobs and manifests linked into
+it in the index (``Index.link``). Everything linked is recorded in the usage table at once, as pushed (``local``):
+the byte cap counts it, ``mirror stats`` shows it, eviction and gc never remove it. Deleting unlinks; content no
+local repository holds any more loses its pushed mark (it becomes ordinary cached content, or garbage; a manifest
+loses its record, so that it is no longer a root of gc), and its bytes go with garbage collection. At start-up
+``gc.reconcile_sync`` re-marks whatever the index says is pushed.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@
 
 Every byte is hashed as it is written (``BlobWriter``, to local disk); a blob becomes visible only when ``PUT``
 names a digest that matches, by one rename (disk) or one completed multipart upload read back from the file
-(object storage: ``BlobStorage.publish_file``). A chunk is all or nothing: one that fails half-way (client gone, wrong length, disk
-full) is rolled back, so the session's size is always what the client was last told. Sessions live on disk
-(``storage.sessions``) and resume with the same upload URL after a restart.
+(object storage: ``BlobStorage.publish_file``). A chunk is all or nothing: one that fails half-way (client gone,
+wrong length, disk full) is rolled back, so the session's size is always what the client was last told. Sessions
+live on disk (``storage.sessions``) and resume with the same upload URL after a restart.
 """
 
 from __future__ import annotations

@@ -39,8 +39,9 @@ def bucket(bench: Bench) -> None:
         try:
             for name, cache in (("bucket", None), ("tier", "2GiB")):
                 config = _config(world.root / f"mirror-{name}.toml", seaweed, cache)
-                mirrors[name] = Mirror(world.root / f"mirror-{name}-data", world.upstream_url, "--log-level",
-                                       "warning", "--config", str(config), log=world.root / f"mirror-{name}.log")  # fmt: skip
+                flags = ("--log-level", "warning", "--config", str(config))
+                data, log = world.root / f"mirror-{name}-data", world.root / f"mirror-{name}.log"
+                mirrors[name] = Mirror(data, world.upstream_url, *flags, log=log)
             say(f"SeaweedFS {endpoint_url}; mirrors on the bucket {mirrors['bucket'].url}, with the tier "
                 f"{mirrors['tier'].url}")  # fmt: skip
             _hits(bench, mirrors, size)
