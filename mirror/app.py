@@ -158,7 +158,7 @@ def build_upstreams(
 
 
 def build_local(
-    config: Config, store: BlobStore, index: Index, usage: Usage, metrics: Metrics, router: Router
+    config: Config, store: BlobStorage, index: Index, usage: Usage, metrics: Metrics, router: Router
 ) -> LocalRegistry:
     if LOCAL_REGISTRY in router.upstreams:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
@@ -221,20 +221,18 @@ def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Applic
 
 
 def open_store(config: Config) -> tuple[BlobStorage, BlobStore, S3Store | None]:
-    """The store ``[storage]`` names, the local files beside it (temp and lock files, pushes), and the bucket the
-    HTTP layer streams hits from: files under ``--data-dir`` (disk, no bucket) or a bucket (s3)."""
+    """The store ``[storage]`` names, the local files beside it (temp, lock and upload session files), and the bucket
+    the HTTP layer streams hits from: files under ``--data-dir`` (disk, no bucket) or a bucket (s3)."""
     storage = storage_config(config)
     if not storage.s3:
         disk = BlobStore(config.data_dir)
         return disk, disk, None
     from mirror.storage.s3 import Bucket, S3Store  # here: aiobotocore is the optional extra "s3"
 
-    if storage.local_cache:
-        log.warning("[storage] local_cache is not built yet: every hit is read from the bucket")
     location = Bucket(
         storage.bucket, storage.endpoint_url, storage.region, storage.prefix, storage.access_key, storage.secret_key
     )
-    bucket = S3Store(config.data_dir, location)
+    bucket = S3Store(config.data_dir, location, storage.local_cache)  # local_cache: the tier's bound (0: none)
     return bucket, bucket.local, bucket
 
 
@@ -267,8 +265,6 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     metrics = Metrics()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store, files, bucket = open_store(config)
-    if bucket is not None and not config.read_only:  # upload sessions still publish by rename into blobs/
-        raise ConfigError('[storage] backend = "s3" serves pulled-through content only for now: add --read-only')
     link = cluster_link(config)  # None for one node; with [cluster], the replicas' shared Redis
     index = Index(config.data_dir)
     loop_id = loop_id or secrets.token_hex(8)  # marks this mirror's upstream requests: one that comes back is a loop
@@ -285,7 +281,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
 
     router = Router(registries)
-    local = build_local(config, files, index, usage, metrics, router)
+    local = build_local(config, store, index, usage, metrics, router)
     router.local = local.local  # pushed repositories take precedence over routing
     # Upload sessions count against the cache's size; when it is over, idle ones go before cached content.
     local.uploads.sessions.on_held = usage.uploads_held
@@ -318,6 +314,8 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(clean_tmp)
+        if bucket is not None:
+            await asyncio.to_thread(bucket.load_tier_sync)
         if reconcile:
             report = await asyncio.to_thread(reconcile_logged, store, index, usage)
             await housekeeper.start((report.table, report.generation))

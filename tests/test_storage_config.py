@@ -96,16 +96,6 @@ def test_the_bucket_is_served_by_one_process_for_now(tmp_path: Path) -> None:
         load({}, str(file), {})
 
 
-def test_the_bucket_takes_no_pushes_for_now(tmp_path: Path) -> None:
-    """Upload sessions still publish into blobs/ on disk: serving a bucket needs --read-only until they do not."""
-    from mirror.app import create_app
-
-    file = tmp_path / "mirror.toml"
-    file.write_text(f'data_dir = "{tmp_path / "data"}"\n[storage]\n{S3}')
-    with pytest.raises(ConfigError, match="--read-only"):
-        create_app(load({}, str(file), {}))
-
-
 @pytest.mark.parametrize(
     ("module", "loads"),
     [("mirror.cli", True), ("mirror.app", True), ("mirror.storage.s3", False)],

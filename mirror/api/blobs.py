@@ -142,10 +142,19 @@ async def _get_blob(request: web.Request, repo: Repo, digest: Digest) -> web.Str
 
 
 async def stored_response(request: web.Request, repo: Repo, digest: Digest, blob: StoredBlob) -> web.StreamResponse:
-    """A stored blob: by sendfile from its file, or from the bucket of an object store (no local file)."""
+    """A stored blob: by sendfile from its file, or from an object store: its local tier's copy by sendfile (the
+    bucket if the copy went meanwhile), else the bucket."""
     bucket = request.app.get(BUCKET)
     if bucket is None:
         return file_response(request, repo, digest, blob, vanished=lambda: _get_blob(request, repo, digest))
+    copy = bucket.local_copy(digest)
+    if copy is not None:
+        remote = bucket
+
+        async def from_bucket() -> web.StreamResponse:
+            return await bucket_response(request, repo, digest, blob.size, remote)
+
+        return file_response(request, repo, digest, StoredBlob(copy, blob.size), vanished=from_bucket)
     return await bucket_response(request, repo, digest, blob.size, bucket)
 
 
@@ -200,6 +209,7 @@ async def bucket_response(
         await resp.prepare(request)
         await resp.write_eof()
         return resp
+    bucket.warm(digest, size)  # the next hits from the local tier, if there is one
     async with contextlib.aclosing(bucket.stream(digest, start, end)) as chunks:  # closed if the client goes
         try:
             first = await anext(chunks)  # before the status is sent: an object gone meanwhile is a 404, not a cut

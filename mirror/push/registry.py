@@ -11,11 +11,12 @@ Which names are local, and how they relate to pulled-through content (README, "P
   by digest too) is refused unless the operator named it: a push can never silently shadow an image clients
   already pull through this mirror. Who may push at all is the access policy's business (``mirror.access``).
 
-Blobs live once in the shared ``BlobStore``; a local repository holds the blobs and manifests linked into it in
-the index (``Index.link``). Everything linked is recorded in the usage table at once, as pushed (``local``): the
-byte cap counts it, ``mirror stats`` shows it, eviction and gc never remove it. Deleting unlinks; content no local
-repository holds any more loses its pushed mark (it becomes ordinary cached content, or garbage), and its bytes go
-with garbage collection. At start-up ``gc.reconcile_sync`` re-marks whatever the index says is pushed.
+Blobs live once in the shared store (disk or bucket); a local repository holds the blobs and manifests linked into
+it in the index (``Index.link``). Everything linked is recorded in the usage table at once, as pushed (``local``):
+the byte cap counts it, ``mirror stats`` shows it, eviction and gc never remove it. Deleting unlinks; content no
+local repository holds any more loses its pushed mark (it becomes ordinary cached content, or garbage; a manifest
+loses its record, so that it is no longer a root of gc), and its bytes go with garbage collection. At start-up
+``gc.reconcile_sync`` re-marks whatever the index says is pushed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from mirror.oci.mediatypes import DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, MANIFES
 from mirror.oci.reference import LOCAL, Digest, Repo, Tag, validate_name
 from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
-from mirror.storage.blobs import BlobStore
+from mirror.storage.base import BlobStorage
 from mirror.storage.counter import SharedCounter
 from mirror.storage.index import Index, ManifestRecord, TagRecord
 from mirror.storage.usage import Usage
@@ -78,7 +79,7 @@ class LocalRegistry:
 
     def __init__(
         self,
-        store: BlobStore,
+        store: BlobStorage,
         index: Index,
         uploads: Uploads,
         rule: PushRule,
@@ -351,6 +352,10 @@ class LocalRegistry:
                 await self._index.remove_referrer(repo.path, subject.digest, digest)
         await self._index.unlink(repo.path, digest)
         await self._released(digest)
+        if not await asyncio.to_thread(self._index.is_pushed_sync, digest):
+            # No local repository holds it: no longer a root for gc, which then removes its bytes and what only it
+            # referenced (a digest also pulled through is fetched again on its next pull).
+            await self._index.delete_manifest(digest)
         log.info("deleted manifest %s from %s", digest, repo.path)
         return [DeletedManifest(digest, record.media_type, record.size, None)]
 

@@ -5,10 +5,11 @@
 - chunked: ``PATCH`` with ``Content-Range: <start>-<end>`` in order (any other start is a 416), then ``PUT``;
 - streamed: ``PATCH`` without ``Content-Range`` (Docker, containerd), then an empty ``PUT``.
 
-Every byte is hashed as it is written (``BlobWriter``); a blob becomes visible only when ``PUT`` names a digest
-that matches, by one rename. A chunk is all or nothing: one that fails half-way (client gone, wrong length, disk
-full) is rolled back, so the session's size is always what the client was last told. Sessions live on disk
-(``storage.sessions``) and resume with the same upload URL after a restart.
+Every byte is hashed as it is written (``BlobWriter``, to local disk); a blob becomes visible only when ``PUT``
+names a digest that matches, by one rename (disk) or one completed multipart upload read back from the file
+(object storage: ``BlobStorage.publish_file``). A chunk is all or nothing: one that fails half-way (client gone,
+wrong length, disk full) is rolled back, so the session's size is always what the client was last told. Sessions
+live on disk (``storage.sessions``) and resume with the same upload URL after a restart.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from mirror.metrics import Metrics
 from mirror.oci import errors
 from mirror.oci.reference import Digest, Repo
-from mirror.storage.blobs import BlobStore
+from mirror.storage.base import BlobStorage
 from mirror.storage.sessions import TooManySessions, UploadSession, UploadSessions
 from mirror.storage.writer import BlobWriter, DigestMismatch, DiskFull, SizeMismatch
 
@@ -47,7 +48,7 @@ async def _noop(repo: Repo, digest: Digest) -> None:
 
 
 class Uploads:
-    def __init__(self, store: BlobStore, sessions: UploadSessions, metrics: Metrics):
+    def __init__(self, store: BlobStorage, sessions: UploadSessions, metrics: Metrics):
         self._store = store
         self.sessions = sessions
         self._metrics = metrics
@@ -201,8 +202,9 @@ class Uploads:
     async def monolithic(
         self, repo: Repo, digest: Digest, body: AsyncIterable[bytes], content_length: int | None
     ) -> Digest:
-        """``POST ...?digest=`` with the whole blob: no session at all."""
-        writer = await asyncio.to_thread(self._store.writer, digest.algorithm)
+        """``POST ...?digest=`` with the whole blob: no session at all (a temp file on local disk, as a session's
+        data is, published through the store)."""
+        writer = await asyncio.to_thread(BlobWriter, self._store, digest.algorithm)
         try:
             await self._receive(writer, body, content_length)
         except BaseException:

@@ -72,6 +72,16 @@ class BlobStorage(Protocol):
 
     async def put(self, data: bytes, expected: Digest | None = None) -> Digest: ...
 
+    @property
+    def tmp_dir(self) -> Path:
+        """Where the temp files of writes go, on local disk (a push upload's ``BlobWriter`` too)."""
+        ...
+
+    async def publish_file(self, temp_path: Path, digest: Digest) -> None:
+        """A closed local file, verified as ``digest`` (a push upload's data), becomes the stored blob: renamed into
+        place on disk; read back into the bucket, hashed again, by an object store. The file is consumed."""
+        ...
+
     async def delete(self, digest: Digest) -> bool: ...
 
     # --- eviction, gc, verify, admin ----------------------------------------------------------------------
@@ -112,6 +122,14 @@ class RemoteBlobs(Protocol):
         ...
 
     async def presigned_url(self, digest: Digest) -> str: ...
+
+    def local_copy(self, digest: Digest) -> Path | None:
+        """A verified copy of the blob on local disk (the local tier), to send with sendfile; None without one."""
+        ...
+
+    def warm(self, digest: Digest, size: int) -> None:
+        """The blob is being read from the store: keep a local copy of it, if there is a tier (in the background)."""
+        ...
 
 
 class MetadataIndex(Protocol):

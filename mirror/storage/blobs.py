@@ -165,6 +165,10 @@ class BlobStore:
             os.replace(temp_path, final)
             self._withdrawn.discard(digest)
 
+    async def publish_file(self, temp_path: Path, digest: Digest) -> None:
+        """A verified, fsynced file (a writer's, an upload session's data) becomes the blob: ``publish_sync``."""
+        await asyncio.to_thread(self.publish_sync, temp_path, digest)
+
     def delete_sync(self, digest: Digest) -> bool:
         """Remove a stored blob; False if it was not there. Other OSErrors are raised."""
         try:

@@ -10,7 +10,8 @@ Layout of the bucket (``prefix`` from ``[storage]``, "" or ending in "/")::
       <label>.<time>           objects that failed verification (``quarantine_sync``, called by gc.py)
 
 The data dir keeps what is local to this replica: ``tmp/`` holds the temp file of every write (clients of a
-fetch tail it, as with the disk store); ``blobs/`` is where the local tier will keep hot copies (``path``).
+fetch tail it, as with the disk store); ``blobs/`` is where the local tier (``storage.tier``, with ``local_cache``)
+keeps copies of hot objects (``path``), served with sendfile.
 
 Two clients share the bucket settings: aiobotocore's on the event loop, for the services; botocore's synchronous
 one for the ``*_sync`` methods that gc, verify, eviction's sweeps and the CLI call from threads or processes
@@ -27,24 +28,22 @@ import errno
 import hashlib
 import logging
 import tempfile
-import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, cast
+from typing import IO, TYPE_CHECKING
 
-import botocore.session
-from aiobotocore.config import AioConfig
-from aiobotocore.session import AioSession, get_session
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from mirror.oci.errors import DigestInvalid
 from mirror.oci.reference import Digest
 from mirror.storage.blobs import HASH_CHUNK, BlobStore, StoredFile
+from mirror.storage.s3clients import Bucket as Bucket  # re-exported: the store is configured with one
+from mirror.storage.s3clients import Clients, KeyedLocks
 from mirror.storage.s3errors import bucket_errors
 from mirror.storage.s3errors import missing as _missing
 from mirror.storage.s3writer import S3Writer
+from mirror.storage.tier import LocalTier
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client as AioS3Client
@@ -52,52 +51,8 @@ if TYPE_CHECKING:
 
 PRESIGN_SECONDS = 900  # how long a presigned GET URL is valid
 READ_CHUNK = 1 << 20  # bytes per chunk of a streamed GET
-POOL = 64  # connections to the bucket at once per client (botocore's default, 10, would queue a herd of hits)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    """Where the content is and how to reach it (the ``[storage]`` table, as plain values)."""
-
-    name: str
-    endpoint_url: str | None = None  # None: AWS's endpoint for ``region``
-    region: str = "us-east-1"
-    prefix: str = ""
-    access_key: str | None = None  # None: botocore's usual chain (AWS_ACCESS_KEY_ID, ...)
-    secret_key: str | None = None
-
-
-def _load_models(session: AioSession) -> None:
-    """Read the JSON files botocore builds an S3 client from into the session's loader (it keeps them), so that
-    making the client on the event loop reads no file."""
-    loader = session.get_component("data_loader")
-    for name in ("endpoints", "partitions", "sdk-default-configuration"):
-        loader.load_data(name)
-    for kind in ("service-2", "endpoint-rule-set-1"):
-        loader.load_service_model("s3", kind)
-
-
-class KeyedLocks:
-    """One asyncio lock per digest, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[Digest, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, digest: Digest) -> AsyncIterator[None]:
-        lock, users = self._locks.get(digest, (asyncio.Lock(), 0))
-        self._locks[digest] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[digest]
-            if users == 1:
-                del self._locks[digest]
-            else:
-                self._locks[digest] = (lock, users - 1)
 
 
 class S3Store:
@@ -108,67 +63,31 @@ class S3Store:
     never interleave for one digest: ``KeyedLocks``).
     """
 
-    def __init__(self, data_dir: Path, bucket: Bucket):
+    def __init__(self, data_dir: Path, bucket: Bucket, local_cache: int = 0):
         self.local = BlobStore(data_dir)  # tmp/ for the temp files of writes; blobs/ for the local tier
+        self.tier = LocalTier(self.local, local_cache) if local_cache else None
+        self._fills: set[asyncio.Task[None]] = set()
         self.bucket = bucket
         self._blobs = f"{bucket.prefix}blobs/"
-        self._aio: AioS3Client | None = None
-        self._aio_exit = contextlib.AsyncExitStack()
-        self._aio_lock = asyncio.Lock()
-        self._sync: S3Client | None = None
-        self._sync_lock = threading.Lock()
+        self._clients = Clients(bucket)
         self._withdrawn: set[Digest] = set()
         self._publishing = KeyedLocks()
 
-    # --- the two clients -----------------------------------------------------------------------------------------
+    # --- the two clients (``s3clients``) ---------------------------------------------------------------------------
     async def client(self) -> AioS3Client:
         """The event loop's client, made on first use."""
-        async with self._aio_lock:
-            if self._aio is None:
-                session = get_session()
-                await asyncio.to_thread(_load_models, session)  # file reads: off the loop
-                config = AioConfig(
-                    s3={"addressing_style": "path"},
-                    retries={"max_attempts": 3, "mode": "standard"},
-                    max_pool_connections=POOL,
-                )
-                made = session.create_client(
-                    "s3",
-                    endpoint_url=self.bucket.endpoint_url,
-                    region_name=self.bucket.region,
-                    aws_access_key_id=self.bucket.access_key,
-                    aws_secret_access_key=self.bucket.secret_key,
-                    config=config,
-                )
-                self._aio = client = await self._aio_exit.enter_async_context(made)
-                return client
-            return self._aio
+        return await self._clients.aio()
 
     def sync_client(self) -> S3Client:
         """The client of threads and CLI processes, made on first use (botocore's clients are thread-safe)."""
-        with self._sync_lock:
-            if self._sync is None:
-                config = BotoConfig(
-                    s3={"addressing_style": "path"},
-                    retries={"max_attempts": 3, "mode": "standard"},
-                    max_pool_connections=POOL,
-                )
-                made = botocore.session.get_session().create_client(
-                    "s3",
-                    endpoint_url=self.bucket.endpoint_url,
-                    region_name=self.bucket.region,
-                    aws_access_key_id=self.bucket.access_key,
-                    aws_secret_access_key=self.bucket.secret_key,
-                    config=config,
-                )
-                self._sync = cast("S3Client", made)
-            return self._sync
+        return self._clients.sync()
 
     async def close(self) -> None:
-        await self._aio_exit.aclose()
-        self._aio = None
-        if self._sync is not None:
-            self._sync.close()
+        for task in list(self._fills):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._clients.close()
 
     # --- names ---------------------------------------------------------------------------------------------------
     @property
@@ -263,6 +182,44 @@ class S3Store:
         params = {"Bucket": self.bucket.name, "Key": self.key(digest)}
         return await client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
 
+    # --- the local tier ------------------------------------------------------------------------------------------
+    def local_copy(self, digest: Digest) -> Path | None:
+        """On the loop: the local tier's copy of a stored object, to send instead of reading the bucket."""
+        if self.tier is None or digest in self._withdrawn:
+            return None
+        return self.tier.copy(digest)
+
+    def warm(self, digest: Digest, size: int) -> None:
+        """``digest`` is being read from the bucket: fill its local copy in the background (verified)."""
+        if self.tier is None or not self.tier.wanted(digest, size):
+            return
+        task = asyncio.get_running_loop().create_task(self._fill(digest), name=f"local copy of {digest}")
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def _fill(self, digest: Digest) -> None:
+        assert self.tier is not None
+        try:
+            async with contextlib.aclosing(self.stream(digest)) as chunks:
+                await self.tier.fill(digest, chunks)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a lost speed-up, never a wrong answer: the bucket is still read
+            log.warning("no local copy of %s: %s", digest, exc)
+
+    def retain_sync(self, temp_path: Path, digest: Digest, size: int) -> None:
+        if self.tier is not None:
+            self.tier.keep_sync(temp_path, digest, size)
+
+    def _drop_copy_sync(self, digest: Digest) -> None:
+        if self.tier is not None:
+            self.tier.drop_sync(digest)
+
+    def load_tier_sync(self) -> None:
+        """At start-up: the local copies a previous run left (blocking)."""
+        if self.tier is not None:
+            self.tier.load_sync()
+
     def open_growing(self, temp_path: Path, digest: Digest) -> IO[bytes]:
         """The temp file of a blob being written; once the object is complete (the temp file removed), a copy of
         it in an unnamed temp file. Raises FileNotFoundError when neither is there. Blocking: call it in a
@@ -271,6 +228,9 @@ class S3Store:
             return open(temp_path, "rb")  # noqa: SIM115 - closed by the caller
         except FileNotFoundError:
             pass
+        if self.tier is not None and self.tier.copy(digest) is not None:
+            with contextlib.suppress(FileNotFoundError):
+                return open(self.local.path(digest), "rb")  # noqa: SIM115 - closed by the caller
         try:
             resp = self.sync_client().get_object(Bucket=self.bucket.name, Key=self.key(digest))
         except ClientError as exc:
@@ -305,6 +265,13 @@ class S3Store:
         await writer.write(data)
         return await writer.commit(expected, len(data))
 
+    async def publish_file(self, temp_path: Path, digest: Digest) -> None:
+        """A verified local file (a push upload's data) becomes the object of ``digest``: read back into a multipart
+        upload, hashed again as it is read, completed only if it still matches (``S3Writer`` with ``source``).
+        The file is removed either way."""
+        writer = await asyncio.to_thread(S3Writer, self, digest.algorithm, source=temp_path)
+        await writer.commit(digest)
+
     async def publish(self, digest: Digest, complete: Callable[[], Awaitable[None]]) -> None:
         """Run a writer's last requests: from their end on ``digest`` is stored, and a removal of it withdrawn
         before (eviction) is cancelled."""
@@ -319,9 +286,11 @@ class S3Store:
         client = await self.client()
         with bucket_errors():
             await client.delete_object(Bucket=self.bucket.name, Key=self.key(digest))
+        await asyncio.to_thread(self._drop_copy_sync, digest)
         return True
 
     def delete_sync(self, digest: Digest) -> bool:
+        self._drop_copy_sync(digest)
         if self.size_sync(digest) is None:
             return False
         self.sync_client().delete_object(Bucket=self.bucket.name, Key=self.key(digest))
@@ -347,6 +316,7 @@ class S3Store:
                     continue
                 finally:
                     self._withdrawn.discard(digest)
+            await asyncio.to_thread(self._drop_copy_sync, digest)
             removed.append(digest)
         return removed
 
@@ -389,6 +359,9 @@ class S3Store:
             Bucket=self.bucket.name, Key=target, CopySource={"Bucket": self.bucket.name, "Key": self._blobs + location}
         )
         client.delete_object(Bucket=self.bucket.name, Key=self._blobs + location)
+        algorithm, _, name = location.partition("/")
+        with contextlib.suppress(DigestInvalid):  # a stray key has no copy
+            self._drop_copy_sync(Digest.parse(f"{algorithm}:{name}"))
         return f"s3://{self.bucket.name}/{target}"
 
     # --- the local side: temp files, readiness, space -------------------------------------------------------------

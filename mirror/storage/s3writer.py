@@ -7,6 +7,10 @@ parts are read back from that file, 8 MiB at a time, so one part is in memory pe
 A writer that knows its digest (an upstream fetch) uploads each part as soon as it is in the file; one that learns
 it only at ``commit`` (a manifest, a push) uploads its parts then, to the key of the digest it verified. The temp
 file goes once the object is complete, or on ``abort`` with the upload's parts.
+
+A file written and verified elsewhere (a push upload's session data, on local disk so that it survives a restart)
+is published by a writer of that ``source`` file: its parts are read back from it and hashed again as they are
+read, and the object is completed only if they still match the digest and size verified (``S3Store.publish_file``).
 """
 
 from __future__ import annotations
@@ -52,21 +56,35 @@ class Target(Protocol):
         ``digest``: never interleaved with an eviction's removal of it."""
         ...
 
+    def retain_sync(self, temp_path: Path, digest: Digest, size: int) -> None:
+        """The complete object's temp file: kept as a local copy (renamed away) or left for the writer to remove."""
+        ...
+
 
 class S3Writer:
     """One blob on its way into the bucket. ``commit`` verifies and completes it, ``abort`` drops it."""
 
-    def __init__(self, store: Target, algorithm: str = "sha256", name: str | None = None, digest: Digest | None = None):
+    def __init__(
+        self,
+        store: Target,
+        algorithm: str = "sha256",
+        name: str | None = None,
+        digest: Digest | None = None,
+        source: Path | None = None,
+    ):
         """A new temp file under ``tmp/`` (named ``name``, or at random). With ``digest`` (an upstream fetch), parts
-        go to that digest's key as they fill; the object is completed only if the content matches it."""
+        go to that digest's key as they fill; the object is completed only if the content matches it. With
+        ``source``, that complete file instead, nothing more written to it: ``commit`` reads it back (blocking:
+        call it in a thread)."""
         self._store = store
         self._hasher = hashlib.new(algorithm)
         self._algorithm = algorithm
         self._digest = digest
-        self.temp_path = store.tmp_dir / (name or f"fetch-{secrets.token_hex(12)}")
-        self._file: IO[bytes] = open(self.temp_path, "x+b")  # noqa: SIM115 - closed in commit/abort
+        self._rehash = source is not None  # the parts are hashed as they are read back, not as they are written
+        self.temp_path = source or store.tmp_dir / (name or f"fetch-{secrets.token_hex(12)}")
+        self._file: IO[bytes] = open(self.temp_path, "rb" if source else "x+b")  # noqa: SIM115 - closed in commit/abort
         self._closed = False
-        self.written = 0
+        self.written = os.fstat(self._file.fileno()).st_size if source else 0
         self._uploaded = 0  # bytes of the file in completed parts
         self._upload: tuple[str, str] | None = None  # (key, upload id) of the multipart upload, once started
         self._parts: list[CompletedPartTypeDef] = []
@@ -86,8 +104,14 @@ class S3Writer:
     def key_for(self, digest: Digest) -> str:
         return self._store.key(digest)
 
+    def _read_sync(self, end: int) -> bytes:
+        data = os.pread(self._file.fileno(), end - self._uploaded, self._uploaded)
+        if self._rehash:
+            self._hasher.update(data)
+        return data
+
     async def _read(self, end: int) -> bytes:
-        return await asyncio.to_thread(os.pread, self._file.fileno(), end - self._uploaded, self._uploaded)
+        return await asyncio.to_thread(self._read_sync, end)
 
     async def _upload_part(self, key: str, end: int) -> None:
         """Bytes ``_uploaded``..``end`` of the file as the next part of the upload to ``key`` (started if need be)."""
@@ -124,37 +148,54 @@ class S3Writer:
         """Verify, then complete the object at its digest's key (``verified`` is called in between). On any failure
         the upload is aborted, the temp file removed and the error raised."""
         try:
-            digest = self._verify(expected, expected_size)
-            if verified is not None:
-                verified()
+            if self._rehash:  # verified in ``_finish``, once every byte has been read back
+                if expected is None:
+                    raise ValueError("publishing a file takes the digest it was verified as")
+                digest = expected
+            else:
+                digest = self._verify(expected, expected_size)
+                if verified is not None:
+                    verified()
             with bucket_errors():
-                await self._store.publish(digest, lambda: self._finish(digest))
+                await self._store.publish(digest, lambda: self._finish(digest, expected_size))
         except BaseException:
             await self.abort()
             raise
-        await asyncio.to_thread(self._close_sync)
+        await asyncio.to_thread(self._close_sync, digest)
         return digest
 
-    async def _finish(self, digest: Digest) -> None:
+    async def _finish(self, digest: Digest, expected_size: int | None) -> None:
         """The rest of the parts and the request that makes the object visible: one PUT for a blob of one part
-        that has none uploaded yet, else the last parts and CompleteMultipartUpload."""
+        that has none uploaded yet, else the last parts and CompleteMultipartUpload. A ``source`` file's bytes,
+        hashed as they were read back, are verified just before that request."""
         key, client = self.key_for(digest), await self._store.client()
         if self._upload is None and self.written <= PART_SIZE:
-            await client.put_object(Bucket=self._store.bucket_name, Key=key, Body=await self._read(self.written))
+            body = await self._read(self.written)
+            if self._rehash:
+                self._verify(digest, expected_size)
+            await client.put_object(Bucket=self._store.bucket_name, Key=key, Body=body)
             return
         while self._uploaded < self.written:
             await self._upload_part(key, min(self._uploaded + PART_SIZE, self.written))
+        if self._rehash:
+            self._verify(digest, expected_size)
         assert self._upload is not None
         await client.complete_multipart_upload(
             Bucket=self._store.bucket_name, Key=key, UploadId=self._upload[1], MultipartUpload={"Parts": self._parts}
         )
         self._upload = None
 
-    def _close_sync(self) -> None:
+    def _close_sync(self, complete: Digest | None = None) -> None:
+        """Close the file and remove it; that of a ``complete`` object may become its local copy first."""
         if not self._closed:
             self._closed = True
             with contextlib.suppress(OSError):
                 self._file.close()
+        if complete is not None:
+            try:
+                self._store.retain_sync(self.temp_path, complete, self.written)
+            except OSError as exc:  # the object is complete: a copy that cannot be kept is only a lost speed-up
+                log.warning("cannot keep a local copy of %s: %s", complete, exc)
         with contextlib.suppress(FileNotFoundError):
             self.temp_path.unlink()
 

@@ -51,9 +51,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirror.storage.blobs import BlobStore
 from mirror.storage.sessionlocks import CREATE_LOCK, close_if_taken, flock_sync, held_elsewhere_sync
-from mirror.storage.writer import BlobWriter
+from mirror.storage.writer import BlobWriter, Publisher
 
 log = logging.getLogger(__name__)
 # Only ids the mirror itself hands out (uuid4, lower case) are ever turned into paths.
@@ -116,7 +115,7 @@ class UploadSessions:
     def __init__(
         self,
         data_dir: Path,
-        store: BlobStore,
+        store: Publisher,
         max_sessions: int = 1024,
         max_per_client: int = 64,
         shared: bool = False,

@@ -1,8 +1,9 @@
 """Writing one blob: a temp file filled and hashed on the fly, published only once its size and digest match.
 
-``BlobWriter`` is what every write of content goes through (upstream fetches, push uploads, manifests). It
-knows of its store only what ``Publisher`` says: where temp files go and how a verified file is published
-(``BlobStore.publish_sync``: fsynced, then renamed into place), so nothing partial is ever visible.
+``BlobWriter`` is what every write of content goes through on local disk (upstream fetches, push uploads,
+manifests). It knows of its store only what ``Publisher`` says: where temp files go and how a verified, fsynced
+file is published (``publish_file``: renamed into place on disk, read back into the bucket of an object store), so
+nothing partial is ever visible.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class Publisher(Protocol):
     @property
     def tmp_dir(self) -> Path: ...
 
-    def publish_sync(self, temp_path: Path, digest: Digest) -> None: ...
+    async def publish_file(self, temp_path: Path, digest: Digest) -> None:
+        """A closed file whose content was verified as ``digest`` becomes the stored blob (the file is consumed)."""
+        ...
 
 
 WRITE_SLICE = 256 << 10  # bytes per write() and hash update inside one BlobWriter.write
@@ -114,7 +117,8 @@ class BlobWriter:
             raise DigestMismatch(expected, actual)
         return actual
 
-    def _publish_sync(self, actual: Digest) -> Digest:
+    def _seal_sync(self, actual: Digest) -> Digest:
+        """fsync and close the verified file."""
         try:
             os.fsync(self._file.fileno())
         except OSError as exc:
@@ -123,7 +127,6 @@ class BlobWriter:
             raise
         self._file.close()
         self._closed = True
-        self._store.publish_sync(self.temp_path, actual)
         return actual
 
     async def commit(
@@ -135,13 +138,15 @@ class BlobWriter:
         """Verify and publish (``verified`` is called in between). On any failure the temp file is removed and the
         error raised."""
         try:
-            actual = self._verify(expected, expected_size)  # the running hash: no byte is read again
+            digest = self._verify(expected, expected_size)  # the running hash: no byte is read again
             if verified is not None:
                 verified()
-            return await asyncio.to_thread(self._publish_sync, actual)
+            await asyncio.to_thread(self._seal_sync, digest)
+            await self._store.publish_file(self.temp_path, digest)
         except BaseException:
             await self.abort()
             raise
+        return digest
 
     def _abort_sync(self) -> None:
         if not self._closed:

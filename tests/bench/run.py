@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.bench.bucket import bucket
 from tests.bench.load import MANIFEST_ACCEPT, PeakRss, ab_head, download, skopeo_pulls, wrk
 from tests.bench.report import GiB, MiB, Row, human_size, median, table
 from tests.bench.wan import Shape, wan
@@ -257,6 +258,7 @@ WORKLOADS: dict[str, Callable[[Bench], None]] = {
     "memory": Bench.memory,
     "wan": wan,
     "workers": workers,
+    "bucket": bucket,
 }
 
 
