@@ -1,0 +1,177 @@
+"""One upstream fetch per digest for the whole cluster: three real ``mirror serve`` replicas, each with its own data
+dir, sharing one real SeaweedFS bucket (one prefix) and one real Redis, in front of a real Distribution slowed by
+nginx so a fetch takes seconds. The replica that takes a blob's lease fetches it; the others stream it live from
+that replica's internal endpoint, which answers only callers with the cluster secret."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from mirror.upstream.peers import SECRET_HEADER
+from tests.support.ops import Mirror, free_port, record_figures, throttled_upstream, upstream_requests
+from tests.support.plain_http import push_blob
+from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
+from tests.support.seaweed import Seaweed, raw_client, seaweed_fixture  # noqa: F401 - seaweed_fixture: the fixture
+
+pytestmark = pytest.mark.integration
+
+BIG = 8 << 20  # about 4 s through the slow nginx (2 MB/s)
+SECRET = "cluster-secret-" + "x" * 24
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with throttled_upstream(tmp_path_factory.mktemp("cluster"), slow="2m") as upstream:
+        yield upstream
+
+
+def replica_config(path: Path, seaweed: Seaweed, redis: RedisServer, prefix: str, advertise: str) -> Path:
+    path.write_text(
+        f'[storage]\nbackend = "s3"\nendpoint_url = "{seaweed.endpoint_url}"\nbucket = "{seaweed.bucket}"\n'
+        f'region = "{seaweed.region}"\nprefix = "{prefix}"\naccess_key = "{seaweed.access_key}"\n'
+        f'secret_key = "{seaweed.secret_key}"\n'
+        f'[cluster]\nredis_url = "{redis.url}"\nadvertise = "{advertise}"\nsecret = "{SECRET}"\n'
+    )
+    return path
+
+
+def replicas(
+    stack: ExitStack, work: Path, upstream: str, seaweed: Seaweed, redis: RedisServer, prefix: str, count: int = 3
+) -> list[Mirror]:
+    """``count`` replicas, each with its own data dir, advertising its own URL."""
+    started = []
+    for n in range(count):
+        listen = f"127.0.0.1:{free_port()}"
+        config = replica_config(work / f"replica-{n}.toml", seaweed, redis, prefix, f"http://{listen}")
+        mirror = Mirror(work / f"data-{n}", upstream, "--config", str(config), "--read-only", listen=listen)
+        started.append(stack.enter_context(mirror))
+    return started
+
+
+def metric(mirror: Mirror, name: str) -> float:
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in mirror.metrics().splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
+
+
+def bucket_keys(seaweed: Seaweed, prefix: str) -> dict[str, int]:
+    listed = raw_client(seaweed.endpoint_url).list_objects_v2(Bucket=seaweed.bucket, Prefix=prefix)
+    return {item["Key"]: item["Size"] for item in listed.get("Contents", [])}
+
+
+def open_uploads(seaweed: Seaweed, prefix: str) -> list[str]:
+    listed = raw_client(seaweed.endpoint_url).list_multipart_uploads(Bucket=seaweed.bucket, Prefix=prefix)
+    return [upload["Key"] for upload in listed.get("Uploads", [])]
+
+
+async def test_32_cold_gets_over_three_replicas_make_one_upstream_get(
+    upstream: dict[str, Any], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    data = os.urandom(BIG)
+    digest = push_blob(upstream["url"], "library/herd", data)
+    with ExitStack() as stack:
+        mirrors = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, "herd/")
+        async with aiohttp.ClientSession() as session:
+
+            async def get(mirror: Mirror) -> str:
+                async with session.get(f"{mirror.url}/v2/library/herd/blobs/{digest}") as resp:
+                    assert resp.status == 200
+                    return hashlib.sha256(await resp.read()).hexdigest()
+
+            began = time.monotonic()
+            bodies = await asyncio.gather(*(get(mirrors[n % 3]) for n in range(32)))
+            record_figures("cluster herd", clients=32, replicas=3, seconds=round(time.monotonic() - began, 3))
+        assert bodies == [digest.partition(":")[2]] * 32, "every body's digest is right"
+        assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 1, "one upstream GET for the cluster"
+
+        served = [metric(m, "mirror_cluster_peer_streams_served_total") for m in mirrors]
+        followed = [metric(m, "mirror_cluster_peer_streams_followed_total") for m in mirrors]
+        holders = [n for n in range(3) if served[n]]
+        assert len(holders) == 1, f"one replica held the lease and served the others: {served}"
+        others = [n for n in range(3) if n != holders[0]]
+        assert [followed[n] for n in others] == [1, 1], "each of the others followed the holder once"
+        assert served[holders[0]] == 2 and followed[holders[0]] == 0
+        assert [metric(m, "mirror_cluster_leases_held") for m in mirrors] == [0, 0, 0], "released when done"
+
+        assert bucket_keys(seaweed, "herd/") == {f"herd/blobs/{digest.replace(':', '/')}": BIG}, "one object"
+        assert open_uploads(seaweed, "herd/") == [], "the followers uploaded nothing"
+        for n in range(3):
+            assert list((tmp_path / f"data-{n}" / "tmp").iterdir()) == [], "no temp file left on any replica"
+
+        async with aiohttp.ClientSession() as session:  # now a hit on every replica, still one upstream GET
+            for mirror in mirrors:
+                async with session.get(f"{mirror.url}/v2/library/herd/blobs/{digest}") as resp:
+                    assert hashlib.sha256(await resp.read()).hexdigest() == digest.partition(":")[2]
+        assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 1
+
+
+def peer_get(mirror: Mirror, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(mirror.url.removeprefix("http://"), timeout=30)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {SECRET_HEADER: "wrong-" + SECRET[6:]}, {SECRET_HEADER: ""}, {"Authorization": f"Bearer {SECRET}"}],
+    ids=["no secret -> 401", "wrong secret -> 401", "empty secret -> 401", "secret elsewhere -> 401"],
+)
+def test_the_peer_endpoint_answers_401_and_nothing_else_without_the_secret(
+    upstream: dict[str, Any], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path, headers: dict[str, str]
+) -> None:
+    data = os.urandom(BIG)
+    digest = push_blob(upstream["url"], "library/secret", data)
+    with ExitStack() as stack:
+        (mirror,) = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, "secret/", count=1)
+        # A fetch under way on it, so there is something a caller without the secret could try to read.
+        conn = http.client.HTTPConnection(mirror.url.removeprefix("http://"), timeout=30)
+        conn.request("GET", f"/v2/library/secret/blobs/{digest}")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read(1)
+        held = [key for key in redis_keys(redis_server) if digest in key]
+        assert held, "the replica holds the lease of the fetch"
+        fetch_id = lease_value(redis_server, held[0]).partition(" ")[0]
+        path = f"/_mirror/v1/fetches/docker.io/{digest}?fetch={fetch_id}"
+        status, body = peer_get(mirror, path, headers)
+        assert status == 401
+        assert json.loads(body) == {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}
+        assert digest.partition(":")[2].encode() not in body and SECRET[:12].encode() not in body
+        status, body = peer_get(mirror, path, {SECRET_HEADER: SECRET, "Range": "bytes=5-"})
+        assert (status, body) == (206, data[5:]), "with the secret: the bytes (from where a follower asks)"
+        status, _ = peer_get(mirror, path.replace(fetch_id, "another"), {SECRET_HEADER: SECRET})
+        assert status == 404, "a fetch it does not hold under that id"
+        conn.close()
+
+
+def redis_keys(redis: RedisServer) -> list[str]:
+    import redis as redis_py
+
+    with redis_py.Redis.from_url(redis.url) as client:
+        return [key.decode() for key in client.keys("mirror:lease:*")]
+
+
+def lease_value(redis: RedisServer, key: str) -> str:
+    import redis as redis_py
+
+    with redis_py.Redis.from_url(redis.url) as client:
+        value = client.get(key)
+        assert isinstance(value, bytes)
+        return value.decode()
