@@ -18,6 +18,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis as redis_py
+import redis.asyncio as aioredis
+from aiohttp import web
 
 from mirror.upstream.peers import SECRET_HEADER
 from tests.support.ops import Mirror, free_port, record_figures, throttled_upstream, upstream_requests
@@ -162,16 +165,94 @@ def test_the_peer_endpoint_answers_401_and_nothing_else_without_the_secret(
 
 
 def redis_keys(redis: RedisServer) -> list[str]:
-    import redis as redis_py
-
     with redis_py.Redis.from_url(redis.url) as client:
         return [key.decode() for key in client.keys("mirror:lease:*")]
 
 
 def lease_value(redis: RedisServer, key: str) -> str:
-    import redis as redis_py
-
     with redis_py.Redis.from_url(redis.url) as client:
         value = client.get(key)
         assert isinstance(value, bytes)
         return value.decode()
+
+
+async def fake_holder(body: bytes, size: int, lease: str, redis_url: str) -> tuple[web.AppRunner, str]:
+    """A replica that holds ``lease`` and streams ``body`` as a blob of ``size`` bytes: the faults a real holder
+    never shows (it verifies what it serves), to check that a follower verifies for itself. Like a real holder whose
+    fetch failed, it releases the lease when it cuts the stream."""
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        assert request.headers.get(SECRET_HEADER) == SECRET
+        resp = web.StreamResponse(headers={"Content-Length": str(size)})
+        await resp.prepare(request)
+        await resp.write(body)
+        if len(body) < size:
+            assert request.transport is not None
+            request.transport.abort()  # cut, as a holder whose fetch failed
+            async with aioredis.Redis.from_url(redis_url) as client:
+                await client.delete(lease)
+            return resp
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/_mirror/v1/fetches/{registry}/{digest}", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("served", "expected"),
+    [
+        ("right", "whole"),
+        ("wrong", "cut"),
+        ("short", "cut"),
+    ],
+    ids=[
+        "holder streams the right bytes -> 200, verified by the follower",
+        "holder streams wrong bytes of the right size -> the follower's client is cut",
+        "holder cuts the stream -> the follower's client is cut",
+    ],
+)
+async def test_a_follower_serves_only_bytes_it_verified_itself(
+    upstream: dict[str, Any],
+    seaweed: Seaweed,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    served: str,
+    expected: str,
+) -> None:
+    data = os.urandom(1 << 20)
+    digest = push_blob(upstream["url"], "library/verified", data)
+    body = {"right": data, "wrong": os.urandom(len(data)), "short": data[: len(data) // 2]}[served]
+    lease = f"mirror:lease:docker.io:{digest}"
+    runner, holder_url = await fake_holder(body, len(data), lease, redis_server.url)
+    try:
+        async with aioredis.Redis.from_url(redis_server.url) as client:  # the fake holds the lease (for a minute)
+            await client.set(lease, f"fake {holder_url}", px=60_000)
+        with ExitStack() as stack:
+            (mirror,) = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, f"verified-{served}/", 1)
+            async with aiohttp.ClientSession() as session:
+                got = b""
+                try:
+                    async with session.get(f"{mirror.url}/v2/library/verified/blobs/{digest}") as resp:
+                        assert resp.status == 200
+                        async for chunk in resp.content.iter_any():
+                            got += chunk
+                    outcome = "whole"
+                except aiohttp.ClientPayloadError:
+                    outcome = "cut"
+            assert outcome == expected
+            if outcome == "whole":
+                assert got == data
+            else:
+                assert len(got) < len(data), "never the whole body"
+            assert metric(mirror, "mirror_cluster_peer_streams_followed_total") == 1
+            assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 0, "the holder fetches, not it"
+            assert bucket_keys(seaweed, f"verified-{served}/") == {}, "a follower uploads nothing"
+            assert list((tmp_path / "data-0" / "tmp").iterdir()) == [], "its temp file is gone"
+    finally:
+        await runner.cleanup()
