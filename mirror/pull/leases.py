@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 from mirror.metrics import Metrics
 from mirror.oci import errors
@@ -40,7 +41,15 @@ log = logging.getLogger(__name__)
 POLL = 0.2  # seconds between looks at a lease whose holder cannot be reached (Redis tells nobody of an expiry)
 READ = 1 << 20  # bytes gathered from a peer's stream before one write to the temp file
 
-TempWriter = Callable[[str, Digest], BlobWriterLike]  # a local temp file at the fetch's key, hashed, never published
+
+class TempFile(BlobWriterLike, Protocol):
+    """A follower's temp file at the fetch's key (the disk store's writer), hashed, never published; kept on disk
+    by ``detach_sync`` for the store's resuming writer when this replica takes the fetch over."""
+
+    def detach_sync(self) -> None: ...
+
+
+TempWriter = Callable[[str, Digest], TempFile]
 
 
 class LeasedFetch(Fetch):
@@ -113,7 +122,7 @@ class Leased:
 
     # --- one key's coordinating task ---------------------------------------------------------------------------
     async def _coordinate(self, registry: str, fetch: LeasedFetch, run: FetchRun) -> None:
-        writer: list[BlobWriterLike] = []  # the follower's temp file, once a holder answered
+        writer: list[TempFile] = []  # the follower's temp file, once a holder answered
         try:
             while not fetch.done:
                 current = await self._leases.take(registry, fetch.digest, fetch.holder)
@@ -130,13 +139,21 @@ class Leased:
             for file in writer:
                 await file.abort()  # the follower's temp file: its clients hold it open, or read the bucket
 
-    async def _holding(self, registry: str, fetch: LeasedFetch, run: FetchRun, writer: list[BlobWriterLike]) -> None:
-        """With the lease ours: run the fetch, or (a follower with bytes of a holder that is gone) cut our clients."""
+    async def _holding(self, registry: str, fetch: LeasedFetch, run: FetchRun, writer: list[TempFile]) -> None:
+        """With the lease ours: run the fetch; a follower with bytes of a holder that is gone takes it over,
+        continuing its own temp file with an upstream Range request (``pull.resume``) and uploading the object."""
         if writer:
-            with contextlib.suppress(StoreUnavailable):
-                await self._leases.release(registry, fetch.digest, fetch.holder)
-            fetch.fail(lost(fetch.digest, "stopped before the end"))
-            return
+            if fetch.size is None or fetch.written == 0:  # nothing to continue: never the case for a follower
+                with contextlib.suppress(StoreUnavailable):
+                    await self._leases.release(registry, fetch.digest, fetch.holder)
+                fetch.fail(lost(fetch.digest, "stopped before the end"))
+                return
+            file = writer.pop()  # the store's resuming writer continues the file: it is no longer ours to remove
+            await asyncio.to_thread(file.detach_sync)
+            log.info("taking over the fetch of blob %s at %d bytes from a replica that is gone", fetch.digest,
+                     fetch.written)  # fmt: skip
+            self._metrics.takeovers.inc()
+            fetch.resume = True
         await self._lead(registry, fetch, run)
 
     async def _lead(self, registry: str, fetch: LeasedFetch, run: FetchRun) -> None:
@@ -166,7 +183,7 @@ class Leased:
             except StoreUnavailable as exc:
                 log.warning("cannot renew the lease of blob %s: %s", fetch.digest, exc)
 
-    async def _follow(self, registry: str, fetch: LeasedFetch, current: Holder, writer: list[BlobWriterLike]) -> None:
+    async def _follow(self, registry: str, fetch: LeasedFetch, current: Holder, writer: list[TempFile]) -> None:
         """Stream ``current``'s fetch into our temp file from where it is, verify it, finish. Raises PeerMissing or
         PeerGone when the holder's stream is not there or breaks."""
         async with self._peers.stream(
@@ -185,7 +202,7 @@ class Leased:
             return
         fetch.finish(self._store.path(fetch.digest))
 
-    async def _receive(self, body: PeerBody, fetch: LeasedFetch, writer: BlobWriterLike) -> None:
+    async def _receive(self, body: PeerBody, fetch: LeasedFetch, writer: TempFile) -> None:
         while writer.written < body.size:
             chunk = await body.content.readany()
             if not chunk:

@@ -56,17 +56,31 @@ class Target(Protocol):
 class S3Writer:
     """One blob on its way into the bucket. ``commit`` verifies and completes it, ``abort`` drops it."""
 
-    def __init__(self, store: Target, algorithm: str = "sha256", name: str | None = None, digest: Digest | None = None):
+    def __init__(
+        self,
+        store: Target,
+        algorithm: str = "sha256",
+        name: str | None = None,
+        digest: Digest | None = None,
+        resume: bool = False,
+    ):
         """A new temp file under ``tmp/`` (named ``name``, or at random). With ``digest`` (an upstream fetch), parts
-        go to that digest's key as they fill; the object is completed only if the content matches it."""
+        go to that digest's key as they fill; the object is completed only if the content matches it. With
+        ``resume``, the file ``name`` already there is continued (a fetch taken over): its bytes are re-hashed and
+        go into parts from the first write on, like any other."""
         self._store = store
         self._hasher = hashlib.new(algorithm)
         self._algorithm = algorithm
         self._digest = digest
         self.temp_path = store.tmp_dir / (name or f"fetch-{secrets.token_hex(12)}")
-        self._file: IO[bytes] = open(self.temp_path, "x+b")  # noqa: SIM115 - closed in commit/abort
+        self._file: IO[bytes] = open(self.temp_path, "a+b" if resume else "x+b")  # noqa: SIM115 - closed in commit/abort
         self._closed = False
         self.written = 0
+        if resume:
+            self._file.seek(0)
+            while chunk := self._file.read(1 << 20):
+                self._hasher.update(chunk)
+                self.written += len(chunk)
         self._uploaded = 0  # bytes of the file in completed parts
         self._upload: tuple[str, str] | None = None  # (key, upload id) of the multipart upload, once started
         self._parts: list[CompletedPartTypeDef] = []

@@ -23,7 +23,15 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from mirror.upstream.peers import SECRET_HEADER
-from tests.support.ops import Mirror, free_port, record_figures, throttled_upstream, upstream_requests
+from tests.support.ops import (
+    Mirror,
+    eventually,
+    free_port,
+    nginx_requests,
+    record_figures,
+    throttled_upstream,
+    upstream_requests,
+)
 from tests.support.plain_http import push_blob
 from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
 from tests.support.seaweed import Seaweed, raw_client, seaweed_fixture  # noqa: F401 - seaweed_fixture: the fixture
@@ -256,3 +264,55 @@ async def test_a_follower_serves_only_bytes_it_verified_itself(
             assert list((tmp_path / "data-0" / "tmp").iterdir()) == [], "its temp file is gone"
     finally:
         await runner.cleanup()
+
+
+async def test_kill_9_of_the_lease_holder_is_taken_over_with_a_range_request(
+    upstream: dict[str, Any], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The holder dies mid-blob while 8 clients read through the two other replicas: its lease expires, one of them
+    takes the fetch over from the bytes it has (an upstream Range request for the rest, the object uploaded by it),
+    the other follows the new holder from where it is, and every one of the 8 ends with the right bytes."""
+    data = os.urandom(BIG)
+    digest = push_blob(upstream["url"], "library/takeover", data)
+    received = [0] * 9
+    with ExitStack() as stack:
+        holder, *others = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, "takeover/")
+        async with aiohttp.ClientSession() as session:
+
+            async def get(mirror: Mirror, n: int) -> str:
+                hasher = hashlib.sha256()
+                async with session.get(f"{mirror.url}/v2/library/takeover/blobs/{digest}") as resp:
+                    assert resp.status == 200
+                    async for chunk in resp.content.iter_any():
+                        hasher.update(chunk)
+                        received[n] += len(chunk)
+                return hasher.hexdigest()
+
+            first = asyncio.ensure_future(get(holder, 0))  # the first miss: this replica takes the lease
+            await eventually(lambda: received[0] > 0, what="the holder streaming")
+            rest = [asyncio.ensure_future(get(others[n % 2], n)) for n in range(1, 9)]
+            await eventually(lambda: all(received[1:]), what="the other replicas' clients streaming")
+            holder.kill9()
+            at_kill = min(received[1:])
+            began = time.monotonic()
+            outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+            after_kill = round(time.monotonic() - began, 3)
+        assert isinstance(outcomes[0], aiohttp.ClientError), "the dead replica's own client is cut"
+        assert outcomes[1:] == [digest.partition(":")[2]] * 8, "every client of the other replicas completes"
+        assert received[1:] == [BIG] * 8
+        takeovers = [metric(m, "mirror_cluster_takeovers_total") for m in others]
+        assert sorted(takeovers) == [0, 1], f"one replica took the fetch over: {takeovers}"
+        # The upstream saw the first GET and one Range request for the rest, from bytes the new holder had.
+        requests = nginx_requests(upstream["slow_dir"], f"/blobs/{digest}")
+        ranged = [(status, rng) for _, status, rng in requests if rng != "-"]
+        assert len(requests) == 2 and len(ranged) == 1, requests
+        status, rng = ranged[0]
+        start = int(rng.removeprefix("bytes=").removesuffix("-"))
+        assert status == 206 and rng == f"bytes={start}-" and at_kill <= start < BIG, ranged
+        record_figures("cluster takeover", blob=BIG, range_start=start, seconds_after_kill=after_kill)
+        key = f"takeover/blobs/{digest.replace(':', '/')}"
+        assert bucket_keys(seaweed, "takeover/") == {key: BIG}, "one object, complete, and no other"
+        stored = raw_client(seaweed.endpoint_url).get_object(Bucket=seaweed.bucket, Key=key)["Body"].read()
+        assert hashlib.sha256(stored).hexdigest() == digest.partition(":")[2], "verified"
+        for n in (1, 2):
+            assert list((tmp_path / f"data-{n}" / "tmp").iterdir()) == [], "no temp file left on the survivors"
