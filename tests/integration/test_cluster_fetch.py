@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from mirror.upstream.peers import SECRET_HEADER
+from tests.support.credentials import basic, make_htpasswd
 from tests.support.ops import (
     Mirror,
     eventually,
@@ -59,14 +60,21 @@ def replica_config(path: Path, seaweed: Seaweed, redis: RedisServer, prefix: str
 
 
 def replicas(
-    stack: ExitStack, work: Path, upstream: str, seaweed: Seaweed, redis: RedisServer, prefix: str, count: int = 3
+    stack: ExitStack,
+    work: Path,
+    upstream: str,
+    seaweed: Seaweed,
+    redis: RedisServer,
+    prefix: str,
+    count: int = 3,
+    flags: tuple[str, ...] = (),
 ) -> list[Mirror]:
     """``count`` replicas, each with its own data dir, advertising its own URL."""
     started = []
     for n in range(count):
         listen = f"127.0.0.1:{free_port()}"
         config = replica_config(work / f"replica-{n}.toml", seaweed, redis, prefix, f"http://{listen}")
-        mirror = Mirror(work / f"data-{n}", upstream, "--config", str(config), "--read-only", listen=listen)
+        mirror = Mirror(work / f"data-{n}", upstream, "--config", str(config), "--read-only", *flags, listen=listen)
         started.append(stack.enter_context(mirror))
     return started
 
@@ -170,6 +178,22 @@ def test_the_peer_endpoint_answers_401_and_nothing_else_without_the_secret(
         status, _ = peer_get(mirror, path.replace(fetch_id, "another"), {SECRET_HEADER: SECRET})
         assert status == 404, "a fetch it does not hold under that id"
         conn.close()
+
+
+def test_htpasswd_does_not_guard_the_peer_endpoint_the_secret_does(
+    upstream: dict[str, Any], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """With ``--htpasswd`` (no anonymous pulls), replicas still reach each other with the secret alone, and a user's
+    valid credentials do not open the endpoint without it."""
+    users = make_htpasswd(tmp_path / "htpasswd", ("alice", "wonderland"))
+    with ExitStack() as stack:
+        (mirror,) = replicas(
+            stack, tmp_path, upstream["slow"], seaweed, redis_server, "htpasswd/", 1, ("--htpasswd", str(users))
+        )
+        path = f"/_mirror/v1/fetches/docker.io/sha256:{'0' * 64}?fetch=none"
+        assert peer_get(mirror, "/v2/", {})[0] == 401, "the registry asks for credentials"
+        assert peer_get(mirror, path, {SECRET_HEADER: SECRET})[0] == 404, "the secret alone passes: no such fetch"
+        assert peer_get(mirror, path, basic("alice", "wonderland"))[0] == 401, "a user is not a replica"
 
 
 def redis_keys(redis: RedisServer) -> list[str]:
