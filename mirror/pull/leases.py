@@ -33,7 +33,7 @@ from mirror.metrics import Metrics
 from mirror.oci import errors
 from mirror.oci.reference import Digest
 from mirror.pull.inflight import Fetch, FetchCoordinator, FetchRun, FetchState, InFlight, RemoteFetch
-from mirror.storage.base import BlobStorage, BlobWriterLike, StoreUnavailable
+from mirror.storage.base import BlobStorage, BlobWriterLike, RemoteBlobs, StoreUnavailable
 from mirror.storage.leases import Holder, Leases
 from mirror.upstream.peers import PeerBody, PeerClient, PeerGone, PeerMissing
 
@@ -50,6 +50,10 @@ class TempFile(BlobWriterLike, Protocol):
 
 
 TempWriter = Callable[[str, Digest], TempFile]
+
+
+class SharedStore(BlobStorage, RemoteBlobs, Protocol):
+    """The bucket the replicas share: a store whose objects can be streamed (``storage.s3.S3Store``)."""
 
 
 class LeasedFetch(Fetch):
@@ -74,7 +78,7 @@ class Leased:
         leases: Leases,
         peers: PeerClient,
         advertise: str,
-        store: BlobStorage,
+        store: SharedStore,
         temp_writer: TempWriter,
         metrics: Metrics,
         poll: float = POLL,
@@ -133,7 +137,7 @@ class Leased:
                     await self._follow(registry, fetch, current, writer)
                 except (PeerMissing, PeerGone) as exc:
                     log.info("following %s for blob %s: %s", current.advertise, fetch.digest, exc)
-                    if not await self._after_holder(fetch):
+                    if not await self._after_holder(fetch, writer):
                         return
         finally:
             for file in writer:
@@ -147,6 +151,9 @@ class Leased:
                 with contextlib.suppress(StoreUnavailable):
                     await self._leases.release(registry, fetch.digest, fetch.holder)
                 fetch.fail(lost(fetch.digest, "stopped before the end"))
+                return
+            if await self._store.size(fetch.digest) is not None and await self._rest_from_bucket(fetch, writer[0]):
+                await self._leases.release(registry, fetch.digest, fetch.holder)  # completed as we took it
                 return
             file = writer.pop()  # the store's resuming writer continues the file: it is no longer ours to remove
             await asyncio.to_thread(file.detach_sync)
@@ -196,32 +203,54 @@ class Leased:
             elif body.size != fetch.size:
                 raise PeerGone(f"the holder's blob has {body.size} bytes, not {fetch.size}")
             await self._receive(body, fetch, writer[0])
-        written, hasher = writer[0].mark()
-        if written != fetch.size or hasher.hexdigest() != fetch.digest.hex:
-            fetch.fail(lost(fetch.digest, f"sent {written} bytes that do not match the digest"))
-            return
-        fetch.finish(self._store.path(fetch.digest))
+        self._verified(fetch, writer[0])
 
     async def _receive(self, body: PeerBody, fetch: LeasedFetch, writer: TempFile) -> None:
         while writer.written < body.size:
             chunk = await body.content.readany()
             if not chunk:
                 raise PeerGone(f"the stream ended at {writer.written} of {body.size} bytes")
-            while len(chunk) < READ and (more := body.content.read_nowait(READ - len(chunk))):
-                chunk += more
-            if writer.written + len(chunk) > body.size:
+            parts, size = [chunk], len(chunk)
+            while size < READ and (more := body.content.read_nowait(READ - size)):
+                parts.append(more)
+                size += len(more)
+            if writer.written + size > body.size:
                 raise PeerGone("the holder sent more bytes than the blob has")
-            await writer.write(chunk)
+            await writer.write(chunk if len(parts) == 1 else b"".join(parts))
             fetch.advance(writer.written)
 
-    async def _after_holder(self, fetch: LeasedFetch) -> bool:
-        """The holder's stream is not there or broke: finish with the object if the bucket has it and our clients
-        have read nothing, else wait a moment before the lease is tried again (a live holder is then followed on
-        with ``Range``; a dead one's lease expires within its TTL). False when the fetch is done."""
-        if fetch.temp_path is None and await self._store.size(fetch.digest) is not None:
-            fetch.finish(self._store.path(fetch.digest))  # nothing begun: the miss path serves it from the bucket
-            return False
+    def _verified(self, fetch: LeasedFetch, writer: TempFile) -> None:
+        """Finish the fetch if our temp file is the whole blob and matches its digest, else fail it (its clients
+        are cut): the last byte goes to our clients only after this."""
+        written, hasher = writer.mark()
+        if written != fetch.size or hasher.hexdigest() != fetch.digest.hex:
+            fetch.fail(lost(fetch.digest, f"sent {written} bytes that do not match the digest"))
+            return
+        fetch.finish(self._store.path(fetch.digest))
+
+    async def _after_holder(self, fetch: LeasedFetch, writer: list[TempFile]) -> bool:
+        """The holder's stream is not there or broke. If the object is complete in the bucket, finish with it: the
+        miss path serves it from there if our clients have read nothing, else the rest of our temp file comes from
+        it. Otherwise wait a moment before the lease is tried again (a live holder is then followed on with
+        ``Range``; a dead one's lease expires within its TTL). False when the fetch is done."""
+        if await self._store.size(fetch.digest) is not None:
+            if not writer:
+                fetch.finish(self._store.path(fetch.digest))
+                return False
+            if await self._rest_from_bucket(fetch, writer[0]):
+                return False
         await asyncio.sleep(self._poll)  # Redis tells nobody when a lease expires: there is no event to await
+        return True
+
+    async def _rest_from_bucket(self, fetch: LeasedFetch, writer: TempFile) -> bool:
+        """Our temp file completed from the object (verified like any other byte); False if it went meanwhile."""
+        try:
+            async for chunk in self._store.stream(fetch.digest, writer.written):
+                await writer.write(chunk)
+                fetch.advance(writer.written)
+        except FileNotFoundError:
+            return False
+        self._verified(fetch, writer)
         return True
 
 

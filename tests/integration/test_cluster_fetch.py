@@ -11,7 +11,7 @@ import http.client
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -208,10 +208,13 @@ def lease_value(redis: RedisServer, key: str) -> str:
         return value.decode()
 
 
-async def fake_holder(body: bytes, size: int, lease: str, redis_url: str) -> tuple[web.AppRunner, str]:
+async def fake_holder(
+    body: bytes, size: int, lease: str, redis_url: str, dies: Callable[[], None] | None = None
+) -> tuple[web.AppRunner, str]:
     """A replica that holds ``lease`` and streams ``body`` as a blob of ``size`` bytes: the faults a real holder
-    never shows (it verifies what it serves), to check that a follower verifies for itself. Like a real holder whose
-    fetch failed, it releases the lease when it cuts the stream."""
+    never shows (it verifies what it serves), to check that a follower verifies for itself. A short ``body`` is cut:
+    like a holder whose fetch failed, it releases the lease then; or with ``dies`` (which completes the object in
+    the bucket) like a holder that completed the object and died before its last bytes, holding the lease."""
 
     async def serve(request: web.Request) -> web.StreamResponse:
         assert request.headers.get(SECRET_HEADER) == SECRET
@@ -219,10 +222,13 @@ async def fake_holder(body: bytes, size: int, lease: str, redis_url: str) -> tup
         await resp.prepare(request)
         await resp.write(body)
         if len(body) < size:
+            if dies is not None:
+                await asyncio.to_thread(dies)
             assert request.transport is not None
-            request.transport.abort()  # cut, as a holder whose fetch failed
-            async with aioredis.Redis.from_url(redis_url) as client:
-                await client.delete(lease)
+            request.transport.abort()
+            if dies is None:
+                async with aioredis.Redis.from_url(redis_url) as client:
+                    await client.delete(lease)
             return resp
         await resp.write_eof()
         return resp
@@ -237,16 +243,18 @@ async def fake_holder(body: bytes, size: int, lease: str, redis_url: str) -> tup
 
 
 @pytest.mark.parametrize(
-    ("served", "expected"),
+    ("served", "expected", "upstream_gets"),
     [
-        ("right", "whole"),
-        ("wrong", "cut"),
-        ("short", "cut"),
+        ("right", "whole", 0),
+        ("wrong", "cut", 0),
+        ("failed", "whole", 1),
+        ("died after completing", "whole", 0),
     ],
     ids=[
         "holder streams the right bytes -> 200, verified by the follower",
         "holder streams wrong bytes of the right size -> the follower's client is cut",
-        "holder cuts the stream -> the follower's client is cut",
+        "holder's fetch fails mid-blob -> the follower takes it over with a Range request",
+        "holder completes the object and dies before its last bytes -> the rest from the bucket",
     ],
 )
 async def test_a_follower_serves_only_bytes_it_verified_itself(
@@ -256,17 +264,25 @@ async def test_a_follower_serves_only_bytes_it_verified_itself(
     tmp_path: Path,
     served: str,
     expected: str,
+    upstream_gets: int,
 ) -> None:
     data = os.urandom(1 << 20)
     digest = push_blob(upstream["url"], "library/verified", data)
-    body = {"right": data, "wrong": os.urandom(len(data)), "short": data[: len(data) // 2]}[served]
+    prefix = f"verified-{served.replace(' ', '-')}/"
+    key = f"{prefix}blobs/{digest.replace(':', '/')}"
+    body = {"right": data, "wrong": os.urandom(len(data))}.get(served, data[: len(data) // 2])
     lease = f"mirror:lease:docker.io:{digest}"
-    runner, holder_url = await fake_holder(body, len(data), lease, redis_server.url)
+
+    def complete() -> None:
+        raw_client(seaweed.endpoint_url).put_object(Bucket=seaweed.bucket, Key=key, Body=data)
+
+    dies = complete if served == "died after completing" else None
+    runner, holder_url = await fake_holder(body, len(data), lease, redis_server.url, dies)
     try:
         async with aioredis.Redis.from_url(redis_server.url) as client:  # the fake holds the lease (for a minute)
             await client.set(lease, f"fake {holder_url}", px=60_000)
         with ExitStack() as stack:
-            (mirror,) = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, f"verified-{served}/", 1)
+            (mirror,) = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, prefix, 1)
             async with aiohttp.ClientSession() as session:
                 got = b""
                 try:
@@ -283,8 +299,13 @@ async def test_a_follower_serves_only_bytes_it_verified_itself(
             else:
                 assert len(got) < len(data), "never the whole body"
             assert metric(mirror, "mirror_cluster_peer_streams_followed_total") == 1
-            assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 0, "the holder fetches, not it"
-            assert bucket_keys(seaweed, f"verified-{served}/") == {}, "a follower uploads nothing"
+            assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == upstream_gets
+            if upstream_gets:
+                ranged = [rng for _, _, rng in nginx_requests(upstream["slow_dir"], f"/blobs/{digest}")]
+                assert ranged == [f"bytes={len(body)}-"], "the rest of the blob only"
+                assert metric(mirror, "mirror_cluster_takeovers_total") == 1
+            stored = bucket_keys(seaweed, prefix)
+            assert stored == ({key: len(data)} if served in ("failed", "died after completing") else {})
             assert list((tmp_path / "data-0" / "tmp").iterdir()) == [], "its temp file is gone"
     finally:
         await runner.cleanup()
