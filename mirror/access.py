@@ -129,8 +129,17 @@ ACTIONS = {
     "admin_gc": Action.ADMIN,
     "admin_verify": Action.ADMIN,
     "admin_prefetch": Action.ADMIN,
+    # The replicas' internal endpoint (``api.peer``; routed only with [cluster]): its own check, the secret.
+    "peer_fetch": Action.PEER,
 }
-WHAT = {Action.PING: "log in", Action.PULL: "pull", Action.PUSH: "push", Action.DELETE: "delete", Action.ADMIN: "use"}
+WHAT = {
+    Action.PEER: "stream",
+    Action.PING: "log in",
+    Action.PULL: "pull",
+    Action.PUSH: "push",
+    Action.DELETE: "delete",
+    Action.ADMIN: "use",
+}
 
 
 class Access:
@@ -159,6 +168,8 @@ class Access:
     ) -> str | None:
         """``name``: the repository as the client named it (see ``mirror.permissions``), None for requests about
         no single repository (``/v2/``, ``_catalog``, the admin API)."""
+        if action is Action.PEER:
+            return None  # another replica: checked against the cluster secret by its handler (api.peer)
         writes = action in (Action.PUSH, Action.DELETE)
         if writes and self.settings.read_only:
             self._metrics.auth_requests.labels("read_only").inc()

@@ -35,6 +35,7 @@ from mirror.api.keys import (
     USAGE,
 )
 from mirror.api.middleware import add_api_version, local_names, refuse_loops, registry_errors, request_metrics
+from mirror.api.peer import PEERING, Peering
 from mirror.api.routes import add_routes
 from mirror.api.streaming import SENDER, Sender
 from mirror.api.ui import actions
@@ -246,6 +247,21 @@ def cluster_link(config: Config) -> RedisLink | None:
     return RedisLink.connect(cluster.redis_url)
 
 
+def cluster_coordination(
+    config: Config, link: RedisLink, bucket: S3Store, metrics: Metrics
+) -> tuple[FetchCoordinator, Peering]:
+    """The fetch coordinator of replicas (a lease per fetch in Redis, followers streaming from its holder) and what
+    the replicas' internal endpoint serves from it."""
+    from mirror.pull.leases import Leased  # here: Redis and the peer client come with [cluster] only
+    from mirror.storage.leases import Leases
+    from mirror.upstream.peers import PeerClient
+
+    cluster = cluster_config(config)
+    peers = PeerClient(cluster.secret)
+    leased = Leased(Leases(link), peers, cluster.advertise, bucket, bucket.local.fetch_writer, metrics)
+    return leased, Peering(cluster.secret, leased)
+
+
 def coordination(config: Config, store: BlobStore) -> tuple[FetchCoordinator, Callable[[], int]]:
     """The fetch coordinator, and the start-up cleaning of ``tmp/`` that fits it: alone on the data dir, every
     temp file is a leftover; sharing it, only those of fetches no process holds are."""
@@ -272,6 +288,9 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     metrics.prime(clients)
     usage = Usage(config.data_dir, shared=config.coordination == "files")  # shared: journal its changes
     inflight, clean_tmp = coordination(config, files)
+    peering = None
+    if link is not None and bucket is not None:  # replicas: one upstream fetch per digest for the cluster
+        inflight, peering = cluster_coordination(config, link, bucket, metrics)
     # Sharing the data dir, manifest and tag requests are made once for its processes too.
     ref_locks = RefLocks(files.tmp_dir) if config.coordination == "files" else None
     pull = PullThrough(
@@ -305,7 +324,9 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     app[USAGE] = usage
     app[ADMIN] = admin
     app[READY] = lambda: readiness(config, store, index, housekeeper, link)
-    add_routes(app.router, config.admin_api, config.ui)
+    if peering is not None:
+        app[PEERING] = peering
+    add_routes(app.router, config.admin_api, config.ui, cluster=peering is not None)
     if config.ui:
         ui.setup(app, ui_settings(config))
         if config.admin_api:

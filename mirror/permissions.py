@@ -33,6 +33,7 @@ class Action(StrEnum):
     PUSH = "push"
     DELETE = "delete"
     ADMIN = "admin"  # /admin/v1/*
+    PEER = "peer"  # the replicas' internal endpoint: the cluster secret decides (api.peer), never htpasswd
 
 
 GRANTABLE = (Action.PULL, Action.PUSH, Action.DELETE, Action.ADMIN)

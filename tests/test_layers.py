@@ -101,6 +101,11 @@ MODULE_FORBIDDEN: dict[str, set[str]] = {
         "mirror.content",
         "mirror.metrics",
     },
+    # Its Redis-lease implementation: the seam, the leases (storage.leases) and the peer client, never the miss
+    # path or the service (the fetch itself is the FetchRun it is handed).
+    "mirror.pull.leases": {"mirror.pull.service", "mirror.pull.blobs", "mirror.pull.filelock", "mirror.content"},
+    # The replicas' endpoint serves a held fetch through the seam and the streaming of a growing file only.
+    "mirror.api.peer": {"mirror.storage", "mirror.pull.leases", "mirror.pull.service"},
     "mirror.pull.failures": {"mirror.pull"},
     # The host-wide (multiprocess) mode sits on top of the collectors, which know nothing of it.
     "mirror.metrics.collectors": {"mirror.metrics.host"},
@@ -127,6 +132,7 @@ LIBRARY_HOMES = {
     "diskcache": {"storage"},
     "aiobotocore": {"storage"},  # the S3 clients (storage/s3.py)
     "botocore": {"storage"},
+    "redis": {"storage"},  # the replicas' Redis (storage/cluster.py, storage/leases.py)
 }
 MODULES = modules()
 

@@ -14,7 +14,7 @@ import asyncio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mirror.api import admin, ui
+from mirror.api import admin, peer, ui
 from mirror.api.blobs import delete_blob, get_blob, head_blob
 from mirror.api.keys import METRICS
 from mirror.api.listing import catalog, list_tags
@@ -47,14 +47,18 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def add_routes(router: web.UrlDispatcher, admin_api: bool = False, web_page: bool = False) -> None:
+def add_routes(
+    router: web.UrlDispatcher, admin_api: bool = False, web_page: bool = False, cluster: bool = False
+) -> None:
     """The whole table; the admin API (``/admin/v1/``) only with ``--admin-api``, the web page (``/ui/``)
-    unless ``--ui off``."""
+    unless ``--ui off``, the replicas' internal endpoint (``api.peer``) only in a cluster."""
     add_registry_routes(router)
     add_push_routes(router)
     router.add_get("/healthz", healthz, name="healthz")
     router.add_get("/metrics", metrics, name="metrics")
     router.add_get("/readyz", admin.readyz, name="readyz")
+    if cluster:  # the registry name is one path segment: upstream names are hosts, and quoted by the client
+        router.add_get("/_mirror/v1/fetches/{registry}/{digest}", peer.fetch_for_peer, name="peer_fetch")
     if admin_api:
         add_admin_routes(router)
     if web_page:

@@ -124,10 +124,13 @@ def blob_headers(digest: Digest) -> dict[str, str]:
     }
 
 
-async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: FetchState) -> web.StreamResponse:
+async def stream_fetch(
+    request: web.Request, repo: Repo | None, digest: Digest, fetch: FetchState
+) -> web.StreamResponse:
     """Send a blob that is still arriving: read the temp file up to what the fetch has written, wait for more,
     repeat; the last byte of the answer (whole blob or range) only after the digest is verified. If the fetch
-    fails, the connection is cut, so the client sees a short body, never a complete wrong one."""
+    fails, the connection is cut, so the client sees a short body, never a complete wrong one. ``repo`` None: a
+    replica following the fetch (``api.peer``), whose bytes are not counted as served to clients."""
     assert fetch.size is not None
     rng = blob_range(request, digest, fetch.size)
     start, end = rng if rng is not None else (0, fetch.size)
@@ -159,8 +162,9 @@ async def stream_fetch(request: web.Request, repo: Repo, digest: Digest, fetch: 
             available = min(fetch.readable(), _sendable_end(fetch, end))
             if available > offset:
                 await send_part(request, transport, resp, fileobj, offset, available - offset)
-                request.app[METRICS].blob_bytes_served.labels(repo.registry, "upstream").inc(available - offset)
-                request.app[METRICS].repos.served(str(repo), "upstream", available - offset)
+                if repo is not None:
+                    request.app[METRICS].blob_bytes_served.labels(repo.registry, "upstream").inc(available - offset)
+                    request.app[METRICS].repos.served(str(repo), "upstream", available - offset)
                 offset = available
     finally:
         fetch.clients -= 1

@@ -98,6 +98,28 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # Replicas sharing a bucket (``pull.leases``): this replica's fetch leases and its peer streams.
+        self.leases_held = Gauge(
+            "mirror_cluster_leases_held",
+            "Fetch leases this replica holds now (it runs those upstream fetches for the whole cluster).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.peer_streams_served = Counter(
+            "mirror_cluster_peer_streams_served",
+            "Streams of a fetch this replica holds served to other replicas.",
+            registry=r,
+        )
+        self.peer_streams_followed = Counter(
+            "mirror_cluster_peer_streams_followed",
+            "Fetches another replica held that this one streamed from it instead of fetching upstream.",
+            registry=r,
+        )
+        self.takeovers = Counter(
+            "mirror_cluster_takeovers",
+            "Fetches whose holder died mid-blob that this replica took over and continued upstream.",
+            registry=r,
+        )
         self.stale_served = Counter(
             "mirror_stale_served",
             "Tags answered from the cache because the upstream could not be asked, by reason.",

@@ -250,14 +250,14 @@ class S3Store:
 
     def fetch_writer(self, registry: str, digest: Digest, resume: bool = False) -> S3Writer:
         """The writer of an upstream fetch, its temp file named as the disk store names it (``fetch_temp_path``);
-        a file already there is a leftover of an interrupted fetch of the same key. Blocking: call it in a thread.
-        ``resume`` (taking over another process's fetch) does not arise: the bucket is served by one process."""
-        if resume:
-            raise NotImplementedError("resuming another process's fetch into a bucket (s3 runs with one worker)")
+        a file already there is a leftover of an interrupted fetch of the same key, removed first; with ``resume``
+        (a replica taking over the fetch of one that died, ``pull.leases``) it holds the bytes streamed from that
+        replica so far, continued. Blocking: call it in a thread."""
         path = self.local.fetch_temp_path(registry, digest)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        return S3Writer(self, digest.algorithm, name=path.name, digest=digest)
+        if not resume:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return S3Writer(self, digest.algorithm, name=path.name, digest=digest, resume=resume)
 
     async def put(self, data: bytes, expected: Digest | None = None) -> Digest:
         """Store a small blob held in memory (a manifest), verified like any other."""

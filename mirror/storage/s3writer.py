@@ -71,20 +71,28 @@ class S3Writer:
         name: str | None = None,
         digest: Digest | None = None,
         source: Path | None = None,
+        resume: bool = False,
     ):
         """A new temp file under ``tmp/`` (named ``name``, or at random). With ``digest`` (an upstream fetch), parts
         go to that digest's key as they fill; the object is completed only if the content matches it. With
         ``source``, that complete file instead, nothing more written to it: ``commit`` reads it back (blocking:
-        call it in a thread)."""
+        call it in a thread). With ``resume``, the file ``name`` already there is continued (a fetch taken over):
+        its bytes are re-hashed and go into parts from the first write on, like any other."""
         self._store = store
         self._hasher = hashlib.new(algorithm)
         self._algorithm = algorithm
         self._digest = digest
         self._rehash = source is not None  # the parts are hashed as they are read back, not as they are written
         self.temp_path = source or store.tmp_dir / (name or f"fetch-{secrets.token_hex(12)}")
-        self._file: IO[bytes] = open(self.temp_path, "rb" if source else "x+b")  # noqa: SIM115 - closed in commit/abort
+        mode = "rb" if source else "a+b" if resume else "x+b"
+        self._file: IO[bytes] = open(self.temp_path, mode)  # noqa: SIM115 - closed in commit/abort
         self._closed = False
         self.written = os.fstat(self._file.fileno()).st_size if source else 0
+        if resume:
+            self._file.seek(0)
+            while chunk := self._file.read(1 << 20):
+                self._hasher.update(chunk)
+                self.written += len(chunk)
         self._uploaded = 0  # bytes of the file in completed parts
         self._upload: tuple[str, str] | None = None  # (key, upload id) of the multipart upload, once started
         self._parts: list[CompletedPartTypeDef] = []

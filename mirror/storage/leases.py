@@ -1,0 +1,113 @@
+"""Fetch leases in the replicas' Redis: the Redis side of ``pull.leases`` (one upstream fetch per digest for the
+whole cluster).
+
+One key per fetch, ``mirror:lease:<registry>:<digest>``, whose value names its holder: "<fetch id> <advertise
+URL>". The holder took it with ``SET NX PX`` (nobody else can while it exists), renews its expiry while the fetch
+runs (``renew``) and deletes it when the fetch ended (``release``); a holder that dies stops renewing and the key
+expires after ``ttl`` seconds. Renewal and release compare the value first (one Lua script each, atomic in Redis):
+a holder whose lease expired (it stalled) and was taken by another never extends or deletes the new holder's.
+
+``take`` is one round trip whichever way it goes: ``SET NX PX GET`` (Redis 7) sets the key and answers nil, or
+leaves it and answers the holder's value, so a replica that misses learns where to stream from at once.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from mirror.oci.reference import Digest
+from mirror.storage.base import StoreUnavailable
+from mirror.storage.cluster import RedisLink, key
+
+TTL = 10.0  # seconds a lease lives unless renewed: how long a dead holder's fetch waits before another takes it
+
+# Extend the lease only if it is still ours (KEYS[1] holds ARGV[1]) by ARGV[2] ms; 1 if it was, else 0.
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+# Delete the lease only if it is still ours; 1 if it was, else 0.
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds a lease: one fetch (``fetch_id``, unique to it) of the replica reachable at ``advertise``."""
+
+    fetch_id: str
+    advertise: str
+
+    @classmethod
+    def new(cls, advertise: str) -> Holder:
+        return cls(secrets.token_hex(8), advertise)
+
+    @classmethod
+    def parse(cls, value: bytes | str) -> Holder:
+        text = value.decode(errors="replace") if isinstance(value, bytes) else value
+        fetch_id, _, advertise = text.partition(" ")
+        return cls(fetch_id, advertise)
+
+    def value(self) -> str:
+        return f"{self.fetch_id} {self.advertise}"
+
+
+def lease_key(registry: str, digest: Digest) -> str:
+    return key("lease", registry, str(digest))
+
+
+class Leases:
+    """The fetch leases of one Redis. Every call raises ``StoreUnavailable`` when Redis cannot be reached."""
+
+    def __init__(self, link: RedisLink, ttl: float = TTL):
+        self._link = link
+        self.ttl = ttl
+        self._renew = link.aio.register_script(_RENEW)
+        self._release = link.aio.register_script(_RELEASE)
+
+    @property
+    def _ms(self) -> int:
+        return max(1, int(self.ttl * 1000))
+
+    async def take(self, registry: str, digest: Digest, holder: Holder) -> Holder | None:
+        """Take the lease of ``digest`` from ``registry`` for ``holder``: None when it is now ours, else who holds
+        it. One round trip."""
+        try:
+            found = await self._link.aio.set(
+                lease_key(registry, digest), holder.value(), nx=True, px=self._ms, get=True
+            )
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis at {self._link.url}: {exc}") from exc
+        if found is None:
+            return None
+        assert isinstance(found, (bytes, str)), found  # SET ... GET answers the old value or nil
+        return Holder.parse(found)
+
+    async def holder(self, registry: str, digest: Digest) -> Holder | None:
+        """Who holds the lease now; None when nobody does."""
+        try:
+            found = await self._link.aio.get(lease_key(registry, digest))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis at {self._link.url}: {exc}") from exc
+        return None if found is None else Holder.parse(found)
+
+    async def renew(self, registry: str, digest: Digest, holder: Holder) -> bool:
+        """Extend ``holder``'s lease by ``ttl``; False when it is not (or no longer) ``holder``'s."""
+        return await self._script(self._renew, registry, digest, holder, self._ms)
+
+    async def release(self, registry: str, digest: Digest, holder: Holder) -> bool:
+        """Delete ``holder``'s lease; False when it was not (or no longer) ``holder``'s: another's is left alone."""
+        return await self._script(self._release, registry, digest, holder)
+
+    async def _script(self, script: AsyncScript, registry: str, digest: Digest, holder: Holder, *args: int) -> bool:
+        try:
+            done = await script(keys=[lease_key(registry, digest)], args=[holder.value(), *args])
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis at {self._link.url}: {exc}") from exc
+        return bool(done)

@@ -1,0 +1,363 @@
+"""One upstream fetch per digest for the whole cluster: three real ``mirror serve`` replicas, each with its own data
+dir, sharing one real SeaweedFS bucket (one prefix) and one real Redis, in front of a real Distribution slowed by
+nginx so a fetch takes seconds. The replica that takes a blob's lease fetches it; the others stream it live from
+that replica's internal endpoint, which answers only callers with the cluster secret."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis as redis_py
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from mirror.upstream.peers import SECRET_HEADER
+from tests.support.credentials import basic, make_htpasswd
+from tests.support.ops import (
+    Mirror,
+    eventually,
+    free_port,
+    nginx_requests,
+    record_figures,
+    throttled_upstream,
+    upstream_requests,
+)
+from tests.support.plain_http import push_blob
+from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
+from tests.support.seaweed import Seaweed, raw_client, seaweed_fixture  # noqa: F401 - seaweed_fixture: the fixture
+
+pytestmark = pytest.mark.integration
+
+BIG = 8 << 20  # about 4 s through the slow nginx (2 MB/s)
+SECRET = "cluster-secret-" + "x" * 24
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with throttled_upstream(tmp_path_factory.mktemp("cluster"), slow="2m") as upstream:
+        yield upstream
+
+
+def replica_config(path: Path, seaweed: Seaweed, redis: RedisServer, prefix: str, advertise: str) -> Path:
+    path.write_text(
+        f'[storage]\nbackend = "s3"\nendpoint_url = "{seaweed.endpoint_url}"\nbucket = "{seaweed.bucket}"\n'
+        f'region = "{seaweed.region}"\nprefix = "{prefix}"\naccess_key = "{seaweed.access_key}"\n'
+        f'secret_key = "{seaweed.secret_key}"\n'
+        f'[cluster]\nredis_url = "{redis.url}"\nadvertise = "{advertise}"\nsecret = "{SECRET}"\n'
+    )
+    return path
+
+
+def replicas(
+    stack: ExitStack,
+    work: Path,
+    upstream: str,
+    seaweed: Seaweed,
+    redis: RedisServer,
+    prefix: str,
+    count: int = 3,
+    flags: tuple[str, ...] = (),
+) -> list[Mirror]:
+    """``count`` replicas, each with its own data dir, advertising its own URL."""
+    started = []
+    for n in range(count):
+        listen = f"127.0.0.1:{free_port()}"
+        config = replica_config(work / f"replica-{n}.toml", seaweed, redis, prefix, f"http://{listen}")
+        mirror = Mirror(work / f"data-{n}", upstream, "--config", str(config), "--read-only", *flags, listen=listen)
+        started.append(stack.enter_context(mirror))
+    return started
+
+
+def metric(mirror: Mirror, name: str) -> float:
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in mirror.metrics().splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
+
+
+def bucket_keys(seaweed: Seaweed, prefix: str) -> dict[str, int]:
+    listed = raw_client(seaweed.endpoint_url).list_objects_v2(Bucket=seaweed.bucket, Prefix=prefix)
+    return {item["Key"]: item["Size"] for item in listed.get("Contents", [])}
+
+
+def open_uploads(seaweed: Seaweed, prefix: str) -> list[str]:
+    listed = raw_client(seaweed.endpoint_url).list_multipart_uploads(Bucket=seaweed.bucket, Prefix=prefix)
+    return [upload["Key"] for upload in listed.get("Uploads", [])]
+
+
+async def test_32_cold_gets_over_three_replicas_make_one_upstream_get(
+    upstream: dict[str, Any], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    data = os.urandom(BIG)
+    digest = push_blob(upstream["url"], "library/herd", data)
+    with ExitStack() as stack:
+        mirrors = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, "herd/")
+        async with aiohttp.ClientSession() as session:
+
+            async def get(mirror: Mirror) -> str:
+                async with session.get(f"{mirror.url}/v2/library/herd/blobs/{digest}") as resp:
+                    assert resp.status == 200
+                    return hashlib.sha256(await resp.read()).hexdigest()
+
+            began = time.monotonic()
+            bodies = await asyncio.gather(*(get(mirrors[n % 3]) for n in range(32)))
+            record_figures("cluster herd", clients=32, replicas=3, seconds=round(time.monotonic() - began, 3))
+        assert bodies == [digest.partition(":")[2]] * 32, "every body's digest is right"
+        assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 1, "one upstream GET for the cluster"
+
+        served = [metric(m, "mirror_cluster_peer_streams_served_total") for m in mirrors]
+        followed = [metric(m, "mirror_cluster_peer_streams_followed_total") for m in mirrors]
+        holders = [n for n in range(3) if served[n]]
+        assert len(holders) == 1, f"one replica held the lease and served the others: {served}"
+        others = [n for n in range(3) if n != holders[0]]
+        assert [followed[n] for n in others] == [1, 1], "each of the others followed the holder once"
+        assert served[holders[0]] == 2 and followed[holders[0]] == 0
+        assert [metric(m, "mirror_cluster_leases_held") for m in mirrors] == [0, 0, 0], "released when done"
+
+        assert bucket_keys(seaweed, "herd/") == {f"herd/blobs/{digest.replace(':', '/')}": BIG}, "one object"
+        assert open_uploads(seaweed, "herd/") == [], "the followers uploaded nothing"
+        for n in range(3):
+            assert list((tmp_path / f"data-{n}" / "tmp").iterdir()) == [], "no temp file left on any replica"
+
+        async with aiohttp.ClientSession() as session:  # now a hit on every replica, still one upstream GET
+            for mirror in mirrors:
+                async with session.get(f"{mirror.url}/v2/library/herd/blobs/{digest}") as resp:
+                    assert hashlib.sha256(await resp.read()).hexdigest() == digest.partition(":")[2]
+        assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 1
+
+
+def peer_get(mirror: Mirror, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(mirror.url.removeprefix("http://"), timeout=30)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {SECRET_HEADER: "wrong-" + SECRET[6:]}, {SECRET_HEADER: ""}, {"Authorization": f"Bearer {SECRET}"}],
+    ids=["no secret -> 401", "wrong secret -> 401", "empty secret -> 401", "secret elsewhere -> 401"],
+)
+def test_the_peer_endpoint_answers_401_and_nothing_else_without_the_secret(
+    upstream: dict[str, Any], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path, headers: dict[str, str]
+) -> None:
+    data = os.urandom(BIG)
+    digest = push_blob(upstream["url"], "library/secret", data)
+    with ExitStack() as stack:
+        (mirror,) = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, "secret/", count=1)
+        # A fetch under way on it, so there is something a caller without the secret could try to read.
+        conn = http.client.HTTPConnection(mirror.url.removeprefix("http://"), timeout=30)
+        conn.request("GET", f"/v2/library/secret/blobs/{digest}")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read(1)
+        held = [key for key in redis_keys(redis_server) if digest in key]
+        assert held, "the replica holds the lease of the fetch"
+        fetch_id = lease_value(redis_server, held[0]).partition(" ")[0]
+        path = f"/_mirror/v1/fetches/docker.io/{digest}?fetch={fetch_id}"
+        status, body = peer_get(mirror, path, headers)
+        assert status == 401
+        assert json.loads(body) == {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}
+        assert digest.partition(":")[2].encode() not in body and SECRET[:12].encode() not in body
+        status, body = peer_get(mirror, path, {SECRET_HEADER: SECRET, "Range": "bytes=5-"})
+        assert (status, body) == (206, data[5:]), "with the secret: the bytes (from where a follower asks)"
+        status, _ = peer_get(mirror, path.replace(fetch_id, "another"), {SECRET_HEADER: SECRET})
+        assert status == 404, "a fetch it does not hold under that id"
+        conn.close()
+
+
+def test_htpasswd_does_not_guard_the_peer_endpoint_the_secret_does(
+    upstream: dict[str, Any], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """With ``--htpasswd`` (no anonymous pulls), replicas still reach each other with the secret alone, and a user's
+    valid credentials do not open the endpoint without it."""
+    users = make_htpasswd(tmp_path / "htpasswd", ("alice", "wonderland"))
+    with ExitStack() as stack:
+        (mirror,) = replicas(
+            stack, tmp_path, upstream["slow"], seaweed, redis_server, "htpasswd/", 1, ("--htpasswd", str(users))
+        )
+        path = f"/_mirror/v1/fetches/docker.io/sha256:{'0' * 64}?fetch=none"
+        assert peer_get(mirror, "/v2/", {})[0] == 401, "the registry asks for credentials"
+        assert peer_get(mirror, path, {SECRET_HEADER: SECRET})[0] == 404, "the secret alone passes: no such fetch"
+        assert peer_get(mirror, path, basic("alice", "wonderland"))[0] == 401, "a user is not a replica"
+
+
+def redis_keys(redis: RedisServer) -> list[str]:
+    with redis_py.Redis.from_url(redis.url) as client:
+        return [key.decode() for key in client.keys("mirror:lease:*")]
+
+
+def lease_value(redis: RedisServer, key: str) -> str:
+    with redis_py.Redis.from_url(redis.url) as client:
+        value = client.get(key)
+        assert isinstance(value, bytes)
+        return value.decode()
+
+
+async def fake_holder(
+    body: bytes, size: int, lease: str, redis_url: str, dies: Callable[[], None] | None = None
+) -> tuple[web.AppRunner, str]:
+    """A replica that holds ``lease`` and streams ``body`` as a blob of ``size`` bytes: the faults a real holder
+    never shows (it verifies what it serves), to check that a follower verifies for itself. A short ``body`` is cut:
+    like a holder whose fetch failed, it releases the lease then; or with ``dies`` (which completes the object in
+    the bucket) like a holder that completed the object and died before its last bytes, holding the lease."""
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        assert request.headers.get(SECRET_HEADER) == SECRET
+        resp = web.StreamResponse(headers={"Content-Length": str(size)})
+        await resp.prepare(request)
+        await resp.write(body)
+        if len(body) < size:
+            if dies is not None:
+                await asyncio.to_thread(dies)
+            assert request.transport is not None
+            request.transport.abort()
+            if dies is None:
+                async with aioredis.Redis.from_url(redis_url) as client:
+                    await client.delete(lease)
+            return resp
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/_mirror/v1/fetches/{registry}/{digest}", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("served", "expected", "upstream_gets"),
+    [
+        ("right", "whole", 0),
+        ("wrong", "cut", 0),
+        ("failed", "whole", 1),
+        ("died after completing", "whole", 0),
+    ],
+    ids=[
+        "holder streams the right bytes -> 200, verified by the follower",
+        "holder streams wrong bytes of the right size -> the follower's client is cut",
+        "holder's fetch fails mid-blob -> the follower takes it over with a Range request",
+        "holder completes the object and dies before its last bytes -> the rest from the bucket",
+    ],
+)
+async def test_a_follower_serves_only_bytes_it_verified_itself(
+    upstream: dict[str, Any],
+    seaweed: Seaweed,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    served: str,
+    expected: str,
+    upstream_gets: int,
+) -> None:
+    data = os.urandom(1 << 20)
+    digest = push_blob(upstream["url"], "library/verified", data)
+    prefix = f"verified-{served.replace(' ', '-')}/"
+    key = f"{prefix}blobs/{digest.replace(':', '/')}"
+    body = {"right": data, "wrong": os.urandom(len(data))}.get(served, data[: len(data) // 2])
+    lease = f"mirror:lease:docker.io:{digest}"
+
+    def complete() -> None:
+        raw_client(seaweed.endpoint_url).put_object(Bucket=seaweed.bucket, Key=key, Body=data)
+
+    dies = complete if served == "died after completing" else None
+    runner, holder_url = await fake_holder(body, len(data), lease, redis_server.url, dies)
+    try:
+        async with aioredis.Redis.from_url(redis_server.url) as client:  # the fake holds the lease (for a minute)
+            await client.set(lease, f"fake {holder_url}", px=60_000)
+        with ExitStack() as stack:
+            (mirror,) = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, prefix, 1)
+            async with aiohttp.ClientSession() as session:
+                got = b""
+                try:
+                    async with session.get(f"{mirror.url}/v2/library/verified/blobs/{digest}") as resp:
+                        assert resp.status == 200
+                        async for chunk in resp.content.iter_any():
+                            got += chunk
+                    outcome = "whole"
+                except aiohttp.ClientPayloadError:
+                    outcome = "cut"
+            assert outcome == expected
+            if outcome == "whole":
+                assert got == data
+            else:
+                assert len(got) < len(data), "never the whole body"
+            assert metric(mirror, "mirror_cluster_peer_streams_followed_total") == 1
+            assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == upstream_gets
+            if upstream_gets:
+                ranged = [rng for _, _, rng in nginx_requests(upstream["slow_dir"], f"/blobs/{digest}")]
+                assert ranged == [f"bytes={len(body)}-"], "the rest of the blob only"
+                assert metric(mirror, "mirror_cluster_takeovers_total") == 1
+            stored = bucket_keys(seaweed, prefix)
+            assert stored == ({key: len(data)} if served in ("failed", "died after completing") else {})
+            assert list((tmp_path / "data-0" / "tmp").iterdir()) == [], "its temp file is gone"
+    finally:
+        await runner.cleanup()
+
+
+async def test_kill_9_of_the_lease_holder_is_taken_over_with_a_range_request(
+    upstream: dict[str, Any], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The holder dies mid-blob while 8 clients read through the two other replicas: its lease expires, one of them
+    takes the fetch over from the bytes it has (an upstream Range request for the rest, the object uploaded by it),
+    the other follows the new holder from where it is, and every one of the 8 ends with the right bytes."""
+    data = os.urandom(BIG)
+    digest = push_blob(upstream["url"], "library/takeover", data)
+    received = [0] * 9
+    with ExitStack() as stack:
+        holder, *others = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, "takeover/")
+        async with aiohttp.ClientSession() as session:
+
+            async def get(mirror: Mirror, n: int) -> str:
+                hasher = hashlib.sha256()
+                async with session.get(f"{mirror.url}/v2/library/takeover/blobs/{digest}") as resp:
+                    assert resp.status == 200
+                    async for chunk in resp.content.iter_any():
+                        hasher.update(chunk)
+                        received[n] += len(chunk)
+                return hasher.hexdigest()
+
+            first = asyncio.ensure_future(get(holder, 0))  # the first miss: this replica takes the lease
+            await eventually(lambda: received[0] > 0, what="the holder streaming")
+            rest = [asyncio.ensure_future(get(others[n % 2], n)) for n in range(1, 9)]
+            await eventually(lambda: all(received[1:]), what="the other replicas' clients streaming")
+            holder.kill9()
+            at_kill = min(received[1:])
+            began = time.monotonic()
+            outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+            after_kill = round(time.monotonic() - began, 3)
+        assert isinstance(outcomes[0], aiohttp.ClientError), "the dead replica's own client is cut"
+        assert outcomes[1:] == [digest.partition(":")[2]] * 8, "every client of the other replicas completes"
+        assert received[1:] == [BIG] * 8
+        takeovers = [metric(m, "mirror_cluster_takeovers_total") for m in others]
+        assert sorted(takeovers) == [0, 1], f"one replica took the fetch over: {takeovers}"
+        # The upstream saw the first GET and one Range request for the rest, from bytes the new holder had.
+        requests = nginx_requests(upstream["slow_dir"], f"/blobs/{digest}")
+        ranged = [(status, rng) for _, status, rng in requests if rng != "-"]
+        assert len(requests) == 2 and len(ranged) == 1, requests
+        status, rng = ranged[0]
+        start = int(rng.removeprefix("bytes=").removesuffix("-"))
+        assert status == 206 and rng == f"bytes={start}-" and at_kill <= start < BIG, ranged
+        record_figures("cluster takeover", blob=BIG, range_start=start, seconds_after_kill=after_kill)
+        key = f"takeover/blobs/{digest.replace(':', '/')}"
+        assert bucket_keys(seaweed, "takeover/") == {key: BIG}, "one object, complete, and no other"
+        stored = raw_client(seaweed.endpoint_url).get_object(Bucket=seaweed.bucket, Key=key)["Body"].read()
+        assert hashlib.sha256(stored).hexdigest() == digest.partition(":")[2], "verified"
+        for n in (1, 2):
+            assert list((tmp_path / f"data-{n}" / "tmp").iterdir()) == [], "no temp file left on the survivors"
