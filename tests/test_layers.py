@@ -127,6 +127,7 @@ LIBRARY_HOMES = {
     "diskcache": {"storage"},
     "aiobotocore": {"storage"},  # the S3 clients (storage/s3.py)
     "botocore": {"storage"},
+    "redis": {"storage"},  # the replicas' Redis (storage/cluster.py, storage/redisindex.py)
 }
 MODULES = modules()
 
