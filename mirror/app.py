@@ -54,7 +54,7 @@ from mirror.push.registry import LocalRegistry
 from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
 from mirror.routing import RepoRules, Router, Upstreams
-from mirror.storage.base import BlobStorage, StoreUnavailable
+from mirror.storage.base import BlobStorage, RegistryIndex, StoreUnavailable
 from mirror.storage.blobs import BlobStore
 from mirror.storage.counter import SharedCounter
 from mirror.storage.eviction import Limits
@@ -158,7 +158,7 @@ def build_upstreams(
 
 
 def build_local(
-    config: Config, store: BlobStore, index: Index, usage: Usage, metrics: Metrics, router: Router
+    config: Config, store: BlobStore, index: RegistryIndex, usage: Usage, metrics: Metrics, router: Router
 ) -> LocalRegistry:
     if LOCAL_REGISTRY in router.upstreams:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
@@ -205,7 +205,10 @@ def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Applic
             await local.uploads.sessions.sweep(max_age)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await asyncio.to_thread(local.load)
+        try:
+            await asyncio.to_thread(local.load)
+        except StoreUnavailable as exc:  # a cluster's Redis down at start-up: /readyz says so meanwhile
+            log.warning("start-up: the local repositories' names cannot be read: %s", exc)
         await local.uploads.sessions.sweep(max_age)
         await app[NOTIFY].start()
         tasks = [asyncio.create_task(sweep_forever(), name="upload sweeper")]
@@ -248,6 +251,16 @@ def cluster_link(config: Config) -> RedisLink | None:
     return RedisLink.connect(cluster.redis_url)
 
 
+def open_index(config: Config, link: RedisLink | None) -> RegistryIndex:
+    """The index of stored content: on the data dir for one node; with ``[cluster]``, the one the replicas share
+    in Redis, so that what one replica recorded (a tag, a manifest, a pushed name) every other one reads."""
+    if link is None:
+        return Index(config.data_dir)
+    from mirror.storage.redisindex import RedisIndex  # here: redis-py is the optional extra "cluster"
+
+    return RedisIndex(link)
+
+
 def coordination(config: Config, store: BlobStore) -> tuple[FetchCoordinator, Callable[[], int]]:
     """The fetch coordinator, and the start-up cleaning of ``tmp/`` that fits it: alone on the data dir, every
     temp file is a leftover; sharing it, only those of fetches no process holds are."""
@@ -270,7 +283,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     if bucket is not None and not config.read_only:  # upload sessions still publish by rename into blobs/
         raise ConfigError('[storage] backend = "s3" serves pulled-through content only for now: add --read-only')
     link = cluster_link(config)  # None for one node; with [cluster], the replicas' shared Redis
-    index = Index(config.data_dir)
+    index = open_index(config, link)
     loop_id = loop_id or secrets.token_hex(8)  # marks this mirror's upstream requests: one that comes back is a loop
     clients, policies, registries = build_upstreams(config, metrics, loop_id)
     metrics.prime(clients)
@@ -318,11 +331,8 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(clean_tmp)
-        if reconcile:
-            report = await asyncio.to_thread(reconcile_logged, store, index, usage)
-            await housekeeper.start((report.table, report.generation))
-        else:
-            await housekeeper.start()
+        report = await asyncio.to_thread(reconcile_logged, store, index, usage) if reconcile else None
+        await housekeeper.start((report.table, report.generation) if report is not None else None)
         log.info(
             "serving the cache in %s; upstreams: %s",
             config.data_dir,
@@ -392,7 +402,7 @@ def run(config: Config, reread: Callable[[], Config] | None = None) -> None:
 def build_housekeeping(
     config: Config,
     store: BlobStorage,
-    index: Index,
+    index: RegistryIndex,
     usage: Usage,
     pull: PullThrough | None,
     metrics: Metrics,
@@ -426,8 +436,15 @@ def build_housekeeping(
     return housekeeper, admin
 
 
-def reconcile_logged(store: BlobStorage, index: Index, usage: Usage) -> Report:
-    report = reconcile_sync(store, index, usage)
+def reconcile_logged(store: BlobStorage, index: RegistryIndex, usage: Usage) -> Report | None:
+    """``gc.reconcile_sync`` at start-up, logged. With a bucket the content is what the bucket lists (never this
+    replica's empty disk), so a replica joining a cluster drops no shared record. None when the bucket or the
+    cluster's Redis cannot be reached: the mirror starts unreconciled and /readyz says why."""
+    try:
+        report = reconcile_sync(store, index, usage)
+    except StoreUnavailable as exc:
+        log.warning("start-up: the index was not reconciled with the store: %s", exc)
+        return None
     if report.records_added or report.records_dropped or report.removed:
         log.warning(
             "start-up: the index did not match the disk: %d files without a record (added), %d records without a "
@@ -440,7 +457,7 @@ def reconcile_logged(store: BlobStorage, index: Index, usage: Usage) -> Report:
 
 
 async def readiness(
-    config: Config, store: BlobStorage, index: Index, housekeeper: Housekeeper, link: RedisLink | None = None
+    config: Config, store: BlobStorage, index: RegistryIndex, housekeeper: Housekeeper, link: RedisLink | None = None
 ) -> str | None:
     """None when ready, else why not: the data dir must take a write, the index a read, and in a cluster Redis
     must answer (a load balancer then sends the traffic to the replicas that can serve it)."""
@@ -472,11 +489,12 @@ async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[A
     ``upstreams`` (prefetch) it also builds the pull-through service; eviction is left to the server, which
     reloads its table when the command is done."""
     metrics = Metrics()
+    link = cluster_link(config)  # with [cluster], the index is the replicas' shared one
 
-    def open_stores() -> tuple[BlobStorage, S3Store | None, Index, Usage]:  # directories, SQLite: off the loop
+    def open_stores() -> tuple[BlobStorage, S3Store | None, RegistryIndex, Usage]:  # directories, SQLite: off the loop
         config.data_dir.mkdir(parents=True, exist_ok=True)
         store, _, bucket = open_store(config)
-        return store, bucket, Index(config.data_dir), Usage(config.data_dir)
+        return store, bucket, open_index(config, link), Usage(config.data_dir)
 
     store, bucket, index, usage = await asyncio.to_thread(open_stores)
     clients: dict[str, UpstreamClient] = {}
@@ -500,3 +518,5 @@ async def open_admin(config: Config, upstreams: bool = False) -> AsyncIterator[A
         usage.close()
         if bucket is not None:
             await bucket.close()
+        if link is not None:
+            await link.close()
