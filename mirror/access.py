@@ -129,6 +129,7 @@ ACTIONS = {
     "admin_gc": Action.ADMIN,
     "admin_verify": Action.ADMIN,
     "admin_prefetch": Action.ADMIN,
+    "admin_cluster": Action.ADMIN,
 }
 WHAT = {Action.PING: "log in", Action.PULL: "pull", Action.PUSH: "push", Action.DELETE: "delete", Action.ADMIN: "use"}
 

@@ -8,8 +8,8 @@ import logging
 import secrets
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -19,7 +19,7 @@ from mirror.admin import Admin, GcSettings
 from mirror.api import ui
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
-from mirror.api.admin import ADMIN, READY
+from mirror.api.admin import ADMIN, CLUSTER, READY
 from mirror.api.keys import (
     ACCESS,
     BUCKET,
@@ -261,6 +261,41 @@ def open_index(config: Config, link: RedisLink | None) -> RegistryIndex:
     return RedisIndex(link)
 
 
+def membership(
+    config: Config, link: RedisLink, inflight: FetchCoordinator
+) -> tuple[Callable[[web.Application], AsyncIterator[None]], Callable[[], Awaitable[list[dict[str, Any]]]]]:
+    """With ``[cluster]``: this replica's heartbeat in Redis while it serves (it leaves when it stops), and the
+    listing of the members alive that ``GET /admin/v1/cluster`` answers."""
+    from mirror.storage.members import Heartbeat, Members
+
+    members = Members(link)
+    me = f"{socket.gethostname()}-{secrets.token_hex(3)}"
+    heartbeat = Heartbeat(members, me, cluster_config(config).advertise, lambda: len(inflight.under_way()))
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        heartbeat.start()
+        yield
+        await heartbeat.close()
+
+    async def listing() -> list[dict[str, Any]]:
+        return [member.as_dict() for member in await members.list()]
+
+    return lifecycle, listing
+
+
+async def cluster_members(config: Config) -> list[dict[str, Any]]:
+    """``mirror cluster status``: the replicas alive, as the admin API lists them."""
+    link = cluster_link(config)
+    if link is None:
+        raise ConfigError("no [cluster] table: this mirror is one node")
+    from mirror.storage.members import Members
+
+    try:
+        return [member.as_dict() for member in await Members(link).list()]
+    finally:
+        await link.close()
+
+
 def coordination(config: Config, store: BlobStore) -> tuple[FetchCoordinator, Callable[[], int]]:
     """The fetch coordinator, and the start-up cleaning of ``tmp/`` that fits it: alone on the data dir, every
     temp file is a leftover; sharing it, only those of fetches no process holds are."""
@@ -352,6 +387,10 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
         access.close()  # the bcrypt threads
 
     app.cleanup_ctx.append(lifecycle)
+    app[CLUSTER] = None
+    if link is not None:  # after the lifecycle above: at shutdown the replica leaves before the link closes
+        members_lifecycle, app[CLUSTER] = membership(config, link, inflight)
+        app.cleanup_ctx.append(members_lifecycle)
     return app
 
 
