@@ -47,7 +47,22 @@ from mirror.storage.records import (
 T = TypeVar("T")
 MANIFESTS, REPOS, PULLED = key("manifests"), key("repos"), key("pulled")
 LOCAL_REPOS, PUSHED_DIGESTS = key("local-repos"), key("pushed-digests")
-PAGE = 500  # names per ZRANGEBYLEX while a search filters them; entries per HSCAN/SSCAN step
+PAGE = 500  # names per ZRANGEBYLEX of a walk; entries per HSCAN/SSCAN step
+SEARCH_BUDGET = 2000  # names one call of the listing's search script looks at
+# A page of the repository listing whose names contain ARGV[2] (lower case; string.lower is ASCII), after the
+# bound ARGV[1], at most ARGV[3] of them, looking at no more than ARGV[4] names in one call (Redis runs one script
+# at a time: the budget keeps each call short). Returns the matches, the last name looked at, how many were.
+SEARCH = """
+local names = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], '+', 'LIMIT', 0, tonumber(ARGV[4]))
+local found, limit = {}, tonumber(ARGV[3])
+for i, name in ipairs(names) do
+  if string.find(string.lower(name), ARGV[2], 1, true) then
+    found[#found + 1] = name
+    if #found == limit then return {found, name, i} end
+  end
+end
+return {found, names[#names] or '', #names}
+"""
 # Unlink: drop the name, and the digest from the pushed set once no repository holds it (one atomic step).
 UNLINK = """
 if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -58,6 +73,11 @@ return 1
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _repo(name: str) -> Repo:
+    registry, _, path = name.partition("/")
+    return Repo(registry, path)
 
 
 def _names(values: list[bytes] | set[bytes]) -> tuple[str, ...]:
@@ -93,6 +113,9 @@ class RedisIndex:
 
     async def _run(self, plan: Plan[T]) -> T:
         try:
+            if len(plan.commands) == 1 and not plan.atomic:  # the usual read: no pipeline to build (~0.1 ms less)
+                reply = await self._link.aio.execute_command(*plan.commands[0])  # type: ignore[no-untyped-call]
+                return plan.decode([reply])
             async with self._link.aio.pipeline(transaction=plan.atomic) as pipe:
                 for command in plan.commands:
                     pipe.execute_command(*command)
@@ -102,6 +125,8 @@ class RedisIndex:
 
     def _run_sync(self, plan: Plan[T]) -> T:
         try:
+            if len(plan.commands) == 1 and not plan.atomic:
+                return plan.decode([self._link.sync.execute_command(*plan.commands[0])])  # type: ignore[no-untyped-call]
             with self._link.sync.pipeline(transaction=plan.atomic) as pipe:
                 for command in plan.commands:
                     pipe.execute_command(*command)  # type: ignore[no-untyped-call]  # redis-py's sync pipeline
@@ -300,19 +325,24 @@ class RedisIndex:
 
     def repositories_sync(self, search: str = "", after: str = "", limit: int = 50) -> list[Repo]:
         """Up to ``limit`` repositories (pulled through and local) whose "<registry>/<path>" contains ``search``
-        (ASCII case-insensitive), in name order, after the name ``after``: ZRANGEBYLEX pages from ``after``
-        until ``limit`` names matched."""
-        needle, found = search.lower(), list[Repo]()
+        (ASCII case-insensitive), in name order, after the name ``after``: one ZRANGEBYLEX without a search; with
+        one, a script filters the names in Redis, ``SEARCH_BUDGET`` of them per call, until ``limit`` matched."""
         if limit == 0:
-            return found
-        for page in self._walk(lambda: self._repo_pages(after)):
-            for name in page:
-                if needle in name.lower():
-                    registry, _, path = name.partition("/")
-                    found.append(Repo(registry, path))
-                    if len(found) == limit:
-                        return found
-        return found
+            return []
+        if not search:
+            command = ("ZRANGEBYLEX", REPOS, "(" + after if after else "-", "+", "LIMIT", 0, limit)
+            return self._run_sync(Plan((command,), lambda r: [_repo(_text(n)) for n in r[0]]))
+        found: list[str] = []
+        while len(found) != limit:
+            bound = "(" + after if after else "-"
+            args = (bound, search.lower(), limit - len(found), SEARCH_BUDGET)
+            script = ("EVAL", SEARCH, 1, REPOS, *args)
+            matches, last, looked = self._run_sync(Plan((script,), lambda r: r[0]))
+            found.extend(_text(m) for m in matches)
+            if looked < SEARCH_BUDGET or not last:
+                break
+            after = _text(last)
+        return [_repo(name) for name in found]
 
     def repository_known_sync(self, repo: Repo) -> bool:
         return self._run_sync(Plan((("ZSCORE", REPOS, str(repo)),), lambda r: r[0] is not None))

@@ -229,7 +229,9 @@ async def test_listing(
     limit: int,
     expected: list[str],
 ) -> None:
-    monkeypatch.setattr(redisindex, "PAGE", 2)  # Redis: names come 2 per ZRANGEBYLEX, so searches cross pages
+    monkeypatch.setattr(
+        redisindex, "SEARCH_BUDGET", 2
+    )  # Redis: a search looks at 2 names per call, so it takes several
     await index.mark_pulled(ALPINE)
     await index.put_tag(BUSYBOX, "1", tag(A))
     await index.mark_pulled(Repo("ghcr.io", "org/a_b"))
