@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -51,6 +51,14 @@ class Member:
         return asdict(self)
 
 
+@contextlib.contextmanager
+def _unavailable() -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(f"the cluster's Redis cannot be reached: {exc}") from exc
+
+
 class Members:
     """Register, renew, leave, list: each one round trip to Redis. Errors are ``StoreUnavailable``."""
 
@@ -61,26 +69,22 @@ class Members:
     async def beat(self, id: str, advertise: str, started_at: float, fetches: int) -> None:
         fields = {"id": id, "advertise": advertise, "started_at": started_at, "fetches": fetches, "ttl": self.ttl}
         value = json.dumps(fields)
-        try:
+        with _unavailable():
             async with self._link.aio.pipeline(transaction=True) as pipe:
                 pipe.set(key("member", id), value, px=int(self.ttl * 1000))
                 pipe.zadd(MEMBERS, {id: started_at}, nx=True)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"the cluster's Redis cannot be reached: {exc}") from exc
 
     async def leave(self, id: str) -> None:
-        try:
+        with _unavailable():
             async with self._link.aio.pipeline(transaction=True) as pipe:
                 pipe.delete(key("member", id))
                 pipe.zrem(MEMBERS, id)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"the cluster's Redis cannot be reached: {exc}") from exc
 
     async def list(self) -> list[Member]:
         """The replicas alive, oldest first."""
-        try:
+        with _unavailable():
             ids = [i.decode() for i in cast(list[bytes], await self._link.aio.zrange(MEMBERS, 0, -1))]
             async with self._link.aio.pipeline(transaction=True) as pipe:
                 for id in ids:
@@ -95,11 +99,9 @@ class Members:
                     gone.append(id)
                 else:
                     found.append(member)
-            if gone:  # expired: a replica that died (or a damaged entry)
+            if gone:  # expired: a replica that died (one that beats again meanwhile is added back by its beat)
                 await self._link.aio.zrem(MEMBERS, *gone)
             return found
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"the cluster's Redis cannot be reached: {exc}") from exc
 
 
 def _member(value: bytes | None, remaining: float, now: float) -> Member | None:
