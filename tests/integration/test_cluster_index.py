@@ -79,6 +79,14 @@ def get(url: str, accept: str = OCI_MANIFEST) -> tuple[int, bytes]:
         conn.close()
 
 
+def answers(url: str, status: int) -> bool:
+    """Whether ``url`` answers ``status`` (False while nothing listens there yet)."""
+    try:
+        return get(url)[0] == status
+    except OSError:
+        return False
+
+
 def error_code(body: bytes) -> str:
     return str(json.loads(body)["errors"][0]["code"])
 
@@ -102,6 +110,7 @@ def test_a_tag_cached_through_one_replica_is_served_by_another(
                 assert upstream.gets("/manifests/1") == by_tag, "B read A's tag record: no upstream GET by tag"
                 assert upstream.gets("/manifests/") == manifests, "and A's manifest record: none by digest either"
                 assert upstream_requests(upstream.log, "HEAD", "/manifests/") == 0, "within the TTL: no revalidation"
+                assert upstream_requests(upstream.log, "HEAD", "/blobs/") == 0, "A's origins vouch for the blobs"
                 assert upstream.gets("/blobs/") == blobs, "the blobs are in the bucket: no upstream GET"
 
                 # The CLI on a data dir of its own reads the shared index too (``app.open_admin``).
@@ -190,10 +199,11 @@ def test_a_replica_started_while_redis_is_down_becomes_ready_when_it_is_back(
         thread = threading.Thread(target=start)
         thread.start()
         try:
-            wait_until(lambda: log.exists() and "not reconciled" in log.read_text(), what="start-up without Redis")
-            assert get(f"http://127.0.0.1:{port}/readyz")[0] == 503
+            wait_until(partial(answers, f"http://127.0.0.1:{port}/readyz", 503), what="serving unready, Redis down")
+            assert "not reconciled" in log.read_text()
             redis.start()
             thread.join()
+            assert started, "not ready once Redis answered (see the warning of the thread above)"
             assert pull(started[0].url, NAME, "1")["blobs"]
         finally:
             thread.join()
