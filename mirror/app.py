@@ -8,8 +8,8 @@ import logging
 import secrets
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -19,7 +19,7 @@ from mirror.admin import Admin, GcSettings
 from mirror.api import ui
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
-from mirror.api.admin import ADMIN, READY
+from mirror.api.admin import ADMIN, CLUSTER, READY
 from mirror.api.keys import (
     ACCESS,
     BUCKET,
@@ -55,7 +55,7 @@ from mirror.push.registry import LocalRegistry
 from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
 from mirror.routing import RepoRules, Router, Upstreams
-from mirror.storage.base import BlobStorage, StoreUnavailable
+from mirror.storage.base import BlobStorage, RegistryIndex, StoreUnavailable
 from mirror.storage.blobs import BlobStore
 from mirror.storage.counter import SharedCounter
 from mirror.storage.eviction import Limits
@@ -159,7 +159,7 @@ def build_upstreams(
 
 
 def build_local(
-    config: Config, store: BlobStorage, index: Index, usage: Usage, metrics: Metrics, router: Router
+    config: Config, store: BlobStorage, index: RegistryIndex, usage: Usage, metrics: Metrics, router: Router
 ) -> LocalRegistry:
     if LOCAL_REGISTRY in router.upstreams:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
@@ -206,7 +206,10 @@ def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Applic
             await local.uploads.sessions.sweep(max_age)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await asyncio.to_thread(local.load)
+        try:
+            await asyncio.to_thread(local.load)
+        except StoreUnavailable as exc:  # a cluster's Redis down at start-up: /readyz says so meanwhile
+            log.warning("start-up: the local repositories' names cannot be read: %s", exc)
         await local.uploads.sessions.sweep(max_age)
         await app[NOTIFY].start()
         tasks = [asyncio.create_task(sweep_forever(), name="upload sweeper")]
@@ -262,6 +265,51 @@ def cluster_coordination(
     return leased, Peering(cluster.secret, leased)
 
 
+def open_index(config: Config, link: RedisLink | None) -> RegistryIndex:
+    """The index of stored content: on the data dir for one node; with ``[cluster]``, the one the replicas share
+    in Redis, so that what one replica recorded (a tag, a manifest, a pushed name) every other one reads."""
+    if link is None:
+        return Index(config.data_dir)
+    from mirror.storage.redisindex import RedisIndex  # here: redis-py is the optional extra "cluster"
+
+    return RedisIndex(link)
+
+
+def membership(
+    config: Config, link: RedisLink, inflight: FetchCoordinator
+) -> tuple[Callable[[web.Application], AsyncIterator[None]], Callable[[], Awaitable[list[dict[str, Any]]]]]:
+    """With ``[cluster]``: this replica's heartbeat in Redis while it serves (it leaves when it stops), and the
+    listing of the members alive that ``GET /admin/v1/cluster`` answers."""
+    from mirror.storage.members import Heartbeat, Members
+
+    members = Members(link)
+    me = f"{socket.gethostname()}-{secrets.token_hex(3)}"
+    heartbeat = Heartbeat(members, me, cluster_config(config).advertise, lambda: len(inflight.under_way()))
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        heartbeat.start()
+        yield
+        await heartbeat.close()
+
+    async def listing() -> list[dict[str, Any]]:
+        return [member.as_dict() for member in await members.list()]
+
+    return lifecycle, listing
+
+
+async def cluster_members(config: Config) -> list[dict[str, Any]]:
+    """``mirror cluster status``: the replicas alive, as the admin API lists them."""
+    link = cluster_link(config)
+    if link is None:
+        raise ConfigError("no [cluster] table: this mirror is one node")
+    from mirror.storage.members import Members
+
+    try:
+        return [member.as_dict() for member in await Members(link).list()]
+    finally:
+        await link.close()
+
+
 def coordination(config: Config, store: BlobStore) -> tuple[FetchCoordinator, Callable[[], int]]:
     """The fetch coordinator, and the start-up cleaning of ``tmp/`` that fits it: alone on the data dir, every
     temp file is a leftover; sharing it, only those of fetches no process holds are."""
@@ -282,7 +330,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store, files, bucket = open_store(config)
     link = cluster_link(config)  # None for one node; with [cluster], the replicas' shared Redis
-    index = Index(config.data_dir)
+    index = open_index(config, link)
     loop_id = loop_id or secrets.token_hex(8)  # marks this mirror's upstream requests: one that comes back is a loop
     clients, policies, registries = build_upstreams(config, metrics, loop_id)
     metrics.prime(clients)
@@ -337,11 +385,8 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
         await asyncio.to_thread(clean_tmp)
         if bucket is not None:
             await asyncio.to_thread(bucket.load_tier_sync)
-        if reconcile:
-            report = await asyncio.to_thread(reconcile_logged, store, index, usage)
-            await housekeeper.start((report.table, report.generation))
-        else:
-            await housekeeper.start()
+        report = await asyncio.to_thread(reconcile_logged, store, index, usage) if reconcile else None
+        await housekeeper.start((report.table, report.generation) if report is not None else None)
         log.info(
             "serving the cache in %s; upstreams: %s",
             config.data_dir,
@@ -361,6 +406,10 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
         access.close()  # the bcrypt threads
 
     app.cleanup_ctx.append(lifecycle)
+    app[CLUSTER] = None
+    if link is not None:  # after the lifecycle above: at shutdown the replica leaves before the link closes
+        members_lifecycle, app[CLUSTER] = membership(config, link, inflight)
+        app.cleanup_ctx.append(members_lifecycle)
     return app
 
 
@@ -411,7 +460,7 @@ def run(config: Config, reread: Callable[[], Config] | None = None) -> None:
 def build_housekeeping(
     config: Config,
     store: BlobStorage,
-    index: Index,
+    index: RegistryIndex,
     usage: Usage,
     pull: PullThrough | None,
     metrics: Metrics,
@@ -445,8 +494,15 @@ def build_housekeeping(
     return housekeeper, admin
 
 
-def reconcile_logged(store: BlobStorage, index: Index, usage: Usage) -> Report:
-    report = reconcile_sync(store, index, usage)
+def reconcile_logged(store: BlobStorage, index: RegistryIndex, usage: Usage) -> Report | None:
+    """``gc.reconcile_sync`` at start-up, logged. With a bucket the content is what the bucket lists (never this
+    replica's empty disk), so a replica joining a cluster drops no shared record. None when the bucket or the
+    cluster's Redis cannot be reached: the mirror starts unreconciled and /readyz says why."""
+    try:
+        report = reconcile_sync(store, index, usage)
+    except StoreUnavailable as exc:
+        log.warning("start-up: the index was not reconciled with the store: %s", exc)
+        return None
     if report.records_added or report.records_dropped or report.removed:
         log.warning(
             "start-up: the index did not match the disk: %d files without a record (added), %d records without a "
@@ -459,7 +515,7 @@ def reconcile_logged(store: BlobStorage, index: Index, usage: Usage) -> Report:
 
 
 async def readiness(
-    config: Config, store: BlobStorage, index: Index, housekeeper: Housekeeper, link: RedisLink | None = None
+    config: Config, store: BlobStorage, index: RegistryIndex, housekeeper: Housekeeper, link: RedisLink | None = None
 ) -> str | None:
     """None when ready, else why not: the data dir must take a write, the index a read, and in a cluster Redis
     must answer (a load balancer then sends the traffic to the replicas that can serve it)."""
@@ -491,11 +547,12 @@ async def open_admin(config: Config, upstreams: bool = False, lock_timeout: floa
     ``upstreams`` (prefetch) it also builds the pull-through service. A command that removes content waits up to
     ``lock_timeout`` seconds for the servers' eviction lock; the servers reload their table when it is done."""
     metrics = Metrics()
+    link = cluster_link(config)  # with [cluster], the index is the replicas' shared one
 
-    def open_stores() -> tuple[BlobStorage, S3Store | None, Index, Usage]:  # directories, SQLite: off the loop
+    def open_stores() -> tuple[BlobStorage, S3Store | None, RegistryIndex, Usage]:  # directories, SQLite: off the loop
         config.data_dir.mkdir(parents=True, exist_ok=True)
         store, _, bucket = open_store(config)
-        return store, bucket, Index(config.data_dir), Usage(config.data_dir)
+        return store, bucket, open_index(config, link), Usage(config.data_dir)
 
     store, bucket, index, usage = await asyncio.to_thread(open_stores)
     clients: dict[str, UpstreamClient] = {}
@@ -520,3 +577,5 @@ async def open_admin(config: Config, upstreams: bool = False, lock_timeout: floa
         usage.close()
         if bucket is not None:
             await bucket.close()
+        if link is not None:
+            await link.close()

@@ -19,6 +19,7 @@ from typing import Any
 from mirror import app, log
 from mirror.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_TAG_TTL, Config, ConfigError, load
 from mirror.oci.errors import RegistryError
+from mirror.storage.base import StoreUnavailable
 from mirror.storage.evictlock import EvictionBusy
 
 DEFAULT_LOCK_TIMEOUT = 120.0  # seconds gc, verify and evict wait while another process on the data dir evicts
@@ -201,6 +202,11 @@ def admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     prefetch.add_argument(
         "--platform", action="append", default=[], help="only this platform of multi-platform images (repeatable)"
     )
+    cluster = commands.add_parser("cluster", help="the replicas of a cluster ([cluster]): mirror cluster status")
+    actions = cluster.add_subparsers(dest="action", metavar="ACTION", required=True)
+    status = actions.add_parser("status", help="the replicas alive: address, last seen, fetches under way")
+    common_options(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
 
 
 def human(size: float | None) -> str:
@@ -348,6 +354,27 @@ async def cmd_prefetch(config: Config, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+async def cmd_cluster(config: Config, args: argparse.Namespace) -> int:
+    """``mirror cluster status``: one line per replica alive (the members' heartbeats in Redis)."""
+    try:
+        members = await app.cluster_members(config)
+    except StoreUnavailable as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"members": members}, indent=2))
+        return 0
+    now = time.time()
+    for member in members:
+        seen, up = now - member["last_seen"], now - member["started_at"]
+        print(
+            f"{member['id']:<28} {member['advertise']:<40} last seen {seen:4.1f} s ago  "
+            f"up {up / 60:.0f} min  {member['fetches']} fetches under way"
+        )
+    print(f"{len(members)} replica{'s' if len(members) != 1 else ''} alive")
+    return 0
+
+
 ADMIN_COMMANDS = {
     "stats": cmd_stats,
     "ls": cmd_ls,
@@ -357,6 +384,7 @@ ADMIN_COMMANDS = {
     "pin": cmd_pin,
     "unpin": cmd_pin,
     "prefetch": cmd_prefetch,
+    "cluster": cmd_cluster,
 }
 
 

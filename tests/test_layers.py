@@ -132,7 +132,7 @@ LIBRARY_HOMES = {
     "diskcache": {"storage"},
     "aiobotocore": {"storage"},  # the S3 clients (storage/s3.py)
     "botocore": {"storage"},
-    "redis": {"storage"},  # the replicas' Redis (storage/cluster.py, storage/leases.py)
+    "redis": {"storage"},  # the replicas' Redis (storage/cluster.py, leases.py, redisindex.py, members.py)
 }
 MODULES = modules()
 

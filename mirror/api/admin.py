@@ -15,6 +15,7 @@ front). Bad input gets registry error JSON.
     POST   /admin/v1/gc[?dry_run=true]          remove unreferenced content, orphans and old temp files
     POST   /admin/v1/verify                     re-hash everything, quarantine mismatches
     POST   /admin/v1/prefetch                   {"images": ["alpine:3.19", ...], "platforms": ["linux/amd64"]}
+    GET    /admin/v1/cluster                    the replicas alive: id, advertise address, last seen, fetches
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -31,6 +33,8 @@ from mirror.oci.errors import NameInvalid, RegistryError
 log = logging.getLogger(__name__)
 ADMIN = web.AppKey("admin", Admin)
 READY: web.AppKey[Callable[[], Awaitable[str | None]]] = web.AppKey("ready")
+# With [cluster]: the replicas alive (``storage.members.Members.list``, as dicts); None for one node.
+CLUSTER: web.AppKey[Callable[[], Awaitable[list[dict[str, Any]]]] | None] = web.AppKey("cluster")
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -50,6 +54,14 @@ def _image(request: web.Request) -> str:
     if not image:
         raise NameInvalid("the image query parameter is required, e.g. ?image=alpine:3.19")
     return image
+
+
+async def cluster(request: web.Request) -> web.Response:
+    """The members of the cluster (503 UNAVAILABLE while Redis is down); one node answers ``"cluster": false``."""
+    members = request.app[CLUSTER]
+    if members is None:
+        return web.json_response({"cluster": False, "members": []})
+    return web.json_response({"cluster": True, "members": await members()})
 
 
 async def stats(request: web.Request) -> web.Response:

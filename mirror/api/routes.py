@@ -102,6 +102,7 @@ def add_admin_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/admin/v1/gc", admin.collect, name="admin_gc")
     router.add_post("/admin/v1/verify", admin.verify, name="admin_verify")
     router.add_post("/admin/v1/prefetch", admin.prefetch, name="admin_prefetch")
+    router.add_get("/admin/v1/cluster", admin.cluster, name="admin_cluster")
 
 
 def add_ui_routes(router: web.UrlDispatcher, actions: bool = False) -> None:

@@ -35,9 +35,9 @@ from mirror.oci.mediatypes import DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, MANIFES
 from mirror.oci.reference import LOCAL, Digest, Repo, Tag, validate_name
 from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
-from mirror.storage.base import BlobStorage
+from mirror.storage.base import BlobStorage, RegistryIndex
 from mirror.storage.counter import SharedCounter
-from mirror.storage.index import Index, ManifestRecord, TagRecord
+from mirror.storage.index import ManifestRecord, TagRecord
 from mirror.storage.usage import Usage
 from mirror.upstream.client import ManifestHead
 
@@ -80,7 +80,7 @@ class LocalRegistry:
     def __init__(
         self,
         store: BlobStorage,
-        index: Index,
+        index: RegistryIndex,
         uploads: Uploads,
         rule: PushRule,
         upstream_repo: Callable[[str], Repo],

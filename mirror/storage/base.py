@@ -1,9 +1,9 @@
 """The storage seam: what the services, eviction, gc, verify and the admin commands need from a store, as
 ``typing.Protocol``s.
 
-``BlobStore`` and ``Index`` (local disk + diskcache) are the implementations today, each assigned to its protocol
-at the bottom of this module so that mypy checks it. Another backend (object storage, say) implements these
-protocols and is chosen in ``app.create_app``; the callers do not change. Methods named ``*_sync`` do file or
+``BlobStore`` and ``Index`` (local disk + diskcache) are the implementations of one node, ``S3Store`` and
+``RedisIndex`` those of replicas sharing a bucket and Redis, each assigned to its protocol at the bottom of this
+module so that mypy checks it. ``app.create_app`` picks them; the callers do not change. Methods named ``*_sync`` do file or
 database work and are called from a thread (or a CLI process), never on the event loop.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from mirror.oci.reference import Digest, Repo
-from mirror.storage.index import ManifestRecord, TagRecord
+from mirror.storage.records import ManifestRecord, TagRecord
 
 if TYPE_CHECKING:
     from mirror.storage.blobs import StoredFile
@@ -184,6 +184,38 @@ class MetadataIndex(Protocol):
     def may_serve_sync(self, digest: Digest, registry: str) -> bool: ...
 
 
+class RegistryIndex(MetadataIndex, Protocol):
+    """Everything an index offers: the ``MetadataIndex`` plus the records of local (pushed) repositories (names,
+    links, referrers) and its lifecycle, for the local registry and the composition root. ``Index`` on the data
+    dir; ``RedisIndex`` shared by the replicas of a cluster."""
+
+    async def pulled(self, repo: Repo) -> bool: ...
+
+    def local_repos_sync(self) -> tuple[str, ...]: ...
+
+    async def add_local_repo(self, name: str) -> None: ...
+
+    async def link(self, name: str, digest: Digest) -> None: ...
+
+    async def unlink(self, name: str, digest: Digest) -> bool: ...
+
+    async def linked(self, name: str, digest: Digest) -> bool: ...
+
+    def is_pushed_sync(self, digest: Digest) -> bool: ...
+
+    async def add_referrer(self, name: str, subject: Digest, descriptor: dict[str, Any]) -> None: ...
+
+    async def remove_referrer(self, name: str, subject: Digest, digest: Digest) -> None: ...
+
+    async def referrers(self, name: str, subject: Digest) -> tuple[dict[str, Any], ...]: ...
+
+    def healthy_sync(self) -> bool:
+        """The index answers a read (for /readyz); raises otherwise."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class UsageRecorder(Protocol):
     """What the services tell the usage table (``storage.usage``): hits refresh recency, commits add content,
     fetches under way announce their size so eviction makes room ahead of them."""
@@ -198,6 +230,7 @@ class UsageRecorder(Protocol):
 if TYPE_CHECKING:  # each implementation assigned to its protocol once, so mypy checks it (never run)
     from mirror.storage.blobs import BlobStore
     from mirror.storage.index import Index
+    from mirror.storage.redisindex import RedisIndex
     from mirror.storage.s3 import S3Store
     from mirror.storage.s3writer import S3Writer
     from mirror.storage.usage import NullUsage, Usage
@@ -205,8 +238,11 @@ if TYPE_CHECKING:  # each implementation assigned to its protocol once, so mypy 
 
     def _implementations(
         store: BlobStore, writer: BlobWriter, index: Index, usage: Usage, null: NullUsage
-    ) -> tuple[BlobStorage, BlobWriterLike, MetadataIndex, UsageRecorder, UsageRecorder]:
+    ) -> tuple[BlobStorage, BlobWriterLike, RegistryIndex, UsageRecorder, UsageRecorder]:
         return store, writer, index, usage, null
+
+    def _shared_index(index: RedisIndex) -> RegistryIndex:
+        return index
 
     def _object_storage(store: S3Store, writer: S3Writer) -> tuple[BlobStorage, BlobWriterLike, RemoteBlobs]:
         return store, writer, store

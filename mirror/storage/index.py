@@ -37,13 +37,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import diskcache
 
 from mirror.oci.reference import LOCAL, Digest, Repo
+from mirror.storage.records import ManifestRecord as ManifestRecord  # importable from here, as before (and
+from mirror.storage.records import TagRecord as TagRecord  # as pickled in existing data dirs)
+from mirror.storage.records import descriptors_from, manifest_from, tag_from
 from mirror.storage.sqlfull import disk_full
 
 REPO_KEY = "repo:"  # then "<registry>/<path>"; ":" sorts after "/" and before letters, so the range is its own
@@ -54,20 +56,6 @@ REPO_LIST_DONE = "repo-list"
 def _like(text: str) -> str:
     """``text`` as a literal inside a LIKE pattern (escape character ``\\``)."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestRecord:
-    media_type: str
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class TagRecord:
-    digest: Digest
-    media_type: str
-    size: int
-    checked_at: float  # wall-clock time the upstream last confirmed this mapping
 
 
 class Index:
@@ -82,8 +70,7 @@ class Index:
 
     # manifests -------------------------------------------------------------------------------------------
     def get_manifest_sync(self, digest: Digest) -> ManifestRecord | None:
-        value = self._cache.get(("manifest", str(digest)))
-        return value if isinstance(value, ManifestRecord) else None
+        return manifest_from(self._cache.get(("manifest", str(digest))))
 
     async def get_manifest(self, digest: Digest) -> ManifestRecord | None:
         return await asyncio.to_thread(self.get_manifest_sync, digest)
@@ -100,8 +87,7 @@ class Index:
 
     # tags ------------------------------------------------------------------------------------------------
     async def get_tag(self, repo: Repo, tag: str) -> TagRecord | None:
-        value = await asyncio.to_thread(self._cache.get, ("tag", repo.registry, repo.path, tag))
-        return value if isinstance(value, TagRecord) else None
+        return tag_from(await asyncio.to_thread(self._cache.get, ("tag", repo.registry, repo.path, tag)))
 
     @disk_full
     def _put_tag_sync(self, repo: Repo, tag: str, record: TagRecord) -> None:
@@ -255,31 +241,29 @@ class Index:
         await asyncio.to_thread(self._remove_referrer_sync, name, subject, digest)
 
     def referrers_sync(self, name: str, subject: Digest) -> tuple[dict[str, Any], ...]:
-        value = self._cache.get(("referrers", name, str(subject)), ())
-        return tuple(value) if isinstance(value, tuple) else ()
+        return descriptors_from(self._cache.get(("referrers", name, str(subject)), ()))
 
     async def referrers(self, name: str, subject: Digest) -> tuple[dict[str, Any], ...]:
         return await asyncio.to_thread(self.referrers_sync, name, subject)
 
     # walks for housekeeping (gc, reconcile, pins, ``mirror ls``): threads only, never the hot path -------------
     def get_tag_sync(self, registry: str, path: str, tag: str) -> TagRecord | None:
-        value = self._cache.get(("tag", registry, path, tag))
-        return value if isinstance(value, TagRecord) else None
+        return tag_from(self._cache.get(("tag", registry, path, tag)))
 
     def iter_tags_sync(self) -> Iterator[tuple[str, str, str, TagRecord]]:
         """Every tag record as (registry, repo path, tag, record)."""
         for key in self._cache.iterkeys():
             if isinstance(key, tuple) and len(key) == 4 and key[0] == "tag":
-                record = self._cache.get(key)
-                if isinstance(record, TagRecord):
+                record = tag_from(self._cache.get(key))
+                if record is not None:
                     yield key[1], key[2], key[3], record
 
     def iter_manifests_sync(self) -> Iterator[tuple[Digest, ManifestRecord]]:
         for key in self._cache.iterkeys():
             if isinstance(key, tuple) and len(key) == 2 and key[0] == "manifest":
-                record = self._cache.get(key)
-                if isinstance(record, ManifestRecord):
-                    yield Digest.parse(key[1]), record
+                manifest = manifest_from(self._cache.get(key))
+                if manifest is not None:
+                    yield Digest.parse(key[1]), manifest
 
     def delete_manifest_sync(self, digest: Digest) -> None:
         self._cache.delete(("manifest", str(digest)))

@@ -1,6 +1,6 @@
-"""The index's paged listing of repository names (``Index.repositories_sync``, what the web page lists): every
-pulled-through and pushed repository, in name order, a page at a time, searched by a substring taken literally,
-and names recorded before the listing existed found once."""
+"""The disk index's paged listing of repository names (``Index.repositories_sync``, what the web page lists): a
+name recorded twice is listed once, and names recorded before the listing existed are found once. The table of
+pages and searches runs against both indexes in ``test_redis_index.py``."""
 
 from __future__ import annotations
 
@@ -32,33 +32,6 @@ def names(found: list[Repo]) -> list[str]:
 
 
 ALL = ["docker.io/library/alpine", "docker.io/library/busybox", "ghcr.io/org/a_b", "ghcr.io/org/axb", "local/team/app"]
-
-
-@pytest.mark.parametrize(
-    ("search", "after", "limit", "expected"),
-    [
-        ("", "", 50, ALL),
-        ("", "", 2, ALL[:2]),
-        ("", "docker.io/library/busybox", 2, ALL[2:4]),
-        ("", "local/team/app", 50, []),
-        ("LIBRARY", "", 50, ALL[:2]),
-        ("a_b", "", 50, ["ghcr.io/org/a_b"]),
-        ("%", "", 50, []),
-        ("team/", "", 50, ["local/team/app"]),
-    ],
-    ids=[
-        "everything in name order",
-        "a first page",
-        "the page after a name",
-        "after the last name -> nothing",
-        "search is case-insensitive",
-        "_ is a literal, not LIKE's any character",
-        "% is a literal, not LIKE's anything",
-        "pushed repositories are listed as local/<name>",
-    ],
-)
-async def test_listing(index: Index, search: str, after: str, limit: int, expected: list[str]) -> None:
-    assert names(index.repositories_sync(search, after, limit)) == expected
 
 
 async def test_a_tag_added_again_or_a_second_mark_lists_the_name_once(index: Index) -> None:
