@@ -64,4 +64,5 @@ async def fetch_for_peer(request: web.Request) -> web.StreamResponse:
     if fetch.size is None:  # no Content-Length from the upstream: the follower waits for the object in the bucket
         raise errors.BlobUnknown("this fetch has no size to stream")
     request.app[METRICS].peer_streams_served.inc()
-    return await stream_fetch(request, None, digest, fetch)
+    # The last byte once the object is complete in the bucket: a follower that has every byte serves the object.
+    return await stream_fetch(request, None, digest, fetch, stored=True)

@@ -7,7 +7,7 @@ import asyncio
 import os
 import socket
 
-from tests.conftest import MirrorClient
+from tests.conftest import MirrorClient, fetches_done
 from tests.fakes.registry import FakeRegistry
 
 MiB = 1 << 20
@@ -19,6 +19,7 @@ async def cached_blob(mirror: MirrorClient, fake: FakeRegistry, size: int) -> tu
     path = f"/v2/library/big/blobs/{digest}"
     resp = await mirror.get(path)
     assert await resp.read() == data
+    await fetches_done(mirror)  # stored (its temp file closed) just after the client had every byte
     return path, data
 
 

@@ -41,7 +41,9 @@ def test_kill_9_during_a_fetch_then_restart(upstream: dict[str, Any], tmp_path: 
     data = tmp_path / "data"
     mirror = Mirror(data, upstream["slow_url"], "--cache-size", "1GiB", log=tmp_path / "mirror-1.log")
     try:
-        pull(mirror.url, "small", "latest")  # cached before the crash
+        cached = pull(mirror.url, "small", "latest")["blobs"]  # cached before the crash
+        # A client has its last byte once the digest matched; the store publishes just after.
+        wait_until(lambda: set(cached) <= set(blob_files(data)), what="the small image stored")
         outcome: list[BaseException | dict[str, Any]] = []
         thread = threading.Thread(target=lambda: _catch(outcome, mirror.url), daemon=True)
         thread.start()
@@ -68,7 +70,7 @@ def test_kill_9_during_a_fetch_then_restart(upstream: dict[str, Any], tmp_path: 
         pull(mirror.url, "small", "latest")  # the content cached before the crash is served (digests checked)
         received = pull(mirror.url, "big", "latest")  # fetched again, in full, verified by digest
         assert received["blobs"][upstream["big"]["layers"][0]] == BIG
-        assert blob_files(data)[upstream["big"]["layers"][0]] == BIG
+        wait_until(lambda: blob_files(data).get(upstream["big"]["layers"][0]) == BIG, what="the big layer stored")
     finally:
         mirror.stop()
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.ops import Mirror, blob_files, start_registry, upstream_requests
+from tests.support.ops import Mirror, blob_files, start_registry, upstream_requests, wait_until
 from tests.support.plain_http import pull, push_random_image
 from tests.support.seaweed import Seaweed, raw_client, seaweed_fixture  # noqa: F401 - the fixture
 
@@ -55,7 +55,8 @@ def test_hits_are_sent_from_the_local_copy_which_outlives_a_restart(
     prefix = config.read_text().split('prefix = "', 1)[1].split('"', 1)[0]
     with Mirror(data_dir, url, "--config", str(config)) as mirror:
         cold = pull(mirror.url, "library/tiered", "1")
-        assert set(cold["blobs"]) <= set(blob_files(data_dir)), "each fetched blob left its copy"
+        # A client has its last byte once the digest matched; the object and the copy come just after.
+        wait_until(lambda: set(cold["blobs"]) <= set(blob_files(data_dir)), what="each fetched blob left its copy")
         # The bucket's object overwritten behind the mirror's back: the bytes still served are the copy's.
         big = image["layers"][0]
         raw_client(seaweed.endpoint_url).put_object(

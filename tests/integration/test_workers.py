@@ -135,7 +135,7 @@ async def test_32_cold_gets_through_two_workers_make_one_upstream_get(upstream: 
             bodies = await asyncio.gather(*(get_digest(session, url) for _ in range(32)))
         assert bodies == [digest] * 32  # every body verified
         assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 1
-        assert blob_files(tmp_path / "data")[digest] == BIG
+        wait_until(lambda: blob_files(tmp_path / "data").get(digest) == BIG, what="the blob stored")
         # Sequential new connections land on both workers: they really share the port.
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
             for _ in range(40):

@@ -80,7 +80,7 @@ async def test_32_cold_gets_over_two_processes_make_one_upstream_get(upstream: d
         served = 'source="upstream"'
         assert metric(first, "mirror_blob_bytes_served_total", served) == 16 * BIG
         assert metric(second, "mirror_blob_bytes_served_total", served) == 16 * BIG
-        assert blob_files(tmp_path / "data")[digest] == BIG
+        wait_until(lambda: blob_files(tmp_path / "data").get(digest) == BIG, what="the blob stored")
         assert leftovers(tmp_path / "data") == []
     finally:
         first.stop()
@@ -131,7 +131,7 @@ async def test_kill_9_of_the_fetching_process_is_continued_by_the_other_with_a_r
         assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 2
         # No byte fetched twice by the one that took over: it received the rest only.
         assert metric(follower, "mirror_upstream_bytes_fetched_total") == BIG - start
-        assert blob_files(store)[digest] == BIG
+        wait_until(lambda: blob_files(store).get(digest) == BIG, what="the blob stored")
         wait_until(lambda: leftovers(store) == [], what="nothing partial left in tmp/")
         assert "0 did not match" in run_cli("verify", "--data-dir", str(store)).stdout
     finally:
