@@ -77,3 +77,68 @@ def test_a_cluster_needs_the_bucket(tmp_path: Path) -> None:
     file.write_text(f"[cluster]\n{GOOD}")
     with pytest.raises(ConfigError, match='needs \\[storage\\] backend = "s3"'):
         load({}, str(file), {})
+
+
+def _load_env(tmp_path: Path, file_text: str, environ: dict[str, str]) -> ClusterConfig:
+    file = tmp_path / "mirror.toml"
+    file.write_text(file_text)
+    return cluster_config(load({}, str(file), environ))
+
+
+def test_the_environment_sets_the_keys_over_the_file(tmp_path: Path) -> None:
+    """One ConfigMap for every pod: each replica's own advertise (and Redis, and secret file) from its environment."""
+    (tmp_path / "secret").write_text(f"{SECRET}env\n")
+    environ = {
+        "MIRROR_CLUSTER_ADVERTISE": "http://10.0.0.7:5000",
+        "MIRROR_CLUSTER_REDIS_URL": "redis://redis.internal:6380/1",
+        "MIRROR_CLUSTER_SECRET_FILE": str(tmp_path / "secret"),
+    }
+    file_text = f'{STORAGE}[cluster]\nredis_url = "redis://127.0.0.1:6379/0"\nadvertise = "http://a:5000"\n'
+    cluster = _load_env(tmp_path, file_text, environ)
+    assert cluster == ClusterConfig(
+        "redis://redis.internal:6380/1", "http://10.0.0.7:5000", f"{SECRET}env", str(tmp_path / "secret")
+    )
+
+
+def test_the_environment_alone_makes_the_cluster_table(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text(SECRET)
+    environ = {
+        "MIRROR_CLUSTER_ADVERTISE": "http://mirror-1:5000",
+        "MIRROR_CLUSTER_REDIS_URL": "redis://redis:6379/0",
+        "MIRROR_CLUSTER_SECRET_FILE": str(tmp_path / "secret"),
+    }
+    assert _load_env(tmp_path, STORAGE, environ).advertise == "http://mirror-1:5000"
+    assert _load_env(tmp_path, STORAGE, {}) == ClusterConfig()  # none set, no table: one node
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"MIRROR_CLUSTER_ADVERTISE": "10.0.0.7:5000"}, "advertise must be an http"),
+        ({"MIRROR_CLUSTER_ADVERTISE": ""}, "needs advertise"),
+        ({"MIRROR_CLUSTER_REDIS_URL": "http://redis:6379"}, "redis_url must be a redis://"),
+        ({"MIRROR_CLUSTER_SECRET_FILE": "/nonexistent/secret"}, "secret or secret_file, not both"),
+    ],
+    ids=[
+        "advertise without a scheme from the environment -> refused",
+        "empty advertise from the environment -> refused",
+        "not a redis URL from the environment -> refused",
+        "secret_file from the environment beside the file's secret -> refused",
+    ],
+)
+def test_values_from_the_environment_are_checked_like_the_file(
+    tmp_path: Path, environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load_env(tmp_path, f"{STORAGE}[cluster]\n{GOOD}", environ)
+
+
+def test_the_environment_cannot_make_a_cluster_without_the_bucket(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text(SECRET)
+    environ = {
+        "MIRROR_CLUSTER_ADVERTISE": "http://mirror-1:5000",
+        "MIRROR_CLUSTER_REDIS_URL": "redis://redis:6379/0",
+        "MIRROR_CLUSTER_SECRET_FILE": str(tmp_path / "secret"),
+    }
+    with pytest.raises(ConfigError, match='needs \\[storage\\] backend = "s3"'):
+        _load_env(tmp_path, "", environ)

@@ -349,6 +349,9 @@ def load(cli_values: Mapping[str, Any], config_path: str | None, environ: Mappin
         )
     if access_tables is not None:
         extra["access"] = access_tables
+    from mirror.config.cluster import with_environment  # here: it builds on this module
+
+    extra = with_environment(extra, environ)  # MIRROR_CLUSTER_ADVERTISE and the rest, over the file's [cluster]
     merged = {**file_flat, **env_settings(environ, known), **{k: v for k, v in cli_values.items() if v is not None}}
     return build(merged, upstream_tables, extra)
 

@@ -4,17 +4,29 @@ into a plain value for ``app`` (which hands its fields on; nothing else reads ``
 With no ``[cluster]`` table the mirror is one node and needs no other service. With one, Redis at ``redis_url``
 holds what the replicas share, each replica tells the others how to reach it (``advertise``), and every call
 between replicas carries the shared secret (``secret``, or the contents of ``secret_file``).
+
+What differs per replica (its own ``advertise``, say, in a Deployment whose pods share one ConfigMap) comes from
+the environment: ``MIRROR_CLUSTER_ADVERTISE``, ``MIRROR_CLUSTER_REDIS_URL`` and ``MIRROR_CLUSTER_SECRET_FILE`` set
+the same keys, over the file's (``load`` lays them into the table; the checks below apply to them all the same).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from mirror.config import Config, ConfigError
 
 MIN_SECRET = 16  # characters: a secret shorter than this is a typo or a placeholder, not a secret
+# The keys the environment may set, environment over the file.
+ENVIRONMENT = {
+    "redis_url": "MIRROR_CLUSTER_REDIS_URL",
+    "advertise": "MIRROR_CLUSTER_ADVERTISE",
+    "secret_file": "MIRROR_CLUSTER_SECRET_FILE",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +39,18 @@ class ClusterConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.redis_url)
+
+
+def with_environment(tables: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """The config file's tables with the ``MIRROR_CLUSTER_*`` variables laid over its ``[cluster]`` table (made
+    from them alone when the file has none); the tables as they are when none is set."""
+    given = {key: environ[name] for key, name in ENVIRONMENT.items() if name in environ}
+    if not given:
+        return dict(tables)
+    table = tables.get("cluster", {})
+    if not isinstance(table, Mapping):
+        raise ConfigError('cluster must be a table: [cluster] redis_url = "redis://..."')
+    return {**tables, "cluster": {**table, **given}}
 
 
 def cluster_config(config: Config) -> ClusterConfig:

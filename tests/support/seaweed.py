@@ -68,22 +68,28 @@ def _server_args(binary: str, workdir: Path, s3_port: int, s3_config: Path) -> l
 
 
 @contextlib.contextmanager
-def seaweed_server(workdir: Path) -> Iterator[str]:
+def seaweed_server(workdir: Path, s3_config: Path | None = None) -> Iterator[str]:
     """``weed server`` with the S3 gateway under ``workdir``; yields the gateway's URL once its port accepts
-    connections (the S3 API may still answer 503 for a moment: ``create_bucket`` retries)."""
+    connections (the S3 API may still answer 503 for a moment: ``create_bucket`` retries). ``s3_config``: an
+    identity file of one's own (a deploy kit's) instead of the tests' credentials."""
     binary = require("weed")
     (workdir / "data").mkdir(parents=True, exist_ok=True)
-    s3_config = workdir / "s3.json"
-    identity = {"name": "mirror", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}
-    s3_config.write_text(
-        json.dumps({"identities": [{**identity, "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
-    )
+    if s3_config is None:
+        s3_config = workdir / "s3.json"
+        identity = {"name": "mirror", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}
+        s3_config.write_text(
+            json.dumps({"identities": [{**identity, "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
+        )
     s3_port = free_port()
     log = open(workdir / "weed.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        _server_args(binary, workdir, s3_port, s3_config), stdout=log, stderr=subprocess.STDOUT, cwd=workdir
-    )
+    args = _server_args(binary, workdir, s3_port, s3_config)
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     (workdir / "weed.pid").write_text(str(proc.pid))  # for a test that kills the store under a running mirror
+    master = {
+        k: a.split("=", 1)[1] for a in args for k in ("-master.port", "-master.port.grpc") if a.startswith(k + "=")
+    }
+    # For `weed shell -master=...`: HOST:PORT.GRPC_PORT (without it the gRPC port is taken to be PORT + 10000).
+    (workdir / "weed.master").write_text(f"127.0.0.1:{master['-master.port']}.{master['-master.port.grpc']}")
     try:
         deadline = time.monotonic() + START_WITHIN
         while not _listening(s3_port):
