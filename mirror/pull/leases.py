@@ -147,7 +147,7 @@ class Leased:
         """With the lease ours: run the fetch; a follower with bytes of a holder that is gone takes it over,
         continuing its own temp file with an upstream Range request (``pull.resume``) and uploading the object."""
         if writer:
-            if fetch.size is None or fetch.written == 0:  # nothing to continue: never the case for a follower
+            if fetch.size is None:  # never began: never the case for a follower with a temp file
                 with contextlib.suppress(StoreUnavailable):
                     await self._leases.release(registry, fetch.digest, fetch.holder)
                 fetch.fail(lost(fetch.digest, "stopped before the end"))
