@@ -162,11 +162,13 @@ class BlobPuller:
                 fetch.advance(writer.written)  # what the file holds (its clients may have seen less of it)
             if not (fetch.resume and writer.written == fetch.size):  # else only the digest check was left to do
                 expected = await self._receive(client, repo, fetch, writer)
+            # Who sent it is recorded before it is stored: a stored blob without an origin record is old content
+            # that any name may be answered (``vouch``), so it must never exist, even for a moment, for new content.
+            await self._index.add_origin(digest, repo.registry)
             try:
                 await writer.commit(digest, fetch.size, verified=fetch.verify)
             except Exception as exc:
                 raise UpstreamInvalid(f"blob {digest} from {repo}: {exc}") from exc
-            await self._index.add_origin(digest, repo.registry)
             await self._usage.added(digest, fetch.written, "blob", str(repo))
             fetch.finish(self._store.path(digest))
             log.info("cached blob %s (%d bytes) from %s", digest, fetch.written, repo)

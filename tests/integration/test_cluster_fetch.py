@@ -209,18 +209,29 @@ def lease_value(redis: RedisServer, key: str) -> str:
 
 
 async def fake_holder(
-    body: bytes, size: int, lease: str, redis_url: str, dies: Callable[[], None] | None = None
+    body: bytes,
+    size: int,
+    lease: str,
+    redis_url: str,
+    dies: Callable[[], None] | None = None,
+    completes: Callable[[], None] | None = None,
 ) -> tuple[web.AppRunner, str]:
     """A replica that holds ``lease`` and streams ``body`` as a blob of ``size`` bytes: the faults a real holder
     never shows (it verifies what it serves), to check that a follower verifies for itself. A short ``body`` is cut:
     like a holder whose fetch failed, it releases the lease then; or with ``dies`` (which completes the object in
-    the bucket) like a holder that completed the object and died before its last bytes, holding the lease."""
+    the bucket) like a holder that completed the object and died before its last bytes, holding the lease. With
+    ``completes``, a whole body's last byte follows the object's completion, as a real holder sends it."""
 
     async def serve(request: web.Request) -> web.StreamResponse:
         assert request.headers.get(SECRET_HEADER) == SECRET
         resp = web.StreamResponse(headers={"Content-Length": str(size)})
         await resp.prepare(request)
-        await resp.write(body)
+        rest = body
+        if completes is not None and len(body) == size:
+            await resp.write(body[:-1])
+            await asyncio.to_thread(completes)
+            rest = body[-1:]
+        await resp.write(rest)
         if len(body) < size:
             if dies is not None:
                 await asyncio.to_thread(dies)
@@ -277,7 +288,8 @@ async def test_a_follower_serves_only_bytes_it_verified_itself(
         raw_client(seaweed.endpoint_url).put_object(Bucket=seaweed.bucket, Key=key, Body=data)
 
     dies = complete if served == "died after completing" else None
-    runner, holder_url = await fake_holder(body, len(data), lease, redis_server.url, dies)
+    completes = complete if served == "right" else None  # a real holder's last byte follows the object
+    runner, holder_url = await fake_holder(body, len(data), lease, redis_server.url, dies, completes)
     try:
         async with aioredis.Redis.from_url(redis_server.url) as client:  # the fake holds the lease (for a minute)
             await client.set(lease, f"fake {holder_url}", px=60_000)
@@ -306,7 +318,7 @@ async def test_a_follower_serves_only_bytes_it_verified_itself(
                 # can reach it with bytes still unread, which its HTTP client then drops: from 0, a plain GET).
                 assert ranged in ([f"bytes={len(body)}-"], ["-"]), ranged
                 assert metric(mirror, "mirror_cluster_takeovers_total") == 1
-            want = {key: len(data)} if served in ("failed", "died after completing") else {}
+            want = {key: len(data)} if served in ("right", "failed", "died after completing") else {}
             # The object is completed just after the client had its last byte (verified): wait for it.
             await eventually(lambda: bucket_keys(seaweed, prefix) == want, what=f"the bucket holding {want}")
             assert list((tmp_path / "data-0" / "tmp").iterdir()) == [], "its temp file is gone"

@@ -60,6 +60,8 @@ def test_eviction_with_real_pulls(upstream: tuple[str, list[dict[str, Any]]], tm
     def pull_image(i: int) -> None:
         nonlocal clock
         received = pull(mirror.url, f"app{i}", "latest")
+        # Stored just after the client had its last byte: each image in the cache before the next is pulled.
+        wait_until(lambda: set(received["blobs"]) <= set(blob_files(data)), what=f"app{i} stored")
         for digest in [received["manifest"], *received["blobs"]]:
             clock += 1
             served[digest] = clock

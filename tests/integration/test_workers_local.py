@@ -46,13 +46,19 @@ async def answers(mirror: Mirror, path: str) -> list[tuple[int, str]]:
         return await asyncio.gather(*(one() for _ in range(GETS)))
 
 
-async def phase(mirror: Mirror, path: str) -> list[tuple[int, str]]:
-    """``answers``, checked to come from both workers."""
+async def phase(mirror: Mirror, path: str, rounds: int = 10) -> list[tuple[int, str]]:
+    """``answers``, as many rounds as it takes both workers to answer some (on a busy machine the kernel may hand
+    one round's connections to the one worker that is running): every answer of every round."""
     since = mirror.log.stat().st_size
-    found = await answers(mirror, path)
-    # A worker logs a request once it has answered it: the lines may follow the answers by a moment.
-    await eventually(lambda: len(serving_pids(mirror.log, since, path)) >= 2, what=f"both workers answering {path}")
-    return found
+    found: list[tuple[int, str]] = []
+    for _ in range(rounds):
+        found += await answers(mirror, path)
+        try:  # a worker logs a request once it has answered it: the lines may follow the answers by a moment
+            await eventually(lambda: len(serving_pids(mirror.log, since, path)) >= 2, within=2, what="two workers")
+            return found
+        except AssertionError:
+            continue
+    raise AssertionError(f"only {serving_pids(mirror.log, since, path)} answered {path} in {rounds} rounds")
 
 
 async def test_a_manifest_deleted_through_one_worker_is_unknown_to_both(tmp_path: Path) -> None:
@@ -61,18 +67,18 @@ async def test_a_manifest_deleted_through_one_worker_is_unknown_to_both(tmp_path
         digest = image["manifest"]
         by_digest, by_tag = f"/v2/team/app/manifests/{digest}", "/v2/team/app/manifests/v1"
         for path in (by_digest, by_tag):  # both workers read it (and would hold it, if they kept copies)
-            assert await phase(mirror, path) == [(200, digest)] * GETS
+            assert set(await phase(mirror, path)) == {(200, digest)}
         async with aiohttp.ClientSession(mirror.url) as session, session.delete(by_digest) as resp:
             assert resp.status == 202
         for path in (by_digest, by_tag):
-            assert await phase(mirror, path) == [(404, "MANIFEST_UNKNOWN")] * GETS
+            assert set(await phase(mirror, path)) == {(404, "MANIFEST_UNKNOWN")}
 
 
 async def test_a_tag_moved_through_one_worker_is_served_new_by_both(tmp_path: Path) -> None:
     with Mirror(tmp_path / "data", NO_UPSTREAM, "--workers", "2") as mirror:
         old = await asyncio.to_thread(push_random_image, mirror.url, "team/moving", "latest", [os.urandom(1000)])
         path = "/v2/team/moving/manifests/latest"
-        assert await phase(mirror, path) == [(200, old["manifest"])] * GETS
+        assert set(await phase(mirror, path)) == {(200, old["manifest"])}
         new = await asyncio.to_thread(push_random_image, mirror.url, "team/moving", "latest", [os.urandom(1000)])
         assert new["manifest"] != old["manifest"]
-        assert await phase(mirror, path) == [(200, new["manifest"])] * GETS
+        assert set(await phase(mirror, path)) == {(200, new["manifest"])}
