@@ -197,7 +197,11 @@ async def _wait_sendable(fetch: FetchState, offset: int, gather: bool, end: int,
     last byte, which protects only ranges that include it; a range ending earlier would otherwise be completed
     with bytes whose digest is not yet known to be right."""
     if offset >= _sendable_end(fetch, end, stored):
-        await fetch.wait_done()
+        if stored:
+            await fetch.wait_done()
+            return
+        while not (fetch.verified or fetch.done):  # the digest check (the publish after it holds nobody back)
+            await fetch.wait_beyond(fetch.readable())
         return
     await fetch.wait_beyond(offset)
     if gather and fetch.readable() - offset < SEND_STEP:
