@@ -321,7 +321,8 @@ async def test_a_follower_serves_only_bytes_it_verified_itself(
             want = {key: len(data)} if served in ("right", "failed", "died after completing") else {}
             # The object is completed just after the client had its last byte (verified): wait for it.
             await eventually(lambda: bucket_keys(seaweed, prefix) == want, what=f"the bucket holding {want}")
-            assert list((tmp_path / "data-0" / "tmp").iterdir()) == [], "its temp file is gone"
+            tmp = tmp_path / "data-0" / "tmp"
+            await eventually(lambda: list(tmp.iterdir()) == [], what="its temp file gone")  # removed once stored
     finally:
         await runner.cleanup()
 
