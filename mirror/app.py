@@ -8,8 +8,8 @@ import logging
 import secrets
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -35,35 +35,30 @@ from mirror.api.keys import (
     USAGE,
 )
 from mirror.api.middleware import add_api_version, local_names, refuse_loops, registry_errors, request_metrics
-from mirror.api.peer import PEERING, Peering
+from mirror.api.peer import PEERING
 from mirror.api.routes import add_routes
 from mirror.api.streaming import SENDER, Sender
 from mirror.api.ui import actions
+from mirror.backends import cluster_coordination, cluster_link, coordination, membership, open_index, open_store
 from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, cache_config
 from mirror.config.access import access_rules
-from mirror.config.cluster import cluster_config
 from mirror.config.storage import storage_config
 from mirror.metrics import CacheSnapshot, Metrics
 from mirror.notify import Endpoint, Notifier
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
 from mirror.oci.reference import Digest, canonical_registry
 from mirror.permissions import Permissions, Rule
-from mirror.pull.filelock import FileLocks
-from mirror.pull.inflight import FetchCoordinator, InFlight
 from mirror.pull.service import PullThrough, TagPolicy
 from mirror.push.registry import LocalRegistry
 from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
 from mirror.routing import RepoRules, Router, Upstreams
 from mirror.storage.base import BlobStorage, RegistryIndex, StoreUnavailable
-from mirror.storage.blobs import BlobStore
 from mirror.storage.counter import SharedCounter
 from mirror.storage.eviction import Limits
 from mirror.storage.evictlock import EvictionLock
-from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.housekeeper import Housekeeper
-from mirror.storage.index import Index
 from mirror.storage.quotas import QuotaFile
 from mirror.storage.reflocks import RefLocks
 from mirror.storage.sessions import UploadSessions, held_sync
@@ -222,103 +217,6 @@ def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Applic
         local.uploads.sessions.close()
 
     return lifecycle
-
-
-def open_store(config: Config) -> tuple[BlobStorage, BlobStore, S3Store | None]:
-    """The store ``[storage]`` names, the local files beside it (temp, lock and upload session files), and the bucket
-    the HTTP layer streams hits from: files under ``--data-dir`` (disk, no bucket) or a bucket (s3)."""
-    storage = storage_config(config)
-    if not storage.s3:
-        disk = BlobStore(config.data_dir)
-        return disk, disk, None
-    from mirror.storage.s3 import Bucket, S3Store  # here: aiobotocore is the optional extra "s3"
-
-    location = Bucket(
-        storage.bucket, storage.endpoint_url, storage.region, storage.prefix, storage.access_key, storage.secret_key
-    )
-    bucket = S3Store(config.data_dir, location, storage.local_cache)  # local_cache: the tier's bound (0: none)
-    return bucket, bucket.local, bucket
-
-
-def cluster_link(config: Config) -> RedisLink | None:
-    """The replicas' shared Redis, with ``[cluster]``; None for one node (no other service needed)."""
-    cluster = cluster_config(config)
-    if not cluster.enabled:
-        return None
-    from mirror.storage.cluster import RedisLink  # here: redis-py is the optional extra "cluster"
-
-    return RedisLink.connect(cluster.redis_url)
-
-
-def cluster_coordination(
-    config: Config, link: RedisLink, bucket: S3Store, metrics: Metrics
-) -> tuple[FetchCoordinator, Peering]:
-    """The fetch coordinator of replicas (a lease per fetch in Redis, followers streaming from its holder) and what
-    the replicas' internal endpoint serves from it."""
-    from mirror.pull.leases import Leased  # here: Redis and the peer client come with [cluster] only
-    from mirror.storage.leases import Leases
-    from mirror.upstream.peers import PeerClient
-
-    cluster = cluster_config(config)
-    peers = PeerClient(cluster.secret)
-    leased = Leased(Leases(link), peers, cluster.advertise, bucket, bucket.local.fetch_writer, metrics)
-    return leased, Peering(cluster.secret, leased)
-
-
-def open_index(config: Config, link: RedisLink | None) -> RegistryIndex:
-    """The index of stored content: on the data dir for one node; with ``[cluster]``, the one the replicas share
-    in Redis, so that what one replica recorded (a tag, a manifest, a pushed name) every other one reads."""
-    if link is None:
-        return Index(config.data_dir)
-    from mirror.storage.redisindex import RedisIndex  # here: redis-py is the optional extra "cluster"
-
-    return RedisIndex(link)
-
-
-def membership(
-    config: Config, link: RedisLink, inflight: FetchCoordinator
-) -> tuple[Callable[[web.Application], AsyncIterator[None]], Callable[[], Awaitable[list[dict[str, Any]]]]]:
-    """With ``[cluster]``: this replica's heartbeat in Redis while it serves (it leaves when it stops), and the
-    listing of the members alive that ``GET /admin/v1/cluster`` answers."""
-    from mirror.storage.members import Heartbeat, Members
-
-    members = Members(link)
-    me = f"{socket.gethostname()}-{secrets.token_hex(3)}"
-    heartbeat = Heartbeat(members, me, cluster_config(config).advertise, lambda: len(inflight.under_way()))
-
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        heartbeat.start()
-        yield
-        await heartbeat.close()
-
-    async def listing() -> list[dict[str, Any]]:
-        return [member.as_dict() for member in await members.list()]
-
-    return lifecycle, listing
-
-
-async def cluster_members(config: Config) -> list[dict[str, Any]]:
-    """``mirror cluster status``: the replicas alive, as the admin API lists them."""
-    link = cluster_link(config)
-    if link is None:
-        raise ConfigError("no [cluster] table: this mirror is one node")
-    from mirror.storage.members import Members
-
-    try:
-        return [member.as_dict() for member in await Members(link).list()]
-    finally:
-        await link.close()
-
-
-def coordination(config: Config, store: BlobStore) -> tuple[FetchCoordinator, Callable[[], int]]:
-    """The fetch coordinator, and the start-up cleaning of ``tmp/`` that fits it: alone on the data dir, every
-    temp file is a leftover; sharing it, only those of fetches no process holds are."""
-    if config.coordination == "process":
-        return InFlight(), store.clean_tmp
-    if config.coordination == "files":
-        locks = FetchLocks(store)
-        return FileLocks(locks), locks.clean_sync
-    raise ConfigError(f"coordination must be process or files, got {config.coordination!r}")
 
 
 def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web.Application:

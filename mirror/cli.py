@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mirror import app, log
+from mirror import app, backends, log
 from mirror.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_TAG_TTL, Config, ConfigError, load
 from mirror.oci.errors import RegistryError
 from mirror.storage.base import StoreUnavailable
@@ -357,7 +357,7 @@ async def cmd_prefetch(config: Config, args: argparse.Namespace) -> int:
 async def cmd_cluster(config: Config, args: argparse.Namespace) -> int:
     """``mirror cluster status``: one line per replica alive (the members' heartbeats in Redis)."""
     try:
-        members = await app.cluster_members(config)
+        members = await backends.cluster_members(config)
     except StoreUnavailable as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 1

@@ -85,10 +85,11 @@ FORBIDDEN: dict[str, set[str]] = {
     "api": {"app", "cli", "config"},
     "app": {"cli"},
     "workers": {"cli"},  # the process supervisor, beside the composition root: it builds an app per worker
+    "backends": {"cli", "app", "workers"},  # what the composition root picks the store, index and coordinator from
 }
 for _banned in FORBIDDEN.values():
     if "app" in _banned:
-        _banned.add("workers")
+        _banned.update({"workers", "backends"})
 # Finer rules inside an area: module -> the modules (and their submodules) it may not import.
 MODULE_FORBIDDEN: dict[str, set[str]] = {
     # The coordination seam: a file-lock or Redis-lease implementation must be able to replace it alone.
@@ -126,7 +127,7 @@ API_FROM_STORAGE = {
     "mirror.storage.usage": {"Usage"},  # the lease table behind USAGE; to go behind a storage.base protocol
 }
 LIBRARY_HOMES = {
-    "aiohttp.web": {"api", "app", "workers"},
+    "aiohttp.web": {"api", "app", "workers", "backends"},
     "gunicorn": {"workers"},
     "aiohttp.ClientSession": {"upstream", "notify"},  # notify: the webhook sender owns its own session
     "diskcache": {"storage"},

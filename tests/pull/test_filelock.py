@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mirror.app import coordination
+from mirror.backends import coordination
 from mirror.config import Config, ConfigError
 from mirror.oci import errors
 from mirror.oci.reference import Digest

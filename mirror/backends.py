@@ -1,0 +1,127 @@
+"""What a configuration names beneath the app: the store (disk or bucket), the index (on the data dir or the
+replicas' Redis), the fetch coordinator (one process, processes sharing a data dir, or replicas), and a replica's
+membership. ``app.create_app`` and the admin commands build them from here; the optional extras (aiobotocore for
+"s3", redis-py for "cluster") are imported only when the configuration asks for them.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from mirror.api.peer import Peering
+from mirror.config import Config, ConfigError
+from mirror.config.cluster import cluster_config
+from mirror.config.storage import storage_config
+from mirror.metrics import Metrics
+from mirror.pull.filelock import FileLocks
+from mirror.pull.inflight import FetchCoordinator, InFlight
+from mirror.storage.base import BlobStorage, RegistryIndex
+from mirror.storage.blobs import BlobStore
+from mirror.storage.fetchlocks import FetchLocks
+from mirror.storage.index import Index
+
+if TYPE_CHECKING:
+    from mirror.storage.cluster import RedisLink
+    from mirror.storage.s3 import S3Store
+
+
+def open_store(config: Config) -> tuple[BlobStorage, BlobStore, S3Store | None]:
+    """The store ``[storage]`` names, the local files beside it (temp, lock and upload session files), and the bucket
+    the HTTP layer streams hits from: files under ``--data-dir`` (disk, no bucket) or a bucket (s3)."""
+    storage = storage_config(config)
+    if not storage.s3:
+        disk = BlobStore(config.data_dir)
+        return disk, disk, None
+    from mirror.storage.s3 import Bucket, S3Store  # here: aiobotocore is the optional extra "s3"
+
+    location = Bucket(
+        storage.bucket, storage.endpoint_url, storage.region, storage.prefix, storage.access_key, storage.secret_key
+    )
+    bucket = S3Store(config.data_dir, location, storage.local_cache)  # local_cache: the tier's bound (0: none)
+    return bucket, bucket.local, bucket
+
+
+def cluster_link(config: Config) -> RedisLink | None:
+    """The replicas' shared Redis, with ``[cluster]``; None for one node (no other service needed)."""
+    cluster = cluster_config(config)
+    if not cluster.enabled:
+        return None
+    from mirror.storage.cluster import RedisLink  # here: redis-py is the optional extra "cluster"
+
+    return RedisLink.connect(cluster.redis_url)
+
+
+def cluster_coordination(
+    config: Config, link: RedisLink, bucket: S3Store, metrics: Metrics
+) -> tuple[FetchCoordinator, Peering]:
+    """The fetch coordinator of replicas (a lease per fetch in Redis, followers streaming from its holder) and what
+    the replicas' internal endpoint serves from it."""
+    from mirror.pull.leases import Leased  # here: Redis and the peer client come with [cluster] only
+    from mirror.storage.leases import Leases
+    from mirror.upstream.peers import PeerClient
+
+    cluster = cluster_config(config)
+    peers = PeerClient(cluster.secret)
+    leased = Leased(Leases(link), peers, cluster.advertise, bucket, bucket.local.fetch_writer, metrics)
+    return leased, Peering(cluster.secret, leased)
+
+
+def open_index(config: Config, link: RedisLink | None) -> RegistryIndex:
+    """The index of stored content: on the data dir for one node; with ``[cluster]``, the one the replicas share
+    in Redis, so that what one replica recorded (a tag, a manifest, a pushed name) every other one reads."""
+    if link is None:
+        return Index(config.data_dir)
+    from mirror.storage.redisindex import RedisIndex  # here: redis-py is the optional extra "cluster"
+
+    return RedisIndex(link)
+
+
+def membership(
+    config: Config, link: RedisLink, inflight: FetchCoordinator
+) -> tuple[Callable[[web.Application], AsyncIterator[None]], Callable[[], Awaitable[list[dict[str, Any]]]]]:
+    """With ``[cluster]``: this replica's heartbeat in Redis while it serves (it leaves when it stops), and the
+    listing of the members alive that ``GET /admin/v1/cluster`` answers."""
+    from mirror.storage.members import Heartbeat, Members
+
+    members = Members(link)
+    me = f"{socket.gethostname()}-{secrets.token_hex(3)}"
+    heartbeat = Heartbeat(members, me, cluster_config(config).advertise, lambda: len(inflight.under_way()))
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        heartbeat.start()
+        yield
+        await heartbeat.close()
+
+    async def listing() -> list[dict[str, Any]]:
+        return [member.as_dict() for member in await members.list()]
+
+    return lifecycle, listing
+
+
+async def cluster_members(config: Config) -> list[dict[str, Any]]:
+    """``mirror cluster status``: the replicas alive, as the admin API lists them."""
+    link = cluster_link(config)
+    if link is None:
+        raise ConfigError("no [cluster] table: this mirror is one node")
+    from mirror.storage.members import Members
+
+    try:
+        return [member.as_dict() for member in await Members(link).list()]
+    finally:
+        await link.close()
+
+
+def coordination(config: Config, store: BlobStore) -> tuple[FetchCoordinator, Callable[[], int]]:
+    """The fetch coordinator, and the start-up cleaning of ``tmp/`` that fits it: alone on the data dir, every
+    temp file is a leftover; sharing it, only those of fetches no process holds are."""
+    if config.coordination == "process":
+        return InFlight(), store.clean_tmp
+    if config.coordination == "files":
+        locks = FetchLocks(store)
+        return FileLocks(locks), locks.clean_sync
+    raise ConfigError(f"coordination must be process or files, got {config.coordination!r}")
