@@ -312,6 +312,8 @@ def test_eviction_removes_least_recently_served_pulled_objects_and_never_a_pushe
             received = pull(mirror.url, f"app{i}", "latest")
             for digest in (received["manifest"], *received["blobs"]):
                 served[digest] = next(clock)
+            # A client has its last byte at the digest check; the object and its record come just after.
+            wait_until(lambda: mirror_idle(mirror), what="the pull's fetches recorded")
             wait_until(lambda: settled(mirror), what="eviction to the low watermark")
         stored = bucket.blobs()
 
@@ -320,6 +322,12 @@ def test_eviction_removes_least_recently_served_pulled_objects_and_never_a_pushe
     assert images[1]["layers"][0] in evicted, "the pulls went past the cap"
     assert max(served[d] for d in evicted) < min(served[d] for d in kept), "least recently served go first"
     assert sum(stored.values()) <= LIMIT
+
+
+def mirror_idle(mirror: Mirror) -> bool:
+    """No blob fetch under way (each one recorded in the usage table)."""
+    found = re.search(r"^mirror_inflight_fetches (\S+)$", mirror.metrics(), re.M)
+    return found is None or float(found.group(1)) == 0
 
 
 def settled(mirror: Mirror) -> bool:
