@@ -9,10 +9,14 @@ module is imported only when a ``[cluster]`` table is given.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from mirror.storage.base import StoreUnavailable
 
@@ -37,10 +41,17 @@ class RedisLink:
     def connect(cls, url: str, timeout: float = TIMEOUT) -> RedisLink:
         """Clients of ``url``; nothing is connected until the first call (so a replica starts while Redis is
         down, and reports it in /readyz)."""
+        # A pooled connection that Redis closed (a restart) fails its next call once: that call is retried on a
+        # fresh connection, so a replica recovers without a restart and without a spurious 503.
+        options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry_on_error": [redis.exceptions.ConnectionError],
+        }
         return cls(
             url,
-            aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout),
-            redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout),
+            aioredis.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 1), **options),
+            redis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), **options),
         )
 
     async def ping(self) -> None:
