@@ -82,7 +82,9 @@ async def test_a_read_from_the_bucket_fills_a_copy_and_a_damaged_object_none(
     good, damaged = os.urandom(SIZE), os.urandom(SIZE)
     raw = raw_client(seaweed.endpoint_url)
     raw.put_object(Bucket=seaweed.bucket, Key=store.key(digest_of(good)), Body=good)
-    raw.put_object(Bucket=seaweed.bucket, Key=store.key(digest_of(damaged)), Body=damaged[:-1] + b"!")
+    raw.put_object(
+        Bucket=seaweed.bucket, Key=store.key(digest_of(damaged)), Body=damaged[:-1] + bytes([damaged[-1] ^ 1])
+    )
 
     await filled(store, digest_of(good), SIZE)
     await filled(store, digest_of(damaged), SIZE)
