@@ -255,6 +255,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     shared = [local_names] if config.coordination == "files" else []
     app = web.Application(middlewares=[request_metrics, registry_errors, refuse_loops(loop_id), *shared, check_access])
     app[METRICS] = metrics
+    app.cleanup_ctx.append(metrics.lifecycle)
     app[PULL] = pull
     app[STORE] = store
     app[BUCKET], app[REDIRECT] = bucket, storage_config(config).redirect

@@ -197,10 +197,15 @@ def test_gauges_of_work_under_way_are_summed_and_a_dead_process_drops_out(
         on_first = Reader(f"{first.url}/v2/library/p/blobs/{dp}")
         on_second = Reader(f"{second.url}/v2/library/q/blobs/{dq}")
         wait_until(lambda: on_first.received > 0 and on_second.received > 0, what="both fetches streaming")
-        for mirror in (first, second):  # one fetch each, held open by the throttled upstream
-            samples = scrape(mirror)
-            assert total(samples, "mirror_inflight_fetches") == 2
-            assert total(samples, "mirror_cache_pending_bytes") == len(p) + len(q)
+        first_streamed = on_first.received  # before the scrape that writes the first process's counts
+        # One fetch each, held open by the throttled upstream; each process writes its figures within a second.
+        wait_until(
+            lambda: [total(scrape(m), "mirror_inflight_fetches") for m in (first, second)] == [2, 2],
+            within=10,
+            what="both fetches seen by both processes",
+        )
+        for mirror in (first, second):
+            assert total(scrape(mirror), "mirror_cache_pending_bytes") == len(p) + len(q)
         first.kill9()
         assert total(scrape(second), "mirror_inflight_fetches") == 2, "a killed process's gauge stays until"
         mark_process_dead(first.proc.pid, env["PROMETHEUS_MULTIPROC_DIR"])  # type: ignore[no-untyped-call]  # unannotated
@@ -208,11 +213,12 @@ def test_gauges_of_work_under_way_are_summed_and_a_dead_process_drops_out(
         samples = scrape(second)
         assert total(samples, "mirror_inflight_fetches") == 1
         assert total(samples, "mirror_cache_pending_bytes") == len(q)
-        # Its counters stay: the miss it counted, the upstream GET it made, the bytes it fetched (at least what its
-        # client had received when it was killed).
+        # Its counters stay as it last wrote them (a scrape writes the scraping process's counts; a SIGKILL loses
+        # at most the last second's): the miss it counted, the upstream GET it made, the bytes it fetched (at least
+        # what its client had received before that scrape).
         assert total(samples, "mirror_cache_requests_total", kind="blob", result="miss") == 2
         assert total(samples, "mirror_upstream_requests_total", kind="blob", outcome="ok") == 2
-        assert total(samples, "mirror_upstream_bytes_fetched_total") >= streamed + on_first.received
+        assert total(samples, "mirror_upstream_bytes_fetched_total") >= streamed + first_streamed
         on_second.join(60)
         on_first.join(10)
         assert on_second.digest == dq and on_first.received < len(p)  # its client was cut

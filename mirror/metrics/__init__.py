@@ -11,7 +11,8 @@ A ``Metrics`` object owns its own ``CollectorRegistry`` so that several apps (te
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric
@@ -27,7 +28,7 @@ from mirror.metrics.collectors import (
     SharedRepoCounters,
     Timeline,
 )
-from mirror.metrics.host import HostCollector, host_registry, shared_dir, use_value_class
+from mirror.metrics.host import HostCollector, flushing, host_registry, shared_dir, use_value_class
 
 __all__ = ["CacheSnapshot", "Metrics", "RepoStats", "Timeline"]
 
@@ -205,6 +206,15 @@ class Metrics:
         self.repos = RepoStats(shared=SharedRepoCounters.create() if self.shared_dir else None)
         r.register(self.repos)
         self.timeline = Timeline()  # the web page's last hour: samples of ``totals``
+
+    async def lifecycle(self, _app: Any) -> AsyncIterator[None]:
+        """For ``app.cleanup_ctx``: in the multiprocess mode, this process's increments written to its files every
+        second (``host.flushing``)."""
+        if self.shared_dir is None:
+            yield
+            return
+        async for _ in flushing():
+            yield
 
     def host(self) -> CollectorRegistry:
         """What ``/metrics`` renders. One process: its registry. Several: every process's files and the figures

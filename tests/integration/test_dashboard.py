@@ -178,13 +178,17 @@ def test_every_dashboard_query_returns_data(tmp_path: Path) -> None:
         assert http_status(f"{mirror.url}/v2/nothere/manifests/latest") == 404
 
         # --- wait until Prometheus has the end of the session, twice (rate() needs two samples) --------------
-        served = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in mirror.metrics().splitlines()
-            if line.startswith("mirror_http_requests_total{") and 'route="metrics"' not in line
-        )
+        # Each worker writes its counts to the shared files within a second: compare with the mirror's own sum
+        # at every look, until Prometheus has it too.
+        def served() -> float:
+            return sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in mirror.metrics().splitlines()
+                if line.startswith("mirror_http_requests_total{") and 'route="metrics"' not in line
+            )
+
         wait_until(
-            lambda: values(query(prometheus, 'sum(mirror_http_requests_total{route!="metrics"})')) == [served],
+            lambda: values(query(prometheus, 'sum(mirror_http_requests_total{route!="metrics"})')) == [served()],
             within=60,
             what="Prometheus scraped the session",
         )
