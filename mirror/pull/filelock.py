@@ -9,8 +9,11 @@ one task per key coordinates with the other processes. That task:
    the lock file; it releases the lock only after the blob is published or its temp file removed;
 2. else it is a **follower**: every ``poll`` seconds it looks at the files (in a thread): the announcement starts
    its ``Fetch`` on the leader's temp file, whose size is how far its clients may read (minus the last byte, as
-   for any fetch); when the lock comes free, the outcome is on disk: the published blob (success, if it is the
-   file it followed), or no blob (the leader failed or died).
+   for any fetch). The leader marks the announcement verified once the digest matched, before it publishes:
+   a follower that sees the mark and every byte in the file lets its clients have the last byte too, as the
+   leader's own clients have it (the fsync and rename of a large blob take a second). When the lock comes free,
+   the outcome is on disk: the published blob (success, if it is the file it followed), or no blob (the leader
+   failed or died).
 3. A follower that takes the free lock and finds the temp file it followed still there knows its holder died
    mid-blob (a holder that fails removes its temp file first): it takes the fetch over and continues that file
    with an upstream Range request (``pull.resume``), its clients streaming on where they are and the other
@@ -43,11 +46,17 @@ class LockedFetch(Fetch):
     def __init__(self, digest: Digest, repo: str = ""):
         super().__init__(digest, repo)
         self.on_begin: Callable[[int | None], None] | None = None
+        self.on_verify: Callable[[], None] | None = None
 
     def begin(self, size: int | None, temp_path: Path) -> None:
         super().begin(size, temp_path)
         if self.on_begin is not None:
             self.on_begin(size)
+
+    def verify(self) -> None:
+        super().verify()
+        if self.on_verify is not None:
+            self.on_verify()
 
 
 def lost(digest: Digest, why: str) -> errors.RegistryError:
@@ -141,11 +150,20 @@ class FileLocks:
         def announce(size: int | None) -> None:
             announcing.append(asyncio.create_task(asyncio.to_thread(lock.announce_sync, size, fetch.repo)))
 
-        fetch.on_begin = announce
+        def announce_verified() -> None:
+            earlier = list(announcing)
+
+            async def after_the_announcement() -> None:
+                await asyncio.gather(*earlier, return_exceptions=True)
+                await asyncio.to_thread(lock.announce_verified_sync)
+
+            announcing.append(asyncio.create_task(after_the_announcement()))
+
+        fetch.on_begin, fetch.on_verify = announce, announce_verified
         try:
             await run(fetch)
         finally:
-            fetch.on_begin = None
+            fetch.on_begin = fetch.on_verify = None
             await asyncio.gather(*announcing, return_exceptions=True)
             await asyncio.to_thread(lock.release_sync)
 
@@ -168,6 +186,9 @@ class FileLocks:
                     raise lost(fetch.digest, "was started again")
                 elif seen.written > fetch.written:
                     fetch.advance(seen.written)
+                verified = seen.verified and not fetch.verified and seen.size is not None
+                if verified and followed and fetch.written == seen.size:
+                    fetch.verify()  # the leader checked exactly these bytes: the last one may go
             await asyncio.sleep(self._poll)  # another process writes: there is no event to await here
 
 

@@ -4,7 +4,8 @@ Every fetch has a key (``BlobStore.fetch_key``: digest and upstream) and two fil
 
     lock-<key>    exclusive ``flock`` of whoever fetches it; the kernel releases it when that process dies. Once
                   the upstream answered, the holder writes "<size or -> <inode of the temp file> <registry>
-                  <digest> <wall-clock start> <repository>" into it (the last four for the web page's list)
+                  <digest> <wall-clock start> <repository>" into it (the four after the inode for the web page's
+                  list), and once the digest is verified, before it publishes, it adds " v" to that line
     fetch-<key>   the temp file the holder writes (``BlobStore.fetch_writer``), renamed into ``blobs/`` when
                   verified, removed when the fetch fails
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 
 ANNOUNCEMENT_MAX = 1024  # bytes of a lock file read: the fields above, a repository name included
+VERIFIED = "v"  # the announcement's last field once the holder verified the digest
 
 
 def _size_and_inode(announcement: str) -> tuple[int | None, int] | None:
@@ -68,6 +70,7 @@ class Progress:
     size: int | None  # the upstream's Content-Length
     inode: int | None  # the temp file the holder writes
     written: int  # bytes in that temp file now
+    verified: bool = False  # the holder checked the digest of every byte (it is publishing the file)
 
 
 class Followed:
@@ -102,6 +105,7 @@ class FetchLock:
         self.temp_path = temp_path
         self.final_path = final_path
         self._key = key  # "<registry> <digest>", for the announcement
+        self._line = ""  # the announcement written
 
     def published_sync(self) -> Published | None:
         """The published blob, if a holder before us (or we) published it."""
@@ -128,9 +132,18 @@ class FetchLock:
         """Tell followers the upstream answered: its size and which temp file holds the bytes (and, for the web
         page, what is fetched, since when, for which repository)."""
         inode = os.stat(self.temp_path).st_ino
-        line = f"{'-' if size is None else size} {inode} {self._key} {time.time():.3f} {repo or '-'}\n"
+        self._line = f"{'-' if size is None else size} {inode} {self._key} {time.time():.3f} {repo or '-'}"
+        self._write(self._line)
+
+    def announce_verified_sync(self) -> None:
+        """Tell followers the digest of the temp file's bytes matched: their clients may have the last byte
+        while this process publishes the file (an fsync, a rename)."""
+        if self._line:
+            self._write(f"{self._line} {VERIFIED}")
+
+    def _write(self, line: str) -> None:
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, line.encode()[:ANNOUNCEMENT_MAX], 0)
+        os.pwrite(self._fd, f"{line}\n".encode()[:ANNOUNCEMENT_MAX], 0)
 
     def release_sync(self) -> None:
         if self._fd < 0:
@@ -215,7 +228,7 @@ class FetchLocks:
             return Progress(False, None, None, 0)
         size, inode = announced
         written = followed.written_sync() if followed is not None and followed.inode == inode else 0
-        return Progress(True, size, inode, written)
+        return Progress(True, size, inode, written, announcement.split()[6:7] == [VERIFIED])
 
     def announced_sync(self, registry: str, digest: Digest) -> int | None:
         """The size in the announcement of the key's fetch while some process holds its lock; None when nobody

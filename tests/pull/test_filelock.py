@@ -58,7 +58,7 @@ class Upstream:
                 await writer.write(self.data[start : start + 65536])
                 fetch.advance(writer.written)
             await self.steps.get()  # the commit waits for one more step
-            await writer.commit(fetch.digest, len(self.data))
+            await writer.commit(fetch.digest, len(self.data), verified=fetch.verify)
         except BaseException:
             await writer.abort()
             raise
@@ -106,6 +106,34 @@ async def test_a_follower_streams_the_leaders_file_and_ends_with_its_blob(
     assert follower.readable() == len(DATA) and upstream.runs == 1
     assert store.path(DIGEST).read_bytes() == DATA
     await eventually(lambda: leftovers(store) == [], what="the lock file removed")
+
+
+async def test_a_followers_clients_get_the_last_byte_once_the_leader_verified_it_not_once_published(
+    pair: tuple[BlobStore, FileLocks, FileLocks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, one, two = pair
+    release, publish = asyncio.Event(), store.publish_file
+
+    async def slow_publish(temp_path: Path, digest: Digest) -> None:  # a slow fsync and rename
+        await release.wait()
+        await publish(temp_path, digest)
+
+    monkeypatch.setattr(store, "publish_file", slow_publish)
+    upstream = Upstream(store)
+    leader, _ = one.join(REGISTRY, DIGEST, upstream.run)
+    await leader.wait_started()
+    follower, _ = two.join(REGISTRY, DIGEST, never)
+    await follower.wait_started()
+    upstream.step(5)  # every piece, then the commit: verified, its publish held
+    try:
+        await asyncio.wait_for(follower.wait_beyond(len(DATA) - 1), 10)
+        assert follower.readable() == len(DATA) and follower.verified and not follower.done
+        assert not store.path(DIGEST).exists(), "published only after the follower's clients may finish"
+    finally:
+        release.set()
+    await follower.wait_done()
+    assert follower.error is None and follower.final_path == store.path(DIGEST)
+    assert store.path(DIGEST).read_bytes() == DATA and upstream.runs == 1
 
 
 async def test_a_failed_leader_cuts_the_followers_clients(pair: tuple[BlobStore, FileLocks, FileLocks]) -> None:
