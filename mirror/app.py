@@ -39,7 +39,15 @@ from mirror.api.peer import PEERING
 from mirror.api.routes import add_routes
 from mirror.api.streaming import SENDER, Sender
 from mirror.api.ui import actions
-from mirror.backends import cluster_coordination, cluster_link, coordination, membership, open_index, open_store
+from mirror.backends import (
+    cluster_coordination,
+    cluster_link,
+    coordination,
+    membership,
+    name_changes,
+    open_index,
+    open_store,
+)
 from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, cache_config
 from mirror.config.access import access_rules
 from mirror.config.storage import storage_config
@@ -54,7 +62,7 @@ from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
 from mirror.routing import RepoRules, Router, Upstreams
 from mirror.storage.base import BlobStorage, RegistryIndex, StoreUnavailable
-from mirror.storage.counter import SharedCounter
+from mirror.storage.counter import ChangeCounter
 from mirror.storage.eviction import Limits
 from mirror.storage.evictlock import EvictionLock
 from mirror.storage.gc import Report, reconcile_sync
@@ -154,7 +162,13 @@ def build_upstreams(
 
 
 def build_local(
-    config: Config, store: BlobStorage, index: RegistryIndex, usage: Usage, metrics: Metrics, router: Router
+    config: Config,
+    store: BlobStorage,
+    index: RegistryIndex,
+    usage: Usage,
+    metrics: Metrics,
+    router: Router,
+    changes: ChangeCounter | None,
 ) -> LocalRegistry:
     if LOCAL_REGISTRY in router.upstreams:
         raise ConfigError(f"{LOCAL_REGISTRY!r} names pushed content; no upstream may be called that")
@@ -167,8 +181,6 @@ def build_local(
     )
     metrics.upload_sessions.source = sessions.count_sync
     uploads = Uploads(store, sessions, metrics)
-    # Several processes on the data dir: a push through one makes its name local for all (``local_names``).
-    changes = SharedCounter(config.data_dir / "local-repos.count") if config.coordination == "files" else None
     return LocalRegistry(store, index, uploads, PushRule(config.push_prefixes), router.upstream, usage, changes=changes)
 
 
@@ -246,13 +258,15 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
 
     router = Router(registries)
-    local = build_local(config, store, index, usage, metrics, router)
+    # Several processes on the data dir, or replicas: a push through one makes its name local for all.
+    changes = name_changes(config, link)
+    local = build_local(config, store, index, usage, metrics, router, changes)
     router.local = local.local  # pushed repositories take precedence over routing
     # Upload sessions count against the cache's size; when it is over, idle ones go before cached content.
     local.uploads.sessions.on_held = usage.uploads_held
     housekeeper.reclaim = lambda: local.uploads.sessions.sweep(config.upload_idle_when_full)
 
-    shared = [local_names] if config.coordination == "files" else []
+    shared = [local_names] if changes is not None else []
     app = web.Application(middlewares=[request_metrics, registry_errors, refuse_loops(loop_id), *shared, check_access])
     app[METRICS] = metrics
     app.cleanup_ctx.append(metrics.lifecycle)
@@ -305,6 +319,8 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
         access.close()  # the bcrypt threads
 
     app.cleanup_ctx.append(lifecycle)
+    if changes is not None:  # after the lifecycle above: it stops reading before the link closes
+        app.cleanup_ctx.append(changes.lifecycle)
     app[CLUSTER] = None
     if link is not None:  # after the lifecycle above: at shutdown the replica leaves before the link closes
         members_lifecycle, app[CLUSTER] = membership(config, link, inflight)

@@ -22,6 +22,7 @@ from mirror.pull.filelock import FileLocks
 from mirror.pull.inflight import FetchCoordinator, InFlight
 from mirror.storage.base import BlobStorage, RegistryIndex
 from mirror.storage.blobs import BlobStore
+from mirror.storage.counter import ChangeCounter, SharedCounter
 from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.index import Index
 
@@ -54,6 +55,18 @@ def cluster_link(config: Config) -> RedisLink | None:
     from mirror.storage.cluster import RedisLink  # here: redis-py is the optional extra "cluster"
 
     return RedisLink.connect(cluster.redis_url)
+
+
+def name_changes(config: Config, link: RedisLink | None) -> ChangeCounter | None:
+    """What tells this process that another one made a repository local (``LocalRegistry.stale``): a counter in
+    the data dir shared by its processes, or in the replicas' Redis; None when this process is alone."""
+    if link is not None:
+        from mirror.storage.rediscounter import RedisCounter  # here: redis-py is the optional extra "cluster"
+
+        return RedisCounter(link, "local-repos-changes")
+    if config.coordination == "files":
+        return SharedCounter(config.data_dir / "local-repos.count")
+    return None
 
 
 def cluster_coordination(

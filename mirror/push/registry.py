@@ -36,7 +36,7 @@ from mirror.oci.reference import LOCAL, Digest, Repo, Tag, validate_name
 from mirror.push.rules import PushRule
 from mirror.push.uploads import Uploads
 from mirror.storage.base import BlobStorage, RegistryIndex
-from mirror.storage.counter import SharedCounter
+from mirror.storage.counter import ChangeCounter
 from mirror.storage.index import ManifestRecord, TagRecord
 from mirror.storage.usage import Usage
 from mirror.upstream.client import ManifestHead
@@ -86,7 +86,7 @@ class LocalRegistry:
         upstream_repo: Callable[[str], Repo],
         usage: Usage,
         clock: Callable[[], float] = time.time,
-        changes: SharedCounter | None = None,
+        changes: ChangeCounter | None = None,
     ):
         self._store = store
         self._index = index
@@ -96,8 +96,8 @@ class LocalRegistry:
         self._upstream_repo = upstream_repo
         self._clock = clock
         self._repos: frozenset[str] = frozenset()
-        # With other processes on the data dir (workers): bumped by whichever of them makes a repository local,
-        # so the others read the names again before they route a request (``stale``/``refresh``).
+        # With other processes on the data dir (workers) or other replicas: bumped by whichever of them makes a
+        # repository local, so the others read the names again before they route a request (``stale``/``refresh``).
         self._changes = changes
         self._seen = 0
         self._refreshing = asyncio.Lock()
@@ -109,7 +109,8 @@ class LocalRegistry:
         self._repos = self._repos | frozenset(self._index.local_repos_sync())  # names are only ever added
 
     def stale(self) -> bool:
-        """Whether another process made a repository local since this one read the names (a memory read)."""
+        """Whether another process or replica made a repository local since this one read the names (a memory
+        read)."""
         return self._changes is not None and self._changes.value() != self._seen
 
     async def refresh(self) -> None:
@@ -168,9 +169,9 @@ class LocalRegistry:
         if repo.path in self._repos:
             return
         await self._index.add_local_repo(repo.path)
-        self._repos = self._repos | {repo.path}
-        if self._changes is not None:
+        if self._changes is not None:  # before the name is ours: a bump that fails is tried again by the next push
             await asyncio.to_thread(self._changes.bump_sync)
+        self._repos = self._repos | {repo.path}
         log.info("%s is now a local repository: pulls of it are answered from pushed content only", repo.path)
 
     async def _blob_arrived(self, repo: Repo, digest: Digest, kind: str = "blob") -> None:

@@ -13,7 +13,21 @@ import fcntl
 import mmap
 import os
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, Protocol
+
+
+class ChangeCounter(Protocol):
+    """A number that goes up when one process changes something the others keep in memory: ``SharedCounter``
+    (processes on one data dir) or ``storage.rediscounter.RedisCounter`` (replicas)."""
+
+    def value(self) -> int: ...  # on the hot path: a memory read
+
+    def bump_sync(self) -> int: ...  # blocking: in a thread
+
+    def lifecycle(self, app: Any) -> AsyncIterator[None]: ...  # for ``app.cleanup_ctx``
+
 
 _FORMAT = "<Q"
 _SIZE = struct.calcsize(_FORMAT)
@@ -46,3 +60,7 @@ class SharedCounter:
 
     def close(self) -> None:
         self._map.close()
+
+    async def lifecycle(self, _app: Any) -> AsyncIterator[None]:
+        yield
+        self.close()

@@ -1,7 +1,9 @@
 """Two replicas (``mirror serve`` processes on data dirs of their own) sharing one bucket (a real SeaweedFS) and one
 Redis (a real ``redis-server``), in front of a real Distribution: what one replica cached, the other serves from the
 shared index without asking the upstream again, a replica joining later drops none of it, and Redis going away
-costs the clients 503 UNAVAILABLE (never a 500) until it is back, with no replica restarted."""
+costs the clients 503 UNAVAILABLE (never a 500) until it is back, with no replica restarted. A push through one
+replica is pulled through the other, which routes the new local name as local at once, and a delete through
+either is seen by both."""
 
 from __future__ import annotations
 
@@ -63,9 +65,8 @@ def cluster_config(path: Path, seaweed: Seaweed, redis: RedisServer) -> Path:
     return path
 
 
-def replica(tmp_path: Path, name: str, upstream: Upstream, config: Path) -> Mirror:
-    # --read-only: pushes into the bucket are not built yet; pulled-through content is all these tests need.
-    return Mirror(tmp_path / name, upstream.url, "--config", str(config), "--read-only")
+def replica(tmp_path: Path, name: str, upstream: Upstream, config: Path, *flags: str) -> Mirror:
+    return Mirror(tmp_path / name, upstream.url, "--config", str(config), *flags)
 
 
 def get(url: str, accept: str = OCI_MANIFEST) -> tuple[int, bytes]:
@@ -121,6 +122,45 @@ def test_a_tag_cached_through_one_replica_is_served_by_another(
                 upstream.service.stop()  # the upstream gone, tags/list answers the cached tags: those A cached
                 status, body = get(f"{b.url}/v2/{NAME}/tags/list", "application/json")
                 assert (status, json.loads(body)["tags"]) == (200, ["1"])
+
+
+def test_a_push_through_one_replica_is_pulled_through_the_other_and_a_delete_is_seen_by_both(
+    upstream: Upstream, seaweed: Seaweed, tmp_path: Path
+) -> None:
+    with redis_server(tmp_path / "redis") as redis:
+        config = cluster_config(tmp_path / "mirror.toml", seaweed, redis)
+        with replica(tmp_path, "a", upstream, config) as a, replica(tmp_path, "b", upstream, config) as b:
+            # Both replicas are running and have read the (empty) list of local names before the push.
+            pushed = {}
+            for name in ("team/app", "team/other"):
+                pushed[name] = push_random_image(a.url, name, "v1", [os.urandom(200_000), os.urandom(1000)])
+                # Straight after the push: the other replica routes the new name as local, not to the upstream.
+                got = pull(b.url, name, "v1")
+                assert got["manifest"] == pushed[name]["manifest"]
+                assert set(got["blobs"]) == {*pushed[name]["layers"], pushed[name]["config"]}
+            assert upstream_requests(upstream.log, "GET", "/team/") == 0
+            assert upstream_requests(upstream.log, "HEAD", "/team/") == 0
+
+            digest = pushed["team/other"]["manifest"]
+            status, _ = request("DELETE", f"{b.url}/v2/team/other/manifests/{digest}")
+            assert status == 202
+            for mirror in (a, b):
+                status, body = get(f"{mirror.url}/v2/team/other/manifests/{digest}")
+                assert (status, error_code(body)) == (404, "MANIFEST_UNKNOWN")
+                status, body = get(f"{mirror.url}/v2/team/other/manifests/v1")
+                assert (status, error_code(body)) == (404, "MANIFEST_UNKNOWN")
+                assert pull(mirror.url, "team/app", "v1")["manifest"] == pushed["team/app"]["manifest"]
+
+
+def request(method: str, url: str) -> tuple[int, bytes]:
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.netloc, timeout=30)
+    try:
+        conn.request(method, parts.path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 def traffic(mirror: Mirror, layer: str, statuses: Counter[str], stop: threading.Event) -> None:
