@@ -131,6 +131,7 @@ ACTIONS = {
     "admin_prefetch": Action.ADMIN,
     # The replicas' internal endpoint (``api.peer``; routed only with [cluster]): its own check, the secret.
     "peer_fetch": Action.PEER,
+    "peer_upload": Action.PEER,
     "admin_cluster": Action.ADMIN,
 }
 WHAT = {

@@ -20,6 +20,7 @@ from mirror.api import ui
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
 from mirror.api.admin import ADMIN, CLUSTER, READY
+from mirror.api.forward import FORWARDING
 from mirror.api.keys import (
     ACCESS,
     BUCKET,
@@ -248,7 +249,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     inflight, clean_tmp = coordination(config, files)
     peering = None
     if link is not None and bucket is not None:  # replicas: one upstream fetch per digest for the cluster
-        inflight, peering = cluster_coordination(config, link, bucket, metrics)
+        inflight, peering, forwarding = cluster_coordination(config, link, bucket, metrics)
     # Sharing the data dir, manifest and tag requests are made once for its processes too.
     ref_locks = RefLocks(files.tmp_dir) if config.coordination == "files" else None
     pull = PullThrough(
@@ -286,7 +287,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     app[ADMIN] = admin
     app[READY] = lambda: readiness(config, store, index, housekeeper, link)
     if peering is not None:
-        app[PEERING] = peering
+        app[PEERING], app[FORWARDING] = peering, forwarding
     add_routes(app.router, config.admin_api, config.ui, cluster=peering is not None)
     if config.ui:
         ui.setup(app, ui_settings(config))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from mirror.api.forward import UploadForwarding
 from mirror.api.peer import Peering
 from mirror.config import Config, ConfigError
 from mirror.config.cluster import cluster_config
@@ -71,17 +72,19 @@ def name_changes(config: Config, link: RedisLink | None) -> ChangeCounter | None
 
 def cluster_coordination(
     config: Config, link: RedisLink, bucket: S3Store, metrics: Metrics
-) -> tuple[FetchCoordinator, Peering]:
-    """The fetch coordinator of replicas (a lease per fetch in Redis, followers streaming from its holder) and what
-    the replicas' internal endpoint serves from it."""
+) -> tuple[FetchCoordinator, Peering, UploadForwarding]:
+    """The fetch coordinator of replicas (a lease per fetch in Redis, followers streaming from its holder), what
+    the replicas' internal endpoint serves from it, and the forwarding of upload sessions to their holders."""
     from mirror.pull.leases import Leased  # here: Redis and the peer client come with [cluster] only
     from mirror.storage.leases import Leases
+    from mirror.storage.uploadowners import UploadOwners
     from mirror.upstream.peers import PeerClient
 
     cluster = cluster_config(config)
-    peers = PeerClient(cluster.secret)
+    peers = PeerClient(cluster.secret)  # closed with the coordinator
     leased = Leased(Leases(link), peers, cluster.advertise, bucket, bucket.local.fetch_writer, metrics)
-    return leased, Peering(cluster.secret, leased)
+    holders = UploadOwners(link, cluster.advertise, config.upload_max_age)
+    return leased, Peering(cluster.secret, leased), UploadForwarding(holders, peers)
 
 
 def open_index(config: Config, link: RedisLink | None) -> RegistryIndex:

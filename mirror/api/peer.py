@@ -43,14 +43,14 @@ class Peering:
 PEERING = web.AppKey("peering", Peering)
 
 
-def _authorized(request: web.Request, secret: str) -> bool:
+def authorized(request: web.Request, secret: str) -> bool:
     given = request.headers.get(SECRET_HEADER, "")
     return hmac.compare_digest(given.encode(), secret.encode())
 
 
 async def fetch_for_peer(request: web.Request) -> web.StreamResponse:
     peering = request.app[PEERING]
-    if not _authorized(request, peering.secret):
+    if not authorized(request, peering.secret):
         raise errors.Unauthorized()
     digest = Digest.parse(request.match_info["digest"])
     registry = request.match_info["registry"]

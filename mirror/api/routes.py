@@ -16,12 +16,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirror.api import admin, peer, ui
 from mirror.api.blobs import delete_blob, get_blob, head_blob
+from mirror.api.forward import UPLOADS_PATH
 from mirror.api.keys import METRICS
 from mirror.api.listing import catalog, list_tags
 from mirror.api.manifests import delete_manifest, get_manifest, put_manifest
 from mirror.api.referrers import get_referrers
 from mirror.api.ui import actions, overview, repositories, upstreams
-from mirror.api.uploads import cancel_upload, patch_upload, put_upload, start_upload, upload_status
+from mirror.api.uploads import (
+    FOR_PEER,
+    cancel_upload,
+    patch_upload,
+    put_upload,
+    start_upload,
+    upload_for_peer,
+    upload_status,
+)
 
 NAME = "{name:[^?#]+?}"
 
@@ -59,6 +68,8 @@ def add_routes(
     router.add_get("/readyz", admin.readyz, name="readyz")
     if cluster:  # the registry name is one path segment: upstream names are hosts, and quoted by the client
         router.add_get("/_mirror/v1/fetches/{registry}/{digest}", peer.fetch_for_peer, name="peer_fetch")
+        for method in FOR_PEER:  # sessions held here, requests forwarded by the replica a client reached
+            router.add_route(method, f"{UPLOADS_PATH}/{{uuid}}/{NAME}", upload_for_peer, name="peer_upload")
     if admin_api:
         add_admin_routes(router)
     if web_page:

@@ -74,6 +74,10 @@ class Uploads:
             )
         return session
 
+    async def holds(self, uuid: str) -> bool:
+        """Whether the session ``uuid`` is on this data dir (another replica may hold it: ``api.forward``)."""
+        return await asyncio.to_thread(self.sessions.exists_sync, uuid)
+
     async def status(self, repo: Repo, uuid: str) -> UploadSession:
         return await self._session(repo, uuid)
 

@@ -237,6 +237,10 @@ class UploadSessions:
     async def load(self, uuid: str) -> UploadSession | None:
         return await asyncio.to_thread(self.load_sync, uuid)
 
+    def exists_sync(self, uuid: str) -> bool:
+        """Whether the session is on this data dir (blocking)."""
+        return valid_uuid(uuid) and (self.root / uuid / "session.json").is_file()
+
     async def acknowledge(self, session: UploadSession, size: int) -> None:
         """Record that the client has been told ``size`` bytes are in (also marks the session as active)."""
         session.size = size

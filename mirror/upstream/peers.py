@@ -1,6 +1,7 @@
 """The client side of peer streaming: a replica that follows another's fetch reads the bytes from that replica's
 internal endpoint (``api.peer``), ``GET <advertise>/_mirror/v1/fetches/<registry>/<digest>?fetch=<id>``, with the
-cluster's shared secret in ``SECRET_HEADER``.
+cluster's shared secret in ``SECRET_HEADER``. And of upload forwarding (``api.forward``): a request on an upload
+session another replica holds is sent there (``forward``), its body streamed, its answer brought back.
 
 Here because this package owns the mirror's outbound HTTP sessions: a lease holder is, for the replica following
 it, the upstream of that one blob. One session per replica, made on first use and closed with the coordinator.
@@ -9,7 +10,7 @@ it, the upstream of that one blob. One session per replica, made on first use an
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -23,6 +24,7 @@ PEER_PATH = "/_mirror/v1/fetches"
 CONNECT_TIMEOUT = 5.0  # seconds: a replica that does not accept a connection by then is counted as gone
 READ_TIMEOUT = 60.0  # seconds without a byte from the holder (its upstream may be slow, never that slow)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+ANSWER_MAX = 64 << 10  # bytes of a forwarded request's answer read (an upload's answers are headers, or an error)
 
 
 class PeerMissing(Exception):
@@ -39,6 +41,15 @@ class PeerBody:
 
     size: int
     content: aiohttp.StreamReader
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A replica's answer to a forwarded request."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
 
 
 class PeerClient:
@@ -71,6 +82,30 @@ class PeerClient:
                 yield PeerBody(_size(resp, start), resp.content)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerGone(f"stream of {digest} from {advertise}: {exc or type(exc).__name__}") from exc
+
+    async def forward(
+        self,
+        advertise: str,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: AsyncIterable[bytes] | None,
+    ) -> Answer:
+        """Send a client's request to the replica at ``advertise`` (``path`` with its query); its answer, whose body
+        is read up to ANSWER_MAX. Raises PeerGone when the replica cannot be reached or cuts the answer."""
+        url = f"{advertise.rstrip('/')}{path}"
+        try:
+            async with self._client().request(
+                method, url, headers={**headers, SECRET_HEADER: self._secret}, data=body
+            ) as resp:
+                data = bytearray()
+                async for chunk in resp.content.iter_any():
+                    data += chunk[: ANSWER_MAX - len(data)]
+                    if len(data) >= ANSWER_MAX:
+                        break
+                return Answer(resp.status, resp.headers.copy(), bytes(data))
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise PeerGone(f"{method} {path} at {advertise}: {exc or type(exc).__name__}") from exc
 
     async def close(self) -> None:
         if self._session is not None:

@@ -1,0 +1,152 @@
+"""Chunked pushes across replicas: two real ``mirror serve`` replicas sharing a real SeaweedFS bucket and a real
+Redis. A session lives on the replica that opened it; its PATCH, GET, PUT and DELETE reaching the other replica
+are forwarded there (``api.forward``), so a push whose requests a load balancer spreads works, the blob pulls
+back through either replica, and a session whose holder is gone is BLOB_UPLOAD_UNKNOWN (the client starts the
+upload again), never a 500 or a half-stored blob."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from mirror.upstream.peers import SECRET_HEADER
+from tests.integration.test_cluster_fetch import SECRET, replica_config
+from tests.support.ops import Mirror, free_port, start_registry
+from tests.support.plain_http import OCI_MANIFEST, pull
+from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
+from tests.support.seaweed import Seaweed, seaweed_fixture  # noqa: F401 - seaweed_fixture: the fixture
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    service, url = start_registry(tmp_path_factory.mktemp("registry"))
+    try:
+        yield url
+    finally:
+        service.stop()
+
+
+@pytest.fixture
+def pair(upstream: str, seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path) -> Iterator[list[Mirror]]:
+    """Two replicas, each advertising its own URL, on a bucket prefix of this test's own."""
+    prefix = f"push-{secrets.token_hex(4)}/"
+    with ExitStack() as stack:
+        started = []
+        for n in range(2):
+            listen = f"127.0.0.1:{free_port()}"
+            config = replica_config(tmp_path / f"replica-{n}.toml", seaweed, redis_server, prefix, f"http://{listen}")
+            started.append(stack.enter_context(Mirror(tmp_path / f"data-{n}", upstream, "--config", str(config),
+                                                      listen=listen)))  # fmt: skip
+        yield started
+
+
+def request(
+    mirror: Mirror, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(mirror.url.removeprefix("http://"), timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def error_code(body: bytes) -> str:
+    return str(json.loads(body)["errors"][0]["code"])
+
+
+def chunk(mirror: Mirror, location: str, data: bytes, start: int) -> tuple[int, dict[str, str], bytes]:
+    span = {"Content-Range": f"{start}-{start + len(data) - 1}", "Content-Type": "application/octet-stream"}
+    return request(mirror, "PATCH", location, data, span)
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_a_chunked_push_spread_over_two_replicas_completes_and_pulls_back_through_both(pair: list[Mirror]) -> None:
+    a, b = pair
+    layer, config = os.urandom(3 * 2**20 + 7), json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+    status, headers, body = request(a, "POST", "/v2/team/spread/blobs/uploads/")
+    assert status == 202, body
+    location, third = headers["Location"], len(layer) // 3
+
+    status, headers, body = chunk(b, location, layer[:third], 0)  # forwarded to A, which holds the session
+    assert (status, headers["Range"]) == (202, f"0-{third - 1}"), body
+    status, headers, _ = chunk(a, location, layer[third : 2 * third], third)
+    assert (status, headers["Range"]) == (202, f"0-{2 * third - 1}")
+    status, headers, _ = request(b, "GET", location)
+    assert (status, headers["Range"], headers["Docker-Upload-UUID"]) == (
+        204,
+        f"0-{2 * third - 1}",
+        location.rpartition("/")[2],
+    )
+    status, _, body = chunk(b, location, layer[third:], third)  # out of order through B: A's 416, passed on
+    assert (status, error_code(body)) == (416, "RANGE_INVALID")
+    status, headers, body = chunk(b, location, layer[2 * third :], 2 * third)
+    assert status == 202, body
+    status, headers, body = request(b, "PUT", f"{location}?digest={sha256(layer)}")
+    assert (status, headers["Docker-Content-Digest"]) == (201, sha256(layer)), body
+    assert headers["Location"] == f"/v2/team/spread/blobs/{sha256(layer)}"
+
+    # The config blob in one request through B (a session B opens and holds), then the manifest through A.
+    status, headers, _ = request(b, "POST", "/v2/team/spread/blobs/uploads/")
+    status, _, body = request(b, "PUT", f"{headers['Location']}?digest={sha256(config)}", config,
+                              {"Content-Type": "application/octet-stream"})  # fmt: skip
+    assert status == 201, body
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(config), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256(layer), "size": len(layer)}],
+    }).encode()  # fmt: skip
+    status, _, body = request(a, "PUT", "/v2/team/spread/manifests/v1", manifest, {"Content-Type": OCI_MANIFEST})
+    assert status == 201, body
+    for mirror in (a, b):
+        assert pull(mirror.url, "team/spread", "v1") == {
+            "manifest": sha256(manifest),
+            "blobs": {sha256(config): len(config), sha256(layer): len(layer)},
+        }
+
+
+def test_a_cancel_through_the_other_replica_ends_the_session_and_an_unknown_one_is_404(pair: list[Mirror]) -> None:
+    a, b = pair
+    status, headers, _ = request(a, "POST", "/v2/team/cancelled/blobs/uploads/")
+    location = headers["Location"]
+    assert chunk(b, location, b"x" * 1000, 0)[0] == 202
+    assert request(b, "DELETE", location)[0] == 204
+    for mirror in (a, b):
+        status, _, body = request(mirror, "GET", location)
+        assert (status, error_code(body)) == (404, "BLOB_UPLOAD_UNKNOWN")
+    unknown = "/v2/team/cancelled/blobs/uploads/0b6a2c1e-8d4f-4e2a-9c3b-5d6e7f8a9b0c"
+    status, _, body = chunk(b, unknown, b"y", 0)
+    assert (status, error_code(body)) == (404, "BLOB_UPLOAD_UNKNOWN")
+
+
+def test_a_session_whose_replica_is_gone_is_unknown_and_the_holders_endpoint_wants_the_secret(
+    pair: list[Mirror],
+) -> None:
+    a, b = pair
+    status, headers, _ = request(a, "POST", "/v2/team/orphan/blobs/uploads/")
+    location, uuid = headers["Location"], headers["Docker-Upload-UUID"]
+    internal = f"/_mirror/v1/uploads/{uuid}/team/orphan"
+    for secret in ({}, {SECRET_HEADER: "wrong-" + SECRET}):
+        status, _, body = request(a, "GET", internal, headers=secret)
+        assert (status, error_code(body)) == (401, "UNAUTHORIZED")
+        assert uuid.encode() not in body
+    assert request(a, "GET", internal, headers={SECRET_HEADER: SECRET})[0] == 204
+
+    a.kill9()
+    status, _, body = chunk(b, location, b"z" * 100, 0)
+    assert (status, error_code(body)) == (404, "BLOB_UPLOAD_UNKNOWN"), "start the upload again: a clean restart"
+    assert "cannot be reached" in json.loads(body)["errors"][0]["message"]
