@@ -48,6 +48,7 @@ from mirror.backends import (
     name_changes,
     open_index,
     open_store,
+    ref_locking,
 )
 from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, cache_config
 from mirror.config.access import access_rules
@@ -69,7 +70,6 @@ from mirror.storage.evictlock import EvictionLock
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.quotas import QuotaFile
-from mirror.storage.reflocks import RefLocks
 from mirror.storage.sessions import UploadSessions, held_sync
 from mirror.storage.usage import Usage
 from mirror.upstream.auth import Credentials
@@ -250,8 +250,8 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     peering = None
     if link is not None and bucket is not None:  # replicas: one upstream fetch per digest for the cluster
         inflight, peering, forwarding = cluster_coordination(config, link, bucket, metrics)
-    # Sharing the data dir, manifest and tag requests are made once for its processes too.
-    ref_locks = RefLocks(files.tmp_dir) if config.coordination == "files" else None
+    # Sharing the data dir, or a cluster: manifest and tag requests are made once for all its processes too.
+    ref_locks = ref_locking(config, files, link)
     pull = PullThrough(
         store, index, clients, policies, metrics, usage=usage, cache_size=config.cache_size, inflight=inflight,
         ref_locks=ref_locks,

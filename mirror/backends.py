@@ -20,12 +20,13 @@ from mirror.config.cluster import cluster_config
 from mirror.config.storage import storage_config
 from mirror.metrics import Metrics
 from mirror.pull.filelock import FileLocks
-from mirror.pull.inflight import FetchCoordinator, InFlight
+from mirror.pull.inflight import FetchCoordinator, InFlight, RefLocking
 from mirror.storage.base import BlobStorage, RegistryIndex
 from mirror.storage.blobs import BlobStore
 from mirror.storage.counter import ChangeCounter, SharedCounter
 from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.index import Index
+from mirror.storage.reflocks import RefLocks
 
 if TYPE_CHECKING:
     from mirror.storage.cluster import RedisLink
@@ -68,6 +69,16 @@ def name_changes(config: Config, link: RedisLink | None) -> ChangeCounter | None
     if config.coordination == "files":
         return SharedCounter(config.data_dir / "local-repos.count")
     return None
+
+
+def ref_locking(config: Config, files: BlobStore, link: RedisLink | None) -> RefLocking | None:
+    """Who else asks the upstream about a tag or a manifest, and must wait its turn: the replicas (locks in Redis),
+    the processes on the data dir (lock files), or nobody (None)."""
+    if link is not None:
+        from mirror.storage.redislocks import RedisRefLocks  # here: redis-py is the optional extra "cluster"
+
+        return RedisRefLocks(link)
+    return RefLocks(files.tmp_dir) if config.coordination == "files" else None
 
 
 def cluster_coordination(
