@@ -48,6 +48,7 @@ from mirror.backends import (
     name_changes,
     open_index,
     open_store,
+    quota_record,
     ref_locking,
 )
 from mirror.config import DEFAULT_MAX_BLOB_SIZE, Config, ConfigError, UpstreamConfig, cache_config
@@ -69,7 +70,6 @@ from mirror.storage.eviction import Limits
 from mirror.storage.evictlock import EvictionLock
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.housekeeper import Housekeeper
-from mirror.storage.quotas import QuotaFile
 from mirror.storage.sessions import UploadSessions, held_sync
 from mirror.storage.usage import Usage
 from mirror.upstream.auth import Credentials
@@ -113,7 +113,7 @@ def upstream_client(
 
 
 def build_upstreams(
-    config: Config, metrics: Metrics, loop_id: str = ""
+    config: Config, metrics: Metrics, loop_id: str = "", link: RedisLink | None = None
 ) -> tuple[dict[str, UpstreamClient], dict[str, TagPolicy], Upstreams]:
     """A client and a tag policy per configured upstream, and the routing set over them. The two dicts are
     shared with the pull-through service, so a wildcard host's client added later is seen there too."""
@@ -123,8 +123,8 @@ def build_upstreams(
     wildcard = next((u for u in config.upstreams if u.wildcard), None)
 
     def add(registry: str, upstream: UpstreamConfig) -> None:
-        # Processes sharing the data dir share each upstream's quota window (one 429 holds all of them back).
-        quota = QuotaFile(config.data_dir, registry) if config.coordination == "files" else None
+        # Processes sharing the data dir, or replicas, share each upstream's quota window (one 429 holds all back).
+        quota = quota_record(config, link, registry)
         clients[registry] = upstream_client(upstream, registry, metrics, config.max_blob_size, loop_id, quota)
         policies[registry] = TagPolicy(upstream.tag_ttl, upstream.max_stale, upstream.timeout)
 
@@ -243,7 +243,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     link = cluster_link(config)  # None for one node; with [cluster], the replicas' shared Redis
     index = open_index(config, link)
     loop_id = loop_id or secrets.token_hex(8)  # marks this mirror's upstream requests: one that comes back is a loop
-    clients, policies, registries = build_upstreams(config, metrics, loop_id)
+    clients, policies, registries = build_upstreams(config, metrics, loop_id, link)
     metrics.prime(clients)
     usage = Usage(config.data_dir, shared=config.coordination == "files")  # shared: journal its changes
     inflight, clean_tmp = coordination(config, files)

@@ -26,7 +26,9 @@ from mirror.storage.blobs import BlobStore
 from mirror.storage.counter import ChangeCounter, SharedCounter
 from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.index import Index
+from mirror.storage.quotas import QuotaFile
 from mirror.storage.reflocks import RefLocks
+from mirror.upstream.quota import QuotaRecord
 
 if TYPE_CHECKING:
     from mirror.storage.cluster import RedisLink
@@ -69,6 +71,16 @@ def name_changes(config: Config, link: RedisLink | None) -> ChangeCounter | None
     if config.coordination == "files":
         return SharedCounter(config.data_dir / "local-repos.count")
     return None
+
+
+def quota_record(config: Config, link: RedisLink | None, registry: str) -> QuotaRecord | None:
+    """Where an upstream's saving window is shared: in Redis (replicas), in a file (processes on the data dir), or
+    nowhere (None: this process alone keeps it in memory)."""
+    if link is not None:
+        from mirror.storage.redisquota import RedisQuota  # here: redis-py is the optional extra "cluster"
+
+        return RedisQuota(link, registry)
+    return QuotaFile(config.data_dir, registry) if config.coordination == "files" else None
 
 
 def ref_locking(config: Config, files: BlobStore, link: RedisLink | None) -> RefLocking | None:

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class QuotaRecord(Protocol):
-    """Where processes sharing a data dir keep one upstream's saving window. Blocking: called in a thread."""
+    """Where processes sharing a data dir (``storage.quotas``), or replicas (``storage.redisquota``), keep one
+    upstream's saving window. Blocking: called in a thread; OSError when the record cannot be reached."""
 
     def read_sync(self) -> tuple[float, str]:
         """(until, reason): wall-clock end of the window and why; (0.0, "") when there is none."""

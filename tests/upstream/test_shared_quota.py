@@ -1,8 +1,10 @@
-"""The upstream's quota window is shared by the processes on one data dir: one process told to hold back (a 429,
-or ``ratelimit-remaining`` below the threshold) pauses tag revalidation in all of them.
+"""The upstream's quota window is shared by the processes on one data dir, and by the replicas of a cluster: one
+process told to hold back (a 429, or ``ratelimit-remaining`` below the threshold) pauses tag revalidation in all
+of them.
 
-Two real mirror processes (``COORDINATED``) on one data dir, in front of the in-process fake upstream: a real
-Distribution cannot answer 429 or send Docker Hub's ratelimit headers.
+Two real mirror processes (``COORDINATED``) on one data dir, or two replicas on a real SeaweedFS bucket and a real
+Redis, in front of the in-process fake upstream: a real Distribution cannot answer 429 or send Docker Hub's
+ratelimit headers.
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from mirror.storage.cluster import RedisLink
 from mirror.storage.quotas import QuotaFile
+from mirror.storage.redisquota import RedisQuota
 from tests.fakes.registry import FakeRegistry
-from tests.support.ops import COORDINATED, Mirror, eventually
+from tests.integration.test_cluster_fetch import replica_config
+from tests.support.ops import COORDINATED, Mirror, eventually, free_port
+from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
+from tests.support.seaweed import Seaweed, seaweed_fixture  # noqa: F401 - seaweed_fixture: the fixture
 from tests.test_routing import sample
 
 TAG = "/v2/library/alpine/manifests/3"
@@ -100,3 +107,39 @@ async def test_the_window_ends_for_every_process_when_pulls_are_back(
     heads = fake.count("HEAD", "manifests")
     assert (await get(b)).status == 200
     assert fake.count("HEAD", "manifests") == heads + 1  # B revalidates again (TTL 0)
+
+
+async def test_one_replica_seeing_a_429_pauses_revalidation_in_the_other(
+    fake_upstream: tuple[FakeRegistry, TestServer], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fake, server = fake_upstream
+    url = str(server.make_url("")).rstrip("/")
+    replicas = []
+    try:
+        for n in range(2):
+            listen = f"127.0.0.1:{free_port()}"
+            config = replica_config(
+                tmp_path / f"{n}.toml", seaweed, redis_server, f"{tmp_path.name}/", f"http://{listen}"
+            )
+            replicas.append(
+                Mirror(tmp_path / f"data-{n}", url, "--config", str(config), "--tag-ttl", "0", listen=listen)
+            )
+        a, b = replicas
+        fake.add_image("library/alpine", "3", [b"alpine layer"])
+        assert (await get(a)).status == 200  # cached in the shared index
+        fake.faults.rate_limited = "3600"
+        assert (await get(a)).status == 200  # A's revalidation gets the 429: A holds back, and says so in Redis
+        link = RedisLink.connect(redis_server.url)
+        try:
+            record = RedisQuota(link, "docker.io")
+            await eventually(lambda: record.read_sync()[1] == "rate_limited", what="the record in Redis")
+        finally:
+            await link.close()
+        asked = len(fake.requests)
+        for _ in range(3):
+            assert (await get(b)).status == 200  # expired (TTL 0): alone, B would revalidate it
+        assert len(fake.requests) == asked, "B asked the upstream although A had been told to hold back"
+        assert deferred(b, "rate_limited") == 3
+    finally:
+        for mirror in replicas:
+            mirror.stop()
