@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from mirror.metrics import Metrics
@@ -64,6 +65,12 @@ class LeasedFetch(Fetch):
         super().__init__(digest, repo)
         self.holder = Holder.new(advertise)
         self.held = False
+        self.on_begin: Callable[[int], None] | None = None  # while held: the size told to the other replicas
+
+    def begin(self, size: int | None, temp_path: Path) -> None:
+        super().begin(size, temp_path)
+        if self.on_begin is not None and size is not None:
+            self.on_begin(size)
 
 
 def lost(digest: Digest, why: str) -> errors.RegistryError:
@@ -118,7 +125,7 @@ class Leased:
         return self._inflight.fetching(digest)
 
     async def announced(self, registry: str, digest: Digest) -> int | None:
-        return None  # a HEAD of a blob another replica fetches asks the upstream (no size is kept in the lease)
+        return await self._leases.announced(registry, digest)
 
     async def close(self) -> None:
         await self._inflight.close()
@@ -168,10 +175,19 @@ class Leased:
         fetch.held = True
         self._metrics.leases_held.inc()
         renewing = asyncio.create_task(self._renew(registry, fetch))
+        announcing: list[asyncio.Task[None]] = []
+
+        def announce(size: int) -> None:
+            announcing.append(asyncio.create_task(self._announce(registry, fetch, size)))
+
+        fetch.on_begin = announce
+        if fetch.size is not None:  # taken over: the size is known already
+            announce(fetch.size)
         try:
             await run(fetch)
         finally:
-            fetch.held = False
+            fetch.held, fetch.on_begin = False, None
+            await asyncio.gather(*announcing, return_exceptions=True)
             renewing.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
             self._metrics.leases_held.dec()
@@ -179,6 +195,12 @@ class Leased:
                 await self._leases.release(registry, fetch.digest, fetch.holder)
             except StoreUnavailable as exc:  # it expires on its own within the TTL
                 log.warning("cannot release the lease of blob %s: %s", fetch.digest, exc)
+
+    async def _announce(self, registry: str, fetch: LeasedFetch, size: int) -> None:
+        try:
+            await self._leases.announce(registry, fetch.digest, fetch.holder, size)
+        except StoreUnavailable as exc:  # a HEAD meanwhile asks the upstream
+            log.warning("cannot announce the size of blob %s: %s", fetch.digest, exc)
 
     async def _renew(self, registry: str, fetch: LeasedFetch) -> None:
         while True:

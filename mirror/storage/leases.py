@@ -7,6 +7,10 @@ runs (``renew``) and deletes it when the fetch ended (``release``); a holder tha
 expires after ``ttl`` seconds. Renewal and release compare the value first (one Lua script each, atomic in Redis):
 a holder whose lease expired (it stalled) and was taken by another never extends or deletes the new holder's.
 
+Once the holder's upstream answered, ``announce`` writes the blob's size beside the lease
+(``mirror:lease-size:<registry>:<digest>``, renewed and released with it): a HEAD of the blob through any replica
+is answered from it, as a HEAD of a blob another worker is fetching is on one host.
+
 ``take`` is one round trip whichever way it goes: ``SET NX PX GET`` (Redis 7) sets the key and answers nil, or
 leaves it and answers the holder's value, so a replica that misses learns where to stream from at once.
 """
@@ -25,14 +29,23 @@ from mirror.storage.cluster import RedisLink, key
 
 TTL = 10.0  # seconds a lease lives unless renewed: how long a dead holder's fetch waits before another takes it
 
-# Extend the lease only if it is still ours (KEYS[1] holds ARGV[1]) by ARGV[2] ms; 1 if it was, else 0.
+# Extend the lease (and its size, KEYS[2]) only if it is still ours (KEYS[1] holds ARGV[1]) by ARGV[2] ms; 1 if it
+# was, else 0.
 _RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('pexpire', KEYS[2], ARGV[2])
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
 return 0
 """
-# Delete the lease only if it is still ours; 1 if it was, else 0.
+# Delete the lease and its size only if it is still ours; 1 if it was, else 0.
 _RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[2]); return redis.call('del', KEYS[1]) end
+return 0
+"""
+# Write the size (ARGV[2]) with the lease's expiry (ARGV[3] ms) only if the lease is still ours; 1 if it was.
+_ANNOUNCE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[2], ARGV[2], 'PX', ARGV[3]) and 1 end
 return 0
 """
 
@@ -62,6 +75,10 @@ def lease_key(registry: str, digest: Digest) -> str:
     return key("lease", registry, str(digest))
 
 
+def size_key(registry: str, digest: Digest) -> str:
+    return key("lease-size", registry, str(digest))
+
+
 class Leases:
     """The fetch leases of one Redis. Every call raises ``StoreUnavailable`` when Redis cannot be reached."""
 
@@ -70,6 +87,7 @@ class Leases:
         self.ttl = ttl
         self._renew = link.aio.register_script(_RENEW)
         self._release = link.aio.register_script(_RELEASE)
+        self._announce = link.aio.register_script(_ANNOUNCE)
 
     @property
     def _ms(self) -> int:
@@ -97,6 +115,18 @@ class Leases:
             raise StoreUnavailable(f"Redis at {self._link.url}: {exc}") from exc
         return None if found is None else Holder.parse(found)
 
+    async def announce(self, registry: str, digest: Digest, holder: Holder, size: int) -> bool:
+        """The blob's size as ``holder``'s upstream announced it; False when the lease is not ``holder``'s."""
+        return await self._script(self._announce, registry, digest, holder, size, self._ms)
+
+    async def announced(self, registry: str, digest: Digest) -> int | None:
+        """The size the holder announced while someone holds the lease; None otherwise."""
+        try:
+            lease, size = await self._link.aio.mget(lease_key(registry, digest), size_key(registry, digest))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis at {self._link.url}: {exc}") from exc
+        return int(size) if lease is not None and size is not None else None
+
     async def renew(self, registry: str, digest: Digest, holder: Holder) -> bool:
         """Extend ``holder``'s lease by ``ttl``; False when it is not (or no longer) ``holder``'s."""
         return await self._script(self._renew, registry, digest, holder, self._ms)
@@ -107,7 +137,8 @@ class Leases:
 
     async def _script(self, script: AsyncScript, registry: str, digest: Digest, holder: Holder, *args: int) -> bool:
         try:
-            done = await script(keys=[lease_key(registry, digest)], args=[holder.value(), *args])
+            keys = [lease_key(registry, digest), size_key(registry, digest)]
+            done = await script(keys=keys, args=[holder.value(), *args])
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"Redis at {self._link.url}: {exc}") from exc
         return bool(done)

@@ -139,6 +139,25 @@ async def test_32_cold_gets_over_three_replicas_make_one_upstream_get(
         assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 1
 
 
+async def test_a_head_through_another_replica_is_answered_from_the_holders_announced_size(
+    upstream: dict[str, Any], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    data = os.urandom(BIG)
+    digest = push_blob(upstream["url"], "library/headed", data)
+    with ExitStack() as stack:
+        holder, other = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, "headed/", count=2)
+        url = f"/v2/library/headed/blobs/{digest}"
+        async with aiohttp.ClientSession() as session, session.get(holder.url + url) as resp:
+            assert resp.status == 200
+            await resp.content.readexactly(1 << 16)  # the fetch is under way on the holder, for seconds
+            async with session.head(other.url + url) as head:
+                assert (head.status, head.headers["Content-Length"]) == (200, str(BIG))
+                assert head.headers["Docker-Content-Digest"] == digest
+            assert hashlib.sha256(data[: 1 << 16] + await resp.read()).hexdigest() == digest.partition(":")[2]
+        assert upstream_requests(upstream["log"], "HEAD", f"/blobs/{digest}") == 0, "no upstream HEAD"
+        assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 1
+
+
 def peer_get(mirror: Mirror, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(mirror.url.removeprefix("http://"), timeout=30)
     try:

@@ -11,7 +11,7 @@ import pytest
 from mirror.oci.reference import Digest
 from mirror.storage.base import StoreUnavailable
 from mirror.storage.cluster import RedisLink
-from mirror.storage.leases import Holder, Leases, lease_key
+from mirror.storage.leases import Holder, Leases, lease_key, size_key
 from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
 
 DIGEST = Digest.parse("sha256:" + "ab" * 32)
@@ -69,6 +69,22 @@ async def test_a_holder_whose_lease_was_taken_never_deletes_the_new_one(link: Re
     assert await leases.release("docker.io", DIGEST, B)
     assert await leases.holder("docker.io", DIGEST) is None
     assert await leases.take("docker.io", DIGEST, A) is None, "released: the next miss takes it"
+
+
+async def test_the_holders_announced_size_lives_and_goes_with_its_lease(link: RedisLink) -> None:
+    leases = Leases(link, ttl=0.5)
+    assert await leases.take("docker.io", DIGEST, A) is None
+    assert await leases.announced("docker.io", DIGEST) is None, "the upstream has not answered yet"
+    assert not await leases.announce("docker.io", DIGEST, B, 1234), "only the holder announces"
+    assert await leases.announce("docker.io", DIGEST, A, 1234)
+    assert await leases.announced("docker.io", DIGEST) == 1234
+    assert await leases.announced("ghcr.io", DIGEST) is None
+    await link.aio.pexpire(size_key("docker.io", DIGEST), 100)
+    assert await leases.renew("docker.io", DIGEST, A)
+    assert await link.aio.pttl(size_key("docker.io", DIGEST)) > 100, "renewed with the lease"
+    assert await leases.release("docker.io", DIGEST, A)
+    assert await leases.announced("docker.io", DIGEST) is None
+    assert await link.aio.exists(size_key("docker.io", DIGEST)) == 0, "released with the lease"
 
 
 async def test_redis_unreachable_is_store_unavailable() -> None:
