@@ -24,7 +24,7 @@ import pytest
 import redis as redis_py
 
 from tests.support.clients import Containerd, Docker, Podman, podman, skopeo, start_containerd, start_dockerd
-from tests.support.haproxy import HAProxy, haproxy
+from tests.support.haproxy import HAProxy, config, haproxy
 from tests.support.images import Image, push_tar_image, random_files
 from tests.support.ops import (
     Mirror,
@@ -187,7 +187,25 @@ def test_a_client_pulls_through_haproxy_and_pulls_again_from_the_bucket(
     assert all(r.status == 200 for r in warm), warm
     servers = {r.server for r in warm}
     assert len(servers) >= 2, f"the warm blob GETs went to several replicas (round robin): {servers}"
-    assert pulls.lb.requests("/_mirror/") == [], "clients never reach the internal endpoints"
+    assert all(r.server == "<NOSRV>" for r in pulls.lb.requests("/_mirror/")), "no client reached /_mirror/"
+
+
+KIT_DIRECTIVES = ("balance", "option httpchk", "http-check", "http-request deny", "retries", "option redispatch",
+                  "timeout")  # fmt: skip
+
+
+def directives(text: str) -> set[str]:
+    """The kit's routing, health and timeout lines of an HAProxy configuration, whitespace normalised."""
+    lines = {" ".join(line.split("#")[0].split()) for line in text.splitlines()}
+    return {line for line in lines if line.startswith(KIT_DIRECTIVES)}
+
+
+def test_the_tests_haproxy_routes_as_the_deploy_kits_does() -> None:
+    """The HAProxy in front of these replicas balances, checks, denies and times out as deploy/cluster's does."""
+    kit = (Path(__file__).resolve().parents[2] / "deploy" / "cluster" / "haproxy.cfg").read_text()
+    ours = directives(config(free_port(), {"replica-0": "http://127.0.0.1:1"}))
+    assert ours == directives(kit)
+    assert "balance roundrobin" in ours and "option httpchk GET /readyz" in ours
 
 
 def test_haproxy_denies_the_internal_endpoints_to_clients(pulls: Cluster) -> None:
@@ -197,6 +215,7 @@ def test_haproxy_denies_the_internal_endpoints_to_clients(pulls: Cluster) -> Non
         raise AssertionError("HAProxy passed an internal endpoint on")
     except OSError as exc:
         assert getattr(exc, "code", None) == 404
+    wait_until(lambda: bool(pulls.lb.requests("/_mirror/")), within=10, what="HAProxy logging the request")
     (denied,) = pulls.lb.requests("/_mirror/")
     assert (denied.server, denied.status) == ("<NOSRV>", 404)
 
