@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.bucket import bucket
+from tests.bench.cluster import cluster
 from tests.bench.load import MANIFEST_ACCEPT, PeakRss, ab_head, download, skopeo_pulls, wrk
 from tests.bench.report import GiB, MiB, Row, human_size, median, table
 from tests.bench.wan import Shape, wan
@@ -259,6 +260,7 @@ WORKLOADS: dict[str, Callable[[Bench], None]] = {
     "wan": wan,
     "workers": workers,
     "bucket": bucket,
+    "cluster": cluster,
 }
 
 
