@@ -234,6 +234,8 @@ async def test_sighup_reads_the_htpasswd_file_again_and_keeps_a_broken_one_out(t
         for _ in range(10):  # on every worker
             assert status_of(v2, basic("bob", "b-secret")) == 200
         htpasswd.write_text("this is not an htpasswd line\n")
+        # The supervisor may briefly run one worker more while it replaces a generation: wait for it to settle.
+        wait_until(lambda: len({pid for pid in workers(mirror) if alive(pid)}) == 2, what="two workers running")
         booted = workers(mirror)
         running = {pid for pid in booted if alive(pid)}
         assert len(running) == 2
