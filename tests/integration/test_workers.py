@@ -185,7 +185,7 @@ async def test_kill_9_of_the_fetching_worker_mid_blob_is_continued_by_the_other(
         cut = [o for o in outcomes if isinstance(o, aiohttp.ClientError)]  # the dead worker's own clients
         assert len(whole) + len(cut) == len(clients), outcomes
         assert whole and whole == [digest] * len(whole), "the other worker's clients end with the right bytes"
-        requests = nginx_requests(upstream["slow_dir"], f"/blobs/{digest}")
+        requests = nginx_requests(upstream["slow_dir"], f"/blobs/{digest}", at_least=2)
         assert [status for _, status, _ in requests] == [200, 206], requests  # the rest asked with Range
         assert requests[1][2].startswith("bytes=")
         wait_until(lambda: blob_files(data).get(digest) == BIG, what="the blob stored")

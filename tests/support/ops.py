@@ -272,9 +272,12 @@ http {{
 NGINX_LOG_FORMAT = "log_format ranges '$request_method $uri $status range=$http_range';"
 
 
-def nginx_requests(workdir: Path, path_part: str) -> list[tuple[str, int, str]]:
+def nginx_requests(workdir: Path, path_part: str, at_least: int = 0) -> list[tuple[str, int, str]]:
     """(method, status, Range header) of each request whose path contains ``path_part`` that the nginx started
-    in ``workdir`` with ``log`` served."""
+    in ``workdir`` with ``log`` served. nginx writes a line once it is done with a request, which may be just
+    after its client has the last byte: with ``at_least``, wait (up to 10 s) for that many lines."""
+    if at_least:
+        wait_until(lambda: len(nginx_requests(workdir, path_part)) >= at_least, 10, f"{at_least} lines in nginx's log")
     found = []
     for line in (workdir / "logs" / "access.log").read_text(errors="replace").splitlines():
         method, uri, status, rng = line.split(" ", 3)
