@@ -340,10 +340,13 @@ class UploadSessions:
         for entry in self.root.iterdir():
             if entry.name in busy or entry.name == CREATE_LOCK:
                 continue
+            last: float | None
             try:
                 last = (entry / "session.json").stat().st_mtime
             except OSError:
-                last = None
+                # No record yet: a session being created (its directory comes just before its record, in another
+                # thread or process), or what a crash left between the two. Aged by its directory.
+                last = _mtime(entry) if valid_uuid(entry.name) and entry.is_dir() else None
             if last is None or not valid_uuid(entry.name) or now - last > max_age:
                 if self.shared and valid_uuid(entry.name) and self.busy_elsewhere_sync(entry.name):
                     continue  # a chunk is arriving in another process
@@ -383,3 +386,10 @@ class UploadSessions:
         self._writers.clear()
         if self._lock_waits is not None:
             self._lock_waits.shutdown(wait=False, cancel_futures=True)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None

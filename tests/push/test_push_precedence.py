@@ -188,6 +188,22 @@ async def test_sweep_spares_a_session_receiving_a_chunk(push_mirror: MirrorFacto
     assert await uploads.sessions.sweep(0, now=time.time() + 10) == [uuid]
 
 
+async def test_sweep_spares_a_session_being_created_and_ages_a_leftover_by_its_directory(
+    push_mirror: MirrorFactory,
+) -> None:
+    client = await push_mirror()
+    sessions: Any = client.app[LOCAL].uploads.sessions
+    # Another worker's session between its directory and its record (a worker starting up sweeps meanwhile).
+    creating = sessions.root / "0b6a2c1e-8d4f-4e2a-9c3b-5d6e7f8a9b0c"
+    creating.mkdir()
+    assert await sessions.sweep(86400) == []
+    assert creating.is_dir()
+    long_ago = time.time() - 2 * 86400
+    os.utime(creating, (long_ago, long_ago))  # a crash left it there two days ago
+    assert await sessions.sweep(86400) == [creating.name]
+    assert not creating.exists()
+
+
 async def test_monolithic_blob_in_one_repo_is_mountable_in_another(push_mirror: MirrorFactory) -> None:
     client = await push_mirror()
     digest = await push_blob(client, "a/one", b"shared")
