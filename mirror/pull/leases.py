@@ -56,6 +56,8 @@ TempWriter = Callable[[str, Digest], TempFile]
 class SharedStore(BlobStorage, RemoteBlobs, Protocol):
     """The bucket the replicas share: a store whose objects can be streamed (``storage.s3.S3Store``)."""
 
+    async def abort_uploads(self, digest: Digest) -> int: ...
+
 
 class LeasedFetch(Fetch):
     """A ``Fetch`` with the lease value it takes (or took): ``held`` while this replica holds it, so its peer
@@ -168,7 +170,16 @@ class Leased:
                      fetch.written)  # fmt: skip
             self._metrics.takeovers.inc()
             fetch.resume = True
+            await self._abort_left(fetch)
         await self._lead(registry, fetch, run)
+
+    async def _abort_left(self, fetch: LeasedFetch) -> None:
+        """The upload the gone holder left unfinished: its parts go (best effort: a lifecycle rule is the net)."""
+        try:
+            if aborted := await self._store.abort_uploads(fetch.digest):
+                log.info("aborted %d unfinished upload(s) of blob %s left by the replica gone", aborted, fetch.digest)
+        except StoreUnavailable as exc:
+            log.warning("cannot abort the uploads of blob %s left by the replica gone: %s", fetch.digest, exc)
 
     async def _lead(self, registry: str, fetch: LeasedFetch, run: FetchRun) -> None:
         """Run the fetch holding the lease, renewed meanwhile; released once the fetch ended either way."""

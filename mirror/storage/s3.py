@@ -176,6 +176,18 @@ class S3Store:
         with contextlib.closing(resp["Body"]) as body:
             return body.read()
 
+    async def abort_uploads(self, digest: Digest) -> int:
+        """Abort the unfinished multipart uploads of ``digest``'s object (a replica that died mid-fetch left its
+        parts there, invisible but stored); how many. Called by the replica that takes such a fetch over, before
+        it starts its own."""
+        client, key = await self.client(), self.key(digest)
+        with bucket_errors():
+            listed = await client.list_multipart_uploads(Bucket=self.bucket.name, Prefix=key)
+            uploads = [u["UploadId"] for u in listed.get("Uploads", []) if u.get("Key") == key and "UploadId" in u]
+            for upload_id in uploads:
+                await client.abort_multipart_upload(Bucket=self.bucket.name, Key=key, UploadId=upload_id)
+        return len(uploads)
+
     async def presigned_url(self, digest: Digest, expires: int = PRESIGN_SECONDS) -> str:
         """A URL that GETs the object without credentials for ``expires`` seconds (``redirect = true``)."""
         client = await self.client()

@@ -367,10 +367,10 @@ def test_kill_9_of_the_lease_holder_mid_blob_costs_containerd_and_dockerd_a_paus
         objects = {item["Key"]: item["Size"] for item in listed.get("Contents", [])}
         assert {k: v for k, v in objects.items() if layer.partition(":")[2] in k} == {key: size}
         assert stored_digest(seaweed, key) == (size, layer)
-        # What the dead holder's multipart upload left (never completed, so never visible: not an object). Not
-        # asserted: nothing in the mirror aborts another replica's upload, so its parts stay until a bucket
-        # lifecycle rule (AbortIncompleteMultipartUpload) or an operator removes them.
+        # The dead holder's multipart upload (never completed, so never visible) was aborted by the replica that
+        # took the fetch over: no parts left behind.
         left = unfinished_uploads(seaweed, "kill/")
+        assert left == [], left
         record_figures(
             "cluster kill -9 through haproxy",
             layer_bytes=size,
