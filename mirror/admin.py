@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mirror.content import MemoryBlob, StoredBlob
+from mirror.oci.errors import Busy
 from mirror.oci.manifest import parse_manifest
 from mirror.oci.mediatypes import INDEX_TYPES
 from mirror.oci.reference import DOCKER_HUB, Digest, Repo, Tag, format_image_ref
@@ -24,7 +25,7 @@ from mirror.pull.service import PullThrough
 from mirror.routing import image as parse_image
 from mirror.storage import gc
 from mirror.storage.base import BlobStorage, MetadataIndex
-from mirror.storage.evictlock import EvictionLock
+from mirror.storage.evictlock import EvictionBusy, EvictionTurn
 from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.usage import Usage
 
@@ -52,7 +53,7 @@ class Admin:
         default_registry: str = DOCKER_HUB,
         gc_settings: GcSettings | None = None,
         live: bool = True,
-        turn: EvictionLock | None = None,
+        turn: EvictionTurn | None = None,
     ):
         self.store = store
         self.index = index
@@ -62,7 +63,8 @@ class Admin:
         self.default_registry = default_registry
         self.gc_settings = gc_settings or GcSettings()
         self.live = live
-        # A CLI command: the servers' eviction lock, held around every removal (waited for up to turn_timeout s).
+        # The lock of the processes evicting on the data dir (or of the replicas), held around every removal (waited
+        # for up to turn_timeout s): by a CLI command, and by a server that shares the data dir for its gc and verify.
         self.turn = turn
         self.turn_timeout = 120.0
 
@@ -75,11 +77,16 @@ class Admin:
 
     @contextlib.asynccontextmanager
     async def _removing(self, removes: bool = True) -> AsyncIterator[None]:
-        """Around a CLI command's removal of content: no other process on the data dir evicts meanwhile (the
-        servers' evictors take the same lock), and the table is read once the lock is held."""
+        """Around a removal of content: no other process on the data dir (or replica) evicts meanwhile (the servers'
+        evictors take the same lock), and the table is read once the lock is held."""
         turn = self.turn if removes else None
         if turn is not None:
-            await asyncio.to_thread(turn.acquire_sync, self.turn_timeout)
+            try:
+                await asyncio.to_thread(turn.acquire_sync, self.turn_timeout)
+            except EvictionBusy as exc:
+                if self.live:  # the admin API: a registry error, as for any request
+                    raise Busy(str(exc)) from exc
+                raise
         try:
             await self.refresh()
             yield
@@ -215,7 +222,7 @@ class Admin:
     async def evict(self, dry_run: bool = True, target: int | None = None) -> dict[str, Any]:
         """What eviction to the low watermark (or ``target`` bytes) removes now: least recently served first."""
         limits = self.housekeeper.limits
-        async with self._removing(not dry_run):
+        async with self._removing(not dry_run and not self.live):  # a server's evictions take the lock themselves
             if dry_run:
                 removed = await self.housekeeper.plan(target)
                 freed = sum(r.size for r in removed)

@@ -44,10 +44,12 @@ from mirror.backends import (
     cluster_coordination,
     cluster_link,
     coordination,
+    eviction_turn,
     membership,
     name_changes,
     open_index,
     open_store,
+    open_usage,
     ref_locking,
 )
 from mirror.config import Config, ConfigError, cache_config
@@ -66,7 +68,6 @@ from mirror.routing import Router
 from mirror.storage.base import BlobStorage, RegistryIndex, StoreUnavailable
 from mirror.storage.counter import ChangeCounter
 from mirror.storage.eviction import Limits
-from mirror.storage.evictlock import EvictionLock
 from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.sessions import UploadSessions, held_sync
@@ -164,7 +165,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     loop_id = loop_id or secrets.token_hex(8)  # marks this mirror's upstream requests: one that comes back is a loop
     clients, policies, registries = build_upstreams(config, metrics, loop_id, link)
     metrics.prime(clients)
-    usage = Usage(config.data_dir, shared=config.coordination == "files")  # shared: journal its changes
+    usage = open_usage(config, link)
     inflight, clean_tmp = coordination(config, files)
     peering = None
     if link is not None and bucket is not None:  # replicas: one upstream fetch per digest for the cluster
@@ -175,7 +176,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
         store, index, clients, policies, metrics, usage=usage, cache_size=config.cache_size, inflight=inflight,
         ref_locks=ref_locks,
     )  # fmt: skip
-    housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default)
+    housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, registries.default, link)
 
     router = Router(registries)
     # Several processes on the data dir, or replicas: a push through one makes its name local for all.
@@ -300,11 +301,13 @@ def build_housekeeping(
     pull: PullThrough | None,
     metrics: Metrics,
     default_registry: str,
+    link: RedisLink | None,
     live: bool = True,
 ) -> tuple[Housekeeper, Admin]:
     """The housekeeper (flushes, eviction) and the admin logic over one store, for ``serve`` or a CLI command."""
     cache = cache_config(config)
-    min_idle = 0.0 if live else 2 * cache.flush_interval + 5  # a CLI process cannot see the server's leases
+    # A CLI process cannot see the server's leases, nor a replica the other replicas': leave what was served lately.
+    min_idle = 0.0 if live and link is None else 2 * cache.flush_interval + 5
     limits = Limits(cache.size, cache.high_watermark, cache.low_watermark, cache.flush_interval, cache.pins, min_idle)
 
     def evicted(kind: str, size: int) -> None:
@@ -316,7 +319,7 @@ def build_housekeeping(
 
     # Processes on the data dir evict one at a time: a server tries the lock at each eviction (alone on the data dir
     # too, so that a CLI command beside it waits); a CLI command's Admin waits for it around every removal.
-    turn = EvictionLock(config.data_dir)
+    turn = eviction_turn(config, link)
     housekeeper = Housekeeper(store, index, usage, limits, busy, evicted, metrics.repos.drain, turn if live else None)
     metrics.repos.configure(cache.top_repos, cache.repo_allowlist)
     metrics.cache.source = lambda: CacheSnapshot(
@@ -325,7 +328,11 @@ def build_housekeeping(
     if metrics.shared_dir is not None:  # several processes: each one's fetches under way, summed at the scrape
         usage.on_pending = metrics.cache_pending.set
     gc_settings = GcSettings(cache.gc_grace, cache.tmp_max_age)
-    admin = Admin(store, index, usage, housekeeper, pull, default_registry, gc_settings, live, None if live else turn)
+    # gc and verify through a server's admin API wait for the lock too when other processes or replicas evict; its
+    # own evictions take the housekeeper's.
+    shares = link is not None or config.coordination == "files"
+    admin_turn = (eviction_turn(config, link) if shares else None) if live else turn
+    admin = Admin(store, index, usage, housekeeper, pull, default_registry, gc_settings, live, admin_turn)
     return housekeeper, admin
 
 
@@ -387,7 +394,7 @@ async def open_admin(config: Config, upstreams: bool = False, lock_timeout: floa
     def open_stores() -> tuple[BlobStorage, S3Store | None, RegistryIndex, Usage]:  # directories, SQLite: off the loop
         config.data_dir.mkdir(parents=True, exist_ok=True)
         store, _, bucket = open_store(config)
-        return store, bucket, open_index(config, link), Usage(config.data_dir)
+        return store, bucket, open_index(config, link), open_usage(config, link, serving=False)
 
     store, bucket, index, usage = await asyncio.to_thread(open_stores)
     clients: dict[str, UpstreamClient] = {}
@@ -396,7 +403,7 @@ async def open_admin(config: Config, upstreams: bool = False, lock_timeout: floa
         clients, policies, _ = build_upstreams(config, metrics)
         pull = PullThrough(store, index, clients, policies, metrics, usage=usage)
     default = canonical_registry(config.default_upstream.registry)
-    housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, default, live=False)
+    housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, default, link, live=False)
     admin.turn_timeout = lock_timeout
     try:
         usage.install(*await asyncio.to_thread(usage.load_sync))

@@ -24,10 +24,12 @@ from mirror.pull.inflight import FetchCoordinator, InFlight, RefLocking
 from mirror.storage.base import BlobStorage, RegistryIndex
 from mirror.storage.blobs import BlobStore
 from mirror.storage.counter import ChangeCounter, SharedCounter
+from mirror.storage.evictlock import EvictionLock, EvictionTurn
 from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.index import Index
 from mirror.storage.quotas import QuotaFile
 from mirror.storage.reflocks import RefLocks
+from mirror.storage.usage import Usage
 from mirror.upstream.quota import QuotaRecord
 
 if TYPE_CHECKING:
@@ -118,6 +120,25 @@ def open_index(config: Config, link: RedisLink | None) -> RegistryIndex:
     from mirror.storage.redisindex import RedisIndex  # here: redis-py is the optional extra "cluster"
 
     return RedisIndex(link)
+
+
+def open_usage(config: Config, link: RedisLink | None, serving: bool = True) -> Usage:
+    """The usage table: on the data dir (journalled when ``serving`` beside other processes on it), or with
+    ``[cluster]`` the one the replicas share in Redis, so the byte cap and the LRU order are the cluster's."""
+    if link is not None:
+        from mirror.storage.redisusage import RedisUsage  # here: redis-py is the optional extra "cluster"
+
+        return RedisUsage(link)
+    return Usage(config.data_dir, shared=serving and config.coordination == "files")
+
+
+def eviction_turn(config: Config, link: RedisLink | None) -> EvictionTurn:
+    """What makes one process the one removing content: a lock in the replicas' Redis, or on the data dir."""
+    if link is not None:
+        from mirror.storage.redislocks import RedisEvictionLock  # here: redis-py is the optional extra "cluster"
+
+        return RedisEvictionLock(link)
+    return EvictionLock(config.data_dir)
 
 
 def membership(

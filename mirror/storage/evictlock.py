@@ -13,12 +13,24 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 POLL = 0.05  # seconds between tries while waiting: flock has no timeout of its own
 
 
 class EvictionBusy(Exception):
     """Another process held the lock for the whole wait."""
+
+
+class EvictionTurn(Protocol):
+    """One evicting process at a time: ``EvictionLock`` on a data dir, ``redislocks.RedisEvictionLock`` in a
+    cluster."""
+
+    def try_acquire_sync(self) -> bool: ...
+
+    def acquire_sync(self, timeout: float) -> None: ...
+
+    def release_sync(self) -> None: ...
 
 
 class EvictionLock:

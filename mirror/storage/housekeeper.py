@@ -32,9 +32,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from mirror.oci.reference import Digest
-from mirror.storage.base import BlobStorage, MetadataIndex
+from mirror.storage.base import BlobStorage, MetadataIndex, StoreUnavailable
 from mirror.storage.eviction import Limits, candidates, plan
-from mirror.storage.evictlock import EvictionLock
+from mirror.storage.evictlock import EvictionTurn
 from mirror.storage.gc import Removal, Report, protected_sync
 from mirror.storage.usage import Entry, Usage
 
@@ -57,7 +57,7 @@ class Housekeeper:
         busy: Callable[[str], bool] = lambda key: False,
         on_evict: Callable[[str, int], None] = lambda kind, size: None,
         drain_counts: Callable[[], Mapping[tuple[str, str], int]] = dict,
-        turn: EvictionLock | None = None,
+        turn: EvictionTurn | None = None,
     ):
         self._store = store
         self._index = index
@@ -81,7 +81,11 @@ class Housekeeper:
     async def start(self, loaded: tuple[dict[str, Entry], int] | None = None) -> None:
         """Install the usage table (as ``gc.reconcile_sync`` just made it, or read now) and start the task."""
         if loaded is None:
-            loaded = await asyncio.to_thread(self._usage.load_sync)
+            try:
+                loaded = await asyncio.to_thread(self._usage.load_sync)
+            except StoreUnavailable as exc:  # the replicas' Redis is down: serve unready, read it once it is back
+                log.warning("start-up: the usage table could not be read, read at the first flush that can: %s", exc)
+                loaded = {}, -1  # no generation is -1: that flush reloads
         table, generation = loaded
         self._usage.install(table, generation)
         self._wake = asyncio.Event()
@@ -137,7 +141,11 @@ class Housekeeper:
             missing = [key for key in gone if self._store.size_sync(Digest.parse(key)) is None]
             return missing, self._usage.generation_sync()
 
-        missing, generation = await asyncio.to_thread(write)
+        try:
+            missing, generation = await asyncio.to_thread(write)
+        except Exception:
+            self._usage.keep_dirty(dirty)  # the store's metadata cannot be reached (Redis down): next round
+            raise
         if generation != self._usage.generation:
             await self.reload()
         else:

@@ -75,8 +75,12 @@ class Usage:
 
     def __init__(self, data_dir: Path, clock: Callable[[], float] = time.time, shared: bool = False):
         self._cache = diskcache.Cache(str(data_dir / "usage"), size_limit=2**40, eviction_policy="none")
-        self.shared = shared  # other serving processes hold this table too: journal every change
         self._journal_log = Journal(self._cache) if shared else None
+        self._start(clock, shared)
+
+    def _start(self, clock: Callable[[], float], shared: bool) -> None:
+        """The in-memory half, whatever holds the table underneath (``redisusage.RedisUsage``: the replicas')."""
+        self.shared = shared  # other serving processes hold this table too: journal every change
         self.journal_seen = 0  # the last change of the journal that ``table`` reflects
         self._journal_loaded = 0  # the journal's last change when ``load_sync`` began
         self._clock = clock
@@ -227,6 +231,12 @@ class Usage:
     def take_dirty(self) -> dict[str, float]:
         dirty, self._dirty = self._dirty, {}
         return dirty
+
+    def keep_dirty(self, dirty: Mapping[str, float]) -> None:
+        """Touches taken by ``take_dirty`` that could not be written: written with the next flush."""
+        for key, served in dirty.items():
+            if served > self._dirty.get(key, 0.0):
+                self._dirty[key] = served
 
     def flush_sync(self, dirty: Mapping[str, float]) -> list[str]:
         """Write last-served times of existing entries; return the digests whose entry another process removed."""

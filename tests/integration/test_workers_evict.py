@@ -165,3 +165,24 @@ async def test_no_worker_evicts_while_a_cli_command_holds_the_lock(upstream: dic
             return logged and sum(blob_files(data_dir).values()) <= 0.95 * 2 * 2**20
 
         await eventually(evicted_under_the_cap, what="a worker evicting under the cap once the lock is free")
+
+
+async def test_gc_through_a_workers_admin_api_waits_for_the_eviction_lock(
+    upstream: dict[str, Any], tmp_path: Path
+) -> None:
+    """``POST /admin/v1/gc`` removes content in whichever worker takes it: it waits while another process (here one
+    holding the lock as an evicting worker or ``mirror evict`` does) removes content, and runs once it is free."""
+    data_dir = tmp_path / "data"
+    with Mirror(data_dir, upstream["url"], "--workers", "2", "--admin-api") as mirror:
+        holder = await hold(data_dir / "evict.lock")
+        async with aiohttp.ClientSession() as session:
+            try:
+                collect = asyncio.create_task(session.post(f"{mirror.url}/admin/v1/gc"))
+                await asyncio.sleep(1.5)
+                assert not collect.done(), "gc ran while another process held the eviction lock"
+            finally:
+                await killed(holder)  # the kernel releases the lock
+            async with asyncio.timeout(30):
+                response = await collect
+            assert response.status == 200 and "removed" in await response.json()
+            response.release()

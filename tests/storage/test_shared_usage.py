@@ -22,17 +22,21 @@ from aiohttp.test_utils import TestServer
 
 from mirror.api.keys import STORE
 from mirror.oci.reference import Digest
-from mirror.storage import journal
+from mirror.storage import journal, redisusage
 from mirror.storage.blobs import BlobStore
+from mirror.storage.cluster import RedisLink
 from mirror.storage.eviction import Limits
-from mirror.storage.evictlock import EvictionLock
+from mirror.storage.evictlock import EvictionLock, EvictionTurn
 from mirror.storage.housekeeper import Housekeeper
 from mirror.storage.index import Index
+from mirror.storage.redislocks import RedisEvictionLock
+from mirror.storage.redisusage import RedisUsage
 from mirror.storage.usage import Usage
 from tests.conftest import MirrorFactory, fetches_done
 from tests.fakes.registry import FakeRegistry
 from tests.support.ops import COORDINATED, Mirror, blob_files, record_figures, run_cli, start_registry, wait_until
 from tests.support.plain_http import pull, push_random_image
+from tests.support.redis import redis_fixture  # noqa: F401 - redis_fixture: the fixture
 
 BLOB = 1000
 
@@ -43,7 +47,7 @@ class Process:
     index: Index
     usage: Usage
     housekeeper: Housekeeper
-    turn: EvictionLock
+    turn: EvictionTurn
 
     async def add(self, data: bytes) -> Digest:
         digest = await self.store.put(data)
@@ -51,12 +55,22 @@ class Process:
         return digest
 
 
-@pytest.fixture
-async def two(tmp_path: Path) -> AsyncIterator[tuple[Process, Process]]:
-    made = []
+@pytest.fixture(params=["data dir", "redis"])
+async def two(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Process, Process]]:
+    """Two processes on one data dir (the table in its diskcache, the eviction lock a flock), or two replicas
+    (the table and the eviction lock in one real Redis; the blobs still in one directory, which they share)."""
+    made, links = [], []
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
     for _ in range(2):
-        store, index, usage = BlobStore(tmp_path), Index(tmp_path), Usage(tmp_path, shared=True)
-        turn = EvictionLock(tmp_path)
+        store, index = BlobStore(tmp_path), Index(tmp_path)
+        usage: Usage
+        turn: EvictionTurn
+        if request.param == "redis":
+            links.append(link := RedisLink.connect(server.url))
+            usage, turn = RedisUsage(link), RedisEvictionLock(link)
+        else:
+            usage, turn = Usage(tmp_path, shared=True), EvictionLock(tmp_path)
         housekeeper = Housekeeper(store, index, usage, Limits(size=10 * BLOB, flush_interval=3600), turn=turn)
         await housekeeper.start()
         made.append(Process(store, index, usage, housekeeper, turn))
@@ -65,6 +79,10 @@ async def two(tmp_path: Path) -> AsyncIterator[tuple[Process, Process]]:
         await process.housekeeper.close()
         process.index.close()
         process.usage.close()
+    if links:
+        await links[0].aio.flushdb()
+    for link in links:
+        await link.close()
 
 
 async def test_adds_removals_and_touches_of_one_process_reach_the_other_at_its_flush(
@@ -90,6 +108,7 @@ async def test_a_process_fallen_behind_the_journal_reloads_the_table(
 ) -> None:
     a, b = two
     monkeypatch.setattr(journal, "KEEP", 3)
+    monkeypatch.setattr(redisusage, "KEEP", 3)
     added = [await a.add(bytes([n]) * BLOB) for n in range(6)]  # the journal now starts past what B has seen
     await b.housekeeper.flush()
     assert set(b.usage.table) == {str(d) for d in added} and b.usage.total == 6 * BLOB
@@ -100,6 +119,7 @@ async def test_an_evictor_fallen_behind_the_journal_reloads_and_evicts(
 ) -> None:
     a, b = two
     monkeypatch.setattr(journal, "KEEP", 3)
+    monkeypatch.setattr(redisusage, "KEEP", 3)
     added = []
     for n in range(12):  # stored and recorded by B, without waking B's own eviction
         added.append(digest := await b.store.put(bytes([n]) * BLOB))
