@@ -48,6 +48,8 @@ class Names(Protocol):
 
     async def vouch(self, repo: Repo, digest: Digest, kind: str) -> None: ...
 
+    async def add_origin(self, repo: Repo, digest: Digest) -> None: ...
+
     async def mark_pulled(self, repo: Repo) -> None: ...
 
     def count(self, repo: Repo, kind: str, result: str) -> None: ...
@@ -164,7 +166,7 @@ class BlobPuller:
                 expected = await self._receive(client, repo, fetch, writer)
             # Who sent it is recorded before it is stored: a stored blob without an origin record is old content
             # that any name may be answered (``vouch``), so it must never exist, even for a moment, for new content.
-            await self._index.add_origin(digest, repo.registry)
+            await self._names.add_origin(repo, digest)
             try:
                 await writer.commit(digest, fetch.size, verified=fetch.verify)
             except Exception as exc:

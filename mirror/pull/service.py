@@ -143,8 +143,14 @@ class PullThrough:
                     await client.head_blob(repo.path, digest)
                 else:
                     await client.head_manifest(repo.path, str(digest), EVERY_MANIFEST_TYPE)
+        await self.add_origin(repo, digest)
+
+    async def add_origin(self, repo: Repo, digest: Digest) -> None:
+        """``repo``'s upstream sent (or holds) ``digest``: recorded in the index, and remembered here, so that
+        this process serves it under that upstream's names without asking the index again (nor Redis, which a
+        replica's hits then do without)."""
         await self._index.add_origin(digest, repo.registry)
-        self._vouched[key] = True
+        self._vouched[(repo.registry, digest)] = True
 
     def count(self, repo: Repo, kind: str, result: str) -> None:
         self._metrics.cache_requests.labels(repo.registry, kind, result).inc()
@@ -238,7 +244,7 @@ class PullThrough:
         with upstream_errors():  # DiskFull: 507
             await self._store.put(data, head.digest)
         await self._index.put_manifest(head.digest, ManifestRecord(head.media_type, len(data)))
-        await self._index.add_origin(head.digest, repo.registry)
+        await self.add_origin(repo, head.digest)
         await self._usage.added(head.digest, len(data), "manifest", str(repo))
         await self.mark_pulled(repo)
         self._remember(head.digest, head.media_type, data)
