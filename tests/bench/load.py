@@ -32,15 +32,14 @@ class Downloads:
         return self.total_bytes / self.seconds / 1e6
 
 
-def download(urls: list[str], expected_size: int) -> Downloads:
-    """Download every URL at once, one curl each, into /dev/null; every answer must be a 200 of the full size."""
+def download(urls: list[str], expected_size: int, follow: bool = False) -> Downloads:
+    """Download every URL at once, one curl each, into /dev/null; every answer must be a 200 of the full size
+    (``follow``: after the redirects curl follows)."""
     curl = require("curl")
     fmt = "%{http_code} %{size_download}"
     started = time.monotonic()
-    procs = [
-        subprocess.Popen([curl, "-s", "-o", "/dev/null", "-w", fmt, url], stdout=subprocess.PIPE, text=True)
-        for url in urls
-    ]
+    argv = [curl, "-s", "-o", "/dev/null", "-w", fmt, *(["-L"] if follow else [])]
+    procs = [subprocess.Popen([*argv, url], stdout=subprocess.PIPE, text=True) for url in urls]
     outputs = [p.communicate(timeout=1800)[0] for p in procs]
     seconds = time.monotonic() - started
     for url, out in zip(urls, outputs, strict=True):
