@@ -64,5 +64,6 @@ async def fetch_for_peer(request: web.Request) -> web.StreamResponse:
     if fetch.size is None:  # no Content-Length from the upstream: the follower waits for the object in the bucket
         raise errors.BlobUnknown("this fetch has no size to stream")
     request.app[METRICS].peer_streams_served.inc()
-    # The last byte once the object is complete in the bucket: a follower that has every byte serves the object.
-    return await stream_fetch(request, None, digest, fetch, stored=True)
+    # The last byte once the digest is verified, as to this replica's own clients: the follower verifies it too, and
+    # its clients need not wait for the object to be complete in the bucket.
+    return await stream_fetch(request, None, digest, fetch)

@@ -125,11 +125,10 @@ def blob_headers(digest: Digest) -> dict[str, str]:
 
 
 async def stream_fetch(
-    request: web.Request, repo: Repo | None, digest: Digest, fetch: FetchState, stored: bool = False
+    request: web.Request, repo: Repo | None, digest: Digest, fetch: FetchState
 ) -> web.StreamResponse:
     """Send a blob that is still arriving: read the temp file up to what the fetch has written, wait for more,
-    repeat; the last byte of the answer (whole blob or range) only after the digest is verified (with ``stored``,
-    only once the blob is stored too). If the fetch fails, the connection is cut, so the client sees a short body,
+    repeat; the last byte of the answer (whole blob or range) only after the digest is verified. If the fetch fails, the connection is cut, so the client sees a short body,
     never a complete wrong one. ``repo`` None: a replica following the fetch (``api.peer``), whose bytes are not
     counted as served to clients."""
     assert fetch.size is not None
@@ -155,12 +154,12 @@ async def stream_fetch(
     try:
         offset = start
         while offset < end:
-            await _wait_sendable(fetch, offset, offset > start, end, stored)
-            if fetch.error is not None and (stored or not fetch.verified):  # verified bytes are right, even unstored
+            await _wait_sendable(fetch, offset, offset > start, end)
+            if fetch.error is not None and not fetch.verified:  # verified bytes are right, even unstored
                 log.warning("cutting client off: fetch of %s failed: %s", digest, fetch.error)
                 transport.abort()
                 return resp
-            available = min(fetch.readable(), _sendable_end(fetch, end, stored))
+            available = min(fetch.readable(), _sendable_end(fetch, end))
             if available > offset:
                 await send_part(request, transport, resp, fileobj, offset, available - offset)
                 if repo is not None:
@@ -190,28 +189,25 @@ async def _open_growing(request: web.Request, fetch: FetchState) -> IO[bytes] | 
         return None
 
 
-async def _wait_sendable(fetch: FetchState, offset: int, gather: bool, end: int, stored: bool) -> None:
+async def _wait_sendable(fetch: FetchState, offset: int, gather: bool, end: int) -> None:
     """Wait until bytes from ``offset`` of a range ending at ``end`` may be sent, or the fetch ended.
 
     A range's last byte is sent only once the whole blob is verified: ``Fetch.readable`` holds back the blob's
     last byte, which protects only ranges that include it; a range ending earlier would otherwise be completed
     with bytes whose digest is not yet known to be right."""
-    if offset >= _sendable_end(fetch, end, stored):
-        if stored:
-            await fetch.wait_done()
-            return
+    if offset >= _sendable_end(fetch, end):
         while not (fetch.verified or fetch.done):  # the digest check (the publish after it holds nobody back)
             await fetch.wait_beyond(fetch.readable())
         return
     await fetch.wait_beyond(offset)
     if gather and fetch.readable() - offset < SEND_STEP:
-        await _gather_more(fetch, min(offset + SEND_STEP, _sendable_end(fetch, end, stored)))
+        await _gather_more(fetch, min(offset + SEND_STEP, _sendable_end(fetch, end)))
 
 
-def _sendable_end(fetch: FetchState, end: int, stored: bool) -> int:
-    """Where the bytes of a range ending at ``end`` may be sent up to now: all of it once the blob is verified
-    (``stored``: once it is stored), all but its last byte before."""
-    return end if (fetch.final_path is not None if stored else fetch.verified) else end - 1
+def _sendable_end(fetch: FetchState, end: int) -> int:
+    """Where the bytes of a range ending at ``end`` may be sent up to now: all of it once the blob is verified, all
+    but its last byte before."""
+    return end if fetch.verified else end - 1
 
 
 async def _gather_more(fetch: FetchState, target: int) -> None:

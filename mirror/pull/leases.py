@@ -13,7 +13,10 @@ per key coordinates with the other replicas. That task takes the key's lease (on
 2. another replica holds it: this one is a **follower**. It streams the holder's bytes (``Range`` from where it is
    when it reconnects) into a temp file of its own, which its clients stream as they would any fetch, hashes
    them, and lets its clients have the last byte only once it has verified the digest itself: a replica never
-   serves bytes it has not verified. It uploads nothing: the holder's upload is the one object.
+   serves bytes it has not verified. It uploads nothing: the holder's upload is the one object. The holder sends
+   the last byte once it verified the digest, not once the object is complete, so the follower's clients do not
+   wait for the holder's upload; the follower's fetch ends when the object is in the bucket (or, if the holder
+   lets the lease go without completing it, the follower takes the lease and uploads its own verified bytes).
 3. the holder is gone (404: it runs no such fetch; or it cannot be reached or cut the stream): if the object is
    complete in the bucket, a follower that has no bytes yet lets the miss path serve it from there; otherwise it
    tries the lease again, and once the dead holder's lease has expired (or a failed holder released it) it takes
@@ -40,6 +43,7 @@ from mirror.upstream.peers import PeerBody, PeerClient, PeerGone, PeerMissing
 
 log = logging.getLogger(__name__)
 POLL = 0.2  # seconds between looks at a lease whose holder cannot be reached (Redis tells nobody of an expiry)
+STORED_POLL = 0.01  # seconds before the first look again for the object a holder is completing (doubling to POLL)
 READ = 1 << 20  # bytes gathered from a peer's stream before one write to the temp file
 
 
@@ -136,12 +140,20 @@ class Leased:
     # --- one key's coordinating task ---------------------------------------------------------------------------
     async def _coordinate(self, registry: str, fetch: LeasedFetch, run: FetchRun) -> None:
         writer: list[TempFile] = []  # the follower's temp file, once a holder answered
+        wait = STORED_POLL
         try:
             while not fetch.done:
+                if fetch.verified and await self._store.size(fetch.digest) is not None:
+                    fetch.finish(self._store.path(fetch.digest))  # the holder completed the object
+                    return
                 current = await self._leases.take(registry, fetch.digest, fetch.holder)
                 if current is None:
                     await self._holding(registry, fetch, run, writer)
                     return
+                if fetch.verified:  # our clients have every byte: the holder is completing the object
+                    await asyncio.sleep(wait)
+                    wait = min(2 * wait, self._poll)
+                    continue
                 try:
                     await self._follow(registry, fetch, current, writer)
                 except (PeerMissing, PeerGone) as exc:
@@ -161,7 +173,11 @@ class Leased:
                     await self._leases.release(registry, fetch.digest, fetch.holder)
                 fetch.fail(lost(fetch.digest, "stopped before the end"))
                 return
-            if await self._store.size(fetch.digest) is not None and await self._rest_from_bucket(fetch, writer[0]):
+            if await self._store.size(fetch.digest) is not None and (
+                fetch.verified or await self._rest_from_bucket(fetch, writer[0])
+            ):
+                if not fetch.done:
+                    fetch.finish(self._store.path(fetch.digest))
                 await self._leases.release(registry, fetch.digest, fetch.holder)  # completed as we took it
                 return
             file = writer.pop()  # the store's resuming writer continues the file: it is no longer ours to remove
@@ -253,25 +269,25 @@ class Leased:
             fetch.advance(writer.written)
 
     def _verified(self, fetch: LeasedFetch, writer: TempFile) -> None:
-        """Finish the fetch if our temp file is the whole blob and matches its digest, else fail it (its clients
-        are cut): the last byte goes to our clients only after this."""
+        """Mark the fetch verified if our temp file is the whole blob and matches its digest (our clients get the
+        last byte), else fail it (they are cut). It finishes once the object is complete in the bucket."""
         written, hasher = writer.mark()
         if written != fetch.size or hasher.hexdigest() != fetch.digest.hex:
             fetch.fail(lost(fetch.digest, f"sent {written} bytes that do not match the digest"))
             return
-        fetch.finish(self._store.path(fetch.digest))
+        fetch.verify()
 
     async def _after_holder(self, fetch: LeasedFetch, writer: list[TempFile]) -> bool:
         """The holder's stream is not there or broke. If the object is complete in the bucket, finish with it: the
         miss path serves it from there if our clients have read nothing, else the rest of our temp file comes from
         it. Otherwise wait a moment before the lease is tried again (a live holder is then followed on with
         ``Range``; a dead one's lease expires within its TTL). False when the fetch is done."""
-        if await self._store.size(fetch.digest) is not None:
-            if not writer:
+        if await self._store.size(fetch.digest) is not None and (
+            not writer or await self._rest_from_bucket(fetch, writer[0])
+        ):
+            if not fetch.done:
                 fetch.finish(self._store.path(fetch.digest))
-                return False
-            if await self._rest_from_bucket(fetch, writer[0]):
-                return False
+            return False
         await asyncio.sleep(self._poll)  # Redis tells nobody when a lease expires: there is no event to await
         return True
 

@@ -11,7 +11,7 @@ import http.client
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -234,23 +234,21 @@ async def fake_holder(
     lease: str,
     redis_url: str,
     dies: Callable[[], None] | None = None,
-    completes: Callable[[], None] | None = None,
+    after: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> tuple[web.AppRunner, str]:
     """A replica that holds ``lease`` and streams ``body`` as a blob of ``size`` bytes: the faults a real holder
     never shows (it verifies what it serves), to check that a follower verifies for itself. A short ``body`` is cut:
     like a holder whose fetch failed, it releases the lease then; or with ``dies`` (which completes the object in
-    the bucket) like a holder that completed the object and died before its last bytes, holding the lease. With
-    ``completes``, a whole body's last byte follows the object's completion, as a real holder sends it."""
+    the bucket) like a holder that completed the object and died before its last bytes, holding the lease. After a
+    whole body, ``after`` runs in the background: what a real holder does once it sent its last byte (it completes
+    the object, or fails to, and lets the lease go)."""
+    running: set[asyncio.Task[None]] = set()
 
     async def serve(request: web.Request) -> web.StreamResponse:
         assert request.headers.get(SECRET_HEADER) == SECRET
         resp = web.StreamResponse(headers={"Content-Length": str(size)})
         await resp.prepare(request)
         rest = body
-        if completes is not None and len(body) == size:
-            await resp.write(body[:-1])
-            await asyncio.to_thread(completes)
-            rest = body[-1:]
         await resp.write(rest)
         if len(body) < size:
             if dies is not None:
@@ -262,6 +260,9 @@ async def fake_holder(
                     await client.delete(lease)
             return resp
         await resp.write_eof()
+        if after is not None:
+            running.add(task := asyncio.create_task(after()))
+            task.add_done_callback(running.discard)
         return resp
 
     app = web.Application()
@@ -277,12 +278,14 @@ async def fake_holder(
     ("served", "expected", "upstream_gets"),
     [
         ("right", "whole", 0),
+        ("right, its upload failed", "whole", 0),
         ("wrong", "cut", 0),
         ("failed", "whole", 1),
         ("died after completing", "whole", 0),
     ],
     ids=[
-        "holder streams the right bytes -> 200, verified by the follower",
+        "holder streams the right bytes -> 200 before the holder's object is complete, verified by the follower",
+        "holder streams every byte, then lets the lease go without the object -> the follower uploads its bytes",
         "holder streams wrong bytes of the right size -> the follower's client is cut",
         "holder's fetch fails mid-blob -> the follower takes it over with a Range request",
         "holder completes the object and dies before its last bytes -> the rest from the bucket",
@@ -301,15 +304,22 @@ async def test_a_follower_serves_only_bytes_it_verified_itself(
     digest = push_blob(upstream["url"], "library/verified", data)
     prefix = f"verified-{served.replace(' ', '-')}/"
     key = f"{prefix}blobs/{digest.replace(':', '/')}"
-    body = {"right": data, "wrong": os.urandom(len(data))}.get(served, data[: len(data) // 2])
+    whole = served.startswith("right")
+    body = data if whole else os.urandom(len(data)) if served == "wrong" else data[: len(data) // 2]
     lease = f"mirror:lease:docker.io:{digest}"
 
     def complete() -> None:
         raw_client(seaweed.endpoint_url).put_object(Bucket=seaweed.bucket, Key=key, Body=data)
 
+    async def let_go() -> None:  # a real holder completes the object after its last byte, then releases the lease
+        if served == "right":
+            await asyncio.sleep(1.0)  # long after the follower's client had every byte
+            await asyncio.to_thread(complete)
+        async with aioredis.Redis.from_url(redis_server.url) as client:
+            await client.delete(lease)
+
     dies = complete if served == "died after completing" else None
-    completes = complete if served == "right" else None  # a real holder's last byte follows the object
-    runner, holder_url = await fake_holder(body, len(data), lease, redis_server.url, dies, completes)
+    runner, holder_url = await fake_holder(body, len(data), lease, redis_server.url, dies, let_go if whole else None)
     try:
         async with aioredis.Redis.from_url(redis_server.url) as client:  # the fake holds the lease (for a minute)
             await client.set(lease, f"fake {holder_url}", px=60_000)
@@ -326,6 +336,8 @@ async def test_a_follower_serves_only_bytes_it_verified_itself(
                 except aiohttp.ClientPayloadError:
                     outcome = "cut"
             assert outcome == expected
+            if served == "right":
+                assert bucket_keys(seaweed, prefix) == {}, "the client had its last byte before the object was complete"
             if outcome == "whole":
                 assert got == data
             else:
@@ -338,7 +350,9 @@ async def test_a_follower_serves_only_bytes_it_verified_itself(
                 # can reach it with bytes still unread, which its HTTP client then drops: from 0, a plain GET).
                 assert ranged in ([f"bytes={len(body)}-"], ["-"]), ranged
                 assert metric(mirror, "mirror_cluster_takeovers_total") == 1
-            want = {key: len(data)} if served in ("right", "failed", "died after completing") else {}
+            if served == "right, its upload failed":  # the follower took the lease, uploaded what it verified
+                await eventually(lambda: metric(mirror, "mirror_cluster_takeovers_total") == 1, what="a takeover")
+            want = {} if served == "wrong" else {key: len(data)}
             # The object is completed just after the client had its last byte (verified): wait for it.
             await eventually(lambda: bucket_keys(seaweed, prefix) == want, what=f"the bucket holding {want}")
             tmp = tmp_path / "data-0" / "tmp"
