@@ -6,6 +6,7 @@ membership. ``app.create_app`` and the admin commands build them from here; the 
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,8 +20,9 @@ from mirror.config import Config, ConfigError
 from mirror.config.cluster import cluster_config
 from mirror.config.storage import storage_config
 from mirror.metrics import Metrics
+from mirror.oci.reference import Digest
 from mirror.pull.filelock import FileLocks
-from mirror.pull.inflight import FetchCoordinator, InFlight, RefLocking
+from mirror.pull.inflight import FetchCoordinator, InFlight, RefLocking, RemoteFetch
 from mirror.storage.base import BlobStorage, RegistryIndex
 from mirror.storage.blobs import BlobStore
 from mirror.storage.counter import ChangeCounter, SharedCounter
@@ -102,12 +104,28 @@ def cluster_coordination(
     the replicas' internal endpoint serves from it, and the forwarding of upload sessions to their holders."""
     from mirror.pull.leases import Leased  # here: Redis and the peer client come with [cluster] only
     from mirror.storage.leases import Leases
+    from mirror.storage.members import Members
     from mirror.storage.uploadowners import UploadOwners
     from mirror.upstream.peers import PeerClient
 
     cluster = cluster_config(config)
     peers = PeerClient(cluster.secret)  # closed with the coordinator
-    leased = Leased(Leases(link), peers, cluster.advertise, bucket, bucket.local.fetch_writer, metrics)
+    members = Members(link)
+
+    async def others() -> list[RemoteFetch]:  # the web page's view of the other replicas' fetches
+        found = []
+        for member in await members.list():
+            if member.advertise == cluster.advertise:
+                continue
+            for fetch in member.held:
+                with contextlib.suppress(ValueError):  # (written by a replica: a digest that does not parse is none)
+                    digest = Digest.parse(fetch.digest)
+                    found.append(
+                        RemoteFetch(fetch.registry, digest, fetch.repo, fetch.size, fetch.written, fetch.started)
+                    )
+        return found
+
+    leased = Leased(Leases(link), peers, cluster.advertise, bucket, bucket.local.fetch_writer, metrics, others=others)
     holders = UploadOwners(link, cluster.advertise, config.upload_max_age)
     return leased, Peering(cluster.secret, leased), UploadForwarding(holders, peers)
 
@@ -146,11 +164,13 @@ def membership(
 ) -> tuple[Callable[[web.Application], AsyncIterator[None]], Callable[[], Awaitable[list[dict[str, Any]]]]]:
     """With ``[cluster]``: this replica's heartbeat in Redis while it serves (it leaves when it stops), and the
     listing of the members alive that ``GET /admin/v1/cluster`` answers."""
+    from mirror.pull.leases import Leased
     from mirror.storage.members import Heartbeat, Members
 
     members = Members(link)
     me = f"{socket.gethostname()}-{secrets.token_hex(3)}"
-    heartbeat = Heartbeat(members, me, cluster_config(config).advertise, lambda: len(inflight.under_way()))
+    held = inflight.held if isinstance(inflight, Leased) else tuple
+    heartbeat = Heartbeat(members, me, cluster_config(config).advertise, lambda: len(inflight.under_way()), held)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         heartbeat.start()

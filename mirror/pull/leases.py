@@ -29,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -39,6 +40,7 @@ from mirror.oci.reference import Digest
 from mirror.pull.inflight import Fetch, FetchCoordinator, FetchRun, FetchState, InFlight, RemoteFetch
 from mirror.storage.base import BlobStorage, BlobWriterLike, RemoteBlobs, StoreUnavailable
 from mirror.storage.leases import Holder, Leases
+from mirror.storage.members import HeldFetch
 from mirror.upstream.peers import PeerBody, PeerClient, PeerGone, PeerMissing
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,9 @@ class Leased:
         temp_writer: TempWriter,
         metrics: Metrics,
         poll: float = POLL,
+        others: Callable[[], Awaitable[list[RemoteFetch]]] | None = None,
     ):
+        self._others = others  # the fetches the other replicas hold, as their heartbeats list them
         self._leases = leases
         self._peers = peers
         self._store = store
@@ -121,8 +125,26 @@ class Leased:
     def under_way(self) -> list[tuple[str, FetchState]]:
         return self._inflight.under_way()
 
+    def held(self) -> list[HeldFetch]:
+        """The fetches this replica holds the lease of (it runs them for the cluster), for its heartbeat."""
+        wall = time.time() - time.monotonic()
+        return [
+            HeldFetch(registry, str(fetch.digest), fetch.repo, fetch.size, fetch.written, wall + fetch.started_at)
+            for registry, fetch in self._inflight.under_way()
+            if isinstance(fetch, LeasedFetch) and fetch.held
+        ]
+
     async def elsewhere(self) -> list[RemoteFetch]:
-        return []  # the other replicas' fetches are listed by membership (not yet)
+        """The fetches the other replicas hold that this one does not follow (from their last heartbeats); none
+        while Redis cannot be asked."""
+        if self._others is None:
+            return []
+        own = {(registry, fetch.digest) for registry, fetch in self._inflight.under_way()}
+        try:
+            found = await self._others()
+        except StoreUnavailable:
+            return []
+        return [fetch for fetch in found if (fetch.registry, fetch.digest) not in own]
 
     def get(self, registry: str, digest: Digest) -> FetchState | None:
         return self._inflight.get(registry, digest)

@@ -4,8 +4,9 @@
 Keys (``storage.cluster.key``):
 
     mirror:member:<id>      string, expiring ``ttl`` s after it is set: JSON {"id", "advertise", "started_at",
-                            "fetches", "ttl"},
-                            written again every ``HEARTBEAT`` seconds by the replica ``<id>``
+                            "fetches", "held", "ttl"}, written again every ``HEARTBEAT`` seconds by the replica
+                            ``<id>``; "held": the blob fetches it runs for the cluster (at most ``HELD_LISTED``),
+                            for the other replicas' web pages
     mirror:members          zset <id> -> when it first registered (unix time): the ids to look up, so a
                             listing is one ZRANGE and one pipeline, never a SCAN
 
@@ -22,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -34,7 +35,20 @@ from mirror.storage.cluster import RedisLink, key
 log = logging.getLogger(__name__)
 HEARTBEAT = 2.0  # seconds between two beats of a replica
 TTL = 6.0  # seconds a beat keeps a replica listed: three beats missed and it is gone
+HELD_LISTED = 50  # fetches a beat lists (the web page shows no more)
 MEMBERS = key("members")
+
+
+@dataclass(frozen=True, slots=True)
+class HeldFetch:
+    """A blob fetch a replica runs for the cluster (it holds the lease), as of its last beat."""
+
+    registry: str
+    digest: str
+    repo: str
+    size: int | None
+    written: int
+    started: float  # time.time() on that replica
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +60,7 @@ class Member:
     started_at: float
     fetches: int  # blob fetches from upstreams under way on that replica at its last beat
     last_seen: float
+    held: tuple[HeldFetch, ...] = ()  # those it holds the lease of (the first HELD_LISTED)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,9 +81,12 @@ class Members:
         self._link = link
         self.ttl = ttl
 
-    async def beat(self, id: str, advertise: str, started_at: float, fetches: int) -> None:
-        fields = {"id": id, "advertise": advertise, "started_at": started_at, "fetches": fetches, "ttl": self.ttl}
-        value = json.dumps(fields)
+    async def beat(
+        self, id: str, advertise: str, started_at: float, fetches: int, held: Sequence[HeldFetch] = ()
+    ) -> None:
+        listed = [asdict(fetch) for fetch in held[:HELD_LISTED]]
+        fields = {"id": id, "advertise": advertise, "started_at": started_at, "fetches": fetches, "held": listed}
+        value = json.dumps({**fields, "ttl": self.ttl})
         with _unavailable():
             async with self._link.aio.pipeline(transaction=True) as pipe:
                 pipe.set(key("member", id), value, px=int(self.ttl * 1000))
@@ -112,9 +130,22 @@ def _member(value: bytes | None, remaining: float, now: float) -> Member | None:
             return None
         last_seen = now - max(0.0, float(fields["ttl"]) - remaining)
         started_at, fetches = float(fields["started_at"]), int(fields["fetches"])
-        return Member(str(fields["id"]), str(fields["advertise"]), started_at, fetches, last_seen)
-    except (ValueError, KeyError, TypeError):
+        held = tuple(_held(item) for item in fields.get("held", ())[:HELD_LISTED])
+        return Member(str(fields["id"]), str(fields["advertise"]), started_at, fetches, last_seen, held)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _held(item: dict[str, Any]) -> HeldFetch:
+    size = item["size"]
+    return HeldFetch(
+        str(item["registry"]),
+        str(item["digest"]),
+        str(item["repo"]),
+        None if size is None else int(size),
+        int(item["written"]),
+        float(item["started"]),
+    )
 
 
 class Heartbeat:
@@ -126,18 +157,20 @@ class Heartbeat:
         id: str,
         advertise: str,
         fetches: Callable[[], int] = lambda: 0,
+        held: Callable[[], Sequence[HeldFetch]] = tuple,
         interval: float = HEARTBEAT,
     ):
         self._members = members
         self.id = id
         self._advertise = advertise
         self._fetches = fetches
+        self._held = held
         self._interval = interval
         self._started_at = time.time()
         self._task: asyncio.Task[None] | None = None
 
     async def beat(self) -> None:
-        await self._members.beat(self.id, self._advertise, self._started_at, self._fetches())
+        await self._members.beat(self.id, self._advertise, self._started_at, self._fetches(), self._held())
 
     async def _run(self) -> None:
         failing = False
