@@ -16,7 +16,7 @@ from aiohttp import web
 
 from mirror.api.forward import UploadForwarding
 from mirror.api.peer import Peering
-from mirror.config import Config, ConfigError
+from mirror.config import Config, ConfigError, cache_config
 from mirror.config.cluster import cluster_config
 from mirror.config.storage import storage_config
 from mirror.metrics import Metrics
@@ -125,7 +125,13 @@ def cluster_coordination(
                     )
         return found
 
-    leased = Leased(Leases(link), peers, cluster.advertise, bucket, bucket.local.fetch_writer, metrics, others=others)
+    # The "stored" mark outlives the lag of a replica's usage table (a flush interval) and lasts no longer than
+    # eviction leaves new content alone (``app.build_housekeeping``'s min_idle for replicas).
+    stored_ttl = 2 * cache_config(config).flush_interval + 5
+    leased = Leased(
+        Leases(link), peers, cluster.advertise, bucket, bucket.local.fetch_writer, metrics, others=others,
+        stored_ttl=stored_ttl,
+    )  # fmt: skip
     holders = UploadOwners(link, cluster.advertise, config.upload_max_age)
     return leased, Peering(cluster.secret, leased), UploadForwarding(holders, peers)
 

@@ -85,7 +85,8 @@ class BlobPuller:
         if hot is not None:
             await self._names.vouch(repo, digest, "blob")
             return self._hit(repo, digest, MemoryBlob(hot))
-        size = await self._store.size(digest)
+        # (A replica whose usage table lists no such digest skips the bucket's HEAD: ``_fetch`` looks again.)
+        size = await self._store.size(digest) if self._usage.may_hold(digest) else None
         if size is not None:
             await self._names.vouch(repo, digest, "blob")
             if size > SMALL_BLOB:
@@ -152,7 +153,8 @@ class BlobPuller:
         """Runs as the fetch's own task: upstream -> temp file (hashed on the fly) -> verify -> publish -> record.
         With ``fetch.resume`` it continues the temp file an interrupted fetch left (``pull.resume``)."""
         digest = fetch.digest
-        if await self._store.size(digest) is not None:  # committed between the caller's check and join()
+        # Committed between the caller's check (if it made one) and join(), unless the coordinator knows better.
+        if not fetch.unstored and await self._store.size(digest) is not None:
             await self._names.vouch(repo, digest, "blob")
             fetch.finish(self._store.path(digest))
             return

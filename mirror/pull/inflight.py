@@ -85,6 +85,9 @@ class FetchState(Protocol):
     # Set by a coordinator before the fetching task runs: ``temp_path`` holds the first bytes of this blob from a
     # fetch that was interrupted (its process died) and the task continues from them (``pull.resume``).
     resume: bool
+    # Set by a coordinator that knows the store held no such blob when the fetch began (``pull.leases``): the task
+    # need not look at the store again before it asks the upstream.
+    unstored: bool
 
     def readable(self) -> int: ...
 
@@ -145,6 +148,7 @@ class Fetch:
         self.started_at = time.monotonic()
         self.clients = 0
         self.resume = False
+        self.unstored = False
         self.size: int | None = None  # from the upstream's Content-Length, once it answered
         self.temp_path: Path | None = None
         self.final_path: Path | None = None  # set once verified and renamed into the store

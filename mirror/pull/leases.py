@@ -39,7 +39,7 @@ from mirror.oci import errors
 from mirror.oci.reference import Digest
 from mirror.pull.inflight import Fetch, FetchCoordinator, FetchRun, FetchState, InFlight, RemoteFetch
 from mirror.storage.base import BlobStorage, BlobWriterLike, RemoteBlobs, StoreUnavailable
-from mirror.storage.leases import Holder, Leases
+from mirror.storage.leases import STORED, Holder, Leases
 from mirror.storage.members import HeldFetch
 from mirror.upstream.peers import PeerBody, PeerClient, PeerGone, PeerMissing
 
@@ -98,7 +98,9 @@ class Leased:
         metrics: Metrics,
         poll: float = POLL,
         others: Callable[[], Awaitable[list[RemoteFetch]]] | None = None,
+        stored_ttl: float = 60.0,
     ):
+        self._stored_ttl = stored_ttl  # seconds the "stored" mark of a completed fetch lives (``storage.leases``)
         self._others = others  # the fetches the other replicas hold, as their heartbeats list them
         self._leases = leases
         self._peers = peers
@@ -165,20 +167,30 @@ class Leased:
         wait = STORED_POLL
         try:
             while not fetch.done:
-                if fetch.verified and await self._store.size(fetch.digest) is not None:
-                    fetch.finish(self._store.path(fetch.digest))  # the holder completed the object
-                    return
                 current = await self._leases.take(registry, fetch.digest, fetch.holder)
                 if current is None:
+                    # No fetch of it stored the object lately (that leaves the mark): nor did anything else that
+                    # this replica's usage table would not list yet, or its miss path would have seen it.
+                    fetch.unstored = not writer
                     await self._holding(registry, fetch, run, writer)
                     return
+                if current == STORED:  # (the holder completed the object, or another fetch did lately)
+                    if not await self._after_stored(registry, fetch, writer):
+                        return
+                    continue
                 if fetch.verified:  # our clients have every byte: the holder is completing the object
                     await asyncio.sleep(wait)
                     wait = min(2 * wait, self._poll)
                     continue
                 try:
                     await self._follow(registry, fetch, current, writer)
-                except (PeerMissing, PeerGone) as exc:
+                except PeerMissing as exc:
+                    # It runs no such fetch: not yet (it took the lease a moment ago) or no longer (the lease
+                    # then says "stored" or is free). Ask the lease again soon.
+                    log.info("following %s for blob %s: %s", current.advertise, fetch.digest, exc)
+                    await asyncio.sleep(wait)
+                    wait = min(2 * wait, self._poll)
+                except PeerGone as exc:
                     log.info("following %s for blob %s: %s", current.advertise, fetch.digest, exc)
                     if not await self._after_holder(fetch, writer):
                         return
@@ -241,7 +253,10 @@ class Leased:
             await asyncio.gather(renewing, return_exceptions=True)
             self._metrics.leases_held.dec()
             try:
-                await self._leases.release(registry, fetch.digest, fetch.holder)
+                if fetch.final_path is not None and fetch.error is None:  # stored: the lease becomes the mark
+                    await self._leases.finish(registry, fetch.digest, fetch.holder, self._stored_ttl)
+                else:
+                    await self._leases.release(registry, fetch.digest, fetch.holder)
             except StoreUnavailable as exc:  # it expires on its own within the TTL
                 log.warning("cannot release the lease of blob %s: %s", fetch.digest, exc)
 
@@ -298,6 +313,19 @@ class Leased:
             fetch.fail(lost(fetch.digest, f"sent {written} bytes that do not match the digest"))
             return
         fetch.verify()
+
+    async def _after_stored(self, registry: str, fetch: LeasedFetch, writer: list[TempFile]) -> bool:
+        """A fetch stored the object lately: finish with it (the miss path serves it from the bucket, or the rest of
+        our temp file comes from it). If it is gone since (removed), the mark goes and the lease is tried again.
+        False when the fetch is done."""
+        if await self._store.size(fetch.digest) is not None and (
+            not writer or fetch.verified or await self._rest_from_bucket(fetch, writer[0])
+        ):
+            if not fetch.done:
+                fetch.finish(self._store.path(fetch.digest))
+            return False
+        await self._leases.forget_stored(registry, fetch.digest)
+        return True
 
     async def _after_holder(self, fetch: LeasedFetch, writer: list[TempFile]) -> bool:
         """The holder's stream is not there or broke. If the object is complete in the bucket, finish with it: the

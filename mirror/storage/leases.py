@@ -13,6 +13,11 @@ is answered from it, as a HEAD of a blob another worker is fetching is on one ho
 
 ``take`` is one round trip whichever way it goes: ``SET NX PX GET`` (Redis 7) sets the key and answers nil, or
 leaves it and answers the holder's value, so a replica that misses learns where to stream from at once.
+
+A holder whose fetch stored the object ends with ``finish`` instead of ``release``: the key then says "stored" for
+``stored_ttl`` seconds (longer than a replica's usage table may lag, and no longer than eviction leaves content
+alone). So a replica that takes the lease knows no fetch of the blob completed lately, and its miss path need not
+ask the bucket again before it asks the upstream; one that finds "stored" reads the object.
 """
 
 from __future__ import annotations
@@ -43,6 +48,14 @@ _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[2]); return redis.call('del', KEYS[1]) end
 return 0
 """
+# The fetch stored the object: the lease (if still ours) becomes the mark ARGV[3] for ARGV[2] ms; its size goes.
+_FINISH = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('del', KEYS[2])
+  return redis.call('set', KEYS[1], ARGV[3], 'PX', ARGV[2]) and 1
+end
+return 0
+"""
 # Write the size (ARGV[2]) with the lease's expiry (ARGV[3] ms) only if the lease is still ours; 1 if it was.
 _ANNOUNCE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[2], ARGV[2], 'PX', ARGV[3]) and 1 end
@@ -71,6 +84,9 @@ class Holder:
         return f"{self.fetch_id} {self.advertise}"
 
 
+STORED = Holder("stored", "")  # what ``take`` answers while the key marks a fetch that stored the object lately
+
+
 def lease_key(registry: str, digest: Digest) -> str:
     return key("lease", registry, str(digest))
 
@@ -87,6 +103,7 @@ class Leases:
         self.ttl = ttl
         self._renew = link.aio.register_script(_RENEW)
         self._release = link.aio.register_script(_RELEASE)
+        self._finish = link.aio.register_script(_FINISH)
         self._announce = link.aio.register_script(_ANNOUNCE)
 
     @property
@@ -94,8 +111,8 @@ class Leases:
         return max(1, int(self.ttl * 1000))
 
     async def take(self, registry: str, digest: Digest, holder: Holder) -> Holder | None:
-        """Take the lease of ``digest`` from ``registry`` for ``holder``: None when it is now ours, else who holds
-        it. One round trip."""
+        """Take the lease of ``digest`` from ``registry`` for ``holder``: None when it is now ours (and no fetch of it
+        stored the object lately), ``STORED`` when one did, else who holds it. One round trip."""
         try:
             found = await self._link.aio.set(
                 lease_key(registry, digest), holder.value(), nx=True, px=self._ms, get=True
@@ -135,7 +152,20 @@ class Leases:
         """Delete ``holder``'s lease; False when it was not (or no longer) ``holder``'s: another's is left alone."""
         return await self._script(self._release, registry, digest, holder)
 
-    async def _script(self, script: AsyncScript, registry: str, digest: Digest, holder: Holder, *args: int) -> bool:
+    async def finish(self, registry: str, digest: Digest, holder: Holder, stored_ttl: float) -> bool:
+        """``holder``'s fetch stored the object: its lease becomes the "stored" mark for ``stored_ttl`` seconds;
+        False when the lease was not (or no longer) ``holder``'s."""
+        return await self._script(
+            self._finish, registry, digest, holder, max(1, int(stored_ttl * 1000)), STORED.value()
+        )
+
+    async def forget_stored(self, registry: str, digest: Digest) -> bool:
+        """Drop the "stored" mark (the object is gone: removed since); False if the key is not that mark."""
+        return await self.release(registry, digest, STORED)
+
+    async def _script(
+        self, script: AsyncScript, registry: str, digest: Digest, holder: Holder, *args: int | str
+    ) -> bool:
         try:
             keys = [lease_key(registry, digest), size_key(registry, digest)]
             done = await script(keys=keys, args=[holder.value(), *args])

@@ -188,6 +188,7 @@ class RedisUsage(Usage):
         self._link = link
         self.writer = f"{os.getpid()}-{secrets.token_hex(4)}"  # this process's name in the journal
         self._epoch = b""  # the epoch of the Redis the table was loaded from
+        self._read = False  # the table was read from Redis (``may_hold`` trusts it)
         sync = link.sync
         self._add, self._mark, self._flush, self._put, self._delete = (
             sync.register_script(_PRELUDE + body) for body in (_ADD, _MARK, _FLUSH, _PUT, _DELETE)
@@ -196,6 +197,18 @@ class RedisUsage(Usage):
 
     def close(self) -> None:
         return None
+
+    def may_hold(self, digest: Digest) -> bool:
+        """False when the table, once read from Redis, has no entry of ``digest``: every replica records what it
+        stores at once and reads the others' records at every flush, so the cluster stored no ``digest`` until a
+        flush interval ago. A miss then goes straight to the fetch's coordination, which looks at the bucket again
+        before it asks the upstream (``BlobPuller._fetch``): a blob stored meanwhile is served, never fetched twice.
+        It saves a miss the bucket round trip of a HEAD."""
+        return not self._read or str(digest) in self.table
+
+    def install(self, table: dict[str, Entry], generation: int, loaded_at: float = 0.0) -> None:
+        super().install(table, generation, loaded_at)
+        self._read = generation >= 0  # -1: started while Redis was down, nothing read yet
 
     def _write(self, script: Any, args: Iterable[object]) -> Any:
         """Run one of the scripts that write entries (and note them in the journal)."""

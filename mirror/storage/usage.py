@@ -120,6 +120,10 @@ class Usage:
             entry.last_served = now
         self._dirty[key] = now
 
+    def may_hold(self, digest: Digest) -> bool:
+        """Whether the store may hold ``digest``: always, here (a look at the disk costs a stat)."""
+        return True
+
     def hold(self, digest: Digest) -> Callable[[], None]:
         """Hold ``digest`` while a client reads it (eviction skips held digests); returns the release, which
         may be called any number of times."""
@@ -415,6 +419,9 @@ class NullUsage:
 
     def touch(self, digest: Digest) -> None:
         pass
+
+    def may_hold(self, digest: Digest) -> bool:
+        return True
 
     def expect(self, size: int | None) -> None:
         pass

@@ -11,7 +11,7 @@ import pytest
 from mirror.oci.reference import Digest
 from mirror.storage.base import StoreUnavailable
 from mirror.storage.cluster import RedisLink
-from mirror.storage.leases import Holder, Leases, lease_key, size_key
+from mirror.storage.leases import STORED, Holder, Leases, lease_key, size_key
 from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
 
 DIGEST = Digest.parse("sha256:" + "ab" * 32)
@@ -94,3 +94,18 @@ async def test_redis_unreachable_is_store_unavailable() -> None:
             await Leases(link).take("docker.io", DIGEST, A)
     finally:
         await link.close()
+
+
+async def test_a_holder_that_stored_the_object_leaves_a_stored_mark_for_a_while(link: RedisLink) -> None:
+    leases = Leases(link)
+    assert await leases.take("docker.io", DIGEST, A) is None
+    assert await leases.announce("docker.io", DIGEST, A, 1234)
+    assert not await leases.finish("docker.io", DIGEST, B, 0.3), "only the holder's fetch marks it"
+    assert await leases.finish("docker.io", DIGEST, A, 0.3)
+    assert await leases.take("docker.io", DIGEST, B) == STORED, "a replica that misses learns it was stored"
+    assert await leases.announced("docker.io", DIGEST) is None, "the size went with the lease"
+    await asyncio.sleep(0.4)
+    assert await leases.take("docker.io", DIGEST, B) is None, "the mark expires"
+    assert await leases.finish("docker.io", DIGEST, B, 60)
+    assert await leases.forget_stored("docker.io", DIGEST), "the object went: the mark too"
+    assert await leases.take("docker.io", DIGEST, A) is None
