@@ -301,7 +301,11 @@ class Housekeeper:
     def _forget_sync(self, removed: list[Removal]) -> None:
         # Conditional: a digest fetched again since it was unlinked keeps its new entry and manifest record.
         self._usage.delete_unless_newer_sync([(r.digest, r.last_served) for r in removed])
-        for r in removed:
-            digest = Digest.parse(r.digest)
-            if r.kind == "manifest" and self._store.size_sync(digest) is None:
-                self._index.delete_manifest_sync(digest)
+        # An entry another process served after the planning (a newer time on disk) was kept by that; its file is
+        # gone all the same, so it goes too, or every process would count a blob that is not stored.
+        absent = [r for r in removed if self._store.size_sync(Digest.parse(r.digest)) is None]
+        if self._usage.shared:
+            self._usage.delete_sync(r.digest for r in absent)
+        for r in absent:
+            if r.kind == "manifest":
+                self._index.delete_manifest_sync(Digest.parse(r.digest))

@@ -44,6 +44,7 @@ from pathlib import Path
 import diskcache
 
 from mirror.oci.reference import Digest
+from mirror.storage.base import StoreUnavailable
 from mirror.storage.journal import Journal
 from mirror.storage.sqlfull import disk_full
 
@@ -204,8 +205,15 @@ class Usage:
         return entry
 
     async def added(self, digest: Digest, size: int, kind: str, repo: str = "", local: bool = False) -> None:
-        """Content was committed to the store (a fetch, a push): count it and make it the most recent."""
-        entry = await asyncio.to_thread(self.added_sync, digest, size, kind, repo, local)
+        """Content was committed to the store (a fetch, a push): count it and make it the most recent. It is in
+        this process's table even if the replicas' Redis cannot be written: this replica still serves what it
+        stored (``may_hold`` says so)."""
+        try:
+            entry = await asyncio.to_thread(self.added_sync, digest, size, kind, repo, local)
+        except StoreUnavailable:
+            self.remember(str(digest), Entry(size, self.now(), kind, local, repo))
+            self.on_grow()
+            raise
         self.remember(str(digest), entry)
         self.on_grow()
 
