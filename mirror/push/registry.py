@@ -104,9 +104,12 @@ class LocalRegistry:
         uploads.on_blob = self._blob_arrived
 
     def load(self) -> None:
-        """Read the names of local repositories (blocking; called at start-up, in a thread)."""
-        self._seen = self._changes.value() if self._changes is not None else 0
+        """Read the names of local repositories (blocking; called at start-up, in a thread). The counter is read
+        before the names, and marked seen only once they are in: a request that finds it no longer stale (while this
+        runs, requests go on in the event loop) routes with the new names, never the old ones."""
+        seen = self._changes.value() if self._changes is not None else 0
         self._repos = self._repos | frozenset(self._index.local_repos_sync())  # names are only ever added
+        self._seen = seen
 
     def stale(self) -> bool:
         """Whether another process or replica made a repository local since this one read the names (a memory

@@ -51,7 +51,7 @@ async def test_members_are_listed_with_their_addresses_oldest_first_and_leave_at
 
 
 async def test_a_member_that_stops_beating_drops_out_after_its_ttl(link: RedisLink) -> None:
-    short = Members(link, ttl=0.5)
+    short = Members(link, ttl=2.0)  # long enough that a busy machine lists both before it expires
     await short.beat("dead", "http://dead:5000", 1.0, 0)
     await Members(link).beat("alive", "http://alive:5000", 2.0, 0)
     began = time.monotonic()
@@ -61,7 +61,7 @@ async def test_a_member_that_stops_beating_drops_out_after_its_ttl(link: RedisLi
         return [m.id for m in await short.list()] == ["alive"]
 
     await until(dropped, "the dead member dropped")
-    assert time.monotonic() - began >= 0.4, "not before its TTL"
+    assert time.monotonic() - began >= 1.6, "not before its TTL"
     assert await link.aio.zrange(MEMBERS, 0, -1) == [b"alive"], "and pruned from the ids listed"
 
 
