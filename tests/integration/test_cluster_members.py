@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from mirror.storage.members import TTL
+from tests.integration.test_ui_workers import SIZE, fetches
 from tests.support.ops import Mirror, eventually, run_cli, start_nginx, start_registry, wait_until
 from tests.support.plain_http import push_blob
 from tests.support.redis import RedisServer, redis_server
@@ -49,14 +50,6 @@ def api_members(mirror: Mirror) -> dict[str, Any]:
 def cli_members(config: Path, data_dir: Path) -> dict[str, Any]:
     result = run_cli("cluster", "status", "--json", "--config", str(config), "--data-dir", str(data_dir))
     return {m["advertise"]: m for m in json.loads(result.stdout)["members"]}
-
-
-SIZE = 4 * 2**20  # the blob listed while it is fetched
-
-
-def inflight(url: str) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(url + "/ui/inflight.json", timeout=10) as resp:
-        return list(json.loads(resp.read())["fetches"])
 
 
 def test_replicas_are_listed_and_a_killed_one_drops_out_after_its_ttl(seaweed: Seaweed, tmp_path: Path) -> None:
@@ -131,19 +124,19 @@ async def test_the_web_page_of_one_replica_lists_the_fetch_another_replica_holds
 
                 task = asyncio.ensure_future(download())
                 await eventually(lambda: received[0] > 0, what="the download under way")
-                await eventually(lambda: bool(inflight(b.url)), what="the other replica listing the fetch")
-                (row,) = inflight(b.url)
+                await eventually(lambda: bool(fetches(b.url)), what="the other replica listing the fetch")
+                (row,) = fetches(b.url)
                 assert (row["digest"], row["repo"], row["upstream"]) == (
                     digest,
                     "docker.io/library/listed",
                     "docker.io",
                 )
                 assert row["size"] == SIZE and 0 < row["written"] <= SIZE and row["clients"] is None
-                (own,) = inflight(a.url)  # the replica that runs it counts its client
+                (own,) = fetches(a.url)  # the replica that runs it counts its client
                 assert own["digest"] == digest and own["clients"] == 1
                 await task
                 assert received[0] == SIZE
-                await eventually(lambda: inflight(b.url) == [], what="the finished fetch leaving the list")
+                await eventually(lambda: fetches(b.url) == [], what="the finished fetch leaving the list")
     finally:
         nginx.stop()
         registry.stop()
