@@ -29,7 +29,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -243,6 +243,14 @@ class Notifier:
                 return f"answered {resp.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return str(exc) or type(exc).__name__
+
+    async def lifecycle(self, _app: Any) -> AsyncIterator[None]:
+        """For ``app.cleanup_ctx``: started with the app, closed at shutdown (before the Redis link it may use)."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.close()
 
     async def drain(self) -> None:
         """Wait until every queued event has been delivered or given up on (tests; a graceful flush)."""
