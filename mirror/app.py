@@ -51,6 +51,7 @@ from mirror.backends import (
     open_store,
     open_usage,
     ref_locking,
+    webhook_queues,
 )
 from mirror.config import Config, ConfigError, cache_config
 from mirror.config.access import access_rules
@@ -116,16 +117,16 @@ def build_access(config: Config, metrics: Metrics) -> Access:
     return Access(settings, htpasswd, metrics, permissions)
 
 
-def build_notifier(config: Config, metrics: Metrics) -> Notifier:
+def build_notifier(config: Config, metrics: Metrics, link: RedisLink | None) -> Notifier:
     n = config.notifications
     endpoints = [Endpoint(url, n.headers, n.timeout, n.attempts, n.backoff) for url in n.urls]
     source = f"{socket.gethostname()}:{config.host_port[1]}"  # as Distribution reports its own address
-    return Notifier(endpoints, metrics, source_addr=source, user_agent=USER_AGENT)
+    return Notifier(endpoints, metrics, source_addr=source, user_agent=USER_AGENT, queues=webhook_queues(link))
 
 
 def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Application], AsyncIterator[None]]:
-    """Start-up: read the local repositories, remove abandoned upload sessions, start the notifier; then sweep
-    sessions periodically. Shutdown: stop both; open sessions stay on disk and resume after a restart."""
+    """Start-up: read the local repositories, remove abandoned upload sessions; then sweep sessions periodically.
+    Shutdown: stop that; open sessions stay on disk and resume after a restart."""
     max_age = config.upload_max_age
 
     async def sweep_forever() -> None:
@@ -139,14 +140,12 @@ def push_lifecycle(config: Config, local: LocalRegistry) -> Callable[[web.Applic
         except StoreUnavailable as exc:  # a cluster's Redis down at start-up: /readyz says so meanwhile
             log.warning("start-up: the local repositories' names cannot be read: %s", exc)
         await local.uploads.sessions.sweep(max_age)
-        await app[NOTIFY].start()
         tasks = [asyncio.create_task(sweep_forever(), name="upload sweeper")]
         yield
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await app[NOTIFY].close()
         local.uploads.sessions.close()
 
     return lifecycle
@@ -201,7 +200,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
     app[CLIENTS] = clients
     app[LOCAL] = local
     app[ACCESS] = access = build_access(config, metrics)
-    app[NOTIFY] = build_notifier(config, metrics)
+    app[NOTIFY] = notifier = build_notifier(config, metrics, link)  # with [cluster], the events wait in Redis
     app.cleanup_ctx.append(push_lifecycle(config, local))
     app[USAGE] = usage
     app[ADMIN] = admin
@@ -240,6 +239,7 @@ def create_app(config: Config, reconcile: bool = True, loop_id: str = "") -> web
         access.close()  # the bcrypt threads
 
     app.cleanup_ctx.append(lifecycle)
+    app.cleanup_ctx.append(notifier.lifecycle)  # after the lifecycle above: it stops before the link closes
     if changes is not None:  # after the lifecycle above: it stops reading before the link closes
         app.cleanup_ctx.append(changes.lifecycle)
     app[CLUSTER] = None

@@ -1,7 +1,8 @@
 """What a configuration names beneath the app: the store (disk or bucket), the index (on the data dir or the
-replicas' Redis), the fetch coordinator (one process, processes sharing a data dir, or replicas), and a replica's
-membership. ``app.create_app`` and the admin commands build them from here; the optional extras (aiobotocore for
-"s3", redis-py for "cluster") are imported only when the configuration asks for them.
+replicas' Redis), the fetch coordinator (one process, processes sharing a data dir, or replicas), the webhook queues
+(in memory or the replicas' Redis), and a replica's membership. ``app.create_app`` and the admin commands build them
+from here; the optional extras (aiobotocore for "s3", redis-py for "cluster") are imported only when the
+configuration asks for them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mirror.config import Config, ConfigError, cache_config
 from mirror.config.cluster import cluster_config
 from mirror.config.storage import storage_config
 from mirror.metrics import Metrics
+from mirror.notify import EventQueue, MemoryQueue, QueueFactory
 from mirror.oci.reference import Digest
 from mirror.pull.filelock import FileLocks
 from mirror.pull.inflight import FetchCoordinator, InFlight, RefLocking, RemoteFetch
@@ -85,6 +87,19 @@ def quota_record(config: Config, link: RedisLink | None, registry: str) -> Quota
 
         return RedisQuota(link, registry)
     return QuotaFile(config.data_dir, registry) if config.coordination == "files" else None
+
+
+def webhook_queues(link: RedisLink | None) -> QueueFactory:
+    """Where each webhook's events wait: in this process (lost if it stops), or with ``[cluster]`` in the replicas'
+    Redis, sent once by whichever replica holds the queue's lock (``storage.redisqueue``)."""
+    if link is None:
+        return MemoryQueue
+    from mirror.storage.redisqueue import RedisQueue  # here: redis-py is the optional extra "cluster"
+
+    def queue(url: str, size: int, dropped: Callable[[int], None]) -> EventQueue:
+        return RedisQueue(link, url, size, dropped)
+
+    return queue
 
 
 def ref_locking(config: Config, files: BlobStore, link: RedisLink | None) -> RefLocking | None:

@@ -14,8 +14,12 @@ for ``registry:2`` work unchanged::
 
 Delivery never blocks a push: ``publish`` only enqueues. Each endpoint has its own queue and worker, which sends
 events in order and retries a failed one (connection error, timeout, non-2xx) with exponential backoff up to
-``attempts`` times. A full queue drops its oldest event; events still queued at shutdown are lost. Both are
-counted in ``mirror_notifications_total`` and logged.
+``attempts`` times. A full queue (``QUEUE_SIZE``) drops its oldest event, counted in ``mirror_notifications_total``
+and logged.
+
+The queue is an ``EventQueue``: ``MemoryQueue`` for one node, whose events still queued at shutdown are lost (logged);
+with ``[cluster]``, ``storage.redisqueue.RedisQueue``, in the replicas' Redis, so each event is sent once whichever
+replica the push reached, and the events of a replica that stops or dies are sent by another.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -98,14 +103,74 @@ class Event:
         }
 
 
+class EventQueue(Protocol):
+    """One endpoint's queue of events (envelope entries as JSON text), oldest first, bounded: a full queue drops its
+    oldest entry and says how many through the ``dropped`` callback it was made with (``QueueFactory``)."""
+
+    def put(self, entry: str) -> None:
+        """Append ``entry`` without waiting (the push path): never raises, never blocks."""
+
+    async def take(self) -> str:
+        """The oldest entry, once there is one and this process is the one to send it; it stays queued (in flight)
+        until ``done``."""
+
+    async def done(self, entry: str) -> None:
+        """``entry``, from ``take``, was sent or given up on: it leaves the queue."""
+
+    async def join(self) -> None:
+        """Until nothing is queued or in flight (tests; a graceful flush)."""
+
+    async def close(self) -> int:
+        """Stop, after the worker's task was cancelled; how many entries are lost with this process."""
+
+
+# (endpoint url, bound, dropped(count)) -> its queue: MemoryQueue, or the replicas' queue picked in ``backends``
+QueueFactory = Callable[[str, int, Callable[[int], None]], EventQueue]
+
+
+class MemoryQueue:
+    """One process's queue (no ``[cluster]``): what is still queued when the process stops is lost."""
+
+    def __init__(self, url: str, size: int, dropped: Callable[[int], None]):
+        self._queue: asyncio.Queue[str] = asyncio.Queue(size)
+        self._dropped = dropped
+
+    def put(self, entry: str) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self._queue.task_done()
+            self._dropped(1)
+        self._queue.put_nowait(entry)
+
+    async def take(self) -> str:
+        return await self._queue.get()
+
+    async def done(self, entry: str) -> None:
+        self._queue.task_done()
+
+    async def join(self) -> None:
+        await self._queue.join()
+
+    async def close(self) -> int:
+        return self._queue.qsize()
+
+
 class Notifier:
-    def __init__(self, endpoints: list[Endpoint], metrics: Metrics, source_addr: str, user_agent: str):
+    def __init__(
+        self,
+        endpoints: list[Endpoint],
+        metrics: Metrics,
+        source_addr: str,
+        user_agent: str,
+        queues: QueueFactory = MemoryQueue,
+    ):
         self._endpoints = endpoints
         self._metrics = metrics
         self._source_addr = source_addr
         self._user_agent = user_agent
         self._instance = str(uuid.uuid4())
-        self._queues: list[asyncio.Queue[dict[str, Any]]] = []
+        self._make_queue = queues
+        self._queues: list[EventQueue] = []
         self._workers: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
 
@@ -118,7 +183,7 @@ class Notifier:
             return
         self._session = aiohttp.ClientSession(headers={"User-Agent": self._user_agent})
         for endpoint in self._endpoints:
-            queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
+            queue = self._make_queue(endpoint.url, QUEUE_SIZE, partial(self._dropped, endpoint.url))
             self._queues.append(queue)
             self._workers.append(asyncio.create_task(self._deliver(endpoint, queue), name=f"notify {endpoint.url}"))
 
@@ -126,25 +191,22 @@ class Notifier:
         """Queue an event for every endpoint; returns at once."""
         if not self._queues:
             return
-        entry = event.envelope_entry(self._source_addr, self._instance)
-        for queue, endpoint in zip(self._queues, self._endpoints, strict=True):
-            if queue.full():
-                queue.get_nowait()
-                queue.task_done()
-                self._metrics.notifications.labels("dropped").inc()
-                log.warning("notification queue for %s is full: dropped its oldest event", endpoint.url)
-            queue.put_nowait(entry)
+        entry = json.dumps(event.envelope_entry(self._source_addr, self._instance))
+        for queue in self._queues:
+            queue.put(entry)
 
-    async def _deliver(self, endpoint: Endpoint, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    def _dropped(self, url: str, count: int) -> None:
+        self._metrics.notifications.labels("dropped").inc(count)
+        log.warning("notification queue for %s is full: dropped %d of its oldest events", url, count)
+
+    async def _deliver(self, endpoint: Endpoint, queue: EventQueue) -> None:
         while True:
-            entry = await queue.get()
-            try:
-                await self._deliver_one(endpoint, entry)
-            finally:
-                queue.task_done()
+            entry = await queue.take()
+            await self._deliver_one(endpoint, entry)
+            await queue.done(entry)
 
-    async def _deliver_one(self, endpoint: Endpoint, entry: dict[str, Any]) -> None:
-        body = json.dumps({"events": [entry]}).encode()
+    async def _deliver_one(self, endpoint: Endpoint, entry: str) -> None:
+        body = f'{{"events": [{entry}]}}'.encode()
         delay = endpoint.backoff
         for attempt in range(1, endpoint.attempts + 1):
             error = await self._send(endpoint, body)
@@ -153,10 +215,11 @@ class Notifier:
                 return
             if attempt == endpoint.attempts:
                 self._metrics.notifications.labels("failed").inc()
+                fields = json.loads(entry)
                 log.warning(
                     "notification %s %s to %s failed %d times, dropped: %s",
-                    entry["action"],
-                    entry["target"]["digest"],
+                    fields["action"],
+                    fields["target"]["digest"],
                     endpoint.url,
                     attempt,
                     error,
@@ -181,6 +244,14 @@ class Notifier:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return str(exc) or type(exc).__name__
 
+    async def lifecycle(self, _app: Any) -> AsyncIterator[None]:
+        """For ``app.cleanup_ctx``: started with the app, closed at shutdown (before the Redis link it may use)."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.close()
+
     async def drain(self) -> None:
         """Wait until every queued event has been delivered or given up on (tests; a graceful flush)."""
         for queue in self._queues:
@@ -192,7 +263,9 @@ class Notifier:
         for task in self._workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        pending = sum(q.qsize() for q in self._queues)
+        pending = 0
+        for queue in self._queues:
+            pending += await queue.close()
         if pending:
             log.warning("%d notifications were still queued at shutdown and are lost", pending)
         if self._session is not None:
