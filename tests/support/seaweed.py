@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 ACCESS_KEY = "mirror-test"
 SECRET_KEY = "mirror-test-secret"
 REGION = "us-east-1"
+TRIES = 3  # starts of weed on fresh ports, when a port it was given was taken before it bound it
 START_WITHIN = 60.0  # seconds; it is up in about 4 s on an idle machine, the cores here are shared
 
 
@@ -80,30 +81,49 @@ def seaweed_server(workdir: Path, s3_config: Path | None = None) -> Iterator[str
         s3_config.write_text(
             json.dumps({"identities": [{**identity, "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
         )
-    s3_port = free_port()
     log = open(workdir / "weed.log", "ab")  # noqa: SIM115 - closed below
-    args = _server_args(binary, workdir, s3_port, s3_config)
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
-    (workdir / "weed.pid").write_text(str(proc.pid))  # for a test that kills the store under a running mirror
-    master = {
-        k: a.split("=", 1)[1] for a in args for k in ("-master.port", "-master.port.grpc") if a.startswith(k + "=")
-    }
-    # For `weed shell -master=...`: HOST:PORT.GRPC_PORT (without it the gRPC port is taken to be PORT + 10000).
-    (workdir / "weed.master").write_text(f"127.0.0.1:{master['-master.port']}.{master['-master.port.grpc']}")
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        deadline = time.monotonic() + START_WITHIN
-        while not _listening(s3_port):
-            if proc.poll() is not None:
-                raise AssertionError(f"weed exited: {(workdir / 'weed.log').read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"weed's S3 port not open within {START_WITHIN} s")
-            time.sleep(0.1)
+        # A port picked free can be taken by another process before weed binds it (an outgoing connection's
+        # ephemeral port: the suite makes thousands). weed then exits, and it is started again on other ports.
+        for attempt in range(1, TRIES + 1):
+            s3_port = free_port()
+            args = _server_args(binary, workdir, s3_port, s3_config)
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+            (workdir / "weed.pid").write_text(str(proc.pid))  # for a test that kills the store under a running mirror
+            master = {
+                k: a.split("=", 1)[1]
+                for a in args
+                for k in ("-master.port", "-master.port.grpc")
+                if a.startswith(k + "=")
+            }
+            # For `weed shell -master=...`: HOST:PORT.GRPC_PORT (without it the gRPC port is taken to be PORT + 10000).
+            (workdir / "weed.master").write_text(f"127.0.0.1:{master['-master.port']}.{master['-master.port.grpc']}")
+            if _started(proc, s3_port, workdir, last=attempt == TRIES):
+                break
         yield f"http://127.0.0.1:{s3_port}"
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
         log.close()
+
+
+def _started(proc: subprocess.Popen[bytes], s3_port: int, workdir: Path, last: bool) -> bool:
+    """Wait until weed's S3 port accepts connections: True. False when weed exited because a port it was given was
+    taken meanwhile (and this is not the ``last`` try); any other exit, or no port within START_WITHIN, fails."""
+    deadline = time.monotonic() + START_WITHIN
+    while not _listening(s3_port):
+        if proc.poll() is not None:
+            logged = (workdir / "weed.log").read_text(errors="replace")[-3000:]
+            if not last and "address already in use" in logged:
+                return False
+            raise AssertionError(f"weed exited: {logged}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"weed's S3 port not open within {START_WITHIN} s")
+        time.sleep(0.1)
+    return True
 
 
 @functools.cache
