@@ -69,14 +69,21 @@ async def test_pins_and_repository_counts_are_the_clusters(links: tuple[RedisLin
     assert await asyncio.to_thread(mine.repo_counts_sync) == {"docker.io/library/a": {"blob_hit": 5}}
 
 
-async def test_touches_made_while_redis_is_down_are_written_once_it_is_back(
-    links: tuple[RedisLink, RedisLink], redis_server: RedisServer, tmp_path: Path
-) -> None:
-    usage, reader, store = RedisUsage(links[0]), RedisUsage(links[1]), BlobStore(tmp_path)
+async def stored_blob(usage: RedisUsage, tmp_path: Path) -> tuple[Housekeeper, Digest]:
+    """A replica's housekeeper (started) over ``usage``, and a blob it stored and recorded."""
+    store = BlobStore(tmp_path)
     housekeeper = Housekeeper(store, Index(tmp_path), usage, Limits(flush_interval=3600))
     await housekeeper.start()
     digest = await store.put(b"x" * 10)
     await usage.added(digest, 10, "blob")
+    return housekeeper, digest
+
+
+async def test_touches_made_while_redis_is_down_are_written_once_it_is_back(
+    links: tuple[RedisLink, RedisLink], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    usage, reader = RedisUsage(links[0]), RedisUsage(links[1])
+    housekeeper, digest = await stored_blob(usage, tmp_path)
     redis_server.stop()
     try:
         usage.touch(digest)  # a hit (from this replica's local tier): memory only, as always
@@ -94,11 +101,8 @@ async def test_touches_made_while_redis_is_down_are_written_once_it_is_back(
 async def test_touches_a_flush_could_not_write_are_written_by_the_next(
     links: tuple[RedisLink, RedisLink], tmp_path: Path
 ) -> None:
-    usage, reader, store = RedisUsage(links[0]), RedisUsage(links[1]), BlobStore(tmp_path)
-    housekeeper = Housekeeper(store, Index(tmp_path), usage, Limits(flush_interval=3600))
-    await housekeeper.start()
-    digest = await store.put(b"x" * 10)
-    await usage.added(digest, 10, "blob")
+    usage, reader = RedisUsage(links[0]), RedisUsage(links[1])
+    housekeeper, digest = await stored_blob(usage, tmp_path)
     usage.touch(digest)
     served = usage.table[str(digest)].last_served
     await links[1].aio.client_pause(3000, all=False)  # writes wait: past the 1 s timeout, twice
