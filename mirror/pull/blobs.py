@@ -100,19 +100,22 @@ class BlobPuller:
         fetch, started = self._inflight.join(
             repo.registry, digest, lambda f: self._fetch(client, repo, f), f"{repo.registry}/{repo.path}"
         )
-        self._names.count(repo, "blob", "miss")
         if not started:
             self._metrics.coalesced_waiters.labels(repo.registry).inc()
         try:
             await fetch.wait_started()
         except errors.RegistryError:
+            self._names.count(repo, "blob", "miss")
             raise
         except Exception as exc:  # whatever ended the fetch before its first byte
+            self._names.count(repo, "blob", "miss")
             raise failure(exc, lambda: blob_unknown(repo, digest)) from None
         await self._names.mark_pulled(repo)
         if fetch.final_path is not None and fetch.written == 0 and fetch.size is None:
-            # Finished before we looked (committed by someone else meanwhile): serve it as a hit.
-            return StoredBlob(fetch.final_path, await self._store.size(digest) or 0)
+            # The fetch found it stored (committed meanwhile, or stored by another replica whose record this one
+            # had not read yet): a hit, and served now, so the most recently used.
+            return self._hit(repo, digest, StoredBlob(fetch.final_path, await self._store.size(digest) or 0))
+        self._names.count(repo, "blob", "miss")
         if fetch.verified and not started:
             # Every byte is here and right, and the store is publishing it (an fsync: tens of ms, more for a large
             # blob): a later client is answered as the hit it is about to be, with everything a hit honours

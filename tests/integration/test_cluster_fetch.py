@@ -158,6 +158,44 @@ async def test_a_head_through_another_replica_is_answered_from_the_holders_annou
         assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 1
 
 
+def served_at(redis: RedisServer, digest: str) -> float | None:
+    """The last-served time the cluster's usage table holds for ``digest`` (None: no entry)."""
+    with redis_py.Redis.from_url(redis.url) as client:
+        row = client.hget("mirror:usage:entries", digest)
+    return float(row.split()[1]) if isinstance(row, bytes) else None
+
+
+async def test_a_blob_another_replica_stored_a_moment_ago_is_a_hit_and_its_latest_serve(
+    upstream: dict[str, Any], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The second replica has not read the first one's record yet (its flush is 10 s away), so it takes the miss
+    path, which finds the object in the bucket: a hit, and the eviction order learns it was served."""
+    data = os.urandom(4096)
+    digest = push_blob(upstream["url"], "library/fresh", data)
+    url = f"/v2/library/fresh/blobs/{digest}"
+    with ExitStack() as stack:
+        first, second = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, "fresh/", count=2)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(first.url + url) as resp:
+                assert resp.status == 200 and await resp.read() == data
+            # The client has every byte before the object is stored and recorded.
+            await eventually(lambda: served_at(redis_server, digest) is not None, what="the first replica's record")
+            stored = served_at(redis_server, digest)
+            assert stored is not None
+            async with session.get(second.url + url) as resp:
+                assert resp.status == 200 and await resp.read() == data
+        lookups = [
+            line
+            for line in second.metrics().splitlines()
+            if line.startswith("mirror_cache_requests_total{") and 'kind="blob"' in line
+        ]
+        assert [line.rpartition(" ")[2] for line in lookups if 'result="hit"' in line] == ["1.0"], lookups
+        assert not [line for line in lookups if 'result="miss"' in line and not line.endswith(" 0.0")], lookups
+        second.stop()  # a clean stop writes its last-served times
+        assert (served_at(redis_server, digest) or 0) > stored, "the second replica's serve is the latest"
+    assert upstream_requests(upstream["log"], "GET", f"/blobs/{digest}") == 1
+
+
 def peer_get(mirror: Mirror, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(mirror.url.removeprefix("http://"), timeout=30)
     try:
