@@ -39,6 +39,7 @@ from mirror.oci import errors
 from mirror.oci.reference import Digest
 from mirror.pull.inflight import Fetch, FetchCoordinator, FetchRun, FetchState, InFlight, RemoteFetch
 from mirror.storage.base import BlobStorage, BlobWriterLike, RemoteBlobs, StoreUnavailable
+from mirror.storage.cluster import raise_if_cancelled
 from mirror.storage.leases import STORED, Holder, Leases
 from mirror.storage.members import HeldFetch
 from mirror.upstream.peers import PeerBody, PeerClient, PeerGone, PeerMissing
@@ -275,6 +276,7 @@ class Leased:
                     return
             except StoreUnavailable as exc:
                 log.warning("cannot renew the lease of blob %s: %s", fetch.digest, exc)
+            raise_if_cancelled()
 
     async def _follow(self, registry: str, fetch: LeasedFetch, current: Holder, writer: list[TempFile]) -> None:
         """Stream ``current``'s fetch into our temp file from where it is, verify it, finish. Raises PeerMissing or

@@ -8,6 +8,7 @@ module is imported only when a ``[cluster]`` table is given.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,16 @@ from mirror.storage.base import StoreUnavailable
 
 NAMESPACE = "mirror:"
 TIMEOUT = 5.0  # seconds for one Redis call, connecting included: past it the replica counts Redis as unreachable
+
+
+def raise_if_cancelled() -> None:
+    """Raise the cancellation of the current task if one is pending. redis-py's asyncio client can swallow a
+    cancellation that arrives while a command is under way (the call returns as if none came; redis-py issues #2028,
+    #2551): a loop around its calls would then never end, and the shutdown that cancelled it would wait forever.
+    Every loop around Redis calls this after them."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def key(*parts: str) -> str:

@@ -30,7 +30,7 @@ from typing import Any, cast
 from redis.exceptions import RedisError
 
 from mirror.storage.base import StoreUnavailable
-from mirror.storage.cluster import RedisLink, key
+from mirror.storage.cluster import RedisLink, key, raise_if_cancelled
 
 log = logging.getLogger(__name__)
 HEARTBEAT = 2.0  # seconds between two beats of a replica
@@ -184,6 +184,7 @@ class Heartbeat:
                 if not failing:
                     log.warning("cluster membership not renewed (retrying every %.0f s): %s", self._interval, exc)
                 failing = True
+            raise_if_cancelled()
             await asyncio.sleep(self._interval)
 
     def start(self) -> None:

@@ -22,7 +22,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from mirror.storage.base import StoreUnavailable
-from mirror.storage.cluster import RedisLink, key
+from mirror.storage.cluster import RedisLink, key, raise_if_cancelled
 
 log = logging.getLogger(__name__)
 POLL = 1.0  # seconds between reads of the number when no bump is announced
@@ -80,6 +80,7 @@ class RedisCounter:
                         log.info("following %s in Redis again", self._key)
                     failing = False
                     await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._poll)
+                    raise_if_cancelled()
                 except (RedisError, OSError, ValueError) as exc:
                     if not failing:
                         log.warning(

@@ -32,23 +32,13 @@ from collections.abc import Callable
 
 from redis.exceptions import LockNotOwnedError, RedisError
 
-from mirror.storage.cluster import RedisLink, key
+from mirror.storage.cluster import RedisLink, key, raise_if_cancelled
 
 log = logging.getLogger(__name__)
 HOLD = 10.0  # seconds a sender's lock outlives its last renewal: how long a dead sender's events wait
 POLL = 1.0  # seconds between tries of a lock another replica holds, and between calls while Redis is unreachable
 WAIT = 1  # seconds the sender waits for an event in one call before looking at its lock again (whole: BLMOVE's type)
 FLUSH = 5.0  # seconds ``close`` gives the buffer to reach Redis
-
-
-def _cancelled() -> None:
-    """Raise the cancellation of the current task if one is pending. redis-py's asyncio client can swallow a
-    cancellation that arrives while a command is under way (the call returns as if none came; redis-py issues #2028,
-    #2551): a loop around its calls would never end, and the notifier's ``close`` would wait for it forever. Every
-    loop here calls this after its Redis calls."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class RedisQueue:
@@ -129,7 +119,7 @@ class RedisQueue:
                 await asyncio.sleep(self._poll)
                 continue
             self._writing = []
-            _cancelled()
+            raise_if_cancelled()
             if failing:
                 log.info("webhook events for %s are queued in Redis again", self._url)
             failing = False
@@ -149,7 +139,7 @@ class RedisQueue:
         failing = False
         while True:
             try:
-                _cancelled()
+                raise_if_cancelled()
                 if self._keeper is None or self._keeper.done():
                     if not await self._lock.acquire(blocking=False):
                         await asyncio.sleep(self._poll)  # another replica sends them
@@ -168,7 +158,7 @@ class RedisQueue:
                 failing = True
                 await asyncio.sleep(self._poll)
                 continue
-            _cancelled()  # before returning: an event taken stays in flight, sent again by the next sender
+            raise_if_cancelled()  # before returning: an event taken stays in flight, sent again by the next sender
             if entry is not None:
                 return entry
 
@@ -188,7 +178,7 @@ class RedisQueue:
             await asyncio.sleep(self._hold / 3)
             try:
                 await self._lock.reacquire()
-                _cancelled()
+                raise_if_cancelled()
             except LockNotOwnedError:
                 log.warning("another replica took over the webhook queue of %s (its lock expired here)", self._url)
                 return
@@ -200,7 +190,7 @@ class RedisQueue:
         while True:
             try:
                 await self._link.aio.lrem(self._sending, 1, entry)  # by value: a later event is never removed
-                _cancelled()
+                raise_if_cancelled()
                 return
             except (RedisError, OSError) as exc:
                 if not failing:
@@ -216,7 +206,7 @@ class RedisQueue:
                         pipe.llen(self._waiting)
                         pipe.llen(self._sending)
                         empty = sum(await pipe.execute()) == 0
-                    _cancelled()
+                    raise_if_cancelled()
                     if empty:
                         return
                 except (RedisError, OSError):

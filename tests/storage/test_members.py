@@ -95,3 +95,30 @@ async def test_the_heartbeat_registers_again_when_redis_comes_back_empty(
             await heartbeat.close()
         assert await members.list() == [], "closed: it left"
         await link.close()
+
+
+async def test_the_heartbeat_stops_even_when_the_client_swallows_the_cancellation(link: RedisLink) -> None:
+    """redis-py's asyncio client can return from a command as if no cancellation had come during it: the heartbeat
+    must still end when the replica shuts down, not beat forever and hang the shutdown."""
+    inside, swallowed = asyncio.Event(), list[bool]()
+
+    class Swallowing(Members):
+        async def beat(self, *args: object, **kwargs: object) -> None:
+            inside.set()
+            if not swallowed:
+                try:
+                    await asyncio.sleep(0.2)
+                except asyncio.CancelledError:  # what the client may do with a cancellation mid-call (once here)
+                    swallowed.append(True)
+            await super().beat(*args, **kwargs)  # type: ignore[arg-type]
+
+    heartbeat = Heartbeat(Swallowing(link), "me", "http://me:5000", interval=0.01)
+    heartbeat.start()
+    await inside.wait()
+    closing = asyncio.ensure_future(heartbeat.close())
+    done, _ = await asyncio.wait({closing}, timeout=5)
+    if not done and heartbeat._task is not None:  # stop it before failing: a second cancellation is not swallowed
+        heartbeat._task.cancel()
+        await closing
+    assert swallowed and done, "the heartbeat still runs 5 s after its close"
+    assert await Members(link).list() == [], "closed: it left"
