@@ -15,7 +15,6 @@ from aiohttp import web
 
 from mirror import log as log_setup
 from mirror.access import Access, AccessSettings, Htpasswd, HtpasswdError
-from mirror.admin import Admin, GcSettings
 from mirror.api import ui
 from mirror.api.access import check_access
 from mirror.api.access_log import AccessLogger
@@ -44,7 +43,6 @@ from mirror.backends import (
     cluster_coordination,
     cluster_link,
     coordination,
-    eviction_turn,
     membership,
     name_changes,
     open_index,
@@ -53,13 +51,14 @@ from mirror.backends import (
     ref_locking,
     webhook_queues,
 )
-from mirror.config import Config, ConfigError, cache_config
+from mirror.config import Config, ConfigError
 from mirror.config.access import access_rules
 from mirror.config.storage import storage_config
-from mirror.metrics import CacheSnapshot, Metrics
+from mirror.housekeeping import build_housekeeping, reconcile_logged
+from mirror.metrics import Metrics
 from mirror.notify import Endpoint, Notifier
 from mirror.oci.reference import LOCAL as LOCAL_REGISTRY
-from mirror.oci.reference import Digest, canonical_registry
+from mirror.oci.reference import canonical_registry
 from mirror.permissions import Permissions, Rule
 from mirror.pull.service import PullThrough
 from mirror.push.registry import LocalRegistry
@@ -68,17 +67,13 @@ from mirror.push.uploads import Uploads
 from mirror.routing import Router
 from mirror.storage.base import BlobStorage, RegistryIndex, StoreUnavailable
 from mirror.storage.counter import ChangeCounter
-from mirror.storage.eviction import Limits
-from mirror.storage.gc import Report, reconcile_sync
 from mirror.storage.housekeeper import Housekeeper
-from mirror.storage.sessions import UploadSessions, held_sync
+from mirror.storage.sessions import UploadSessions
 from mirror.storage.usage import Usage
-from mirror.upstream.client import UpstreamClient
 from mirror.upstreams import USER_AGENT, build_upstreams
 
 if TYPE_CHECKING:
     from mirror.storage.cluster import RedisLink
-    from mirror.storage.s3 import S3Store
 
 log = logging.getLogger(__name__)
 
@@ -292,70 +287,6 @@ def run(config: Config, reread: Callable[[], Config] | None = None) -> None:
     )
 
 
-# --- housekeeping: the byte cap, usage, admin commands (issue 4) -----------------------------------------------
-def build_housekeeping(
-    config: Config,
-    store: BlobStorage,
-    index: RegistryIndex,
-    usage: Usage,
-    pull: PullThrough | None,
-    metrics: Metrics,
-    default_registry: str,
-    link: RedisLink | None,
-    live: bool = True,
-) -> tuple[Housekeeper, Admin]:
-    """The housekeeper (flushes, eviction) and the admin logic over one store, for ``serve`` or a CLI command."""
-    cache = cache_config(config)
-    # A CLI process cannot see the server's leases, nor a replica the other replicas': leave what was served lately.
-    min_idle = 0.0 if live and link is None else 2 * cache.flush_interval + 5
-    limits = Limits(cache.size, cache.high_watermark, cache.low_watermark, cache.flush_interval, cache.pins, min_idle)
-
-    def evicted(kind: str, size: int) -> None:
-        metrics.evictions.labels(kind).inc()
-        metrics.evicted_bytes.labels(kind).inc(size)
-
-    def busy(key: str) -> bool:
-        return usage.busy(key) or (pull is not None and pull.inflight.fetching(Digest.parse(key)))
-
-    # Processes on the data dir evict one at a time: a server tries the lock at each eviction (alone on the data dir
-    # too, so that a CLI command beside it waits); a CLI command's Admin waits for it around every removal.
-    turn = eviction_turn(config, link)
-    housekeeper = Housekeeper(store, index, usage, limits, busy, evicted, metrics.repos.drain, turn if live else None)
-    metrics.repos.configure(cache.top_repos, cache.repo_allowlist)
-    metrics.cache.source = lambda: CacheSnapshot(
-        usage.total + usage.upload_bytes, limits.size, usage.pending, usage.counts(), housekeeper.protected_bytes
-    )
-    if metrics.shared_dir is not None:  # several processes: each one's fetches under way, summed at the scrape
-        usage.on_pending = metrics.cache_pending.set
-    gc_settings = GcSettings(cache.gc_grace, cache.tmp_max_age)
-    # gc and verify through a server's admin API wait for the lock too when other processes or replicas evict; its
-    # own evictions take the housekeeper's.
-    shares = link is not None or config.coordination == "files"
-    admin_turn = (eviction_turn(config, link) if shares else None) if live else turn
-    admin = Admin(store, index, usage, housekeeper, pull, default_registry, gc_settings, live, admin_turn)
-    return housekeeper, admin
-
-
-def reconcile_logged(store: BlobStorage, index: RegistryIndex, usage: Usage) -> Report | None:
-    """``gc.reconcile_sync`` at start-up, logged. With a bucket the content is what the bucket lists (never this
-    replica's empty disk), so a replica joining a cluster drops no shared record. None when the bucket or the
-    cluster's Redis cannot be reached: the mirror starts unreconciled and /readyz says why."""
-    try:
-        report = reconcile_sync(store, index, usage)
-    except StoreUnavailable as exc:
-        log.warning("start-up: the index was not reconciled with the store: %s", exc)
-        return None
-    if report.records_added or report.records_dropped or report.removed:
-        log.warning(
-            "start-up: the index did not match the disk: %d files without a record (added), %d records without a "
-            "file (dropped), %d stray files quarantined",
-            report.records_added,
-            report.records_dropped,
-            len(report.removed),
-        )
-    return report
-
-
 async def readiness(
     config: Config, store: BlobStorage, index: RegistryIndex, housekeeper: Housekeeper, link: RedisLink | None = None
 ) -> str | None:
@@ -381,43 +312,3 @@ async def readiness(
         return None
 
     return await asyncio.to_thread(check)
-
-
-@contextlib.asynccontextmanager
-async def open_admin(config: Config, upstreams: bool = False, lock_timeout: float = 120.0) -> AsyncIterator[Admin]:
-    """The admin logic for a CLI command beside (or without) a running server on the same data dir. With
-    ``upstreams`` (prefetch) it also builds the pull-through service. A command that removes content waits up to
-    ``lock_timeout`` seconds for the servers' eviction lock; the servers reload their table when it is done."""
-    metrics = Metrics()
-    link = cluster_link(config)  # with [cluster], the index is the replicas' shared one
-
-    def open_stores() -> tuple[BlobStorage, S3Store | None, RegistryIndex, Usage]:  # directories, SQLite: off the loop
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        store, _, bucket = open_store(config)
-        return store, bucket, open_index(config, link), open_usage(config, link, serving=False)
-
-    store, bucket, index, usage = await asyncio.to_thread(open_stores)
-    clients: dict[str, UpstreamClient] = {}
-    pull = None
-    if upstreams:
-        clients, policies, _ = build_upstreams(config, metrics)
-        pull = PullThrough(store, index, clients, policies, metrics, usage=usage)
-    default = canonical_registry(config.default_upstream.registry)
-    housekeeper, admin = build_housekeeping(config, store, index, usage, pull, metrics, default, link, live=False)
-    admin.turn_timeout = lock_timeout
-    try:
-        usage.install(*await asyncio.to_thread(usage.load_sync))
-        usage.upload_sessions, usage.upload_bytes = await asyncio.to_thread(held_sync, config.data_dir)
-        yield admin
-        await housekeeper.flush()
-    finally:
-        if pull is not None:
-            await pull.close()
-        for client in clients.values():
-            await client.close()
-        index.close()
-        usage.close()
-        if bucket is not None:
-            await bucket.close()
-        if link is not None:
-            await link.close()

@@ -141,7 +141,7 @@ def cluster_coordination(
         return found
 
     # The "stored" mark outlives the lag of a replica's usage table (a flush interval) and lasts no longer than
-    # eviction leaves new content alone (``app.build_housekeeping``'s min_idle for replicas).
+    # eviction leaves new content alone (``housekeeping.build_housekeeping``'s min_idle for replicas).
     stored_ttl = 2 * cache_config(config).flush_interval + 5
     leased = Leased(
         Leases(link), peers, cluster.advertise, bucket, bucket.local.fetch_writer, metrics, others=others,

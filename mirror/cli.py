@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mirror import app, backends, log
+from mirror import app, backends, housekeeping, log
 from mirror.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_TAG_TTL, Config, ConfigError, load
 from mirror.oci.errors import RegistryError
 from mirror.storage.base import StoreUnavailable
@@ -246,7 +246,7 @@ class ProgressBar:
 
 
 async def cmd_stats(config: Config, args: argparse.Namespace) -> int:
-    async with app.open_admin(config) as admin:
+    async with housekeeping.open_admin(config) as admin:
         stats = await admin.stats()
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -273,7 +273,7 @@ async def cmd_stats(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_ls(config: Config, args: argparse.Namespace) -> int:
-    async with app.open_admin(config) as admin:
+    async with housekeeping.open_admin(config) as admin:
         repos = await admin.ls()
     if args.json:
         print(json.dumps(repos, indent=2))
@@ -296,7 +296,7 @@ def print_removals(result: dict[str, Any], verb: str) -> None:
 
 
 async def cmd_gc(config: Config, args: argparse.Namespace) -> int:
-    async with app.open_admin(config, lock_timeout=args.lock_timeout) as admin:
+    async with housekeeping.open_admin(config, lock_timeout=args.lock_timeout) as admin:
         result = await admin.gc(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print_removals(result, verb)
@@ -309,7 +309,7 @@ async def cmd_gc(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_verify(config: Config, args: argparse.Namespace) -> int:
-    async with app.open_admin(config, lock_timeout=args.lock_timeout) as admin:
+    async with housekeeping.open_admin(config, lock_timeout=args.lock_timeout) as admin:
         result = await admin.verify(ProgressBar("verify"))
     print_removals(result, "quarantined")
     print(f"verified {result['checked']} files; {result['removed_count']} did not match and were quarantined")
@@ -317,7 +317,7 @@ async def cmd_verify(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_evict(config: Config, args: argparse.Namespace) -> int:
-    async with app.open_admin(config, lock_timeout=args.lock_timeout) as admin:
+    async with housekeeping.open_admin(config, lock_timeout=args.lock_timeout) as admin:
         result = await admin.evict(dry_run=args.dry_run)
     print_removals(result, "would evict" if args.dry_run else "evicted")
     print(
@@ -329,7 +329,7 @@ async def cmd_evict(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_pin(config: Config, args: argparse.Namespace) -> int:
-    async with app.open_admin(config) as admin:
+    async with housekeeping.open_admin(config) as admin:
         for image in args.images:
             result = await (admin.pin(image) if args.command == "pin" else admin.unpin(image))
             state = "pinned" if result["pinned"] else "unpinned"
@@ -338,7 +338,7 @@ async def cmd_pin(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_prefetch(config: Config, args: argparse.Namespace) -> int:
-    async with app.open_admin(config, upstreams=True) as admin:
+    async with housekeeping.open_admin(config, upstreams=True) as admin:
         failed = 0
         for image in args.images:
             try:

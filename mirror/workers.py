@@ -70,7 +70,7 @@ def check(config: Config) -> None:
 
 def prepare(config: Config) -> None:
     """The once-per-start work on the data dir, before any worker runs: every temp file is a leftover now."""
-    from mirror.app import reconcile_logged
+    from mirror.housekeeping import reconcile_logged
 
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = BlobStore(config.data_dir)

@@ -89,7 +89,9 @@ FORBIDDEN: dict[str, set[str]] = {
 }
 for _banned in FORBIDDEN.values():
     if "app" in _banned:
-        _banned.update({"workers", "backends"})
+        _banned.update({"workers", "backends", "housekeeping"})
+# The housekeeper and admin logic over a store, for serve and the CLI: built from what backends picks.
+FORBIDDEN["housekeeping"] = {"cli", "app", "workers"}
 # Finer rules inside an area: module -> the modules (and their submodules) it may not import.
 MODULE_FORBIDDEN: dict[str, set[str]] = {
     # The coordination seam: a file-lock or Redis-lease implementation must be able to replace it alone.

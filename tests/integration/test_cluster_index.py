@@ -114,7 +114,7 @@ def test_a_tag_cached_through_one_replica_is_served_by_another(
                 assert upstream_requests(upstream.log, "HEAD", "/blobs/") == 0, "A's origins vouch for the blobs"
                 assert upstream.gets("/blobs/") == blobs, "the blobs are in the bucket: no upstream GET"
 
-                # The CLI on a data dir of its own reads the shared index too (``app.open_admin``).
+                # The CLI on a data dir of its own reads the shared index too (``housekeeping.open_admin``).
                 cli = run_cli("ls", "--json", "--data-dir", str(tmp_path / "cli"), "--config", str(config))
                 listed = {r["repo"]: [t["tag"] for t in r["tags"]] for r in json.loads(cli.stdout)}
                 assert listed == {f"docker.io/{NAME}": ["1"]}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mirror.api.keys import LOCAL
-from mirror.app import open_admin
+from mirror.housekeeping import open_admin
 from tests.conftest import MirrorFactory
 from tests.fakes.registry import FakeRegistry
 from tests.support.pushing import mirror_config
