@@ -14,12 +14,15 @@ directory made for this run and removed at exit, so ``/metrics`` answers for eve
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
 import secrets
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -34,7 +37,9 @@ from mirror import log as log_setup
 from mirror.access import Htpasswd, HtpasswdError
 from mirror.api.accept import FairSite
 from mirror.api.access_log import AccessLogger
+from mirror.backends import cluster_link, open_index, open_store, open_usage
 from mirror.config import Config, ConfigError
+from mirror.config.cluster import as_worker, cluster_config, worker_port
 from mirror.storage.blobs import BlobStore
 from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.index import Index
@@ -61,6 +66,10 @@ def check(config: Config) -> None:
 
     config.host_port  # noqa: B018 - validates --listen
     tls_context(config)
+    if cluster_config(config).enabled and worker_port(config, config.workers - 1) > 65535:
+        raise ConfigError(
+            f"[cluster] advertise: its port + 1 .. + {config.workers} are the workers' own ports, past 65535"
+        )
     if config.htpasswd:
         try:
             Htpasswd(config.htpasswd)
@@ -73,6 +82,9 @@ def prepare(config: Config) -> None:
     from mirror.housekeeping import reconcile_logged
 
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    if cluster_config(config).enabled:
+        prepare_replicas(config)
+        return
     store = BlobStore(config.data_dir)
     FetchLocks(store).clean_sync()
     index, usage = Index(config.data_dir), Usage(config.data_dir)
@@ -81,6 +93,67 @@ def prepare(config: Config) -> None:
     finally:
         index.close()  # no SQLite connection may cross the fork
         usage.close()
+
+
+def prepare_replicas(config: Config) -> None:
+    """``prepare`` for the workers of a cluster replica: each worker's own temp files are leftovers, and the
+    shared index is reconciled with the bucket once, as a replica of one process does at its start."""
+    from mirror.housekeeping import reconcile_logged
+
+    workers = config.data_dir / "workers"
+    for own in sorted(workers.iterdir()) if workers.is_dir() else ():
+        if own.is_dir():
+            BlobStore(own).clean_tmp()
+    link = cluster_link(config)
+    assert link is not None
+    store, _, bucket = open_store(config)
+    index, usage = open_index(config, link), open_usage(config, link, serving=False)
+
+    async def close() -> None:
+        if bucket is not None:
+            await bucket.close()
+        await link.close()
+
+    try:
+        reconcile_logged(store, index, usage)
+    finally:
+        index.close()
+        usage.close()
+        asyncio.run(close())
+
+
+async def claim_slot(config: Config, within: float = GRACEFUL_TIMEOUT + 10) -> tuple[int, socket.socket]:
+    """The first slot whose own port (``cluster.worker_port``) is free, bound and listening: a worker of a cluster
+    replica holds its slot (and so its directory under ``<data-dir>/workers``) for as long as it lives, and the
+    kernel frees it when it dies. During a reload the new workers wait for the old ones to drain and let go."""
+    host, _ = config.host_port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + within
+    while True:
+        for slot in range(config.workers):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a dead worker's port, past its TIME_WAIT
+            try:
+                sock.bind((host, worker_port(config, slot)))
+            except OSError:
+                sock.close()
+                continue
+            sock.listen(1024)
+            sock.setblocking(False)
+            return slot, sock
+        if time.monotonic() > deadline:
+            ports = f"{worker_port(config, 0)}-{worker_port(config, config.workers - 1)}"
+            raise RuntimeError(f"no worker port free on {host} ({ports}): each worker of a replica listens on one")
+        await asyncio.sleep(0.5)
+
+
+class WorkerRunner(web.AppRunner):
+    """The app runner of one worker; ``own`` is the listening socket of its own port (a cluster replica's worker),
+    served beside the shared one."""
+
+    def __init__(self, app: web.Application, own: socket.socket | None, **kwargs: Any):
+        super().__init__(app, **kwargs)
+        self.own = own
 
 
 class Supervisor(BaseApplication):
@@ -113,14 +186,22 @@ class Supervisor(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self) -> Callable[[], Any]:  # type: ignore[override]  # aiohttp's worker takes an async factory
-        config = dataclasses.replace(self.config, coordination="files")
+        # On a data dir the workers coordinate through its files; in a cluster each worker is a replica.
+        replicas = cluster_config(self.config).enabled
+        config = self.config if replicas else dataclasses.replace(self.config, coordination="files")
         loop_id = self._loop_id
 
         async def runner() -> web.AppRunner:
             from mirror.app import create_app
 
-            app = create_app(config, reconcile=False, loop_id=loop_id)
-            return web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=GRACEFUL_TIMEOUT * 0.9)
+            own = None
+            served = config
+            if replicas:
+                slot, own = await claim_slot(config)
+                served = as_worker(config, slot)
+                log.info("worker %d of this replica: advertised as %s", slot, cluster_config(served).advertise)
+            app = create_app(served, reconcile=False, loop_id=loop_id)
+            return WorkerRunner(app, own, access_log_class=AccessLogger, shutdown_timeout=GRACEFUL_TIMEOUT * 0.9)
 
         return runner
 
@@ -139,6 +220,8 @@ class Worker(GunicornWebWorker):
         ssl = self._create_ssl_context(self.cfg) if self.cfg.is_ssl else None
         for sock in self.sockets:
             await FairSite(runner, sock, ssl_context=ssl).start()
+        if isinstance(runner, WorkerRunner) and runner.own is not None:
+            await FairSite(runner, runner.own, ssl_context=ssl).start()
         self.booted = True  # tells the arbiter it serves (a failure before this is a boot error)
         while self.alive and self.ppid == os.getppid():  # a worker whose master died stops
             self.notify()  # the arbiter's heartbeat: a worker silent for ``timeout`` is replaced

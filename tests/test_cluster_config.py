@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from mirror.config import ConfigError, load
-from mirror.config.cluster import ClusterConfig, cluster_config
+from mirror.config.cluster import ClusterConfig, as_worker, cluster_config, worker_port
+from mirror.config.storage import storage_config
 
 SECRET = "s" * 32
 GOOD = f'redis_url = "redis://127.0.0.1:6379/0"\nadvertise = "http://mirror-0.mirror:5000"\nsecret = "{SECRET}"\n'
@@ -142,3 +143,32 @@ def test_the_environment_cannot_make_a_cluster_without_the_bucket(tmp_path: Path
     }
     with pytest.raises(ConfigError, match='needs \\[storage\\] backend = "s3"'):
         _load_env(tmp_path, "", environ)
+
+
+@pytest.mark.parametrize(
+    ("advertise", "first", "second"),
+    [
+        ("http://mirror-0.mirror:5000", "http://mirror-0.mirror:5001", "http://mirror-0.mirror:5002"),
+        ("https://[fd00::5]", "https://[fd00::5]:444", "https://[fd00::5]:445"),
+    ],
+)
+def test_each_worker_of_a_replica_is_a_replica_on_its_own_port_and_directory(
+    tmp_path: Path, advertise: str, first: str, second: str
+) -> None:
+    file = tmp_path / "mirror.toml"
+    file.write_text(
+        f'workers = 2\n{STORAGE}local_cache = "10GiB"\n'
+        f'[cluster]\nredis_url = "redis://127.0.0.1:6379/0"\nadvertise = "{advertise}"\nsecret = "{SECRET}"\n'
+    )
+    config = load({"data_dir": str(tmp_path / "data")}, str(file), {})
+    workers = [as_worker(config, slot) for slot in (0, 1)]
+    assert [cluster_config(w).advertise for w in workers] == [first, second]
+    assert [worker_port(config, slot) for slot in (0, 1)] == [
+        int(first.rpartition(":")[2]),
+        int(second.rpartition(":")[2]),
+    ]
+    assert [w.data_dir for w in workers] == [tmp_path / "data" / "workers" / "0", tmp_path / "data" / "workers" / "1"]
+    assert [storage_config(w).local_cache for w in workers] == [5 * 2**30] * 2, "the local tier shared out"
+    assert {w.coordination for w in workers} == {"process"}, "alone on its directory"
+    assert cluster_config(workers[0]).secret == SECRET and storage_config(workers[0]).bucket == "mirror"
+    assert cluster_config(config).advertise == advertise, "the replica's own config is left as it was"

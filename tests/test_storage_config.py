@@ -89,10 +89,10 @@ def test_bad_storage_tables_are_refused_at_load(tmp_path: Path, table: str, mess
         load({}, str(file), {})
 
 
-def test_the_bucket_is_served_by_one_process_for_now(tmp_path: Path) -> None:
+def test_workers_on_a_bucket_need_the_cluster_that_coordinates_them(tmp_path: Path) -> None:
     file = tmp_path / "mirror.toml"
     file.write_text(f"workers = 2\n[storage]\n{S3}")
-    with pytest.raises(ConfigError, match="--workers 1"):
+    with pytest.raises(ConfigError, match=r"needs \[cluster\]: each worker is a replica"):
         load({}, str(file), {})
 
 

@@ -12,11 +12,12 @@ the same keys, over the file's (``load`` lays them into the table; the checks be
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from mirror.config import Config, ConfigError
 
@@ -100,3 +101,32 @@ def _check(cluster: ClusterConfig) -> None:
         raise ConfigError(f"[cluster] advertise must be an http:// or https:// URL, got {cluster.advertise!r}")
     if len(cluster.secret) < MIN_SECRET:
         raise ConfigError(f"[cluster] needs secret (or secret_file) of at least {MIN_SECRET} characters")
+
+
+def worker_port(config: Config, slot: int) -> int:
+    """The port worker ``slot`` (0 .. workers - 1) of a replica run with ``--workers N`` listens on beside the
+    shared one: the advertised port + 1 + ``slot``. The other replicas reach that worker there (a fetch it holds,
+    an upload session it keeps), since the shared port lands on any worker."""
+    parts = urlsplit(cluster_config(config).advertise)
+    return (parts.port or (443 if parts.scheme == "https" else 80)) + 1 + slot
+
+
+def as_worker(config: Config, slot: int) -> Config:
+    """What worker ``slot`` of a replica serves with: a replica of its own, advertising its own port
+    (``worker_port``), on ``<data-dir>/workers/<slot>`` (its temp files, its upload sessions and its share of the
+    local tier: ``local_cache`` / N), alone there. Everything else the replicas share (the bucket, Redis) it
+    shares with the other workers the same way."""
+    cluster = dict(config.extra.get("cluster", {}))
+    parts = urlsplit(cluster_config(config).advertise)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    cluster["advertise"] = urlunsplit(parts._replace(netloc=f"{host}:{worker_port(config, slot)}"))
+    extra = {**config.extra, "cluster": cluster}
+    from mirror.config.storage import storage_config  # here: both build on mirror.config
+
+    shared = storage_config(config).local_cache
+    if shared:
+        extra["storage"] = {**config.extra.get("storage", {}), "local_cache": max(1, shared // config.workers)}
+    return dataclasses.replace(
+        config, data_dir=config.data_dir / "workers" / str(slot), extra=extra, coordination="process"
+    )

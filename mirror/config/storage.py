@@ -60,8 +60,9 @@ def storage_config(config: Config, environ: Mapping[str, str] = os.environ) -> S
     values.setdefault("secret_key", environ.get("AWS_SECRET_ACCESS_KEY") or None)
     storage = StorageConfig(**values)
     _check(storage)
-    if storage.s3 and config.workers > 1:  # the workers' lock files coordinate fetches into blobs/ on disk
-        raise ConfigError('[storage] backend = "s3" runs as one process for now: --workers 1')
+    if storage.s3 and config.workers > 1 and "cluster" not in config.extra:
+        # The workers of one bucket are replicas of a cluster (``config.cluster.as_worker``): Redis coordinates them.
+        raise ConfigError('[storage] backend = "s3" with --workers above 1 needs [cluster]: each worker is a replica')
     return storage
 
 
