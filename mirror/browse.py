@@ -17,7 +17,7 @@ from typing import Any
 from mirror.oci.manifest import Manifest, parse_manifest
 from mirror.oci.reference import LOCAL, Digest, Repo, Tag, format_image_ref
 from mirror.storage.base import BlobStorage, MetadataIndex
-from mirror.storage.usage import Entry
+from mirror.storage.entry import Entry
 
 PAGE = 50  # repositories per page
 TAGS_PAGE = 20  # tags of one repository per page (each reads its image's manifests)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mirror.storage.entry import Entry
 from mirror.storage.gc import Removal
-from mirror.storage.usage import Entry
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from mirror.oci.manifest import parse_manifest
 from mirror.oci.reference import Digest, parse_image_ref
 from mirror.storage.base import BlobStorage, MetadataIndex
-from mirror.storage.usage import Entry, Usage
+from mirror.storage.entry import Entry
+from mirror.storage.usage import Usage
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,11 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from mirror.oci.reference import Digest
 from mirror.storage.base import BlobStorage, MetadataIndex, StoreUnavailable
+from mirror.storage.entry import Entry
 from mirror.storage.eviction import Limits, candidates, plan
 from mirror.storage.evictlock import EvictionTurn
 from mirror.storage.gc import Removal, Report, protected_sync
-from mirror.storage.usage import Entry, Usage
+from mirror.storage.usage import Usage
 
 log = logging.getLogger(__name__)
 UNLINK_BATCH = 64  # digests withdrawn on the loop, then unlinked in one thread call

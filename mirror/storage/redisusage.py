@@ -44,7 +44,8 @@ from redis.exceptions import RedisError
 from mirror.oci.reference import Digest
 from mirror.storage.base import StoreUnavailable
 from mirror.storage.cluster import RedisLink, key
-from mirror.storage.usage import LOCAL, Entry, Usage
+from mirror.storage.entry import LOCAL, Entry
+from mirror.storage.usage import Usage
 
 log = logging.getLogger(__name__)
 ENTRIES, GENERATION = key("usage", "entries"), key("usage", "generation")

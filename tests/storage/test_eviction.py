@@ -21,8 +21,8 @@ from mirror.api.keys import USAGE
 from mirror.app import create_app
 from mirror.config import Config, UpstreamConfig
 from mirror.oci.reference import Digest
+from mirror.storage.entry import Entry
 from mirror.storage.eviction import plan
-from mirror.storage.usage import Entry
 from tests.conftest import MirrorClient, fetches_done
 from tests.fakes.registry import FakeRegistry, sha256
 from tests.support.ops import DiskWatch, eventually
