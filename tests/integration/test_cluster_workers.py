@@ -25,10 +25,18 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.ops import Mirror, free_port, throttled_upstream, upstream_requests, wait_until
+from tests.support.ops import (
+    Mirror,
+    eventually,
+    free_port,
+    nginx_requests,
+    throttled_upstream,
+    upstream_requests,
+    wait_until,
+)
 from tests.support.plain_http import push_blob
 from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
-from tests.support.seaweed import Seaweed, seaweed_fixture  # noqa: F401 - seaweed_fixture: the fixture
+from tests.support.seaweed import Seaweed, raw_client, seaweed_fixture  # noqa: F401 - seaweed_fixture: the fixture
 
 pytestmark = pytest.mark.integration
 BIG = 8 << 20  # about 4 s through the slow nginx (2 MB/s)
@@ -65,6 +73,11 @@ def _free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def bucket_keys(seaweed: Seaweed, prefix: str) -> dict[str, int]:
+    listed = raw_client(seaweed.endpoint_url).list_objects_v2(Bucket=seaweed.bucket, Prefix=prefix)
+    return {item["Key"]: item["Size"] for item in listed.get("Contents", [])}
 
 
 def members(mirror: Mirror) -> list[str]:
@@ -162,6 +175,56 @@ async def test_a_killed_worker_is_replaced_on_its_own_slot_and_port(
             wait_until(lambda: _answers(f"{url}/v2/library/slot/blobs/{digest}"), what=f"{url} serving")  # noqa: B023
         assert set(workers) <= set(members(b))
         assert a.alive()
+
+
+def worker_pid(mirror: Mirror, slot: int) -> int:
+    """The pid of the worker that took ``slot`` last, from its log line."""
+    found = re.findall(rf"\[(\d+)\] mirror\.workers: worker {slot} of this replica", mirror.log.read_text())
+    assert found, f"no worker took slot {slot}"
+    return int(found[-1])
+
+
+async def test_kill_9_of_the_worker_holding_the_lease_is_taken_over_by_another_worker_or_replica(
+    upstream: dict[str, Any], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Worker 0 of A holds the fetch and dies mid-blob while 8 clients read through worker 1 and replica B: one of
+    them takes the fetch over with an upstream Range request, every one of the 8 ends with the right bytes, and a
+    new worker takes slot 0 again."""
+    data = os.urandom(BIG)
+    digest = push_blob(upstream["url"], "library/takeover", data)
+    received = [0] * 9
+    with ExitStack() as stack:
+        a, b, workers = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, "workers-takeover/")
+        async with aiohttp.ClientSession() as session:
+
+            async def get(url: str, n: int) -> str:
+                hasher = hashlib.sha256()
+                async with session.get(f"{url}/v2/library/takeover/blobs/{digest}") as resp:
+                    assert resp.status == 200
+                    async for chunk in resp.content.iter_any():
+                        hasher.update(chunk)
+                        received[n] += len(chunk)
+                return hasher.hexdigest()
+
+            first = asyncio.ensure_future(get(workers[0], 0))  # the first miss: worker 0 takes the lease
+            await eventually(lambda: received[0] > 0, what="worker 0 streaming")
+            rest = [asyncio.ensure_future(get((workers[1], b.url)[n % 2], n)) for n in range(1, 9)]
+            await eventually(lambda: all(received[1:]), what="the others' clients streaming")
+            os.kill(worker_pid(a, 0), signal.SIGKILL)
+            outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+        assert isinstance(outcomes[0], aiohttp.ClientError), "the dead worker's own client is cut"
+        assert outcomes[1:] == [digest.partition(":")[2]] * 8, "every client of the others completes"
+        takeovers = metric(a, "mirror_cluster_takeovers_total") + metric(b, "mirror_cluster_takeovers_total")
+        assert takeovers == 1
+        requests = nginx_requests(upstream["slow_dir"], f"/blobs/{digest}", at_least=2)
+        assert len(requests) == 2 and len([r for _, _, r in requests if r != "-"]) == 1, requests
+        key = f"workers-takeover/blobs/{digest.replace(':', '/')}"
+        assert bucket_keys(seaweed, "workers-takeover/") == {key: BIG}, "one object, complete, and no other"
+        wait_until(lambda: len(booted(a)) == 3, what="a worker booted in the dead one's place")
+        wait_until(lambda: workers[0] in members(b), what="slot 0 listed again")
+        assert _answers(f"{workers[0]}/v2/library/takeover/blobs/{digest}")
+        tmp = tmp_path / "a" / "workers" / "0" / "tmp"
+        wait_until(lambda: list(tmp.iterdir()) == [], what="the dead worker's temp file cleaned by the new one")
 
 
 def request(url: str, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> Any:
