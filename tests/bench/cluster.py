@@ -5,6 +5,7 @@ SeaweedFS bucket (a prefix each) and one Redis (a database each), side by side i
   either set: the replicas' leases make one fetch for the cluster);
 - 8 clients downloading one cached blob at once through the load balancer: MB/s together. This machine's cores
   are shared by every replica, so the target is no loss from coordination (>= 1.0x one replica), not scaling;
+  once from the bucket, and once with a local tier on every replica (two more sets, behind HAProxies of their own);
 - a cold 1 KiB blob asked of two replicas at the same moment (one takes the lease and fetches, the other follows
   it): the slower answer against a cold 1 KiB GET of the one-node mirror on local disk (the run's mirror under
   test), medians over many blobs; the target is under 5 ms more.
@@ -39,23 +40,27 @@ CACHED_SIZE, QUICK_CACHED = 256 * MiB, 32 * MiB
 SMALL_BLOBS, QUICK_SMALL = 40, 8
 
 
-def _config(path: Path, seaweed: Seaweed, redis_url: str, prefix: str, advertise: str) -> Path:
+def _config(path: Path, seaweed: Seaweed, redis_url: str, prefix: str, advertise: str, tier: str = "") -> Path:
     path.write_text(
         f'[storage]\nbackend = "s3"\nendpoint_url = "{seaweed.endpoint_url}"\nbucket = "{seaweed.bucket}"\n'
         f'region = "{seaweed.region}"\nprefix = "{prefix}"\naccess_key = "{seaweed.access_key}"\n'
         f'secret_key = "{seaweed.secret_key}"\n'
-        f'[cluster]\nredis_url = "{redis_url}"\nadvertise = "{advertise}"\nsecret = "{SECRET}"\n'
+        + (f'local_cache = "{tier}"\n' if tier else "")
+        + f'[cluster]\nredis_url = "{redis_url}"\nadvertise = "{advertise}"\nsecret = "{SECRET}"\n'
     )
     return path
 
 
-def _replicas(stack: ExitStack, root: Path, upstream: str, seaweed: Seaweed, redis_url: str, n: int) -> list[Mirror]:
+def _replicas(
+    stack: ExitStack, root: Path, upstream: str, seaweed: Seaweed, redis_url: str, n: int, tier: str = ""
+) -> list[Mirror]:
+    """``n`` replicas on a bucket prefix of their own; ``tier``: the size of each one's local tier ("": none)."""
     prefix = f"bench-{secrets.token_hex(4)}/"
     root.mkdir(parents=True, exist_ok=True)
     started = []
     for i in range(n):
         listen = f"127.0.0.1:{free_port()}"
-        config = _config(root / f"replica-{i}.toml", seaweed, redis_url, prefix, f"http://{listen}")
+        config = _config(root / f"replica-{i}.toml", seaweed, redis_url, prefix, f"http://{listen}", tier)
         mirror = Mirror(root / f"replica-{i}-data", upstream, "--log-level", "warning", "--config", str(config),
                         listen=listen, log=root / f"replica-{i}.log")  # fmt: skip
         started.append(stack.enter_context(mirror))
@@ -85,6 +90,20 @@ def cluster(bench: Bench) -> None:
         _herd(bench, urls, QUICK_HERD if quick else HERD_SIZE)
         _cached(bench, urls, QUICK_CACHED if quick else CACHED_SIZE)
         _small(bench, three, world.mirror, QUICK_SMALL if quick else SMALL_BLOBS)
+        # The same cached row with a local tier on every replica (``local_cache``): hits by sendfile, as a
+        # deployment that keeps its hot blobs near the replicas serves them.
+        base = redis.url.rpartition("/")[0]
+        tiered = {
+            "3 replicas": _replicas(stack, root / "three-tier", world.upstream_url, seaweed, base + "/2", 3, "1GiB"),
+            "1 replica": _replicas(stack, root / "one-tier", world.upstream_url, seaweed, base + "/3", 1, "1GiB"),
+        }
+        tier_urls = {
+            name: stack.enter_context(
+                haproxy(root / f"lb-{name[0]}-tier", {f"r{i}": m.url for i, m in enumerate(set_)})
+            ).url
+            for name, set_ in tiered.items()
+        }
+        _cached(bench, tier_urls, QUICK_CACHED if quick else CACHED_SIZE, tier=True)
 
 
 def _herd(bench: Bench, urls: dict[str, str], size: int) -> None:
@@ -109,17 +128,27 @@ def _herd(bench: Bench, urls: dict[str, str], size: int) -> None:
                   target="exactly 1 for both", met=single, samples=gets))  # fmt: skip
 
 
-def _cached(bench: Bench, urls: dict[str, str], size: int) -> None:
-    digest = push_random_blob(bench.world.upstream_url, "bench/cluster-cached", size, bench.scratch)
+def _cached(bench: Bench, urls: dict[str, str], size: int, tier: bool = False) -> None:
+    repo = "bench/cluster-cached" + ("-tier" if tier else "")
+    digest = push_random_blob(bench.world.upstream_url, repo, size, bench.scratch)
     for base in urls.values():
-        download([f"{base}/v2/bench/cluster-cached/blobs/{digest}"], size)  # into the bucket (one per set)
+        download([f"{base}/v2/{repo}/blobs/{digest}"], size)  # into the bucket (one per set)
+        if tier:  # round robin: a hit on each replica, which copies the object to its tier in the background
+            for _ in range(3):
+                download([f"{base}/v2/{repo}/blobs/{digest}"], size)
+    if tier:
+        time.sleep(3)  # the copies read back and checked
     rates: dict[str, list[float]] = {name: [] for name in urls}
     for rep in range(bench.sizes.reps * 2):
         for name, base in urls.items():
-            rates[name].append(download([f"{base}/v2/bench/cluster-cached/blobs/{digest}"] * 8, size).mb_per_s)
-        say(f"cluster cached x8 round {rep + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} MB/s" for k, v in rates.items()))
+            rates[name].append(download([f"{base}/v2/{repo}/blobs/{digest}"] * 8, size).mb_per_s)
+        say(
+            f"cluster cached x8{' (tier)' if tier else ''} round {rep + 1}: "
+            + ", ".join(f"{k} {v[-1]:,.0f} MB/s" for k, v in rates.items())
+        )
     three, one = median(rates["3 replicas"]), median(rates["1 replica"])
-    bench.add(Row(f"8 clients on a cached {human_size(size)} blob through HAProxy, 3 replicas vs 1", "MB/s", three,
+    where = ", each replica with its local tier" if tier else " (from the bucket)"
+    bench.add(Row(f"8 clients on a cached {human_size(size)} blob through HAProxy{where}, 3 replicas vs 1", "MB/s", three,
                   reference=one, reference_name="1 replica", target=">= 1.0x one replica", met=three >= one,
                   samples=rates))  # fmt: skip
 
