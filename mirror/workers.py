@@ -66,9 +66,9 @@ def check(config: Config) -> None:
 
     config.host_port  # noqa: B018 - validates --listen
     tls_context(config)
-    if cluster_config(config).enabled and worker_port(config, config.workers - 1) > 65535:
+    if cluster_config(config).enabled and worker_port(config, slots(config) - 1) > 65535:
         raise ConfigError(
-            f"[cluster] advertise: its port + 1 .. + {config.workers} are the workers' own ports, past 65535"
+            f"[cluster] advertise: its port + 1 .. + {slots(config)} are the workers' own ports, past 65535"
         )
     if config.htpasswd:
         try:
@@ -122,15 +122,22 @@ def prepare_replicas(config: Config) -> None:
         asyncio.run(close())
 
 
+def slots(config: Config) -> int:
+    """The slots of a cluster replica's workers: two per worker, so that during a reload the new generation takes
+    free ones at once while the old one drains (the other half), instead of waiting for it to let go."""
+    return 2 * config.workers
+
+
 async def claim_slot(config: Config, within: float = GRACEFUL_TIMEOUT + 10) -> tuple[int, socket.socket]:
     """The first slot whose own port (``cluster.worker_port``) is free, bound and listening: a worker of a cluster
     replica holds its slot (and so its directory under ``<data-dir>/workers``) for as long as it lives, and the
-    kernel frees it when it dies. During a reload the new workers wait for the old ones to drain and let go."""
+    kernel frees it when it dies; the one that replaces it takes it again. Only with every slot held (a reload
+    while the one before still drains) does a worker wait."""
     host, _ = config.host_port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     deadline = time.monotonic() + within
     while True:
-        for slot in range(config.workers):
+        for slot in range(slots(config)):
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a dead worker's port, past its TIME_WAIT
             try:
@@ -142,7 +149,7 @@ async def claim_slot(config: Config, within: float = GRACEFUL_TIMEOUT + 10) -> t
             sock.setblocking(False)
             return slot, sock
         if time.monotonic() > deadline:
-            ports = f"{worker_port(config, 0)}-{worker_port(config, config.workers - 1)}"
+            ports = f"{worker_port(config, 0)}-{worker_port(config, slots(config) - 1)}"
             raise RuntimeError(f"no worker port free on {host} ({ports}): each worker of a replica listens on one")
         await asyncio.sleep(0.5)
 

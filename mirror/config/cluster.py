@@ -104,8 +104,8 @@ def _check(cluster: ClusterConfig) -> None:
 
 
 def worker_port(config: Config, slot: int) -> int:
-    """The port worker ``slot`` (0 .. workers - 1) of a replica run with ``--workers N`` listens on beside the
-    shared one: the advertised port + 1 + ``slot``. The other replicas reach that worker there (a fetch it holds,
+    """The port worker ``slot`` (0 .. 2 x workers - 1: ``workers.slots``) of a replica run with ``--workers N``
+    listens on beside the shared one: the advertised port + 1 + ``slot``. The other replicas reach that worker there (a fetch it holds,
     an upload session it keeps), since the shared port lands on any worker."""
     parts = urlsplit(cluster_config(config).advertise)
     return (parts.port or (443 if parts.scheme == "https" else 80)) + 1 + slot
@@ -114,7 +114,8 @@ def worker_port(config: Config, slot: int) -> int:
 def as_worker(config: Config, slot: int) -> Config:
     """What worker ``slot`` of a replica serves with: a replica of its own, advertising its own port
     (``worker_port``), on ``<data-dir>/workers/<slot>`` (its temp files, its upload sessions and its share of the
-    local tier: ``local_cache`` / N), alone there. Everything else the replicas share (the bucket, Redis) it
+    local tier: ``local_cache`` / N; the slots a reload's new generation takes keep tiers of their own, so the
+    tiers together may hold up to twice ``local_cache``), alone there. Everything else the replicas share (the bucket, Redis) it
     shares with the other workers the same way."""
     cluster = dict(config.extra.get("cluster", {}))
     parts = urlsplit(cluster_config(config).advertise)

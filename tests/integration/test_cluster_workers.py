@@ -101,7 +101,7 @@ def replicas(
     stack: ExitStack, tmp_path: Path, upstream: str, seaweed: Seaweed, redis: RedisServer, prefix: str
 ) -> tuple[Mirror, Mirror, list[str]]:
     """Replica A with two workers, replica B of one process; and the URLs of A's two workers."""
-    port = free_run(3)
+    port = free_run(5)  # the shared port, then two slots per worker
     a_url = f"http://127.0.0.1:{port}"
     a_config = config_file(tmp_path / "a.toml", seaweed, redis, prefix, a_url)
     a = stack.enter_context(
@@ -225,6 +225,32 @@ async def test_kill_9_of_the_worker_holding_the_lease_is_taken_over_by_another_w
         assert _answers(f"{workers[0]}/v2/library/takeover/blobs/{digest}")
         tmp = tmp_path / "a" / "workers" / "0" / "tmp"
         wait_until(lambda: list(tmp.iterdir()) == [], what="the dead worker's temp file cleaned by the new one")
+
+
+async def test_a_reload_serves_at_once_from_new_slots_while_the_old_workers_drain(
+    upstream: dict[str, Any], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """SIGHUP starts a new generation of workers; they take the two free slots (ports + 3 and + 4) at once and
+    serve while the old workers finish the download they have in flight, then leave the cluster."""
+    small = push_blob(upstream["url"], "library/during", os.urandom(4096))
+    data = os.urandom(BIG)
+    big = push_blob(upstream["url"], "library/during", data)
+    with ExitStack() as stack:
+        a, b, workers = replicas(stack, tmp_path, upstream["slow"], seaweed, redis_server, "workers-reload/")
+        base = int(workers[0].rpartition(":")[2]) - 1
+        new = [f"http://127.0.0.1:{base + 3}", f"http://127.0.0.1:{base + 4}"]
+        assert _answers(f"{a.url}/v2/library/during/blobs/{small}")
+        async with aiohttp.ClientSession() as session, session.get(f"{a.url}/v2/library/during/blobs/{big}") as resp:
+            assert resp.status == 200
+            head = await resp.content.readexactly(1 << 16)  # the download is under way, for seconds
+            a.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: len(booted(a)) == 4, what="a new generation of workers")
+            wait_until(lambda: set(new) <= set(members(b)), what="the new workers listed at their own ports")
+            for _ in range(4):  # on fresh connections: the new workers answer while the old one still sends
+                assert _answers(f"{a.url}/v2/library/during/blobs/{small}")
+            assert not resp.content.at_eof(), "the download in flight is not over yet"
+            assert hashlib.sha256(head + await resp.read()).digest() == hashlib.sha256(data).digest()
+        wait_until(lambda: members(b) == sorted([*new, b.url]), what="the old generation gone from the cluster")
 
 
 def request(url: str, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> Any:
