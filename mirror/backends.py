@@ -17,7 +17,8 @@ from aiohttp import web
 
 from mirror.api.forward import UploadForwarding
 from mirror.api.peer import Peering
-from mirror.config import Config, ConfigError, cache_config
+from mirror.config import Config, ConfigError
+from mirror.config.cache import cache_config
 from mirror.config.cluster import cluster_config
 from mirror.config.storage import storage_config
 from mirror.metrics import Metrics

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from mirror.admin import Admin, GcSettings
 from mirror.backends import cluster_link, eviction_turn, open_index, open_store, open_usage
-from mirror.config import Config, cache_config
+from mirror.config import Config
+from mirror.config.cache import cache_config
 from mirror.metrics import CacheSnapshot, Metrics
 from mirror.oci.reference import Digest, canonical_registry
 from mirror.pull.service import PullThrough

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from mirror.cli import build_parser, config_from
-from mirror.config import CacheConfig, ConfigError, cache_config, load, parse_size
+from mirror.config import ConfigError, load, parse_size
+from mirror.config.cache import CacheConfig, cache_config
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mirror.config import cache_config, load
+from mirror.config import load
+from mirror.config.cache import cache_config
 from tests.support.ops import require
 
 ROOT = Path(__file__).resolve().parent.parent
