@@ -24,6 +24,7 @@ import pytest
 import redis as redis_py
 
 from tests.support.clients import Containerd, Docker, Podman, podman, skopeo, start_containerd, start_dockerd
+from tests.support.cluster import replica_config
 from tests.support.haproxy import HAProxy, config, haproxy
 from tests.support.images import Image, push_tar_image, random_files
 from tests.support.ops import (
@@ -70,22 +71,12 @@ class Cluster:
         return f"replica-{self.replicas.index(replica)}"
 
 
-def replica_config(path: Path, seaweed: Seaweed, redis_url: str, prefix: str, advertise: str) -> Path:
-    path.write_text(
-        f'[storage]\nbackend = "s3"\nendpoint_url = "{seaweed.endpoint_url}"\nbucket = "{seaweed.bucket}"\n'
-        f'region = "{seaweed.region}"\nprefix = "{prefix}"\naccess_key = "{seaweed.access_key}"\n'
-        f'secret_key = "{seaweed.secret_key}"\n'
-        f'[cluster]\nredis_url = "{redis_url}"\nadvertise = "{advertise}"\nsecret = "{SECRET}"\n'
-    )
-    return path
-
-
 def cluster(stack: ExitStack, work: Path, upstream: str, seaweed: Seaweed, redis_url: str, prefix: str) -> Cluster:
     """Three replicas (own data dirs, one bucket prefix, one Redis) and HAProxy in front of them."""
     replicas = []
     for n in range(3):
         listen = f"127.0.0.1:{free_port()}"
-        config = replica_config(work / f"replica-{n}.toml", seaweed, redis_url, prefix, f"http://{listen}")
+        config = replica_config(work / f"replica-{n}.toml", seaweed, redis_url, prefix, f"http://{listen}", SECRET)
         replicas.append(stack.enter_context(Mirror(work / f"data-{n}", upstream, "--config", str(config),
                                                    "--read-only", listen=listen)))  # fmt: skip
     lb = stack.enter_context(haproxy(work / "haproxy", {f"replica-{n}": m.url for n, m in enumerate(replicas)}))

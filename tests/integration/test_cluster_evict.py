@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.cluster import metric
 from tests.support.ops import Mirror, Service, start_registry, wait_until
 from tests.support.plain_http import pull, push_random_image
 from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
@@ -50,12 +51,6 @@ def bucket_objects(seaweed: Seaweed, prefix: str) -> dict[str, int]:
             algorithm, _, hex_ = item["Key"].removeprefix(f"{prefix}blobs/").partition("/")
             found[f"{algorithm}:{hex_}"] = item["Size"]
     return found
-
-
-def metric(mirror: Mirror, name: str) -> float:
-    """The sum of every series of ``name`` in the replica's /metrics."""
-    lines = [x for x in mirror.metrics().splitlines() if x.startswith((f"{name} ", f"{name}{{"))]
-    return sum(float(x.rsplit(" ", 1)[1]) for x in lines)
 
 
 def evictions(log: Path) -> list[tuple[float, float, int, int]]:

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from mirror.upstream.peers import SECRET_HEADER
+from tests.support.cluster import SECRET, bucket_keys, metric, replica_config
 from tests.support.credentials import basic, make_htpasswd
 from tests.support.ops import (
     Mirror,
@@ -40,23 +41,12 @@ from tests.support.seaweed import Seaweed, raw_client, seaweed_fixture  # noqa: 
 pytestmark = pytest.mark.integration
 
 BIG = 8 << 20  # about 4 s through the slow nginx (2 MB/s)
-SECRET = "cluster-secret-" + "x" * 24
 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with throttled_upstream(tmp_path_factory.mktemp("cluster"), slow="2m") as upstream:
         yield upstream
-
-
-def replica_config(path: Path, seaweed: Seaweed, redis: RedisServer, prefix: str, advertise: str) -> Path:
-    path.write_text(
-        f'[storage]\nbackend = "s3"\nendpoint_url = "{seaweed.endpoint_url}"\nbucket = "{seaweed.bucket}"\n'
-        f'region = "{seaweed.region}"\nprefix = "{prefix}"\naccess_key = "{seaweed.access_key}"\n'
-        f'secret_key = "{seaweed.secret_key}"\n'
-        f'[cluster]\nredis_url = "{redis.url}"\nadvertise = "{advertise}"\nsecret = "{SECRET}"\n'
-    )
-    return path
 
 
 def replicas(
@@ -73,23 +63,10 @@ def replicas(
     started = []
     for n in range(count):
         listen = f"127.0.0.1:{free_port()}"
-        config = replica_config(work / f"replica-{n}.toml", seaweed, redis, prefix, f"http://{listen}")
+        config = replica_config(work / f"replica-{n}.toml", seaweed, redis.url, prefix, f"http://{listen}")
         mirror = Mirror(work / f"data-{n}", upstream, "--config", str(config), "--read-only", *flags, listen=listen)
         started.append(stack.enter_context(mirror))
     return started
-
-
-def metric(mirror: Mirror, name: str) -> float:
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in mirror.metrics().splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    )
-
-
-def bucket_keys(seaweed: Seaweed, prefix: str) -> dict[str, int]:
-    listed = raw_client(seaweed.endpoint_url).list_objects_v2(Bucket=seaweed.bucket, Prefix=prefix)
-    return {item["Key"]: item["Size"] for item in listed.get("Contents", [])}
 
 
 def open_uploads(seaweed: Seaweed, prefix: str) -> list[str]:

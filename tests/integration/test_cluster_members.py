@@ -18,22 +18,13 @@ import pytest
 
 from mirror.storage.members import TTL
 from tests.integration.test_ui_workers import SIZE, fetches
+from tests.support.cluster import replica_config
 from tests.support.ops import Mirror, eventually, run_cli, start_nginx, start_registry, wait_until
 from tests.support.plain_http import push_blob
-from tests.support.redis import RedisServer, redis_server
+from tests.support.redis import redis_server
 from tests.support.seaweed import Seaweed, seaweed_fixture  # noqa: F401 - seaweed_fixture: the fixture
 
 pytestmark = pytest.mark.integration
-
-
-def replica_config(path: Path, seaweed: Seaweed, redis: RedisServer, advertise: str) -> Path:
-    path.write_text(
-        f'[storage]\nbackend = "s3"\nendpoint_url = "{seaweed.endpoint_url}"\nbucket = "{seaweed.bucket}"\n'
-        f'region = "{seaweed.region}"\nprefix = "members/"\naccess_key = "{seaweed.access_key}"\n'
-        f'secret_key = "{seaweed.secret_key}"\n'
-        f'[cluster]\nredis_url = "{redis.url}"\nadvertise = "{advertise}"\nsecret = "{"s" * 32}"\n'
-    )
-    return path
 
 
 def admin_cluster(mirror: Mirror) -> Any:
@@ -57,7 +48,8 @@ def test_replicas_are_listed_and_a_killed_one_drops_out_after_its_ttl(seaweed: S
     try:
         with redis_server(tmp_path / "redis") as redis:
             configs = {
-                n: replica_config(tmp_path / f"{n}.toml", seaweed, redis, f"http://{n}.mirror:5000") for n in "ab"
+                n: replica_config(tmp_path / f"{n}.toml", seaweed, redis.url, "members/", f"http://{n}.mirror:5000")
+                for n in "ab"
             }
             flags = ("--read-only", "--admin-api")
             a = Mirror(tmp_path / "a", url, "--config", str(configs["a"]), *flags)
@@ -108,7 +100,8 @@ async def test_the_web_page_of_one_replica_lists_the_fetch_another_replica_holds
     try:
         with redis_server(tmp_path / "redis") as redis:
             configs = {
-                n: replica_config(tmp_path / f"{n}.toml", seaweed, redis, f"http://{n}.mirror:5000") for n in "ab"
+                n: replica_config(tmp_path / f"{n}.toml", seaweed, redis.url, "members/", f"http://{n}.mirror:5000")
+                for n in "ab"
             }
             with (
                 Mirror(tmp_path / "a", slow, "--config", str(configs["a"])) as a,

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from mirror.upstream.peers import SECRET_HEADER
-from tests.integration.test_cluster_fetch import SECRET, replica_config
+from tests.support.cluster import SECRET, replica_config
 from tests.support.ops import Mirror, free_port, start_registry, wait_until
 from tests.support.plain_http import OCI_MANIFEST, pull
 from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
@@ -48,7 +48,7 @@ def two_replicas(
     started = []
     for n in range(2):
         listen = f"127.0.0.1:{free_port()}"
-        config = replica_config(work / f"replica-{n}.toml", seaweed, redis, prefix, f"http://{listen}")
+        config = replica_config(work / f"replica-{n}.toml", seaweed, redis.url, prefix, f"http://{listen}")
         started.append(stack.enter_context(Mirror(work / f"data-{n}", upstream, "--config", str(config), *flags,
                                                   listen=listen)))  # fmt: skip
     return started

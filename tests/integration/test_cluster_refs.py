@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.integration.test_cluster_fetch import replica_config
 from tests.pull.test_tag_processes import PACED, TTL, asked, manifest_digest, past
+from tests.support.cluster import replica_config
 from tests.support.ops import Mirror, free_port, start_nginx, start_registry, upstream_requests
 from tests.support.plain_http import push_random_image
 from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
@@ -44,7 +44,7 @@ def replicas(stack: ExitStack, work: Path, upstream: str, seaweed: Seaweed, redi
     started = []
     for n in range(2):
         listen = f"127.0.0.1:{free_port()}"
-        config = replica_config(work / f"replica-{n}.toml", seaweed, redis, prefix, f"http://{listen}")
+        config = replica_config(work / f"replica-{n}.toml", seaweed, redis.url, prefix, f"http://{listen}")
         mirror = Mirror(work / f"data-{n}", upstream, "--config", str(config), "--tag-ttl", str(TTL), listen=listen)
         started.append(stack.enter_context(mirror))
     return started

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.support.cluster import bucket_keys, metric, replica_config
 from tests.support.ops import (
     Mirror,
     eventually,
@@ -36,7 +37,7 @@ from tests.support.ops import (
 )
 from tests.support.plain_http import push_blob
 from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
-from tests.support.seaweed import Seaweed, raw_client, seaweed_fixture  # noqa: F401 - seaweed_fixture: the fixture
+from tests.support.seaweed import Seaweed, seaweed_fixture  # noqa: F401 - seaweed_fixture: the fixture
 
 pytestmark = pytest.mark.integration
 BIG = 8 << 20  # about 4 s through the slow nginx (2 MB/s)
@@ -46,16 +47,6 @@ BIG = 8 << 20  # about 4 s through the slow nginx (2 MB/s)
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with throttled_upstream(tmp_path_factory.mktemp("cluster-workers"), slow="2m") as upstream:
         yield upstream
-
-
-def config_file(path: Path, seaweed: Seaweed, redis: RedisServer, prefix: str, advertise: str) -> Path:
-    path.write_text(
-        f'[storage]\nbackend = "s3"\nendpoint_url = "{seaweed.endpoint_url}"\nbucket = "{seaweed.bucket}"\n'
-        f'region = "{seaweed.region}"\nprefix = "{prefix}"\naccess_key = "{seaweed.access_key}"\n'
-        f'secret_key = "{seaweed.secret_key}"\n'
-        f'[cluster]\nredis_url = "{redis.url}"\nadvertise = "{advertise}"\nsecret = "{"s" * 32}"\n'
-    )
-    return path
 
 
 def free_run(count: int) -> int:
@@ -75,22 +66,9 @@ def _free(port: int) -> bool:
         return True
 
 
-def bucket_keys(seaweed: Seaweed, prefix: str) -> dict[str, int]:
-    listed = raw_client(seaweed.endpoint_url).list_objects_v2(Bucket=seaweed.bucket, Prefix=prefix)
-    return {item["Key"]: item["Size"] for item in listed.get("Contents", [])}
-
-
 def members(mirror: Mirror) -> list[str]:
     with urllib.request.urlopen(f"{mirror.url}/admin/v1/cluster", timeout=10) as resp:
         return sorted(m["advertise"] for m in json.load(resp)["members"])
-
-
-def metric(mirror: Mirror, name: str) -> float:
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in mirror.metrics().splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    )
 
 
 def booted(mirror: Mirror) -> list[int]:
@@ -103,7 +81,7 @@ def replicas(
     """Replica A with two workers, replica B of one process; and the URLs of A's two workers."""
     port = free_run(5)  # the shared port, then two slots per worker
     a_url = f"http://127.0.0.1:{port}"
-    a_config = config_file(tmp_path / "a.toml", seaweed, redis, prefix, a_url)
+    a_config = replica_config(tmp_path / "a.toml", seaweed, redis.url, prefix, a_url)
     a = stack.enter_context(
         Mirror(
             tmp_path / "a",
@@ -117,7 +95,7 @@ def replicas(
         )
     )
     b_listen = f"127.0.0.1:{free_port()}"
-    b_config = config_file(tmp_path / "b.toml", seaweed, redis, prefix, f"http://{b_listen}")
+    b_config = replica_config(tmp_path / "b.toml", seaweed, redis.url, prefix, f"http://{b_listen}")
     b = stack.enter_context(Mirror(tmp_path / "b", upstream, "--config", str(b_config), "--admin-api", listen=b_listen))
     workers = [f"http://127.0.0.1:{port + 1}", f"http://127.0.0.1:{port + 2}"]
     wait_until(lambda: members(b) == sorted([*workers, b.url]), what="both workers of A and B listed as members")

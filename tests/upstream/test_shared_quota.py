@@ -20,7 +20,7 @@ from mirror.storage.cluster import RedisLink
 from mirror.storage.quotas import QuotaFile
 from mirror.storage.redisquota import RedisQuota
 from tests.fakes.registry import FakeRegistry
-from tests.integration.test_cluster_fetch import replica_config
+from tests.support.cluster import replica_config
 from tests.support.ops import COORDINATED, Mirror, eventually, free_port
 from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
 from tests.support.seaweed import Seaweed, seaweed_fixture  # noqa: F401 - seaweed_fixture: the fixture
@@ -119,7 +119,7 @@ async def test_one_replica_seeing_a_429_pauses_revalidation_in_the_other(
         for n in range(2):
             listen = f"127.0.0.1:{free_port()}"
             config = replica_config(
-                tmp_path / f"{n}.toml", seaweed, redis_server, f"{tmp_path.name}/", f"http://{listen}"
+                tmp_path / f"{n}.toml", seaweed, redis_server.url, f"{tmp_path.name}/", f"http://{listen}"
             )
             replicas.append(
                 Mirror(tmp_path / f"data-{n}", url, "--config", str(config), "--tag-ttl", "0", listen=listen)
