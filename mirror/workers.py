@@ -40,6 +40,7 @@ from mirror.api.access_log import AccessLogger
 from mirror.backends import cluster_link, open_index, open_store, open_usage
 from mirror.config import Config, ConfigError
 from mirror.config.cluster import as_worker, cluster_config, worker_port
+from mirror.housekeeping import reconcile_logged
 from mirror.storage.blobs import BlobStore
 from mirror.storage.fetchlocks import FetchLocks
 from mirror.storage.index import Index
@@ -79,8 +80,6 @@ def check(config: Config) -> None:
 
 def prepare(config: Config) -> None:
     """The once-per-start work on the data dir, before any worker runs: every temp file is a leftover now."""
-    from mirror.housekeeping import reconcile_logged
-
     config.data_dir.mkdir(parents=True, exist_ok=True)
     if cluster_config(config).enabled:
         prepare_replicas(config)
@@ -98,8 +97,6 @@ def prepare(config: Config) -> None:
 def prepare_replicas(config: Config) -> None:
     """``prepare`` for the workers of a cluster replica: each worker's own temp files are leftovers, and the
     shared index is reconciled with the bucket once, as a replica of one process does at its start."""
-    from mirror.housekeeping import reconcile_logged
-
     workers = config.data_dir / "workers"
     for own in sorted(workers.iterdir()) if workers.is_dir() else ():
         if own.is_dir():
