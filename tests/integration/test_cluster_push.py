@@ -8,7 +8,6 @@ the replica it reached dies before the webhook answered."""
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import secrets
@@ -24,7 +23,7 @@ import pytest
 from mirror.upstream.peers import SECRET_HEADER
 from tests.support.cluster import SECRET, replica_config
 from tests.support.ops import Mirror, free_port, start_registry, wait_until
-from tests.support.plain_http import OCI_MANIFEST, pull
+from tests.support.plain_http import OCI_MANIFEST, exchange, pull
 from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
 from tests.support.seaweed import Seaweed, seaweed_fixture  # noqa: F401 - seaweed_fixture: the fixture
 
@@ -63,13 +62,7 @@ def pair(upstream: str, seaweed: Seaweed, redis_server: RedisServer, tmp_path: P
 def request(
     mirror: Mirror, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(mirror.url.removeprefix("http://"), timeout=60)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
+    return exchange(mirror.url, method, path, body, headers)
 
 
 def error_code(body: bytes) -> str:

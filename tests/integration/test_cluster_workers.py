@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import http.client
 import json
 import os
 import re
@@ -35,7 +34,7 @@ from tests.support.ops import (
     upstream_requests,
     wait_until,
 )
-from tests.support.plain_http import push_blob
+from tests.support.plain_http import exchange, push_blob
 from tests.support.redis import RedisServer, redis_fixture  # noqa: F401 - redis_fixture: the fixture
 from tests.support.seaweed import Seaweed, seaweed_fixture  # noqa: F401 - seaweed_fixture: the fixture
 
@@ -231,16 +230,6 @@ async def test_a_reload_serves_at_once_from_new_slots_while_the_old_workers_drai
         wait_until(lambda: members(b) == sorted([*new, b.url]), what="the old generation gone from the cluster")
 
 
-def request(url: str, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> Any:
-    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
-
-
 def test_a_chunked_push_spread_over_the_workers_and_the_other_replica_completes(
     upstream: dict[str, Any], seaweed: Seaweed, redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -249,19 +238,19 @@ def test_a_chunked_push_spread_over_the_workers_and_the_other_replica_completes(
     with ExitStack() as stack:
         a, b, workers = replicas(stack, tmp_path, upstream["url"], seaweed, redis_server, "workers-push/")
         layer = os.urandom(3 * 2**20 + 5)
-        status, headers, body = request(workers[0], "POST", "/v2/team/spread/blobs/uploads/")
+        status, headers, body = exchange(workers[0], "POST", "/v2/team/spread/blobs/uploads/")
         assert status == 202, body
         location, third = headers["Location"], len(layer) // 3
         for n, target in enumerate((workers[1], b.url, workers[1])):  # never the worker holding the session
             part = layer[n * third :] if n == 2 else layer[n * third : (n + 1) * third]
             span = {"Content-Range": f"{n * third}-{n * third + len(part) - 1}"}
-            status, headers, body = request(target, "PATCH", location, part, span)
+            status, headers, body = exchange(target, "PATCH", location, part, span)
             assert (status, headers["Range"]) == (202, f"0-{n * third + len(part) - 1}"), body
         digest = "sha256:" + hashlib.sha256(layer).hexdigest()
-        status, headers, body = request(b.url, "PUT", f"{location}?digest={digest}")
+        status, headers, body = exchange(b.url, "PUT", f"{location}?digest={digest}")
         assert (status, headers["Docker-Content-Digest"]) == (201, digest), body
         for url in (a.url, *workers, b.url):
-            status, _, body = request(url, "GET", f"/v2/team/spread/blobs/{digest}")
+            status, _, body = exchange(url, "GET", f"/v2/team/spread/blobs/{digest}")
             assert status == 200 and hashlib.sha256(body).hexdigest() == digest.partition(":")[2]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.client
 import io
 import itertools
 import json
@@ -25,7 +24,7 @@ import pytest
 from mirror.storage.s3writer import PART_SIZE
 from tests.support.clients import skopeo
 from tests.support.ops import Mirror, blob_files, free_port, run_cli, start_registry, wait_until
-from tests.support.plain_http import OCI_MANIFEST, pull, push_blob, push_random_image, sha256
+from tests.support.plain_http import OCI_MANIFEST, exchange, pull, push_blob, push_random_image, sha256
 from tests.support.seaweed import Seaweed, raw_client, seaweed_fixture  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
@@ -82,31 +81,19 @@ class Bucketed:
         return [upload["Key"] for upload in listed.get("Uploads", [])]
 
 
-def request(
-    url: str, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
-
-
 def error_code(body: bytes) -> str:
     return str(json.loads(body)["errors"][0]["code"])
 
 
 def start_upload(url: str, repo: str) -> str:
-    status, headers, body = request(url, "POST", f"/v2/{repo}/blobs/uploads/")
+    status, headers, body = exchange(url, "POST", f"/v2/{repo}/blobs/uploads/")
     assert status == 202, body
     return headers["Location"]
 
 
 def patch(url: str, location: str, data: bytes, start: int = 0) -> None:
     span = {"Content-Range": f"{start}-{start + len(data) - 1}", "Content-Type": "application/octet-stream"}
-    status, _, body = request(url, "PATCH", location, data, span)
+    status, _, body = exchange(url, "PATCH", location, data, span)
     assert status == 202, body
 
 
@@ -197,17 +184,17 @@ def test_a_chunked_push_resumes_after_a_restart_and_an_abandoned_one_leaves_noth
     os.utime(old, (old.stat().st_atime - 7200, old.stat().st_mtime - 7200))  # idle for two hours
     with bucket.mirror(upstream[0], "--upload-max-age", "3600") as mirror:
         assert [s.name for s in sessions.iterdir()] == [resumed.rsplit("/", 1)[1]], "start-up removed the idle one"
-        status, _, body = request(
+        status, _, body = exchange(
             mirror.url, "PATCH", left, b"x", {"Content-Range": f"{len(abandoned)}-{len(abandoned)}"}
         )
         assert (status, error_code(body)) == (404, "BLOB_UPLOAD_UNKNOWN")
 
         patch(mirror.url, resumed, kept[PART_SIZE:], start=PART_SIZE)
-        status, _, body = request(mirror.url, "PUT", f"{resumed}?digest={sha256(kept)}")
+        status, _, body = exchange(mirror.url, "PUT", f"{resumed}?digest={sha256(kept)}")
         assert status == 201, body
         assert bucket.blobs() == {sha256(kept): len(kept)}
         assert bucket.multipart_uploads() == []
-        assert request(mirror.url, "GET", f"/v2/team/chunked/blobs/{sha256(kept)}")[2] == kept
+        assert exchange(mirror.url, "GET", f"/v2/team/chunked/blobs/{sha256(kept)}")[2] == kept
 
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["POST, PATCH, PUT", "monolithic POST"])
@@ -220,14 +207,14 @@ def test_a_wrong_digest_leaves_no_object(
         if chunked:
             location = start_upload(mirror.url, "team/wrong")
             patch(mirror.url, location, data)
-            status, _, body = request(mirror.url, "PUT", f"{location}?digest={claimed}")
+            status, _, body = exchange(mirror.url, "PUT", f"{location}?digest={claimed}")
         else:
-            status, _, body = request(mirror.url, "POST", f"/v2/team/wrong/blobs/uploads/?digest={claimed}", data)
+            status, _, body = exchange(mirror.url, "POST", f"/v2/team/wrong/blobs/uploads/?digest={claimed}", data)
         assert (status, error_code(body)) == (400, "DIGEST_INVALID")
         assert bucket.objects() == {} and bucket.multipart_uploads() == []
         assert list((bucket.data_dir / "uploads").iterdir()) == [] and list((bucket.data_dir / "tmp").iterdir()) == []
         for digest in (claimed, sha256(data)):
-            assert request(mirror.url, "HEAD", f"/v2/team/wrong/blobs/{digest}")[0] == 404
+            assert exchange(mirror.url, "HEAD", f"/v2/team/wrong/blobs/{digest}")[0] == 404
 
 
 def test_a_mount_links_the_object_already_in_the_bucket(
@@ -237,12 +224,12 @@ def test_a_mount_links_the_object_already_in_the_bucket(
     data = os.urandom(300_000)
     with bucket.mirror(upstream[0]) as mirror:
         digest = push_blob(mirror.url, "team/source", data)
-        status, headers, body = request(
+        status, headers, body = exchange(
             mirror.url, "POST", f"/v2/team/dest/blobs/uploads/?mount={digest}&from=team/source"
         )
         assert status == 201, body
         assert headers["Location"].endswith(f"/v2/team/dest/blobs/{digest}")
-        assert request(mirror.url, "GET", f"/v2/team/dest/blobs/{digest}")[2] == data
+        assert exchange(mirror.url, "GET", f"/v2/team/dest/blobs/{digest}")[2] == data
         assert bucket.blobs() == {digest: len(data)}, "one object, linked into both repositories"
 
 
@@ -257,10 +244,10 @@ def test_a_deleted_manifest_then_gc_removes_its_unreferenced_objects(
     with bucket.mirror(upstream[0]) as mirror:
         gone = push_random_image(mirror.url, "team/gone", "1", [shared, os.urandom(150_000)])
         kept = push_random_image(mirror.url, "team/kept", "1", [shared])
-        status, _, body = request(mirror.url, "DELETE", f"/v2/team/gone/manifests/{gone['manifest']}")
+        status, _, body = exchange(mirror.url, "DELETE", f"/v2/team/gone/manifests/{gone['manifest']}")
         assert status == 202, body
         for blob in (gone["config"], gone["layers"][1]):
-            assert request(mirror.url, "DELETE", f"/v2/team/gone/blobs/{blob}")[0] == 202
+            assert exchange(mirror.url, "DELETE", f"/v2/team/gone/blobs/{blob}")[0] == 202
         assert set(bucket.blobs()) >= {gone["manifest"], gone["config"], gone["layers"][1]}, "until gc"
         bucket.cli("gc")
 
@@ -268,7 +255,7 @@ def test_a_deleted_manifest_then_gc_removes_its_unreferenced_objects(
         assert {gone["manifest"], gone["config"], gone["layers"][1]}.isdisjoint(stored)
         assert {kept["manifest"], kept["config"], sha256(shared)} <= set(stored)
         assert pull(mirror.url, "team/kept", "1")["blobs"][sha256(shared)] == len(shared)
-        status, _, _ = request(mirror.url, "GET", f"/v2/team/gone/manifests/{gone['manifest']}")
+        status, _, _ = exchange(mirror.url, "GET", f"/v2/team/gone/manifests/{gone['manifest']}")
         assert status == 404
 
 
@@ -291,11 +278,11 @@ def test_verify_quarantines_a_corrupted_pushed_object(
         keys = bucket.objects()
         assert bucket.key(victim) not in keys
         assert any(k.startswith(f"{bucket.prefix}quarantine/{victim.replace(':', '-')}.") for k in keys)
-        status, _, _ = request(mirror.url, "GET", f"/v2/team/damaged/blobs/{victim}")
+        status, _, _ = exchange(mirror.url, "GET", f"/v2/team/damaged/blobs/{victim}")
         assert status == 404, "gone, not served damaged"
 
         assert push_blob(mirror.url, "team/damaged", layer) == victim
-        assert request(mirror.url, "GET", f"/v2/team/damaged/blobs/{victim}")[2] == layer
+        assert exchange(mirror.url, "GET", f"/v2/team/damaged/blobs/{victim}")[2] == layer
         assert "0 did not match" in bucket.cli("verify")[1]
 
 

@@ -4,6 +4,7 @@ does (urllib: no client library between the test and the wire)."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import urllib.request
 from typing import Any
@@ -24,6 +25,20 @@ def _request(method: str, url: str, data: bytes | None = None, headers: dict[str
 
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     return urllib.request.urlopen(req, timeout=60)
+
+
+def exchange(
+    url: str, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One request to the server at ``url`` on a connection of its own: status, headers and body, whatever the
+    status (an error is an answer to look at, not an exception)."""
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
 
 
 def push_blob(registry: str, repo: str, data: bytes) -> str:
