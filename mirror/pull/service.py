@@ -35,10 +35,9 @@ from mirror.oci.reference import Digest, Repo, Tag
 from mirror.pull.blobs import BlobPuller, Names, blob_unknown
 from mirror.pull.failures import UPSTREAM_FAILURES, failure, retryable, upstream_errors
 from mirror.pull.inflight import Coalescer, FetchCoordinator, InFlight, ProcessOnly, RefLocking
-from mirror.storage.base import BlobStorage, MetadataIndex, UsageRecorder
+from mirror.storage.base import BlobStorage, MetadataIndex, NullUsage, UsageRecorder
 from mirror.storage.index import ManifestRecord, TagRecord
 from mirror.storage.reflocks import RefLocks
-from mirror.storage.usage import NullUsage
 from mirror.upstream.client import ManifestHead, UpstreamClient
 from mirror.upstream.errors import UpstreamError, UpstreamInvalid, UpstreamUnreachable
 

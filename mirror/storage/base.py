@@ -231,13 +231,30 @@ class UsageRecorder(Protocol):
     async def added(self, digest: Digest, size: int, kind: str, repo: str = "", local: bool = False) -> None: ...
 
 
+class NullUsage:
+    """The ``UsageRecorder`` of a PullThrough built without a usage table (tests of other concerns): every call is a
+    no-op."""
+
+    def touch(self, digest: Digest) -> None:
+        pass
+
+    def may_hold(self, digest: Digest) -> bool:
+        return True
+
+    def expect(self, size: int | None) -> None:
+        pass
+
+    async def added(self, digest: Digest, size: int, kind: str, repo: str = "", local: bool = False) -> None:
+        pass
+
+
 if TYPE_CHECKING:  # each implementation assigned to its protocol once, so mypy checks it (never run)
     from mirror.storage.blobs import BlobStore
     from mirror.storage.index import Index
     from mirror.storage.redisindex import RedisIndex
     from mirror.storage.s3 import S3Store
     from mirror.storage.s3writer import S3Writer
-    from mirror.storage.usage import NullUsage, Usage
+    from mirror.storage.usage import Usage
     from mirror.storage.writer import BlobWriter
 
     def _implementations(

@@ -398,19 +398,3 @@ class Usage:
                 if isinstance(value, int):
                     counts.setdefault(key[1], {})[key[2]] = value
         return counts
-
-
-class NullUsage:
-    """For a PullThrough built without a usage table (tests of other concerns): every call is a no-op."""
-
-    def touch(self, digest: Digest) -> None:
-        pass
-
-    def may_hold(self, digest: Digest) -> bool:
-        return True
-
-    def expect(self, size: int | None) -> None:
-        pass
-
-    async def added(self, digest: Digest, size: int, kind: str, repo: str = "", local: bool = False) -> None:
-        pass
